@@ -86,6 +86,11 @@ class _NumpyOps:
         return np.clip(x, low, high)
 
     @staticmethod
+    def full_like(x, value: float):
+        # Not `x * 0 + value`: that is NaN where x is infinite.
+        return np.full(np.shape(x), value, dtype=np.float32)
+
+    @staticmethod
     def amin(x, axes):
         return np.min(x, axis=axes, keepdims=True)
 
@@ -94,8 +99,23 @@ class _NumpyOps:
         return np.max(x, axis=axes, keepdims=True)
 
     @staticmethod
+    def divide(x, scale):
+        # Values beyond float32 saturate to +-inf and then to the grid edge, as in ONNX; that
+        # is the defined result, not something to warn about.
+        with np.errstate(over="ignore", under="ignore"):
+            return x / scale
+
+    @staticmethod
     def mean(x, axes):
         return np.mean(x, axis=axes, keepdims=True, dtype=np.float64).astype(np.float32)
+
+    @staticmethod
+    def sum64(x, axes):
+        return np.sum(x, axis=axes, keepdims=True, dtype=np.float64)
+
+    @staticmethod
+    def to_float32(x):
+        return np.asarray(x, dtype=np.float32)
 
     @staticmethod
     def ldexp(m, e):
@@ -145,16 +165,29 @@ class _TorchOps:
     def clip(self, x, low, high):
         return self.torch.clamp(x, low, high)
 
+    def full_like(self, x, value: float):
+        return self.torch.full_like(x, value, dtype=self.torch.float32)
+
     def amin(self, x, axes):
         return self.torch.amin(x, dim=axes, keepdim=True) if axes else x.clone()
 
     def amax(self, x, axes):
         return self.torch.amax(x, dim=axes, keepdim=True) if axes else x.clone()
 
+    def divide(self, x, scale):
+        return x / scale
+
     def mean(self, x, axes):
         # float64 accumulation, as the NumPy path, so both give the same scale.
         t = self.torch
         return t.mean(x.to(t.float64), dim=axes, keepdim=True).to(t.float32) if axes else x.clone()
+
+    def sum64(self, x, axes):
+        t = self.torch
+        return t.sum(x.to(t.float64), dim=axes, keepdim=True)
+
+    def to_float32(self, x):
+        return x.to(self.torch.float32)
 
     def ldexp(self, m, e):
         # float64: 2**e itself may not fit in float32 even when m * 2**e does.
@@ -172,7 +205,8 @@ class _TorchOps:
 
     def to_int(self, q, dtype_name: str):
         t = self.torch
-        container = {np.int8: t.int8, np.uint8: t.uint8, np.int16: t.int16, np.int32: t.int32}
+        container = {np.int8: t.int8, np.uint8: t.uint8, np.int16: t.int16, np.uint16: t.uint16,
+                     np.int32: t.int32}
         return q.to(container[_NUMPY_CONTAINER[dtype_name]])
 
 
@@ -235,9 +269,10 @@ def _reduction_axes(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
     return tuple(i for i in range(len(shape)) if i != axis)
 
 
-def _grouped(x: Array, spec: QuantSpec, ops) -> tuple[Array, int]:
+def _grouped(x: Array, spec: QuantSpec, ops, pad_with_zeros: bool = False) -> tuple[Array, int]:
     """View x with the group axis split into (n_groups, group_size); pads the last group by
-    repeating its edge values (which changes neither its min nor its max)."""
+    repeating its edge values (which changes neither its min nor its max), or with zeros (which
+    leaves its sum unchanged)."""
     g = spec.granularity
     axis = _normalize_axis(g.axis, x.ndim, spec)
     n = x.shape[axis]
@@ -247,6 +282,8 @@ def _grouped(x: Array, spec: QuantSpec, ops) -> tuple[Array, int]:
         index = [slice(None)] * x.ndim
         index[axis] = slice(n - 1, n)
         edge = x[tuple(index)]
+        if pad_with_zeros:
+            edge = edge * 0
         if _is_torch(x):
             import torch
 
@@ -262,6 +299,19 @@ def _reduce(x: Array, spec: QuantSpec, how: str) -> Array:
     ops = _ops(x)
     fn = getattr(ops, how)
     g = spec.granularity
+    if g.kind == "group" and how == "mean":
+        # Edge padding would bias the mean of a partial last group: sum zero-padded groups and
+        # divide by the true number of elements in each.
+        grouped, axis = _grouped(x, spec, ops, pad_with_zeros=True)
+        sums = ops.sum64(grouped, (axis + 1,)).squeeze(axis + 1)
+        n, size = x.shape[axis], g.group_size
+        counts = np.minimum(size, n - size * np.arange(sums.shape[axis])).astype(np.float64)
+        view = [1] * x.ndim
+        view[axis] = -1
+        counts = counts.reshape(view)
+        if _is_torch(sums):
+            counts = ops.torch.as_tensor(counts, device=sums.device)
+        return ops.to_float32(sums / counts)
     if g.kind == "group":
         grouped, axis = _grouped(x, spec, ops)
         return fn(grouped, (axis + 1,)).squeeze(axis + 1)
@@ -409,9 +459,9 @@ def _grid_values(x: Array, qp: QParams, ops, ste: bool) -> Array:
     shape = tuple(x.shape)
     scale = expand_to(ops.asarray(qp.scale, like=x), shape, spec)
     zero_point = expand_to(ops.asarray(qp.zero_point, like=x), shape, spec)
-    y = x / scale
+    y = ops.divide(x, scale)
     if spec.dtype_info.kind == "binary":
-        sign = ops.where(y >= 0, y * 0 + 1, y * 0 - 1)  # sign(0) = +1: two levels only
+        sign = ops.where(y >= 0, ops.full_like(y, 1.0), ops.full_like(y, -1.0))  # sign(0) = +1
         if not ste:
             return sign
         clipped = ops.clip(y, -1.0, 1.0)
@@ -429,7 +479,7 @@ def quantize(x: Array, qp: QParams) -> Array:
     x = ops.asarray(x, like=x)
     if qp.spec.dtype_info.is_float:
         scale = expand_to(ops.asarray(qp.scale, like=x), tuple(x.shape), qp.spec)
-        return round_to_float_format(x / scale, qp.spec.dtype)
+        return round_to_float_format(ops.divide(x, scale), qp.spec.dtype)
     return ops.to_int(_grid_values(x, qp, ops, ste=False), qp.spec.dtype)
 
 
@@ -461,7 +511,7 @@ def fake_quantize(x: Array, qp: QParams) -> Array:
     shape = tuple(x.shape)
     scale = expand_to(ops.asarray(qp.scale, like=x), shape, qp.spec)
     if qp.spec.dtype_info.is_float:
-        y = x / scale
+        y = ops.divide(x, scale)
         rounded = round_to_float_format(ops.detach(y), qp.spec.dtype)
         return (y + ops.detach(rounded - y)) * scale
     zero_point = expand_to(ops.asarray(qp.zero_point, like=x), shape, qp.spec)
@@ -498,10 +548,8 @@ def round_to_float_format(x: Array, dtype: str) -> Array:
     rounded = ops.ldexp(steps, step_exp)
     rounded = ops.where(x == 0, x, rounded)  # keep signed zeros
     big = ops.abs(rounded) > dt.max_finite
-    if dt.saturates:
-        limit = ops.where(x > 0, x * 0 + dt.max_finite, x * 0 - dt.max_finite)
-    else:
-        limit = ops.where(x > 0, x * 0 + np.inf, x * 0 - np.inf)
+    edge = dt.max_finite if dt.saturates else np.inf
+    limit = ops.where(x > 0, ops.full_like(x, edge), ops.full_like(x, -edge))
     rounded = ops.where(big, limit, rounded)
     return ops.where(x != x, x, rounded)  # NaN stays NaN
 
@@ -529,8 +577,9 @@ def pack(values: Array, bits: int, signed: bool = True) -> np.ndarray:
 
 
 def unpack(packed: np.ndarray, bits: int, count: int, signed: bool, binary: bool = False) -> np.ndarray:
-    """Inverse of `pack`: `count` values of `bits` bits. With `binary`, 1-bit values come back as
-    -1/+1 (int8)."""
+    """Inverse of `pack`: `count` values of `bits` bits. Signed 1-bit values (or any 1-bit values
+    with `binary`) come back as -1/+1 (int8), the only signed 1-bit grid lowbit has; unsigned
+    1-bit values come back as 0/1."""
     if not 1 <= bits <= 8:
         raise SpecError(f"can unpack 1..8-bit values, not {bits}-bit")
     data = np.asarray(packed, dtype=np.uint8).reshape(-1)
@@ -538,7 +587,7 @@ def unpack(packed: np.ndarray, bits: int, count: int, signed: bool, binary: bool
         raise SpecError(f"{data.size} bytes hold fewer than {count} values of {bits} bits")
     bit_planes = np.unpackbits(data, bitorder="little")[: count * bits].reshape(count, bits)
     v = (bit_planes.astype(np.int64) << np.arange(bits)).sum(axis=1)
-    if binary:
+    if binary or (bits == 1 and signed):
         return np.where(v > 0, 1, -1).astype(np.int8)
     if signed:
         v = np.where(v >= 2 ** (bits - 1), v - 2**bits, v)

@@ -10,6 +10,7 @@ how a quantized model records what was done to it.
 from __future__ import annotations
 
 import json
+import numbers
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -64,6 +65,8 @@ _INT_PATTERN = re.compile(r"^(u?)int(\d+)$")
 def get_dtype(name: str) -> DType:
     """Look up a data type by name: int2..int16, uint2..uint16, binary, ternary, fp16, bf16,
     fp8_e4m3, fp8_e5m2."""
+    if not isinstance(name, str):
+        raise SpecError(f"a data type is a name such as 'int8', not {name!r}")
     key = _DTYPE_ALIASES.get(name.lower(), name.lower())
     if key in _FLOAT_DTYPES:
         return _FLOAT_DTYPES[key]
@@ -105,6 +108,14 @@ class Granularity:
             raise SpecError(
                 f"unknown granularity {self.kind!r}; use tensor, channel, group or token"
             )
+        # JSON gives any type; a string axis or group size must not slip through as "128".
+        for name in ("axis", "group_size"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise SpecError(f"granularity {name} must be an integer, not {value!r}")
+            object.__setattr__(self, name, int(value))  # NumPy integers become JSON-safe ints
         if self.kind == "group" and (self.group_size is None or self.group_size < 1):
             raise SpecError("per-group granularity needs a positive group_size, e.g. 128")
         if self.kind != "group" and self.group_size is not None:
@@ -150,6 +161,12 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         dt = get_dtype(self.dtype)  # raises SpecError for unknown names
+        for name in ("symmetric", "narrow_range", "dynamic"):
+            # A JSON string "false" is truthy; accept real booleans only.
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        if not isinstance(self.granularity, Granularity):
+            raise SpecError(f"granularity must be a Granularity, not {self.granularity!r}")
         object.__setattr__(self, "dtype", dt.name)
         if dt.kind in ("binary", "ternary") and not self.symmetric:
             raise SpecError(f"{dt.name} quantization is symmetric by definition; drop symmetric=False")

@@ -1,0 +1,1 @@
+"""PyTorch backend: weight quantization of nn.Modules through lowbit.numerics."""
