@@ -1,0 +1,217 @@
+"""Fake-quantized drop-in replacements for Linear, Conv1d/2d/3d, Embedding, and a residual add.
+
+Each layer keeps the float module's own parameters (the "latent" weights an optimizer trains)
+and applies, in order: the pruning mask (if any), weight fake quantization, and fake
+quantization of its input. With a quantized input and a per-channel or per-tensor weight, the
+bias is rounded to the int32 grid of scale input_scale * weight_scale, which is what ONNX
+Runtime's integer kernels use, so the exported model computes what this one computes.
+
+`freeze_for_export` stores the integer tensors as buffers and switches the forward pass to the
+functions of `onnx_ops`, which the TorchScript exporter writes as Q/DQ nodes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.numerics import QParams, quantize, storage_dtype
+from lowbit.spec import QuantSpec
+from lowbit.torch.onnx_ops import DequantizeConstant, QuantizeDequantize
+from lowbit.torch.quantizers import ActivationQuantizer, WeightQuantizer
+
+
+class QuantizedLayer:
+    """Shared behaviour of the fake-quantized layers (a mixin over the torch module class)."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    input_quantizer: ActivationQuantizer | None
+    weight_quantizer: WeightQuantizer
+    weight_mask: torch.Tensor | None
+    exporting: bool
+
+    @classmethod
+    def from_float(cls, module: nn.Module, weight_spec: QuantSpec,
+                   input_quantizer: ActivationQuantizer | None, learnable: bool = False):
+        """The quantized layer, sharing `module`'s parameters (no copy, no re-initialization)."""
+        layer = cls.__new__(cls)
+        layer.__dict__ = module.__dict__.copy()
+        for registry in ("_parameters", "_buffers", "_modules"):
+            layer.__dict__[registry] = dict(getattr(module, registry))
+        layer._init_quantization(weight_spec, input_quantizer, learnable)
+        return layer
+
+    def _init_quantization(self, weight_spec: QuantSpec, input_quantizer: ActivationQuantizer | None,
+                           learnable: bool) -> None:
+        self.input_quantizer = input_quantizer
+        self.weight_quantizer = WeightQuantizer(weight_spec, self.weight, learnable)
+        self.register_buffer("weight_mask", None)
+        self.exporting = False
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight after pruning (what gets quantized)."""
+        return self.weight if self.weight_mask is None else self.weight * self.weight_mask
+
+    def quantized_weight(self) -> tuple[torch.Tensor, QParams]:
+        return self.weight_quantizer(self.effective_weight())
+
+    def _bias_scale(self, weight_qp: QParams) -> torch.Tensor | None:
+        """Scale of the int32 bias grid, or None where the bias stays float."""
+        if getattr(self, "bias", None) is None or self.input_quantizer is None:
+            return None
+        if weight_qp.spec.granularity.kind == "group":
+            return None  # one weight scale per group: no single per-channel bias scale exists
+        input_scale = self.input_quantizer.qparams().scale.detach()
+        return (input_scale * torch.as_tensor(weight_qp.scale).detach()).to(torch.float32)
+
+    def quantized_bias(self, weight_qp: QParams) -> torch.Tensor | None:
+        scale = self._bias_scale(weight_qp)
+        if scale is None:
+            return getattr(self, "bias", None)
+        rounded = torch.round(self.bias / scale) * scale
+        return self.bias + (rounded - self.bias).detach()  # straight-through
+
+    def quantized_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(input, weight, bias) as the layer computes with them."""
+        if self.exporting:
+            return self._exported_operands(x)
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+            if self.input_quantizer.observer is not None:  # calibrating: run in float
+                return x, self.effective_weight(), getattr(self, "bias", None)
+        weight, qp = self.quantized_weight()
+        return x, weight, self.quantized_bias(qp)
+
+    # ------------------------------------------------------------------ export
+
+    @torch.no_grad()
+    def freeze_for_export(self) -> None:
+        """Store the integer weight (and int32 bias) as buffers and export through Q/DQ."""
+        weight = self.effective_weight().detach()
+        _, qp = self.quantized_weight()
+        spec = qp.spec
+        matrix = WeightQuantizer.matrix(weight)
+        q = quantize(matrix, qp)
+        self.export_axis, self.export_block, self.export_shape = None, None, None
+        if spec.granularity.kind == "group":
+            self.export_axis, self.export_block = 1, spec.granularity.group_size
+            self.export_shape = tuple(weight.shape) if weight.ndim != 2 else None
+        else:
+            q = q.reshape(weight.shape)
+            if spec.granularity.kind == "channel":
+                self.export_axis = 0
+        self.export_spec = spec
+        self.register_buffer("export_weight", q)
+        self.register_buffer("export_weight_scale", torch.as_tensor(qp.scale, dtype=torch.float32).detach().clone())
+        container = _torch_dtype(storage_dtype(spec))
+        self.register_buffer("export_weight_zero_point", torch.as_tensor(qp.zero_point).to(container).clone())
+        bias_scale = self._bias_scale(qp)
+        self.export_bias_quantized = bias_scale is not None
+        if bias_scale is not None:
+            self.register_buffer("export_bias", torch.round(self.bias / bias_scale).to(torch.int32))
+            self.register_buffer("export_bias_scale", bias_scale.clone())
+            self.register_buffer("export_bias_zero_point", torch.zeros(bias_scale.shape, dtype=torch.int32))
+        if self.input_quantizer is not None:
+            act = self.input_quantizer
+            self.register_buffer("export_input_scale", act.qparams().scale.detach().clone())
+            self.register_buffer("export_input_zero_point",
+                                 act.zero_point.to(_torch_dtype(storage_dtype(act.spec))).clone())
+        self.exporting = True
+
+    def _exported_operands(self, x):
+        if self.input_quantizer is not None:
+            x = QuantizeDequantize.apply(x, self.export_input_scale, self.export_input_zero_point,
+                                         self.input_quantizer.spec)
+        weight = DequantizeConstant.apply(self.export_weight, self.export_weight_scale,
+                                          self.export_weight_zero_point, self.export_spec,
+                                          self.export_axis, self.export_block, self.export_shape)
+        bias = getattr(self, "bias", None)
+        if self.export_bias_quantized:
+            axis = 0 if self.export_bias_scale.ndim == 1 else None
+            bias = DequantizeConstant.apply(self.export_bias, self.export_bias_scale,
+                                            self.export_bias_zero_point, None, axis, None, None)
+        return x, weight, bias
+
+
+def _torch_dtype(numpy_dtype) -> torch.dtype:
+    return {"int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16}[str(numpy_dtype)]
+
+
+class QuantLinear(QuantizedLayer, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight, bias = self.quantized_operands(x)
+        return F.linear(x, weight, bias)
+
+
+class _QuantConvMixin(QuantizedLayer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, weight, bias = self.quantized_operands(x)
+        return self._conv_forward(x, weight, bias)
+
+
+class QuantConv1d(_QuantConvMixin, nn.Conv1d):
+    pass
+
+
+class QuantConv2d(_QuantConvMixin, nn.Conv2d):
+    pass
+
+
+class QuantConv3d(_QuantConvMixin, nn.Conv3d):
+    pass
+
+
+class QuantEmbedding(QuantizedLayer, nn.Embedding):
+    """Embedding rows quantized per row (axis 0) or in groups along the embedding dimension."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        _, weight, _ = self.quantized_operands(ids)
+        return F.embedding(ids, weight, self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+
+class QuantAdd(nn.Module):
+    """`a + b` with both operands fake-quantized: a residual add ONNX Runtime can run in int8.
+
+    Use it in a model's forward (`self.add = QuantAdd()`, then `self.add(x, shortcut)`); it is a
+    plain add until `prepare` gives it quantizers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lhs_quantizer: ActivationQuantizer | None = None
+        self.rhs_quantizer: ActivationQuantizer | None = None
+        self.exporting = False
+
+    @torch.no_grad()
+    def freeze_for_export(self) -> None:
+        for side in ("lhs", "rhs"):
+            act = getattr(self, f"{side}_quantizer")
+            if act is None:
+                continue
+            self.register_buffer(f"export_{side}_scale", act.qparams().scale.detach().clone())
+            self.register_buffer(f"export_{side}_zero_point",
+                                 act.zero_point.to(_torch_dtype(storage_dtype(act.spec))).clone())
+        self.exporting = True
+
+    def _operand(self, side: str, x: torch.Tensor) -> torch.Tensor:
+        act = getattr(self, f"{side}_quantizer")
+        if act is None:
+            return x
+        if self.exporting:
+            return QuantizeDequantize.apply(x, getattr(self, f"export_{side}_scale"),
+                                            getattr(self, f"export_{side}_zero_point"), act.spec)
+        return act(x)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self._operand("lhs", a) + self._operand("rhs", b)
+
+
+FLOAT_TO_QUANTIZED: dict[type, type] = {
+    nn.Linear: QuantLinear,
+    nn.Conv1d: QuantConv1d,
+    nn.Conv2d: QuantConv2d,
+    nn.Conv3d: QuantConv3d,
+    nn.Embedding: QuantEmbedding,
+}

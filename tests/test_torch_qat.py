@@ -1,0 +1,178 @@
+"""QAT preparation, fake quantization, calibration and training, against independent references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from _torch_qat_models import mixed_net, trained_digits
+from lowbit.errors import LowbitError, SpecError
+from lowbit.torch import FloatModuleWarning, calibrate, prepare
+from lowbit.torch.modules import QuantConv2d, QuantEmbedding, QuantLinear
+from lowbit.torch.qat import activation_quantizers
+from lowbit.zoo.digits import evaluate, torch_threads
+
+
+def _qdq(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Textbook ONNX QuantizeLinear -> DequantizeLinear, written out in NumPy."""
+    q = np.clip(np.rint(x / scale) + zero_point, qmin, qmax)
+    return ((q - zero_point) * scale).astype(np.float32)
+
+
+def test_prepare_swaps_layers_folds_batchnorm_and_leaves_the_input_alone():
+    model, _, data = trained_digits()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepared = prepare(model, "w4a8", data.x_train[:2])
+    assert [type(m) for m in prepared if isinstance(m, (QuantConv2d, QuantLinear))] == [QuantConv2d] * 3 + [QuantLinear]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
+    assert prepared.lowbit.folded_batchnorms == 2 and prepared.lowbit.float_modules == {}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def test_linear_forward_matches_a_numpy_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    x = torch.randn(32, 6)
+    prepared = prepare(model, "w8a8", x[:1])
+    calibrate(prepared, [x])
+    got = prepared(x).detach().numpy()
+    # Independent reference: asymmetric int8 input from min/max, symmetric per-row int8 weights,
+    # int32 bias on scale s_in * s_w.
+    xs = x.numpy()
+    lo, hi = min(xs.min(), 0.0), max(xs.max(), 0.0)
+    s_in = np.float32((hi - lo) / 255)
+    zp = np.clip(np.rint(-128 - lo / s_in), -128, 127)
+    w = model[0].weight.detach().numpy()
+    s_w = (np.abs(w).max(axis=1) / np.float32(127)).astype(np.float32)
+    b = model[0].bias.detach().numpy()
+    s_b = (s_in * s_w).astype(np.float32)
+    expected = (_qdq(xs, s_in, zp, -128, 127) @ _qdq(w, s_w[:, None], 0, -128, 127).T
+                + np.rint(b / s_b) * s_b)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_binary_weights_are_sign_times_mean_magnitude_per_channel():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3))
+    prepared = prepare(model, "w1", torch.zeros(1, 3, 8, 8))
+    layer = prepared[0]
+    weight, _ = layer.quantized_weight()
+    w = model[0].weight.detach().numpy().reshape(5, -1)
+    expected = np.where(w >= 0, 1.0, -1.0) * np.abs(w).mean(axis=1, keepdims=True)
+    np.testing.assert_allclose(weight.detach().numpy().reshape(5, -1), expected, rtol=1e-6)
+
+
+def test_calibration_ranges_are_the_layer_input_ranges():
+    model, _, data = trained_digits()
+    prepared = prepare(model, "w8a8", data.x_train[:2])
+    batches = [data.x_train[i:i + 200] for i in range(0, 600, 200)]
+    ranges = calibrate(prepared, [(b, torch.zeros(len(b))) for b in batches])  # (x, y) pairs work
+    # Reference: hooks on the float (folded) model record each layer input's min and max.
+    seen: dict[str, list[float]] = {}
+    float_model = prepare(model, "w8a16", data.x_train[:2])  # same folding, no activation quantizers
+    hooks = [m.register_forward_pre_hook(lambda m, args, n=n: seen.setdefault(n, []).append(
+        (float(args[0].min()), float(args[0].max())))) for n, m in float_model.named_children()
+        if isinstance(m, (QuantConv2d, QuantLinear))]
+    for layer in float_model.modules():
+        if isinstance(layer, (QuantConv2d, QuantLinear)):
+            layer.weight_quantizer.forward = lambda w: (w, None)  # float weights, as calibration uses
+    with torch.no_grad():
+        for b in batches:
+            float_model(b)
+    for hook in hooks:
+        hook.remove()
+    assert set(ranges) == {f"{n}.input" for n in seen}
+    for name, values in seen.items():
+        low, high = min(v[0] for v in values), max(v[1] for v in values)
+        got = ranges[f"{name}.input"]
+        assert got[0] == pytest.approx(min(low, 0.0), abs=1e-6) and got[1] == pytest.approx(max(high, 0.0), abs=1e-6)
+
+
+def test_straight_through_gradients_and_learnable_scales():
+    model, _, data = trained_digits()
+    prepared = prepare(model, "w4a8", data.x_train[:2], learnable_scales=True)
+    calibrate(prepared, [data.x_train[:256]])
+    prepared.train()
+    loss = nn.functional.cross_entropy(prepared(data.x_train[:64]), data.y_train[:64])
+    loss.backward()
+    for layer in (prepared[0], prepared[11]):
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+        assert layer.weight_quantizer.scale.grad is not None and layer.weight_quantizer.scale.grad.abs().sum() > 0
+        assert layer.input_quantizer.scale.grad is not None and torch.isfinite(layer.input_quantizer.scale.grad).all()
+
+
+def test_qat_recovers_accuracy_lost_by_post_training_quantization():
+    model, float_accuracy, data = trained_digits()
+    prepared = prepare(model, "w2a8", data.x_train[:2])
+    calibrate(prepared, [data.x_train[:512]])
+    ptq = evaluate(prepared, data.x_test, data.y_test)
+    with torch_threads(1):
+        from lowbit.zoo.digits import train_classifier
+
+        train_classifier(prepared, data.x_train, data.y_train, epochs=4, lr=3e-3, seed=0)
+    qat = evaluate(prepared, data.x_test, data.y_test)
+    assert ptq < float_accuracy - 0.05  # 2-bit weights really cost accuracy here...
+    assert qat > ptq + 0.05 and qat > float_accuracy - 0.05  # ...and QAT wins most of it back
+
+
+def test_unsupported_modules_stay_float_and_are_listed():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    with pytest.warns(FloatModuleWarning, match="LayerNorm"):
+        prepared = prepare(model, "w8a16", torch.zeros(1, 4))
+    assert list(prepared.lowbit.float_modules) == ["1"]
+    assert prepared.lowbit.quantized == ["0", "2"]
+    with pytest.raises(LowbitError, match="LayerNorm"):
+        prepare(model, "w8a16", torch.zeros(1, 4), strict=True)
+
+
+def test_children_of_unsupported_modules_are_not_swapped():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True))
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = model[0]
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    with pytest.warns(FloatModuleWarning) as record:
+        prepared = prepare(Wrapper(), "w8a16", torch.zeros(1, 3, 8))
+    assert "attn.out_proj" in prepared.lowbit.float_modules and "attn" in prepared.lowbit.float_modules
+    assert type(prepared.attn.out_proj) is not QuantLinear and record
+
+
+def test_embedding_gets_no_input_quantizer():
+    model, ids = mixed_net()
+    prepared = prepare(model, "w8a8", ids[:2])
+    assert isinstance(prepared.embed, QuantEmbedding) and prepared.embed.input_quantizer is None
+    assert set(activation_quantizers(prepared)) == {"conv1d.input_quantizer", "grouped.input_quantizer",
+                                                     "depthwise.input_quantizer", "head.input_quantizer",
+                                                     "add.lhs_quantizer", "add.rhs_quantizer"}
+
+
+@pytest.mark.parametrize("recipe, match", [
+    ("w3z9", "unknown recipe"),
+    ('{"name": "x", "weights": {"dtype": "int4", "granularity": {"kind": "bogus"}}}', "unknown granularity"),
+    ("w8a8-dynamic", "static per-tensor"),
+    ("fp16", "no integer"),
+])
+def test_bad_recipes_are_one_sentence_errors(recipe, match):
+    with pytest.raises(SpecError, match=match):
+        prepare(nn.Sequential(nn.Linear(4, 2)), recipe, torch.zeros(1, 4))
+
+
+def test_shape_mismatches_are_named():
+    model = nn.Sequential(nn.Linear(4, 2))
+    with pytest.raises(LowbitError, match=r"cannot run on the example inputs of shape \[1, 5\]"):
+        prepare(model, "w8a8", torch.zeros(1, 5))
+    prepared = prepare(model, "w8a8", torch.zeros(1, 4))
+    with pytest.raises(LowbitError, match=r"calibration batch 0 input 0 has shape \[3, 5\].*\[batch, 4\]"):
+        calibrate(prepared, [torch.zeros(3, 5)])
+    with pytest.raises(LowbitError, match="no batches"):
+        calibrate(prepared, [])
+    with pytest.raises(LowbitError, match="call lowbit.torch.calibrate"):
+        prepared(torch.zeros(2, 4))
