@@ -1,0 +1,190 @@
+"""Calibration and evaluation inputs for an ONNX model, validated up front, batched lazily.
+
+Format: an `.npz` whose keys are the model's input names, each array holding the samples on its
+first axis (or a folder of such files, read in name order). Every problem is found before any
+work starts and named in one sentence: missing or extra keys, wrong shapes or dtypes, NaN, no
+samples. Arrays are memory-mapped where NumPy allows and batches are sliced on demand, so a large
+calibration set is never all in memory at once.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lowbit.errors import CalibrationError, LowbitError
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputSignature:
+    """A model input: name, NumPy dtype and declared shape (None for symbolic dims)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None
+
+    @property
+    def batched(self) -> bool:
+        """True when the first axis is a batch axis the caller may size freely."""
+        return bool(self.shape) and self.shape[0] is None
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSignature]:
+    """The graph inputs that must be fed (initializers listed as inputs excluded)."""
+    weights = {init.name for init in model.graph.initializer}
+    signatures = []
+    for value in model.graph.input:
+        if value.name in weights:
+            continue
+        tensor_type = value.type.tensor_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        shape = None
+        if tensor_type.HasField("shape"):
+            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        signatures.append(InputSignature(value.name, dtype, shape))
+    return signatures
+
+
+class CalibrationData:
+    """Validated samples for a model, iterable in batches.
+
+    `samples` limits how many samples are used (the first N)."""
+
+    def __init__(self, source: str | os.PathLike | dict[str, np.ndarray], model: onnx.ModelProto,
+                 *, samples: int | None = None, what: str = "calibration data") -> None:
+        self.what = what
+        self.signatures = model_inputs(model)
+        self._parts = [self._validated(arrays, label) for label, arrays in _read_sources(source, what)]
+        self._parts = [p for p in self._parts if _count(p)]
+        total = sum(_count(p) for p in self._parts)
+        if samples is not None:
+            if samples < 1:
+                raise CalibrationError(f"--samples must be at least 1, got {samples}")
+            total = min(total, samples)
+        if total == 0:
+            raise CalibrationError(f"{what} holds no samples (every array has 0 entries on axis 0); "
+                                   "provide at least one sample per input")
+        self.num_samples = total
+
+    def _validated(self, arrays: dict[str, np.ndarray], label: str) -> Batch:
+        expected = {s.name for s in self.signatures}
+        missing = sorted(expected - set(arrays))
+        extra = sorted(set(arrays) - expected)
+        if missing or extra:
+            problems = []
+            if missing:
+                problems.append(f"missing key(s) {missing}")
+            if extra:
+                problems.append(f"unexpected key(s) {extra}")
+            raise CalibrationError(f"{label} has {' and '.join(problems)}; its keys must be exactly the "
+                                   f"model's input names {sorted(expected)}")
+        counts = {name: (arr.shape[0] if arr.ndim else None) for name, arr in arrays.items()}
+        if len(set(counts.values())) != 1 or None in counts.values():
+            raise CalibrationError(f"{label} arrays disagree on the number of samples (axis 0: {counts}); "
+                                   "give every input the same number of samples on the first axis")
+        checked = {}
+        for sig in self.signatures:
+            checked[sig.name] = self._checked_array(sig, arrays[sig.name], label)
+        return checked
+
+    def _checked_array(self, sig: InputSignature, array: np.ndarray, label: str) -> np.ndarray:
+        if array.dtype.kind != sig.dtype.kind and not (array.dtype.kind in "iu" and sig.dtype.kind in "iu"):
+            raise CalibrationError(f"{label} key {sig.name!r} has dtype {array.dtype} but the model expects "
+                                   f"{sig.dtype}; convert the array with .astype(np.{sig.dtype.name})")
+        sample_shape = tuple(array.shape[1:])
+        if sig.shape is not None:
+            declared = sig.shape
+            # Either the model takes a batch axis (samples are declared[1:]) or it takes one sample.
+            per_sample = declared[1:] if len(declared) == len(sample_shape) + 1 else declared
+            fits = len(per_sample) == len(sample_shape) and all(
+                d is None or d == s for d, s in zip(per_sample, sample_shape))
+            if not fits:
+                shown = tuple("?" if d is None else d for d in per_sample)
+                raise CalibrationError(
+                    f"{label} key {sig.name!r} holds samples of shape {sample_shape} but the model expects "
+                    f"{shown} per sample; samples go on axis 0, so the array should have shape (N, "
+                    f"{', '.join(map(str, shown))})")
+        if array.dtype.kind == "f" and array.size and np.isnan(array).any():
+            raise CalibrationError(f"{label} key {sig.name!r} contains NaN values; remove or replace those "
+                                   "samples before calibrating")
+        return array
+
+    def feed_batch_size(self, requested: int) -> int:
+        """The batch size the model accepts: the request, or a fixed batch dim the model declares."""
+        return self._batch_layout(requested)[0]
+
+    def _batch_layout(self, requested: int) -> tuple[int, bool]:
+        """(batch size, whether the model fixes it)."""
+        for sig in self.signatures:
+            if not sig.shape:
+                continue
+            sample_rank = self._parts[0][sig.name].ndim - 1
+            if len(sig.shape) == sample_rank:  # no batch axis: one sample per run
+                return 1, True
+            if sig.shape[0] is not None:
+                return sig.shape[0], True
+        return max(1, requested), False
+
+    def batches(self, batch_size: int = 32) -> Iterator[Batch]:
+        """Batches in model-ready form (dtype cast, batch axis as the model declares it)."""
+        size, fixed = self._batch_layout(batch_size)
+        left = self.num_samples
+        for part in self._parts:
+            n = min(_count(part), left)
+            for start in range(0, n, size):
+                stop = min(start + size, n)
+                if fixed and stop - start != size:
+                    break  # a fixed batch dim cannot take a short last batch
+                yield {sig.name: self._as_model_input(sig, part[sig.name][start:stop]) for sig in self.signatures}
+            left -= n
+            if left <= 0:
+                return
+
+    def _as_model_input(self, sig: InputSignature, chunk: np.ndarray) -> np.ndarray:
+        chunk = np.ascontiguousarray(chunk, dtype=sig.dtype)
+        if sig.shape is not None and len(sig.shape) == chunk.ndim - 1:
+            return chunk[0]  # the model takes a single sample without batch axis
+        return chunk
+
+    def first_batch(self, batch_size: int) -> Batch:
+        return next(self.batches(batch_size))
+
+
+def _count(part: Batch) -> int:
+    return next(iter(part.values())).shape[0] if part else 0
+
+
+def _read_sources(source, what: str) -> list[tuple[str, dict[str, np.ndarray]]]:
+    if isinstance(source, dict):
+        return [(what, {k: np.asarray(v) for k, v in source.items()})]
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(path.glob("*.npz"))
+        if not files:
+            raise CalibrationError(f"{what} folder {path} contains no .npz files; put one or more .npz files "
+                                   "keyed by input name there")
+        return [(f"{what} file {f}", _load_npz(f)) for f in files]
+    if not path.exists():
+        raise LowbitError(f"{what} file {path} does not exist; check the path")
+    return [(f"{what} file {path}", _load_npz(path))]
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, mmap_mode="r", allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                raise CalibrationError(f"{path} is a single .npy array, not an .npz keyed by input name; "
+                                       "save it with np.savez(path, input_name=array)")
+            return {name: archive[name] for name in archive.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise CalibrationError(f"{path} is not a readable .npz file ({exc}); save it with "
+                               "np.savez(path, input_name=array)") from None

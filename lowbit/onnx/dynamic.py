@@ -1,0 +1,90 @@
+"""Write a dynamic int8 model: int8 weights, activations quantized at run time.
+
+Each planned MatMul/Gemm becomes the standard-op pattern
+
+    DynamicQuantizeLinear(x) -> MatMulInteger(x_q, W_q, x_zp, W_zp) -> Cast -> Mul(x_scale * W_scale)
+
+which ONNX Runtime fuses on CPU into MatMulIntegerToFloat / DynamicQuantizeMatMul (uint8 x int8,
+the U8S8 kernels). Weights are quantized offline by `lowbit.numerics`; per-column weight scales
+ride along in the final Mul. One DynamicQuantizeLinear is shared by all MatMuls reading the same
+input (Q/K/V projections).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from lowbit.numerics import quantize
+from lowbit.onnx.qdq import _drop_unused_initializers
+from lowbit.plan import QuantPlan
+
+
+def write_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    """A new model with the plan's MatMul/Gemm nodes rewritten to dynamic int8."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    initializers = {t.name: t for t in graph.initializer}
+    weights = {node: e for e in plan.quantized("weight") for node in e.nodes}
+    new_inits: list[onnx.TensorProto] = []
+    quantized_inputs: dict[str, tuple[str, str, str]] = {}
+    ordered: list[onnx.NodeProto] = []
+    for node in graph.node:
+        entry = weights.get(node.name)
+        if entry is None:
+            ordered.append(node)
+            continue
+        x = node.input[0]
+        if x not in quantized_inputs:
+            names = (f"{x}_quantized", f"{x}_scale", f"{x}_zero_point")
+            ordered.append(helper.make_node("DynamicQuantizeLinear", [x], list(names),
+                                            name=f"{x}_DynamicQuantizeLinear"))
+            quantized_inputs[x] = names
+        x_q, x_scale, x_zp = quantized_inputs[x]
+        w = numpy_helper.to_array(initializers[entry.tensor]).astype(np.float32)
+        w_q = quantize(w, entry.qparams)
+        scale = np.asarray(entry.qparams.scale, np.float32)
+        if node.op_type == "Gemm":
+            if _attr(node, "transB", 0):
+                w_q = w_q.T
+            scale = (scale * np.float32(_attr(node, "alpha", 1.0))).astype(np.float32)
+        base = node.name
+        zp = np.zeros(scale.shape, np.int8)
+        new_inits += [numpy_helper.from_array(np.ascontiguousarray(w_q), f"{base}_W_quantized"),
+                      numpy_helper.from_array(zp, f"{base}_W_zero_point"),
+                      numpy_helper.from_array(scale, f"{base}_W_scale")]
+        product = f"{base}_output_int32"
+        y = node.output[0]
+        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+        scaled = f"{base}_output_scaled" if has_bias else y
+        ordered += [
+            helper.make_node("MatMulInteger", [x_q, f"{base}_W_quantized", x_zp, f"{base}_W_zero_point"],
+                             [product], name=f"{base}_MatMulInteger"),
+            helper.make_node("Cast", [product], [f"{base}_output_float"], to=TensorProto.FLOAT,
+                             name=f"{base}_Cast"),
+            helper.make_node("Mul", [x_scale, f"{base}_W_scale"], [f"{base}_scale"], name=f"{base}_ScaleMul"),
+            helper.make_node("Mul", [f"{base}_output_float", f"{base}_scale"], [scaled], name=f"{base}_Mul"),
+        ]
+        if has_bias:
+            bias = node.input[2]
+            beta = float(_attr(node, "beta", 1.0))
+            if beta != 1.0:
+                new_inits.append(numpy_helper.from_array(np.asarray(beta, np.float32), f"{base}_beta"))
+                ordered.append(helper.make_node("Mul", [bias, f"{base}_beta"], [f"{base}_bias_scaled"],
+                                                name=f"{base}_BetaMul"))
+                bias = f"{base}_bias_scaled"
+            ordered.append(helper.make_node("Add", [scaled, bias], [y], name=f"{base}_BiasAdd"))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    _drop_unused_initializers(graph)
+    graph.initializer.extend(new_inits)
+    return out
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default

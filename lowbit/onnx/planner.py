@@ -1,0 +1,426 @@
+"""Decide, from the op registry, which tensors of an ONNX graph get quantized and how.
+
+Static planning runs in two steps around calibration:
+
+1. `StaticPlanner.candidates()` lists every activation that *might* get a Q/DQ pair (all float
+   inputs and outputs of quantizable nodes), so calibration observes them all in one pass;
+2. `StaticPlanner.build(stats)` decides the final set, now knowing which tensors hold -inf or
+   mask-sized values (their consumers stay float), and fills scales and zero points.
+
+The decision rules, per node kind (see `registry`): compute and elementwise nodes want their
+activation inputs and output quantized; Relu/Clip right after such a node fold into it (only the
+activation's output is quantized); shape ops pass their input's quantization through unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from lowbit.errors import LowbitError
+from lowbit.numerics import QParams, choose_qparams, qparams_for
+from lowbit.onnx.collect import ActivationStats
+from lowbit.onnx.registry import OpRule, node_matches, rule_for, weight_axis
+from lowbit.plan import PlanEntry, QuantPlan
+from lowbit.spec import PER_TENSOR, QuantSpec, per_channel
+
+# uint8 activations with int8 weights is the U8S8 flavour ONNX Runtime's x86 kernels run natively
+# (with VNNI there is no 16-bit saturation; without, U8S8 is still the fast path and the weight
+# range is what matters). ONNX Runtime would convert int8 activations to uint8 anyway.
+ACTIVATION_SPEC = QuantSpec("uint8", symmetric=False)
+WEIGHT_SPEC = QuantSpec("int8", symmetric=True)
+DYNAMIC_ACTIVATION_SPEC = QuantSpec("uint8", symmetric=False, dynamic=True)
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT}
+
+
+@dataclass
+class GraphIndex:
+    """Lookups over one graph: producers, consumers, constants and tensor types."""
+
+    model: onnx.ModelProto
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    elem_type: dict[str, int] = field(default_factory=dict)
+    graph_inputs: set[str] = field(default_factory=set)
+    graph_outputs: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> GraphIndex:
+        index = cls(model)
+        graph = model.graph
+        index.initializers = {t.name: t for t in graph.initializer}
+        for node in graph.node:
+            for name in node.output:
+                index.producer[name] = node
+            for name in node.input:
+                if name:
+                    index.consumers.setdefault(name, []).append(node)
+        for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if value.type.HasField("tensor_type"):
+                index.elem_type[value.name] = value.type.tensor_type.elem_type
+        for t in graph.initializer:
+            index.elem_type[t.name] = t.data_type
+        index.graph_inputs = {i.name for i in graph.input} - set(index.initializers)
+        index.graph_outputs = {o.name for o in graph.output}
+        return index
+
+    def is_float(self, name: str) -> bool:
+        """Float32 tensor, or of unknown type (calibration will tell)."""
+        return bool(name) and self.elem_type.get(name, onnx.TensorProto.FLOAT) in _FLOAT_TYPES
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers
+
+    def constant(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.initializers[name])
+
+
+def node_names(model: onnx.ModelProto) -> None:
+    """Give every unnamed node a unique name, so plans and --exclude can refer to it."""
+    seen = {n.name for n in model.graph.node if n.name}
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            candidate = f"{node.op_type}_{i}"
+            while candidate in seen:
+                candidate += "_"
+            node.name = candidate
+            seen.add(candidate)
+
+
+def check_exclude(model: onnx.ModelProto, exclude: set[str]) -> None:
+    """Every --exclude pattern must name a node, an op type or a tensor of the model."""
+    known: set[str] = set()
+    for node in model.graph.node:
+        known |= {node.name, node.op_type, *node.output}
+    unknown = sorted(set(exclude) - known)
+    if unknown:
+        raise LowbitError(f"--exclude names {unknown} match no node name, op type or tensor of the model; "
+                          "check the spelling (node names are listed in the plan)")
+
+
+def classify_nodes(index: GraphIndex, exclude: set[str]) -> tuple[dict[str, OpRule], dict[str, str], list[str]]:
+    """Rules of the nodes that may be quantized, float nodes with reasons, unsupported op types."""
+    active: dict[str, OpRule] = {}
+    float_nodes: dict[str, str] = {}
+    unsupported: set[str] = set()
+    for node in index.model.graph.node:
+        rule = rule_for(node)
+        if rule is None:
+            unsupported.add(node.op_type if not node.domain else f"{node.domain}.{node.op_type}")
+            float_nodes[node.name] = f"unsupported op {node.op_type}: left float"
+        elif node_matches(node, exclude):
+            float_nodes[node.name] = "excluded by the user"
+        elif rule.kind == "float":
+            float_nodes[node.name] = rule.reason
+        elif rule.kind == "shape" or not any(index.is_float(o) for o in node.output):
+            continue  # no float math (shape arithmetic on int64 tensors, ...)
+        elif rule.kind == "compute" and not _compute_ok(node, rule, index):
+            float_nodes[node.name] = "weight is not a constant 2-D+ tensor"
+        else:
+            active[node.name] = rule
+    return active, float_nodes, sorted(unsupported)
+
+
+def prune_isolated_elementwise(index: GraphIndex, active: dict[str, OpRule]) -> dict[str, str]:
+    """Keep elementwise nodes float when an activation input comes from float math.
+
+    An int8 Add/Mul only pays off between int8 kernels (a CNN's residual Add between Convs). In a
+    transformer the Adds and Muls sit between MatMuls (float outputs), LayerNorm, Softmax and GELU:
+    quantizing them adds rounding error on the outlier-heavy residual stream without any int8
+    kernel to gain, which is what collapses ONNX Runtime's static BERT. Runs to a fixed point,
+    since a pruned node makes its elementwise consumers float too. Returns node -> reason."""
+    pruned: dict[str, str] = {}
+    changed = True
+    while changed:
+        changed = False
+        for node in index.model.graph.node:
+            rule = active.get(node.name)
+            if rule is None or rule.kind != "elementwise":
+                continue
+            for name in node.input:
+                if not name or index.is_constant(name) or not index.is_float(name):
+                    continue
+                source = _int8_source(index, active, name)
+                if source is not None:
+                    active.pop(node.name)
+                    pruned[node.name] = f"input {name!r} comes from {source}; int8 here would only add error"
+                    changed = True
+                    break
+    return pruned
+
+
+def _int8_source(index: GraphIndex, active: dict[str, OpRule], name: str) -> str | None:
+    """None when `name` is int8-produced (through shape ops); otherwise what makes it float."""
+    seen = 0
+    while seen < 10_000:
+        producer = index.producer.get(name)
+        if producer is None:
+            return None  # a graph input: quantized where it enters
+        rule = active.get(producer.name)
+        if rule is None:
+            return f"float node {producer.name!r} ({producer.op_type})"
+        if rule.kind in ("passthrough", "fold"):
+            name, seen = producer.input[0], seen + 1
+            continue
+        if producer.op_type in ("MatMul", "Gemm"):
+            return f"{producer.op_type} {producer.name!r} (float output)"
+        return None
+    return None
+
+
+def _compute_ok(node: onnx.NodeProto, rule: OpRule, index: GraphIndex) -> bool:
+    if node.op_type == "MatMul":
+        return True  # two activations are fine (QLinearMatMul)
+    weight = node.input[rule.weight_input] if len(node.input) > rule.weight_input else ""
+    if node.op_type == "Gemm":
+        return True
+    return index.is_constant(weight) and len(index.initializers[weight].dims) >= 2
+
+
+class StaticPlanner:
+    """Static int8: calibrated activations (uint8), per-channel int8 weights, int32 biases."""
+
+    def __init__(self, model: onnx.ModelProto, *, per_channel_weights: bool = True,
+                 exclude: tuple[str, ...] | list[str] = ()) -> None:
+        self.model = model
+        self.index = GraphIndex.of(model)
+        self.per_channel = per_channel_weights
+        self.exclude = set(exclude)
+        check_exclude(model, self.exclude)
+        self.active, self.float_nodes, self.unsupported = classify_nodes(self.index, self.exclude)
+        self.float_nodes.update(prune_isolated_elementwise(self.index, self.active))
+
+    # ------------------------------------------------------------------ step 1
+
+    def candidates(self) -> list[str]:
+        """Every activation tensor a quantizable node reads or writes (calibrate them all)."""
+        names: list[str] = []
+        for node in self.model.graph.node:
+            if node.name not in self.active:
+                continue
+            for name in list(node.input) + list(node.output):
+                if name and not self.index.is_constant(name) and self.index.is_float(name):
+                    names.append(name)
+        return list(dict.fromkeys(names))
+
+    # ------------------------------------------------------------------ step 2
+
+    def build(self, stats: ActivationStats) -> QuantPlan:
+        tainted = stats.mask_like | stats.non_float
+        active = dict(self.active)
+        float_nodes = dict(self.float_nodes)
+        while True:
+            wanted, shares, weights, constants = self._decide(active)
+            unobserved = {t for t in wanted if t not in stats.ranges and t not in shares}
+            blocked = self._blocked_nodes(active, wanted, tainted | unobserved, stats)
+            if not blocked:
+                break
+            for name, reason in blocked.items():
+                active.pop(name)
+                float_nodes[name] = reason
+        plan = QuantPlan("static", float_nodes=float_nodes, unsupported_ops=self.unsupported)
+        act_qparams: dict[str, QParams] = {}
+        for tensor in self._topological(wanted):
+            source = shares.get(tensor)
+            if source is not None and source in act_qparams:
+                qp = act_qparams[source]
+            else:
+                lo, hi = stats.ranges[tensor]
+                qp = choose_qparams(np.asarray(lo, np.float32), np.asarray(hi, np.float32), ACTIVATION_SPEC)
+                source = None
+            act_qparams[tensor] = qp
+            entry = PlanEntry(tensor, "activation", spec=ACTIVATION_SPEC, qparams=qp, shares=source,
+                              nodes=[n.name for n in self.index.consumers.get(tensor, [])])
+            if source is None:
+                entry.range = tuple(np.asarray(v, np.float32).tolist() for v in stats.ranges[tensor])
+            plan.add(entry)
+        self._add_weights(plan, weights, constants, act_qparams)
+        for tensor in sorted(tainted & set(self.candidates())):
+            why = "holds -inf or mask-sized values (|x| >= 1e4)" if tensor in stats.mask_like else "not float"
+            plan.add(PlanEntry(tensor, "activation", status="float", reason=why,
+                               nodes=[n.name for n in self.index.consumers.get(tensor, [])]))
+        return plan
+
+    def _decide(self, active: dict[str, OpRule]):
+        """(wanted activations, shared-parameter map, weight uses, constant activation uses)."""
+        index = self.index
+        wanted: set[str] = set()
+        weights: dict[str, list[onnx.NodeProto]] = {}  # initializer -> quantized consumers
+        constants: dict[str, list[onnx.NodeProto]] = {}  # constant inputs of elementwise ops
+        for node in self.model.graph.node:
+            rule = active.get(node.name)
+            if rule is None or rule.kind not in ("compute", "elementwise"):
+                continue
+            for i, name in enumerate(node.input):
+                if not name or not index.is_float(name):
+                    continue
+                if rule.kind == "compute":
+                    if i == rule.weight_input and index.is_constant(name):
+                        weights.setdefault(name, []).append(node)
+                    elif i in (rule.activation_inputs or ()) or (i == rule.weight_input and node.op_type in ("MatMul", "Gemm")):
+                        wanted.add(name)
+                elif index.is_constant(name):
+                    constants.setdefault(name, []).append(node)
+                else:
+                    wanted.add(name)
+            out = node.output[0]
+            # MatMul/Gemm with a float output still run as int8 kernels (MatMulIntegerToFloat, QGemm
+            # without y_scale), so their output is quantized only when an int8 consumer reads it.
+            float_output_fuses = node.op_type in ("MatMul", "Gemm") and (
+                out in index.graph_outputs or not any(c.name in active for c in index.consumers.get(out, [])))
+            if not float_output_fuses and index.is_float(out):
+                wanted.add(out)
+        # Relu / Clip right after a quantized node: quantize only the activation's output.
+        for node in self.model.graph.node:
+            rule = active.get(node.name)
+            if rule is None or rule.kind != "fold":
+                continue
+            source = node.input[0]
+            producer = index.producer.get(source)
+            if (producer is not None and producer.name in active
+                    and active[producer.name].kind in ("compute", "elementwise")
+                    and len(index.consumers.get(source, [])) == 1 and source not in index.graph_outputs
+                    and all(index.is_constant(n) for n in node.input[1:] if n)):
+                wanted.discard(source)
+                wanted.add(node.output[0])
+            elif source in wanted:
+                wanted.add(node.output[0])
+        # Shape ops, in graph (topological) order: the output reuses the input's parameters.
+        shares: dict[str, str] = {}
+        for node in self.model.graph.node:
+            rule = active.get(node.name)
+            if rule is None or rule.kind != "passthrough":
+                continue
+            source = node.input[0]
+            if index.is_constant(source):
+                continue  # an embedding table: handled as a weight below
+            if source in wanted:
+                for out in node.output:
+                    if index.is_float(out):
+                        wanted.add(out)
+                        shares[out] = shares.get(source, source)
+        for node in self.model.graph.node:  # Gather from a constant table: int8 embedding
+            rule = active.get(node.name)
+            if rule is not None and node.op_type == "Gather" and index.is_constant(node.input[0]) \
+                    and index.is_float(node.input[0]):
+                weights.setdefault(node.input[0], []).append(node)
+        return wanted, shares, weights, constants
+
+    def _blocked_nodes(self, active, wanted, tainted, stats) -> dict[str, str]:
+        """Nodes whose quantized inputs/outputs cannot be quantized (mask values, non-float)."""
+        blocked = {}
+        for node in self.model.graph.node:
+            if node.name not in active:
+                continue
+            for name in list(node.input) + list(node.output):
+                if name in tainted and (name in wanted or name in node.output):
+                    what = "-inf or mask-sized values" if name in stats.mask_like else "a non-float or unobserved value"
+                    blocked[node.name] = f"tensor {name!r} holds {what}; kept float"
+                    break
+        return blocked
+
+    def _topological(self, wanted: set[str]) -> list[str]:
+        order = [i.name for i in self.model.graph.input if i.name in wanted]
+        for node in self.model.graph.node:
+            order.extend(o for o in node.output if o in wanted)
+        return order
+
+    def _add_weights(self, plan: QuantPlan, weights, constants, act_qparams) -> None:
+        index = self.index
+        for name, nodes in weights.items():
+            values = index.constant(name)
+            node = nodes[0]
+            if node.op_type == "Gather":
+                spec = WEIGHT_SPEC if not self.per_channel else QuantSpec("int8", granularity=per_channel(0))
+            else:
+                spec = self._weight_spec(node, values)
+            plan.add(PlanEntry(name, "weight", spec=spec, qparams=qparams_for(values, spec, name),
+                               nodes=[n.name for n in nodes]))
+            for consumer in nodes:
+                rule = self.active_rule(consumer)
+                bias_at = rule.bias_input if rule else None
+                if bias_at is None or len(consumer.input) <= bias_at or not consumer.input[bias_at]:
+                    continue
+                bias = consumer.input[bias_at]
+                act = consumer.input[0]
+                if index.is_constant(bias) and act in act_qparams and self._bias_fits(consumer, spec, values):
+                    plan.add(PlanEntry(bias, "bias", nodes=[consumer.name], scale_of=[act, name],
+                                       reason="int32, scale = input scale x weight scale"))
+        for name, nodes in constants.items():
+            values = index.constant(name).astype(np.float32)
+            plan.add(PlanEntry(name, "weight", spec=ACTIVATION_SPEC,
+                               qparams=qparams_for(values, ACTIVATION_SPEC, name),
+                               nodes=[n.name for n in nodes],
+                               reason="constant input of an elementwise op, on the activation grid"))
+
+    def active_rule(self, node: onnx.NodeProto) -> OpRule | None:
+        return rule_for(node)
+
+    def _weight_spec(self, node: onnx.NodeProto, values: np.ndarray) -> QuantSpec:
+        if not self.per_channel or values.ndim < 2:
+            return WEIGHT_SPEC
+        if node.op_type == "MatMul" and values.ndim != 2:
+            return WEIGHT_SPEC
+        if node.op_type == "ConvTranspose" and _group(node) != 1:
+            return WEIGHT_SPEC  # output channels span groups x axis 1; one scale per tensor
+        return QuantSpec("int8", granularity=per_channel(weight_axis(node, values.ndim)))
+
+    @staticmethod
+    def _bias_fits(node: onnx.NodeProto, spec: QuantSpec, weight: np.ndarray) -> bool:
+        """Gemm with transB=0 has a per-column weight axis 1 that matches the bias; all fine."""
+        return spec.granularity.kind in ("tensor", "channel")
+
+
+def _group(node: onnx.NodeProto) -> int:
+    for attribute in node.attribute:
+        if attribute.name == "group":
+            return int(attribute.i)
+    return 1
+
+
+def plan_dynamic(model: onnx.ModelProto, *, per_channel_weights: bool = True,
+                 exclude: tuple[str, ...] | list[str] = ()) -> QuantPlan:
+    """Dynamic int8: MatMul/Gemm with constant 2-D weights get int8 weights and activations
+    quantized at run time (DynamicQuantizeLinear + MatMulInteger, which ORT fuses)."""
+    index = GraphIndex.of(model)
+    check_exclude(model, set(exclude))
+    plan = QuantPlan("dynamic")
+    active, float_nodes, unsupported = classify_nodes(index, set(exclude))
+    plan.unsupported_ops = unsupported
+    plan.float_nodes = float_nodes
+    for node in model.graph.node:
+        if node.name not in active:
+            continue
+        if node.op_type not in ("MatMul", "Gemm"):
+            if active[node.name].kind == "compute":
+                plan.float_nodes[node.name] = "dynamic mode quantizes MatMul/Gemm only; use --mode static"
+            continue
+        weight = node.input[1]
+        if not index.is_constant(weight) or len(index.initializers[weight].dims) != 2 or _attr(node, "transA"):
+            plan.float_nodes[node.name] = "needs a constant 2-D weight (and no transA)"
+            continue
+        values = index.constant(weight)
+        # MatMulInteger takes B as (K, N): Gemm's transB weight is transposed when written.
+        axis = 0 if _attr(node, "transB") else 1
+        spec = QuantSpec("int8", granularity=per_channel(axis)) if per_channel_weights else WEIGHT_SPEC
+        plan.add(PlanEntry(weight, "weight", spec=spec, qparams=qparams_for(values, spec, weight),
+                           nodes=[node.name]))
+        plan.add(PlanEntry(node.input[0], "activation", spec=DYNAMIC_ACTIVATION_SPEC, nodes=[node.name],
+                           reason="quantized at run time"))
+    return plan
+
+
+def _attr(node: onnx.NodeProto, name: str) -> int:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return int(attribute.i)
+    return 0
+
+
+__all__ = ["ACTIVATION_SPEC", "WEIGHT_SPEC", "GraphIndex", "StaticPlanner", "classify_nodes",
+           "node_names", "plan_dynamic", "PER_TENSOR"]

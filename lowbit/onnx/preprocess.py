@@ -1,0 +1,93 @@
+"""Prepare a float ONNX graph for quantization.
+
+Three steps, each done by the reference implementation rather than re-invented:
+1. shape inference: ONNX Runtime's symbolic shape inference (it understands transformer exports
+   with dynamic batch/sequence axes), falling back to onnx.shape_inference when it gives up;
+2. ONNX Runtime's offline optimizer at the BASIC level: constant folding, Conv+BatchNorm fusion,
+   redundant-node removal. BASIC keeps standard ONNX ops only (EXTENDED would emit com.microsoft
+   fused ops that quantizers and other runtimes do not understand);
+3. shape inference again, so every intermediate tensor carries a type and shape where known.
+
+Limit: the optimizer session is built from in-memory bytes, so models over 2 GB are not handled
+yet (they would need ORT's external-initializer options).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
+
+
+def preprocess(model: onnx.ModelProto, *, symbolic_shapes: bool = True, optimize: bool = True) -> onnx.ModelProto:
+    """Return a new, shape-annotated and optimized copy of `model` (the input is left untouched)."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    _drop_initializers_from_inputs(result)
+    result = infer_shapes(result, symbolic=symbolic_shapes)
+    if optimize:
+        result = optimize_basic(result)
+        result = infer_shapes(result, symbolic=symbolic_shapes)
+    return result
+
+
+def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = True) -> onnx.ModelProto:
+    """Annotate intermediate tensors with types/shapes; symbolic dims where the graph has them."""
+    if symbolic:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        try:
+            inferred = SymbolicShapeInference.infer_shapes(model, int_max=2**31 - 1, auto_merge=True)
+            if inferred is not None:
+                return inferred
+        except Exception as exc:  # its failures are diverse (sympy, unsupported ops); fall back, say why
+            log.info("symbolic shape inference failed (%s); using onnx.shape_inference", exc)
+    # Clear stale value_info first so onnx's inference cannot clash with an earlier pass.
+    cleared = onnx.ModelProto()
+    cleared.CopyFrom(model)
+    del cleared.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(cleared, check_type=False, strict_mode=False)
+
+
+def optimize_basic(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Run ONNX Runtime's BASIC graph optimizations offline and return the optimized model."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="lowbit-opt-") as tmp:
+        target = Path(tmp) / "optimized.onnx"
+        options.optimized_model_filepath = str(target)
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(str(target))
+    foreign = sorted({n.op_type + "@" + n.domain for n in optimized.graph.node if n.domain not in STANDARD_DOMAINS})
+    if foreign:
+        raise RuntimeError(f"ONNX Runtime's BASIC optimizer produced non-standard ops {foreign}")
+    # ORT declares every domain it knows; keep the ones the graph uses or the input declared.
+    used = {n.domain for n in optimized.graph.node} | {o.domain for o in model.opset_import}
+    kept = [o for o in optimized.opset_import if o.domain in used]
+    del optimized.opset_import[:]
+    optimized.opset_import.extend(kept)
+    # Shapes recorded before fusion may name tensors that are gone; the next inference pass redoes them.
+    del optimized.graph.value_info[:]
+    # The optimizer drops user metadata; keep the producer's record of what the model is.
+    if not optimized.metadata_props and model.metadata_props:
+        optimized.metadata_props.extend(model.metadata_props)
+    return optimized
+
+
+def _drop_initializers_from_inputs(model: onnx.ModelProto) -> None:
+    """Old exporters list weights as graph inputs, which blocks constant folding (they could be fed)."""
+    if model.ir_version < 4:
+        return  # before IR 4, initializers had to be listed as inputs
+    weights = {init.name for init in model.graph.initializer}
+    kept = [inp for inp in model.graph.input if inp.name not in weights]
+    if len(kept) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(kept)

@@ -1,0 +1,161 @@
+"""Write a static QDQ model from a float model and a QuantPlan.
+
+- weights: quantized offline with `lowbit.numerics` and stored as int8 initializers feeding a
+  DequantizeLinear (with `axis` for per-channel scales);
+- biases of Conv/Gemm/ConvTranspose: int32 with scale = input scale x weight scale, the form ONNX
+  Runtime folds into QLinearConv / QGemm;
+- activations: a QuantizeLinear -> DequantizeLinear pair with the calibrated scale and zero point.
+  The producer's output is renamed and the DequantizeLinear takes over the tensor's name, so every
+  consumer and graph output sees the quantized tensor without rewiring.
+
+The result is a standard ONNX graph (opset >= 13); ONNX Runtime fuses the Q/DQ patterns into
+int8 kernels at session start.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lowbit.numerics import QParams, quantize
+from lowbit.plan import PlanEntry, QuantPlan
+
+MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (`axis`) starts at 13
+_INT32 = np.iinfo(np.int32)
+
+
+def write_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    """A new model with the plan's quantization applied (`model` is left untouched)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    initializers = {t.name: t for t in graph.initializer}
+    new_inits: list[onnx.TensorProto] = []
+    head_nodes: list[onnx.NodeProto] = []  # weight and graph-input DQ nodes, placed first
+    after: dict[str, list[onnx.NodeProto]] = {}  # producer output -> Q/DQ nodes that follow it
+    nodes_by_name = {n.name: n for n in graph.node}
+    scales: dict[str, np.ndarray] = {}
+
+    for entry in plan.quantized("activation"):
+        if entry.qparams is None:
+            continue
+        scales[entry.tensor] = np.asarray(entry.qparams.scale, np.float32)
+        _quantize_activation(graph, entry, new_inits, head_nodes, after)
+
+    for entry in plan.quantized("weight"):
+        values = numpy_helper.to_array(initializers[entry.tensor]).astype(np.float32)
+        scales[entry.tensor] = np.asarray(entry.qparams.scale, np.float32)
+        _dequantized_constant(entry.tensor, quantize(values, entry.qparams), entry.qparams,
+                              _axis(entry), new_inits, head_nodes)
+        _rewire(nodes_by_name, entry, f"{entry.tensor}_dequantized")
+
+    for entry in plan.quantized("bias"):
+        act, weight = entry.scale_of
+        scale = (scales[act] * scales[weight]).astype(np.float32)
+        values = numpy_helper.to_array(initializers[entry.tensor]).astype(np.float64)
+        q = np.clip(np.rint(values / scale.astype(np.float64)), _INT32.min, _INT32.max).astype(np.int32)
+        qp = QParams(None, scale, np.zeros(scale.shape, np.int32))  # type: ignore[arg-type]
+        _dequantized_constant(entry.tensor, q, qp, 0 if scale.ndim else None, new_inits, head_nodes)
+        _rewire(nodes_by_name, entry, f"{entry.tensor}_dequantized")
+
+    ordered = list(head_nodes)
+    for node in graph.node:
+        ordered.append(node)
+        for name in node.output:
+            ordered.extend(after.get(name, []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    _drop_unused_initializers(graph)
+    graph.initializer.extend(new_inits)
+    return out
+
+
+def _quantize_activation(graph, entry: PlanEntry, new_inits, head_nodes, after) -> None:
+    name = entry.tensor
+    qp = entry.qparams
+    scale_name, zp_name = f"{name}_scale", f"{name}_zero_point"
+    zp_dtype = np.uint8 if entry.spec.dtype == "uint8" else np.int8
+    new_inits.append(numpy_helper.from_array(np.asarray(qp.scale, np.float32).reshape(()), scale_name))
+    new_inits.append(numpy_helper.from_array(np.asarray(qp.zero_point).astype(zp_dtype).reshape(()), zp_name))
+    producer = next((n for n in graph.node if name in n.output), None)
+    if producer is not None:
+        # The DequantizeLinear takes over the name: consumers and graph outputs need no change.
+        source = f"{name}_prequant"
+        for i, out in enumerate(producer.output):
+            if out == name:
+                producer.output[i] = source
+        q_node = helper.make_node("QuantizeLinear", [source, scale_name, zp_name], [f"{name}_quantized"],
+                                  name=f"{name}_QuantizeLinear")
+        dq_node = helper.make_node("DequantizeLinear", [f"{name}_quantized", scale_name, zp_name], [name],
+                                   name=f"{name}_DequantizeLinear")
+        after.setdefault(source, []).extend([q_node, dq_node])
+        return
+    # A graph input keeps its name: consumers read the dequantized copy instead.
+    target = f"{name}_dequantized"
+    for node in graph.node:
+        for i, inp in enumerate(node.input):
+            if inp == name:
+                node.input[i] = target
+    head_nodes.append(helper.make_node("QuantizeLinear", [name, scale_name, zp_name], [f"{name}_quantized"],
+                                       name=f"{name}_QuantizeLinear"))
+    head_nodes.append(helper.make_node("DequantizeLinear", [f"{name}_quantized", scale_name, zp_name], [target],
+                                       name=f"{name}_DequantizeLinear"))
+
+
+def _dequantized_constant(name: str, q: np.ndarray, qp: QParams, axis: int | None, new_inits, head_nodes) -> None:
+    scale = np.asarray(qp.scale, np.float32)
+    zero_point = np.asarray(qp.zero_point).astype(q.dtype)
+    new_inits.append(numpy_helper.from_array(np.ascontiguousarray(q), f"{name}_quantized"))
+    new_inits.append(numpy_helper.from_array(scale, f"{name}_scale"))
+    new_inits.append(numpy_helper.from_array(zero_point, f"{name}_zero_point"))
+    kwargs = {"axis": axis} if axis is not None and scale.ndim == 1 else {}
+    head_nodes.append(helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"],
+                                       [f"{name}_dequantized"], name=f"{name}_DequantizeLinear", **kwargs))
+
+
+def _axis(entry: PlanEntry) -> int | None:
+    granularity = entry.spec.granularity
+    return granularity.axis if granularity.kind == "channel" else None
+
+
+def _rewire(nodes_by_name: dict[str, onnx.NodeProto], entry: PlanEntry, target: str) -> None:
+    for node_name in entry.nodes:
+        node = nodes_by_name[node_name]
+        for i, inp in enumerate(node.input):
+            if inp == entry.tensor:
+                node.input[i] = target
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = _used_names(graph) | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    """Inputs of every node, including nodes of subgraphs (If/Loop bodies read outer tensors)."""
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(node.input)
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                used |= _used_names(sub)
+    return used
+
+
+def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_OPSET) -> onnx.ModelProto:
+    """The model at opset >= `minimum` (converted with onnx.version_converter when older)."""
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), minimum)
+    if current >= minimum:
+        return model
+    from onnx import version_converter
+
+    from lowbit.errors import LowbitError
+
+    try:
+        return version_converter.convert_version(model, minimum)
+    except Exception as exc:  # the converter raises bare RuntimeErrors/ValueErrors
+        raise LowbitError(f"cannot upgrade the model from opset {current} to {minimum} ({str(exc)[:200]}); "
+                          f"re-export it with opset {minimum} or newer") from None

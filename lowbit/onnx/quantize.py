@@ -1,0 +1,211 @@
+"""`quantize_onnx`: float ONNX model in, quantized ONNX model plus measured proof out.
+
+    load -> opset >= 13 -> preprocess (shapes, constant folding, Conv+BN fusion)
+         -> plan (registry) -> calibrate (static) -> write (QDQ / dynamic / fp16)
+         -> store the plan in metadata -> save atomically -> verify on ONNX Runtime
+
+Every user error is raised before the output file is written, and the output is written
+atomically, so a failure never leaves half a model behind and never touches the input.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from lowbit.errors import LowbitError
+from lowbit.onnx.calib_data import CalibrationData
+from lowbit.onnx.io import load_model, save_model
+from lowbit.onnx.planner import ACTIVATION_SPEC, StaticPlanner, node_names, plan_dynamic
+from lowbit.onnx.preprocess import preprocess
+from lowbit.onnx.qdq import ensure_opset, write_qdq
+from lowbit.onnx.verify import VerifyReport, compare_models
+from lowbit.plan import PLAN_METADATA_KEY, VERSION_METADATA_KEY, QuantPlan
+
+MODES = ("static", "dynamic", "fp16")
+CALIB_METHODS = ("auto", "minmax", "percentile", "entropy", "mse")
+
+
+@dataclass
+class QuantizeResult:
+    output_path: Path
+    plan: QuantPlan
+    report: VerifyReport | None
+    calibration_seconds: float = 0.0
+    total_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.output_path} ({self.plan.mode})"]
+        counts = ", ".join(f"{v} {k}" for k, v in self.plan.summary().items())
+        lines.append(f"plan: {counts}")
+        if self.plan.unsupported_ops:
+            lines.append(f"unsupported ops left float: {', '.join(self.plan.unsupported_ops)}")
+        if self.calibration_seconds:
+            lines.append(f"calibration: {self.calibration_seconds:.1f} s")
+        if self.report is not None:
+            lines.append(self.report.table())
+        lines.extend(f"warning: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+
+def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike, *, mode: str = "static",
+                  calib: str | os.PathLike | dict | None = None, calib_method: str = "auto",
+                  per_channel: bool = True, exclude: tuple[str, ...] | list[str] = (), samples: int | None = None,
+                  batch_size: int = 16, eval_data: str | os.PathLike | dict | None = None,
+                  verify: bool = True, measure_speed: bool = True, threads: int | None = None,
+                  smooth: bool | None = None, smooth_alpha: float | dict[str, float] = 0.5,
+                  equalize: bool = False, bias_correction: bool = False,
+                  calib_memory_mb: float | None = None) -> QuantizeResult:
+    """Quantize the ONNX model at `model_path` and write it to `output_path`.
+
+    mode: "static" (int8 weights and calibrated uint8 activations; needs `calib`), "dynamic"
+    (int8 weights, activations quantized at run time) or "fp16". `calib` / `eval_data`: an .npz
+    keyed by input name (samples on axis 0), a folder of them, or a dict of arrays. `exclude`:
+    node names, op types or output tensor names kept float.
+
+    Static-mode algorithms: `smooth` (SmoothQuant scale migration into the MatMuls fed by
+    LayerNorm; None = on when the model has such MatMuls) with `smooth_alpha` (a number, or a dict
+    activation/node name -> alpha with an optional "default"); `equalize` (cross-layer
+    equalization of Conv chains, ReLU6 -> ReLU on equalized links); `bias_correction` (Conv
+    biases absorb the mean shift caused by weight rounding). `calib_memory_mb` bounds the
+    activations held per calibration run: tensors are split across several runs when needed."""
+    started = time.perf_counter()
+    model_path, output_path = Path(model_path), Path(output_path)
+    _check_arguments(model_path, output_path, mode, calib, calib_method, batch_size)
+    if mode != "static" and (equalize or bias_correction or smooth):
+        raise LowbitError("--smooth, --equalize and --bias-correction need calibration; use them with --mode static")
+    if calib_memory_mb is not None and calib_memory_mb <= 0:
+        raise LowbitError(f"calibration memory budget must be positive, got {calib_memory_mb} MB")
+    original = load_model(model_path)
+    model = preprocess(ensure_opset(original))
+    node_names(model)
+    calib_data = CalibrationData(calib, original, samples=samples) if calib is not None else None
+    eval_set = (CalibrationData(eval_data, original, what="evaluation data") if eval_data is not None
+                else calib_data)
+    calibration_seconds = 0.0
+    warnings: list[str] = []
+    if mode == "static":
+        from lowbit.onnx.collect import collect_activation_stats
+
+        algorithms: dict = {}
+        if equalize:
+            from lowbit.onnx.equalize import equalize_model
+
+            model, eq = equalize_model(model, skip=set(exclude))
+            algorithms["equalized_chains"] = eq.chains
+            algorithms["relu6_to_relu"] = eq.relu6_replaced
+        planner = StaticPlanner(model, per_channel_weights=per_channel, exclude=exclude)
+        if smooth is None or smooth:
+            model, smoothed, seconds = _smooth(model, planner, calib_data, smooth_alpha, batch_size, threads)
+            calibration_seconds += seconds
+            if smoothed:
+                algorithms["smoothquant"] = smoothed
+                planner = StaticPlanner(model, per_channel_weights=per_channel, exclude=exclude)
+        stats = collect_activation_stats(model, planner.candidates(), calib_data, method=calib_method,
+                                         spec=ACTIVATION_SPEC, batch_size=batch_size, threads=threads,
+                                         memory_budget_mb=calib_memory_mb)
+        calibration_seconds += stats.seconds
+        plan = planner.build(stats)
+        if bias_correction:
+            from lowbit.onnx.equalize import correct_biases
+
+            started_bc = time.perf_counter()
+            algorithms["bias_corrected"] = correct_biases(model, plan, calib_data, batch_size=batch_size,
+                                                          threads=threads)
+            calibration_seconds += time.perf_counter() - started_bc
+        quantized = write_qdq(model, plan)
+    elif mode == "dynamic":
+        from lowbit.onnx.dynamic import write_dynamic
+
+        plan = plan_dynamic(model, per_channel_weights=per_channel, exclude=exclude)
+        quantized = write_dynamic(model, plan)
+    else:
+        from lowbit.onnx.fp16 import plan_fp16, write_fp16
+
+        plan = plan_fp16(model, set(exclude))
+        quantized = write_fp16(model, plan)
+    plan.settings = {"calib_method": calib_method if mode == "static" else None, "per_channel": per_channel,
+                     "exclude": list(exclude), "samples": None if calib_data is None else calib_data.num_samples,
+                     "source": model_path.name}
+    if mode == "static":
+        plan.settings["algorithms"] = algorithms
+        plan.settings["calibration_runs_per_batch"] = stats.runs_per_batch
+    if not plan.quantized():
+        warnings.append("nothing was quantized (no supported op found, or all excluded); the output is the "
+                        "pre-processed float model")
+    attach_plan(quantized, plan)
+    _check_runs(quantized)
+    save_model(quantized, output_path, inputs=[model_path])
+    report = None
+    if verify and eval_set is not None:
+        report = compare_models(model_path, output_path, eval_set, batch_size=batch_size, threads=threads,
+                                speed=measure_speed)
+        if report.speedup is not None and report.speedup < 1.0 and mode != "fp16":
+            warnings.append(f"the quantized model is SLOWER than float ({report.speedup:.2f}x) on this machine")
+    return QuantizeResult(output_path, plan, report, calibration_seconds, time.perf_counter() - started, warnings)
+
+
+def _smooth(model: onnx.ModelProto, planner, calib_data: CalibrationData, alpha, batch_size: int,
+            threads: int | None) -> tuple[onnx.ModelProto, list[dict], float]:
+    """SmoothQuant on the LayerNorm-fed int8 MatMuls: one measuring pass, then the rewrite."""
+    from lowbit.onnx.smooth import apply_smoothing, channel_absmax, smoothing_groups
+
+    groups = smoothing_groups(model, set(planner.active), alpha=alpha)
+    if not groups:
+        return model, [], 0.0
+    started = time.perf_counter()
+    absmax = channel_absmax(model, [g.activation for g in groups], calib_data, batch_size=batch_size, threads=threads)
+    smoothed = apply_smoothing(model, groups, absmax)
+    summary = [{"activation": g.activation, "nodes": g.nodes, "alpha": g.alpha, "folded_into": g.folded_into}
+               for g in groups if g.scales is not None]
+    return smoothed, summary, time.perf_counter() - started
+
+
+def attach_plan(model: onnx.ModelProto, plan: QuantPlan) -> None:
+    """Store the plan and lowbit's version in the model's metadata (replacing earlier ones)."""
+    from lowbit import __version__
+
+    kept = [p for p in model.metadata_props if p.key not in (PLAN_METADATA_KEY, VERSION_METADATA_KEY)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in kept}, PLAN_METADATA_KEY: plan.to_json(),
+                                        VERSION_METADATA_KEY: __version__})
+
+
+def read_plan(model_or_path: onnx.ModelProto | str | os.PathLike) -> QuantPlan:
+    """The plan stored in a model written by lowbit."""
+    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(str(model_or_path))
+    for prop in model.metadata_props:
+        if prop.key == PLAN_METADATA_KEY:
+            return QuantPlan.from_json(prop.value)
+    raise LowbitError("this model has no lowbit plan in its metadata; it was not written by lowbit quantize")
+
+
+def _check_arguments(model_path: Path, output_path: Path, mode: str, calib, calib_method: str,
+                     batch_size: int) -> None:
+    if mode not in MODES:
+        raise LowbitError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    if calib_method not in CALIB_METHODS:
+        raise LowbitError(f"unknown calibration method {calib_method!r}; use one of {', '.join(CALIB_METHODS)}")
+    if mode == "static" and calib is None:
+        raise LowbitError("static quantization needs calibration data; pass --calib CALIB.npz (or use --mode dynamic)")
+    if batch_size < 1:
+        raise LowbitError(f"batch size must be at least 1, got {batch_size}")
+    if output_path.exists() and model_path.exists() and os.path.samefile(output_path, model_path) \
+            or output_path.resolve() == model_path.resolve():
+        raise LowbitError(f"output {output_path} is the input model; choose a different output path "
+                          "(lowbit never overwrites its input)")
+
+
+def _check_runs(model: onnx.ModelProto) -> None:
+    """The written graph must load in ONNX Runtime; failing here is a lowbit bug, not user error."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

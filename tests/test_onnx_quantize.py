@@ -1,0 +1,236 @@
+"""Post-training quantization of ONNX models: fidelity, graph structure, plan, modes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from _onnx_quant_models import image_calib, small_cnn, tiny_encoder, token_calib
+from lowbit.numerics import qparams_for
+from lowbit.onnx.io import load_model
+from lowbit.onnx.preprocess import preprocess
+from lowbit.onnx.quantize import quantize_onnx, read_plan
+from lowbit.plan import PLAN_METADATA_KEY, VERSION_METADATA_KEY, QuantPlan
+from lowbit.spec import QuantSpec, per_channel
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    return {
+        "root": root,
+        "cnn": small_cnn(root / "cnn.onnx"),
+        "cnn_calib": image_calib(root / "cnn_calib.npz", n=32),
+        "cnn_eval": image_calib(root / "cnn_eval.npz", n=32, seed=7),
+        "enc": tiny_encoder(root / "enc.onnx"),
+        "enc_calib": token_calib(root / "enc_calib.npz", n=16),
+    }
+
+
+@pytest.fixture(scope="module")
+def cnn_static(files):
+    out = files["root"] / "cnn_static.onnx"
+    result = quantize_onnx(files["cnn"], out, mode="static", calib=files["cnn_calib"], eval_data=files["cnn_eval"],
+                           batch_size=8, measure_speed=False)
+    return result, onnx.load(str(out))
+
+
+def run(path, feed):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def cosine(a, b):
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return float(np.mean((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+
+
+def initializers(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_static_cnn_is_close_to_float_on_unseen_inputs(files, cnn_static):
+    result, _ = cnn_static
+    x = np.random.default_rng(11).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    reference, quantized = run(files["cnn"], {"image": x}), run(result.output_path, {"image": x})
+    assert cosine(reference, quantized) > 0.99
+    assert not np.array_equal(reference, quantized)  # it really is quantized
+    # The report measures the same thing on the eval set.
+    assert result.report.outputs[0].cosine_mean > 0.99
+    assert result.report.samples == 32
+
+
+def test_static_cnn_graph_has_int8_weights_and_qdq_activations(cnn_static):
+    _, model = cnn_static
+    ops = [n.op_type for n in model.graph.node]
+    inits = initializers(model)
+    float_weights = [t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2]
+    assert float_weights == []  # every Conv/Gemm weight is stored as int8
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            weight_dq = next(n for n in model.graph.node if node.input[1] in n.output)
+            assert weight_dq.op_type == "DequantizeLinear"
+            assert inits[weight_dq.input[0]].dtype == np.int8
+            assert inits[weight_dq.input[1]].ndim == 1  # per-channel
+            if len(node.input) > 2:
+                bias_dq = next(n for n in model.graph.node if node.input[2] in n.output)
+                assert inits[bias_dq.input[0]].dtype == np.int32
+            data_dq = next(n for n in model.graph.node if node.input[0] in n.output)
+            assert data_dq.op_type == "DequantizeLinear"
+            assert inits[data_dq.input[2]].dtype == np.uint8
+    assert ops.count("QuantizeLinear") >= 5
+    # The graph input is quantized once, for the first Conv.
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] == "image" for n in model.graph.node)
+
+
+def test_relu_folds_into_the_producer_and_ort_fuses_int8_kernels(cnn_static, tmp_path):
+    result, model = cnn_static
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type in ("Relu", "Clip"):
+            assert producers[node.input[0]].op_type in ("Conv", "Add")  # no Q/DQ between them
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(result.output_path), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert fused.count("QLinearConv") == 4
+    assert "QLinearAdd" in fused and "QGemm" in fused
+    assert "Conv" not in fused and "DequantizeLinear" not in fused
+
+
+def test_per_channel_scales_equal_numerics_qparams_for(files, cnn_static):
+    _, model = cnn_static
+    reference = preprocess(load_model(files["cnn"]))
+    float_weights = initializers(reference)
+    inits = initializers(model)
+    convs = [n for n in reference.graph.node if n.op_type == "Conv"]
+    depthwise = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert depthwise, "the test model must contain a depthwise conv"
+    for node in convs:
+        w = float_weights[node.input[1]]
+        expected = qparams_for(w, QuantSpec("int8", granularity=per_channel(0)))
+        np.testing.assert_array_equal(inits[f"{node.input[1]}_scale"], expected.scale)
+        np.testing.assert_array_equal(inits[f"{node.input[1]}_zero_point"], np.zeros(w.shape[0], np.int8))
+    gemm = next(n for n in reference.graph.node if n.op_type == "Gemm")
+    w = float_weights[gemm.input[1]]
+    axis = 0 if any(a.name == "transB" and a.i for a in gemm.attribute) else 1
+    expected = qparams_for(w, QuantSpec("int8", granularity=per_channel(axis)))
+    np.testing.assert_array_equal(inits[f"{gemm.input[1]}_scale"], expected.scale)
+
+
+def test_bias_is_int32_with_input_times_weight_scale(cnn_static):
+    _, model = cnn_static
+    inits = initializers(model)
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    weight_scale = inits[conv.input[1].replace("_dequantized", "_scale")]
+    act_scale = inits["image_scale"]
+    bias_scale = inits[conv.input[2].replace("_dequantized", "_scale")]
+    np.testing.assert_array_equal(bias_scale, (act_scale * weight_scale).astype(np.float32))
+
+
+def test_plan_metadata_round_trips_through_json(cnn_static):
+    result, model = cnn_static
+    props = {p.key: p.value for p in model.metadata_props}
+    assert VERSION_METADATA_KEY in props
+    stored = read_plan(model)
+    assert QuantPlan.from_json(stored.to_json()).to_dict() == stored.to_dict()
+    assert json.loads(props[PLAN_METADATA_KEY]) == result.plan.to_dict()
+    weights = stored.quantized("weight")
+    assert weights and all(e.qparams is not None and e.nodes for e in weights)
+    activations = stored.quantized("activation")
+    assert any(e.range is not None for e in activations)
+    assert any(e.shares for e in activations)  # MaxPool / Flatten reuse their input's parameters
+
+
+def test_per_tensor_option_gives_scalar_weight_scales(files, tmp_path):
+    out = tmp_path / "pt.onnx"
+    quantize_onnx(files["cnn"], out, calib=files["cnn_calib"], per_channel=False, verify=False)
+    model = onnx.load(str(out))
+    inits = initializers(model)
+    scales = [inits[n.input[1]] for n in model.graph.node
+              if n.op_type == "DequantizeLinear" and inits.get(n.input[0], np.zeros(0)).dtype == np.int8]
+    assert scales and all(s.ndim == 0 for s in scales)
+
+
+def test_exclude_keeps_a_node_and_an_op_type_float(files, tmp_path):
+    reference = preprocess(load_model(files["cnn"]))
+    first_conv = next(n for n in reference.graph.node if n.op_type == "Conv")
+    out = tmp_path / "excluded.onnx"
+    result = quantize_onnx(files["cnn"], out, calib=files["cnn_calib"], exclude=(first_conv.name, "Gemm"),
+                           verify=False)
+    model = onnx.load(str(out))
+    inits = initializers(model)
+    conv = next(n for n in model.graph.node if n.name == first_conv.name)
+    assert inits[conv.input[1]].dtype == np.float32  # weight stays float, no DequantizeLinear
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    assert inits[gemm.input[1]].dtype == np.float32
+    assert result.plan.float_nodes[first_conv.name] == "excluded by the user"
+    assert result.plan.float_nodes[gemm.name] == "excluded by the user"
+
+
+def test_encoder_static_survives_minus_inf_mask(files, tmp_path):
+    out = tmp_path / "enc_static.onnx"
+    result = quantize_onnx(files["enc"], out, calib=files["enc_calib"], batch_size=4, measure_speed=False)
+    assert result.report.outputs[0].cosine_mean > 0.99
+    model = onnx.load(str(out))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    assert producers[softmax.input[0]].op_type != "DequantizeLinear"  # sensitive op stays float
+    assert any("mask" in reason for reason in result.plan.float_nodes.values())
+    assert "MatMul" in [n.op_type for n in model.graph.node]
+    assert result.plan.quantized("weight")
+
+
+def test_encoder_dynamic_uses_integer_matmul(files, tmp_path):
+    out = tmp_path / "enc_dynamic.onnx"
+    result = quantize_onnx(files["enc"], out, mode="dynamic", calib=files["enc_calib"], measure_speed=False)
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "DynamicQuantizeLinear" in ops and ops.count("MatMulInteger") == 6
+    assert result.report.outputs[0].cosine_mean > 0.995
+
+
+def test_cnn_dynamic_quantizes_the_gemm_only(files, tmp_path):
+    out = tmp_path / "cnn_dynamic.onnx"
+    result = quantize_onnx(files["cnn"], out, mode="dynamic", calib=files["cnn_calib"], measure_speed=False)
+    assert [e.tensor for e in result.plan.quantized("weight")] == [
+        n.input[1] for n in preprocess(load_model(files["cnn"])).graph.node if n.op_type == "Gemm"]
+    assert result.report.outputs[0].cosine_mean > 0.99
+
+
+def test_fp16_halves_weights_and_keeps_float32_io(files, tmp_path):
+    out = tmp_path / "cnn_fp16.onnx"
+    result = quantize_onnx(files["cnn"], out, mode="fp16", calib=files["cnn_calib"], measure_speed=False)
+    model = onnx.load(str(out))
+    assert all(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer if t.data_type != TensorProto.INT64)
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert result.report.outputs[0].cosine_mean > 0.999
+    # Weight bytes halve (on a model this small the stored plan is a visible share of the file).
+    source_bytes = sum(a.nbytes for a in initializers(preprocess(load_model(files["cnn"]))).values())
+    assert sum(a.nbytes for a in initializers(model).values()) == source_bytes // 2
+    assert result.report.size_ratio > 1.2
+
+
+def test_unknown_op_is_left_float_and_listed(tmp_path):
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((2, 4, 1, 1)).astype(np.float32), "w2")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1"),
+             helper.make_node("Celu", ["a"], ["b"], name="celu"),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="conv2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 6, 6])], [w1, w2])
+    path = tmp_path / "celu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    np.savez(tmp_path / "c.npz", x=rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+    result = quantize_onnx(path, tmp_path / "out.onnx", calib=tmp_path / "c.npz", measure_speed=False)
+    assert result.plan.unsupported_ops == ["Celu"]
+    assert "unsupported op Celu" in result.plan.float_nodes["celu"]
+    assert "Celu" in result.summary()
+    assert result.report.outputs[0].cosine_mean > 0.99
+    assert len(result.plan.quantized("weight")) == 2
