@@ -14,8 +14,11 @@ yet (they would need ORT's external-initializer options).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -44,7 +47,8 @@ def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = True) -> onnx.Model
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
         try:
-            inferred = SymbolicShapeInference.infer_shapes(model, int_max=2**31 - 1, auto_merge=True)
+            with _scratch_working_dir():
+                inferred = SymbolicShapeInference.infer_shapes(model, int_max=2**31 - 1, auto_merge=True)
             if inferred is not None:
                 return inferred
         except Exception as exc:  # its failures are diverse (sympy, unsupported ops); fall back, say why
@@ -54,6 +58,20 @@ def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = True) -> onnx.Model
     cleared.CopyFrom(model)
     del cleared.graph.value_info[:]
     return onnx.shape_inference.infer_shapes(cleared, check_type=False, strict_mode=False)
+
+
+@contextlib.contextmanager
+def _scratch_working_dir() -> Iterator[None]:
+    """Run inside a throw-away folder: when ORT's symbolic shape inference gives up it dumps
+    'sym_shape_infer_temp.onnx' plus external-data files into the current directory, which
+    would litter the user's folder."""
+    previous = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="lowbit-shapes-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
 
 
 def optimize_basic(model: onnx.ModelProto) -> onnx.ModelProto:

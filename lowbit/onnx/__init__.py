@@ -1,0 +1,4 @@
+"""ONNX backend: load and validate models, pre-process graphs, collect activation statistics
+through ONNX Runtime, write QDQ / dynamic / fp16 models and verify them on the runtime.
+
+The entry point is `lowbit.onnx.quantize.quantize_onnx`."""

@@ -1,0 +1,104 @@
+"""lowbit.onnx.preprocess: same outputs as the float model, BN folded, shapes on intermediates."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from lowbit.onnx.preprocess import preprocess
+from _tiny_models import conv_bn_relu_onnx, tiny_attention_onnx
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # reference = graph as written
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def shapes(model: onnx.ModelProto) -> dict[str, list]:
+    return {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+            for vi in model.graph.value_info}
+
+
+@pytest.fixture(scope="module")
+def conv_model():
+    return conv_bn_relu_onnx()
+
+
+@pytest.fixture(scope="module")
+def attention_model():
+    return tiny_attention_onnx()
+
+
+def test_conv_bn_relu_folds_bn_and_keeps_outputs(conv_model):
+    original = conv_model.SerializeToString()
+    processed = preprocess(conv_model)
+    assert conv_model.SerializeToString() == original, "input model must be untouched"
+    assert "BatchNormalization" in {n.op_type for n in conv_model.graph.node}
+    ops = [n.op_type for n in processed.graph.node]
+    assert ops == ["Conv", "Relu", "Conv", "Relu"], ops   # BN folded, Identity nodes removed
+    onnx.checker.check_model(processed)
+    rng = np.random.default_rng(0)
+    for batch in (1, 3):
+        x = {"x": rng.standard_normal((batch, 3, 16, 16)).astype(np.float32)}
+        np.testing.assert_allclose(run(processed, x)[0], run(conv_model, x)[0], rtol=1e-4, atol=1e-5)
+    # Every intermediate has a shape, with the symbolic batch axis carried through.
+    inferred = shapes(processed)
+    for node in processed.graph.node[:-1]:
+        assert inferred[node.output[0]][0] == "batch"
+
+
+def test_attention_graph_keeps_outputs_and_gets_symbolic_shapes(attention_model):
+    processed = preprocess(attention_model)
+    assert all(n.domain in ("", "ai.onnx") for n in processed.graph.node), "BASIC level must keep standard ops"
+    assert {o.domain for o in processed.opset_import} <= {"", "ai.onnx", "ai.onnx.ml"}
+    assert len(processed.graph.node) < len(attention_model.graph.node)   # constants folded away
+    rng = np.random.default_rng(1)
+    for batch, seq in ((1, 5), (3, 11)):
+        mask = np.ones((batch, seq), np.int64)
+        mask[0, seq - 2:] = 0      # padding: the -inf-like mask path must match too
+        feeds = {"input_ids": rng.integers(0, 50, (batch, seq)).astype(np.int64), "attention_mask": mask}
+        np.testing.assert_allclose(run(processed, feeds)[0], run(attention_model, feeds)[0], rtol=1e-4, atol=1e-4)
+
+    inferred = shapes(processed)
+    matmuls = [n.output[0] for n in processed.graph.node if n.op_type == "MatMul"]
+    assert matmuls and all(out in inferred for out in matmuls)
+    softmax = next(n.output[0] for n in processed.graph.node if n.op_type == "Softmax")
+    assert inferred[softmax] == ["batch", 2, "sequence", "sequence"]
+    produced = {out for n in processed.graph.node for out in n.output} - {o.name for o in processed.graph.output}
+    assert produced <= set(inferred), f"intermediates without shapes: {produced - set(inferred)}"
+
+
+def test_fallback_and_no_optimize_options(attention_model):
+    processed = preprocess(attention_model, symbolic_shapes=False, optimize=False)
+    assert len(processed.graph.node) == len(attention_model.graph.node)
+    assert shapes(processed)   # onnx.shape_inference still annotated intermediates
+
+
+def test_initializers_listed_as_inputs_are_folded(conv_model):
+    legacy = onnx.ModelProto()
+    legacy.CopyFrom(conv_model)
+    known = {i.name for i in legacy.graph.input}
+    legacy.graph.input.extend(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+                              for init in legacy.graph.initializer if init.name not in known)
+    processed = preprocess(legacy)
+    assert [i.name for i in processed.graph.input] == ["x"]
+    assert "BatchNormalization" not in {n.op_type for n in processed.graph.node}
+
+
+def test_failed_symbolic_inference_leaves_no_files_in_working_dir(conv_model, tmp_path, monkeypatch):
+    # ORT's symbolic shape inference dumps 'sym_shape_infer_temp.onnx' (+ external data) into the
+    # current directory when it gives up; lowbit must not litter the user's folder with it.
+    from onnxruntime.tools import symbolic_shape_infer
+
+    def give_up(model, **kwargs):
+        onnx.save_model(model, "sym_shape_infer_temp.onnx")
+        raise RuntimeError("Incomplete symbolic shape inference")
+
+    monkeypatch.setattr(symbolic_shape_infer.SymbolicShapeInference, "infer_shapes", staticmethod(give_up))
+    monkeypatch.chdir(tmp_path)
+    result = preprocess(conv_model)
+    assert list(tmp_path.iterdir()) == []
+    assert not any(n.op_type == "BatchNormalization" for n in result.graph.node)
