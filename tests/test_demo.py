@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -9,14 +11,27 @@ import pytest
 import torch
 
 from lowbit import cli
+from lowbit.commands._demo_qat import interpret_qat
+from lowbit.commands._demo_runtime import interpret_onnx, multiply_adds
 from lowbit.zoo.digits import DigitsCNN, evaluate, load_digits_split, train_digits_cnn
+
+WEIGHTS = 23_824  # Conv and Linear weights of the BatchNorm-folded DigitsCNN
+CHANNELS = 122  # output channels = biases = per-channel scales
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo_run(tmp_path_factory):
+    """Run `lowbit demo --fast` once for the whole module: (JSON result, printed text)."""
     path = tmp_path_factory.mktemp("demo") / "demo.json"
-    assert cli.main(["demo", "--fast", "--json", str(path)]) == 0
-    result = json.loads(path.read_text())
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(["demo", "--fast", "--json", str(path)]) == 0
+    return json.loads(path.read_text()), printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run):
+    result, _ = demo_run
     return result, {row["scheme"]: row for row in result["rows"]}
 
 
@@ -107,3 +122,104 @@ def test_evaluate_counts_correct_predictions():
 
     expected = float((data.y_test == 3).float().mean())
     assert evaluate(Constant(), data.x_test, data.y_test) == pytest.approx(expected)
+
+
+def test_output_has_three_sections_and_an_interpretation(demo_run):
+    _, printed = demo_run
+    for heading in ("Weight-only quantization in PyTorch", "On ONNX Runtime",
+                    "Quantization-aware training recovers what rounding loses", "What the numbers say"):
+        assert f"\n{heading}\n" in printed, heading
+    assert printed.index("On ONNX Runtime") < printed.index("Quantization-aware training recovers")
+
+
+def test_int8_on_onnx_runtime_keeps_the_predictions(demo):
+    result, rows = demo
+    ort = result["onnx_runtime"]
+    assert ort["top1_agreement"] >= 0.98
+    assert ort["cosine_min"] > 0.99
+    assert abs(ort["int8_accuracy"] - ort["fp32_accuracy"]) <= 0.01
+    # The exported fp32 model is the PyTorch model: same accuracy to within one test image.
+    assert ort["fp32_accuracy"] == pytest.approx(rows["fp32"]["accuracy"], abs=1.01 / 450)
+    # Every weight, activation and bias was quantized; nothing was left float.
+    assert ort["quantized"] == {"weights": 4, "activations": 7, "biases": 4, "float nodes": 0}
+
+
+def test_int8_onnx_file_sizes_follow_the_bit_widths(demo):
+    ort = demo[0]["onnx_runtime"]
+    # fp32 holds every folded parameter in 4 bytes; int8 one byte per weight plus int32 biases,
+    # the stored plan (JSON metadata) and a graph with scales that is only a few kB on top.
+    assert 4 * (WEIGHTS + CHANNELS) < ort["fp32_bytes"] < 4 * (WEIGHTS + CHANNELS) + 4_000
+    tensors_and_graph = ort["int8_bytes"] - ort["metadata_bytes"]
+    assert WEIGHTS + 4 * CHANNELS < tensors_and_graph < WEIGHTS + 4 * CHANNELS + 10_000
+    assert 0 < ort["metadata_bytes"] < ort["int8_bytes"] / 2
+    assert ort["size_ratio"] == pytest.approx(ort["fp32_bytes"] / ort["int8_bytes"], rel=1e-3)
+
+
+def test_latency_is_measured_on_the_whole_test_set(demo):
+    ort = demo[0]["onnx_runtime"]
+    assert ort["batch"] == 450 and ort["repeats"] >= 10
+    assert ort["fp32_ms"] > 0 and ort["int8_ms"] > 0
+    assert ort["speedup"] == pytest.approx(ort["fp32_ms"] / ort["int8_ms"], rel=1e-2)
+    # conv1 + conv2 + conv3 + linear, computed by hand from the layer shapes.
+    assert ort["multiply_adds_per_image"] == 16 * 9 * 64 + 32 * 16 * 9 * 64 + 64 * 32 * 9 * 16 + 10 * 64
+
+
+def test_multiply_adds_counts_grouped_convolutions():
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(8 * 4, 5))
+    # Each of the 8 x 2 x 2 conv outputs reads 2 channels x 9 taps; the linear layer 32 x 5.
+    assert multiply_adds(model, torch.zeros(1, 4, 4, 4)) == 8 * 4 * 2 * 9 + 32 * 5
+
+
+def test_qat_recovers_binary_and_two_bit_accuracy(demo):
+    result, rows = demo
+    qat = {row["recipe"]: row for row in result["qat"]["rows"]}
+    assert result["qat"]["epochs"] == 4
+    binary, two_bit = qat["w1a8"], qat["w2a8"]
+    assert binary["ptq_accuracy"] < 0.5  # rounding to one bit destroys the model ...
+    assert binary["qat_accuracy"] > binary["ptq_accuracy"] + 0.3  # ... and training brings it back
+    assert two_bit["qat_accuracy"] > two_bit["ptq_accuracy"]
+    assert two_bit["qat_accuracy"] >= rows["fp32"]["accuracy"] - 0.03
+    for row in qat.values():
+        assert row["parity_passed"]
+        # ONNX Runtime and the fake-quant PyTorch model agree on the QAT accuracy to within an image.
+        assert row["qat_accuracy"] == pytest.approx(row["qat_torch_accuracy"], abs=1.01 / 450)
+
+
+def test_qat_sizes_follow_the_bit_widths(demo):
+    result, rows = demo
+    qat = {row["recipe"]: row for row in result["qat"]["rows"]}
+    scales_and_biases = 4 * CHANNELS + 4 * CHANNELS
+    assert qat["w1a8"]["packed_bytes"] == WEIGHTS // 8 + scales_and_biases
+    # 2-bit asymmetric: four weights per byte, plus the zero points, also packed to 2 bits.
+    assert qat["w2a8"]["packed_bytes"] == WEIGHTS // 4 + (2 * CHANNELS + 7) // 8 + scales_and_biases
+    # The same weight format costs the same bytes in the weight table, measured another way.
+    for row in qat.values():
+        assert row["packed_bytes"] == rows[row["weight_row"]]["size_bytes"]
+        assert row["float_bytes"] == rows["fp32"]["size_bytes"]
+
+
+ORT_SECTION = {"fp32_accuracy": 0.98, "int8_accuracy": 0.98, "top1_agreement": 1.0, "size_ratio": 2.28,
+               "batch": 450, "threads": 1, "multiply_adds_per_image": 599_680, "qdq_nodes": 22}
+
+
+@pytest.mark.parametrize("speedup, says", [(1.5, "1.50x faster"), (1.0, "is no faster than"),
+                                           (0.7, "is slower than")])
+def test_speed_sentence_follows_the_measurement(speedup, says):
+    text = interpret_onnx({**ORT_SECTION, "speedup": speedup})
+    assert says in text
+    # A model that is not faster gets a reason, not silence.
+    assert ("multiply-adds per image" in text) == (speedup < 1.05)
+
+
+def test_qat_sentence_says_when_training_did_not_help():
+    section = {"epochs": 1, "rows": [
+        {"recipe": "w2a8", "ptq_accuracy": 0.60, "qat_accuracy": 0.97, "compression": 13.76},
+        {"recipe": "w1a8", "ptq_accuracy": 0.20, "qat_accuracy": 0.15, "compression": 24.23}]}
+    text = interpret_qat(section, fp32_accuracy=0.98)
+    assert "lifts W2A8 (13.8x smaller) from 60.0% to 97.0% (1.0 points below fp32)" in text
+    assert "did not help W1A8 (20.0% -> 15.0%)" in text
+
+
+def test_qat_epochs_must_be_positive(capsys):
+    assert cli.main(["demo", "--fast", "--qat-epochs", "0"]) == cli.EXIT_USER_ERROR
+    assert "--qat-epochs must be at least 1" in capsys.readouterr().err

@@ -1,8 +1,12 @@
-"""`lowbit demo`: train a small digits CNN, quantize its weights many ways, show the trade-off.
+"""`lowbit demo`: train a small digits CNN, quantize it many ways, show the trade-offs.
 
-Runs offline in well under a minute on two CPU cores. Every size is measured on really packed
-weights (plus scales, zero points and float32 biases), every accuracy on the 450 held-out test
-images, so the table is a small, honest picture of what each scheme costs and buys.
+Three sections, run offline in well under a minute on two CPU cores:
+1. weight-only quantization in PyTorch, fp16 down to binary (this module);
+2. static int8 on ONNX Runtime: fidelity, file size and measured latency vs fp32 (`_demo_runtime`);
+3. PTQ vs quantization-aware training at 2 and 1 bits, measured on ONNX Runtime (`_demo_qat`).
+Every size is measured on really packed weights (plus scales, zero points and float32 biases),
+every accuracy on the 450 held-out test images, so the report is a small, honest picture of what
+each scheme costs and buys.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from lowbit.spec import QuantSpec, per_channel, per_group
 
 DEFAULT_EPOCHS = 15
 FAST_EPOCHS = 6
+DEFAULT_QAT_EPOCHS = 10
+FAST_QAT_EPOCHS = 4
+WEIGHTS_HEADING = "Weight-only quantization in PyTorch"
 
 # (id, weight spec); None is the float32 baseline. Groups of 16 run along input features.
 SCHEMES: list[tuple[str, QuantSpec | None]] = [
@@ -53,26 +60,33 @@ class SchemeResult:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "demo", help="train a small digits CNN and compare weight quantization schemes",
-        description="Train a small CNN on scikit-learn's digits (offline), quantize its Conv and "
-                    "Linear weights with ten schemes from fp16 to binary, and print size and "
-                    "accuracy for each.")
+        "demo", help="train a small digits CNN; compare weight schemes, int8 on ONNX Runtime and QAT",
+        description="Train a small CNN on scikit-learn's digits (offline); quantize its Conv and "
+                    "Linear weights with ten schemes from fp16 to binary; quantize it static int8 on "
+                    "ONNX Runtime and time it against fp32; compare post-training quantization with "
+                    "quantization-aware training at 2 and 1 bits. Prints size and accuracy for each.")
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"training epochs (default {DEFAULT_EPOCHS}, or {FAST_EPOCHS} with --fast)")
+    parser.add_argument("--qat-epochs", type=int, default=None,
+                        help=f"quantization-aware training epochs (default {DEFAULT_QAT_EPOCHS}, "
+                             f"or {FAST_QAT_EPOCHS} with --fast)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for training (default 0)")
     parser.add_argument("--fast", action="store_true", help="train fewer epochs (for tests and quick looks)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results table as JSON")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write all results as JSON")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     epochs = args.epochs if args.epochs is not None else (FAST_EPOCHS if args.fast else DEFAULT_EPOCHS)
-    if epochs < 1:
-        raise LowbitError(f"--epochs must be at least 1, got {epochs}; pass a positive number")
+    qat_epochs = args.qat_epochs if args.qat_epochs is not None else (
+        FAST_QAT_EPOCHS if args.fast else DEFAULT_QAT_EPOCHS)
+    for flag, value in (("--epochs", epochs), ("--qat-epochs", qat_epochs)):
+        if value < 1:
+            raise LowbitError(f"{flag} must be at least 1, got {value}; pass a positive number")
     if args.json is not None:
         _check_writable(args.json)
     started = time.perf_counter()
-    result = run_demo(epochs=epochs, seed=args.seed)
+    result = run_demo(epochs=epochs, qat_epochs=qat_epochs, seed=args.seed)
     result["wall_seconds"] = round(time.perf_counter() - started, 2)
     print(format_report(result))
     if args.json is not None:
@@ -81,9 +95,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo(epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> dict[str, Any]:
-    """Train, fold BatchNorm, quantize under every scheme; returns plain data (JSON-ready)."""
+def run_demo(epochs: int = DEFAULT_EPOCHS, qat_epochs: int = DEFAULT_QAT_EPOCHS, seed: int = 0) -> dict[str, Any]:
+    """Train, fold BatchNorm, run the three sections; returns plain data (JSON-ready)."""
     # Imported here so that `lowbit --help` does not pay for loading torch.
+    from lowbit.commands._demo_qat import run_qat_section
+    from lowbit.commands._demo_runtime import run_onnx_section
     from lowbit.progress import progress
     from lowbit.torch.fold import fold_batchnorm
     from lowbit.torch.weights import float_nbytes, quantize_module_weights
@@ -114,12 +130,18 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> dict[str, Any]:
                 drop_points=round(100 * (fp32_accuracy - accuracy), 2),
                 weight_sqnr_db=None if spec is None else round(_weight_sqnr_db(model, quantized), 2),
             ))
+        # Everything the runtime sections write (ONNX files, calibration .npz) lives and dies here.
+        with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
+            onnx_runtime = run_onnx_section(model, data, Path(tmp))
+            qat = run_qat_section(trained, data, Path(tmp), epochs=qat_epochs, seed=seed)
     return {
         "data": {"name": "sklearn digits 8x8", "train": len(data.x_train), "test": len(data.x_test)},
         "model": {"name": "DigitsCNN", "parameters": train_metrics["parameters"],
                   "parameters_after_bn_fold": sum(p.numel() for p in model.parameters())},
         "training": train_metrics,
         "rows": [asdict(row) for row in rows],
+        "onnx_runtime": onnx_runtime,
+        "qat": qat,
     }
 
 
@@ -137,18 +159,34 @@ def _weight_sqnr_db(original: Any, quantized: Any) -> float:
 
 
 def format_report(result: dict[str, Any]) -> str:
-    """The results table and a short interpretation, as printed by `lowbit demo`."""
+    """The three sections and a short interpretation, as printed by `lowbit demo`."""
+    from lowbit.commands._demo_qat import format_qat_section, interpret_qat
+    from lowbit.commands._demo_runtime import format_onnx_section, interpret_onnx
+
     training, model = result["training"], result["model"]
+    fp32_accuracy = result["rows"][0]["accuracy"]
     lines = [
         f"Trained DigitsCNN ({model['parameters']:,} parameters; {model['parameters_after_bn_fold']:,} "
         f"after folding BatchNorm) for {training['epochs']} epochs in {training['train_seconds']:.1f} s "
         f"on {result['data']['train']} images; tested on {result['data']['test']}.",
+        "",
+        WEIGHTS_HEADING,
+        "-" * len(WEIGHTS_HEADING),
         "Conv and Linear weights are quantized; biases stay float32. Sizes count packed weights, "
         "float32 scales, zero points and biases.",
         "",
         format_table(result["rows"]),
         "",
+        format_onnx_section(result["onnx_runtime"]),
+        "",
+        format_qat_section(result["qat"], fp32_accuracy),
+        "",
+        "What the numbers say",
+        "--------------------",
+        # One paragraph per section, each generated from that section's numbers.
         interpret(result["rows"], result["data"]["test"]),
+        interpret_onnx(result["onnx_runtime"]),
+        interpret_qat(result["qat"], fp32_accuracy),
     ]
     if "wall_seconds" in result:
         lines.append(f"\nDemo finished in {result['wall_seconds']:.1f} s.")
@@ -186,8 +224,8 @@ def interpret(rows: list[dict[str, Any]], n_test: int) -> str:
     if binary["drop_points"] > 5:
         sentences.append(
             f"Binary weights are {binary['compression']:.1f}x smaller but cost {binary['drop_points']:.1f} "
-            f"points (accuracy {100 * binary['accuracy']:.1f}%): one bit per weight needs "
-            "quantization-aware training, not rounding after the fact.")
+            f"points (accuracy {100 * binary['accuracy']:.1f}%): at one bit, rounding after the fact is "
+            "not enough.")
     else:
         sentences.append(f"Binary weights are {binary['compression']:.1f}x smaller and "
                          f"{_change(binary['drop_points'])}.")
