@@ -1,0 +1,151 @@
+"""`lowbit bench`: latency and throughput of one or two ONNX models on this CPU, in one run.
+
+Both models get the same inputs (generated from the declared input shapes, or the first batch of
+`--data`), are warmed up, then timed interleaved run by run, alternating which goes first, so
+clock boost, thermal drift and background load hit both alike; the ratio of medians is the
+speedup. The CPU's int8 features are reported next to the numbers, so a slower int8 model is
+explained rather than mysterious.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.analysis.cpu import CpuInfo, cpu_info
+from lowbit.analysis.feeds import synthetic_feed
+from lowbit.errors import LowbitError
+from lowbit.onnx.calib_data import CalibrationData, model_inputs
+from lowbit.onnx.io import load_model, model_size_bytes
+from lowbit.onnx.session import make_session
+
+
+@dataclass
+class ModelTiming:
+    path: str
+    size_bytes: int
+    latencies_ms: list[float]
+    batch: int
+
+    @property
+    def median_ms(self) -> float:
+        return float(np.median(self.latencies_ms))
+
+    @property
+    def p90_ms(self) -> float:
+        return float(np.percentile(self.latencies_ms, 90))
+
+    @property
+    def throughput(self) -> float:
+        """Samples per second at the median latency."""
+        return self.batch * 1000.0 / self.median_ms if self.median_ms > 0 else float("inf")
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "size_bytes": self.size_bytes, "batch": self.batch, "median_ms": self.median_ms,
+                "p90_ms": self.p90_ms, "min_ms": min(self.latencies_ms), "throughput_per_s": self.throughput,
+                "repeats": len(self.latencies_ms)}
+
+
+@dataclass
+class BenchReport:
+    models: list[ModelTiming]
+    threads: int | None
+    warmup: int
+    inputs: dict[str, str]
+    cpu: CpuInfo
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float | None:
+        """How many times faster the second model is than the first (ratio of medians)."""
+        if len(self.models) < 2 or self.models[1].median_ms <= 0:
+            return None
+        return self.models[0].median_ms / self.models[1].median_ms
+
+    def to_dict(self) -> dict:
+        return {"models": [m.to_dict() for m in self.models], "speedup": self.speedup, "threads": self.threads,
+                "warmup": self.warmup, "inputs": self.inputs, "cpu": self.cpu.to_dict(), "notes": self.notes}
+
+    def text(self) -> str:
+        lines = [self.cpu.line()]
+        threads = self.threads or f"ONNX Runtime default ({os.cpu_count()} cores)"
+        shown = ", ".join(f"{k} {v}" for k, v in self.inputs.items())
+        lines.append(f"threads: {threads}; warm-up {self.warmup}, repeats {len(self.models[0].latencies_ms)}; "
+                     f"inputs: {shown}")
+        width = max(12, *(len(Path(m.path).name) for m in self.models))
+        lines.append(f"{'model':<{width}} {'size':>10} {'median ms':>10} {'p90 ms':>9} {'samples/s':>11}")
+        for m in self.models:
+            size = f"{m.size_bytes / 1e6:.2f} MB" if m.size_bytes >= 1e5 else f"{m.size_bytes / 1e3:.1f} kB"
+            lines.append(f"{Path(m.path).name:<{width}} {size:>10} {m.median_ms:>10.3f} "
+                         f"{m.p90_ms:>9.3f} {m.throughput:>11.1f}")
+        if self.speedup is not None:
+            first, second = (Path(m.path).name for m in self.models)
+            verdict = "faster" if self.speedup >= 1 else "SLOWER"
+            lines.append(f"{second} vs {first}: {self.speedup:.2f}x {verdict} (ratio of medians, interleaved "
+                         "in the same run)")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def bench_models(paths: list[str | os.PathLike], *, shapes: dict[str, tuple[int, ...]] | None = None,
+                 data: str | os.PathLike | None = None, batch_size: int = 1, threads: int | None = None,
+                 warmup: int = 5, repeats: int = 30, seed: int = 0) -> BenchReport:
+    """Time one or two models on the same inputs (see the module docstring)."""
+    if not 1 <= len(paths) <= 2:
+        raise LowbitError(f"bench takes one or two models, got {len(paths)}; compare two at a time")
+    if repeats < 1 or warmup < 0:
+        raise LowbitError(f"--repeats must be at least 1 and --warmup at least 0 (got {repeats}, {warmup})")
+    if threads is not None and threads < 1:
+        raise LowbitError(f"--threads must be at least 1, got {threads}")
+    if data is not None and shapes:
+        raise LowbitError("--shape and --data both set the inputs; use --data alone (its arrays have shapes)")
+    models = [load_model(p) for p in paths]
+    if data is not None:
+        feed = CalibrationData(data, models[0], what="benchmark data").first_batch(batch_size)
+    else:
+        feed = synthetic_feed(models[0], shapes, seed=seed)
+    for path, model in zip(paths[1:], models[1:]):
+        _check_same_inputs(paths[0], models[0], path, model)
+    sessions = [make_session(m, threads=threads) for m in models]
+    for path, session in zip(paths, sessions):
+        _first_run(path, session, feed)
+    for _ in range(warmup):
+        for session in sessions:
+            session.run(None, feed)
+    latencies: list[list[float]] = [[] for _ in sessions]
+    for r in range(repeats):
+        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+        for i in order:
+            start = time.perf_counter()
+            sessions[i].run(None, feed)
+            latencies[i].append(1000 * (time.perf_counter() - start))
+    first = next(iter(feed.values()), np.zeros(1))
+    batch = int(first.shape[0]) if first.ndim else 1
+    timings = [ModelTiming(str(p), model_size_bytes(p), lat, batch) for p, lat in zip(paths, latencies)]
+    inputs = {k: f"{'x'.join(map(str, v.shape)) or 'scalar'} {v.dtype}" for k, v in feed.items()}
+    report = BenchReport(timings, threads, warmup, inputs, cpu_info())
+    if report.speedup is not None and report.speedup < 1:
+        report.notes.append("the second model is slower; see the CPU line above for what int8 can gain here "
+                            "(on small models the Q/DQ and layout overhead can outweigh faster int8 kernels)")
+    return report
+
+
+def _check_same_inputs(first_path, first, other_path, other) -> None:
+    a = {s.name: s.dtype for s in model_inputs(first)}
+    b = {s.name: s.dtype for s in model_inputs(other)}
+    if a != b:
+        raise LowbitError(f"{other_path} takes inputs {b} but {first_path} takes {a}; bench compares two "
+                          "versions of the same model, with the same input names and dtypes")
+
+
+def _first_run(path, session, feed: dict[str, np.ndarray]) -> None:
+    try:
+        session.run(None, feed)
+    except Exception as exc:  # ORT's own exception types: shape/type mismatch on the fed inputs
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise LowbitError(f"{path} failed on the benchmark inputs ({first}); pass matching --shape values or "
+                          "real inputs with --data") from None

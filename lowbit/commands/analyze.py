@@ -1,0 +1,57 @@
+"""`lowbit analyze FLOAT.onnx QUANT.onnx --data X.npz`: which quantized layers hurt most.
+
+For every quantized activation of the QDQ model: SQNR and cosine against the float model's same
+tensor, both run on ONNX Runtime over the data batch by batch, ranked worst first. With --sweep,
+also "quantize only this layer": each weighted layer quantized alone, with the final-output cosine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("analyze", help="per-layer sensitivity of a quantized model vs its float original",
+                                   description=__doc__.split("\n\n")[0])
+    parser.add_argument("float_model", help="the float ONNX model that was quantized (never modified)")
+    parser.add_argument("quant_model", help="the QDQ model written by lowbit quantize (never modified)")
+    parser.add_argument("--data", help=".npz keyed by input name (samples on axis 0), or a folder of them")
+    parser.add_argument("--calib", help="calibration data for --sweep (default: --data); also used as --data "
+                        "when --data is not given")
+    parser.add_argument("--samples", type=int, help="use only the first N samples")
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per run (default: 16)")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    parser.add_argument("--top", type=int, default=20, help="rows of the ranked table to print (default: 20)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also quantize each weighted layer alone and measure the final-output cosine")
+    parser.add_argument("--time-limit", type=float, default=300.0,
+                        help="seconds the sweep may take; layers not reached are listed (default: 300)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from lowbit.analysis.sensitivity import layer_sensitivity
+    from lowbit.errors import LowbitError
+
+    data = args.data or args.calib
+    if data is None:
+        raise LowbitError("analyze needs inputs to run; pass --data X.npz (keyed by input name, samples on axis 0)")
+    report = layer_sensitivity(args.float_model, args.quant_model, data, samples=args.samples,
+                               batch_size=args.batch_size, threads=args.threads)
+    sweep = None
+    if args.sweep:
+        from lowbit.analysis.sweep import quantize_only_sweep
+
+        sweep = quantize_only_sweep(args.float_model, args.quant_model, calib=args.calib or data, eval_data=data,
+                                    samples=args.samples, batch_size=args.batch_size, threads=args.threads,
+                                    time_limit=args.time_limit)
+    if args.json:
+        print(json.dumps({"sensitivity": report.to_dict(), "sweep": None if sweep is None else sweep.to_dict()},
+                         indent=2))
+    else:
+        print(report.text(args.top))
+        if sweep is not None:
+            print(sweep.text())
+    return 0
