@@ -6,7 +6,9 @@ Same models, inputs, machine and run for every row, so the numbers compare:
   - fidelity vs fp32: mean cosine of sentence embeddings (MiniLM), top-1 agreement and accuracy
     (CNNs on the digits test split);
   - speed: median latency with the same session options (2 threads), measured round-robin over
-    all variants so load from other processes hits every row alike; reported as speedup vs fp32;
+    all variants so load from other processes hits every row alike (each timed run after an
+    untimed one of the same session, so the previous session's spinning threads are not timed);
+    reported as speedup vs fp32;
   - calibration time (the quantize_static call: calibration plus writing the model).
 Crashes are caught and reported as results.
 
@@ -223,6 +225,9 @@ def measure(task: Task, rows: list[dict], repeats: int, warmup: int = 2) -> None
     times: dict[str, list[float]] = {name: [] for name in sessions}
     for _ in range(repeats):
         for name, sess in sessions.items():
+            # Untimed first: the previous session's worker threads are still spinning, and on a
+            # 2-core machine they would slow this timed run (see lowbit.onnx.verify.time_pair).
+            sess.run(None, task.timing)
             started = time.perf_counter()
             sess.run(None, task.timing)
             times[name].append(time.perf_counter() - started)

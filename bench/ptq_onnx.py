@@ -10,7 +10,8 @@ Every quantizer runs in its own subprocess, which reports its build time, calibr
 peak resident memory (VmHWM of that process: model, calibration and writing together; '+N' is
 the part above the process's footprint after imports).
 Latency: all variants of a model are timed round-robin (fp32 and quantized alternating, run by
-run) with 2 ONNX Runtime threads, median of the repeats; speedup = fp32 median / variant median.
+run, each timed run after an untimed one of the same session) with 2 ONNX Runtime threads,
+median of the repeats; speedup = fp32 median / variant median.
 On a machine shared with other work the ratios are noisy; re-run on a quiet machine for
 publishable numbers.
 

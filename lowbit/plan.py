@@ -24,6 +24,7 @@ VERSION_METADATA_KEY = "lowbit.version"
 PLAN_FORMAT = 1
 
 Role = Literal["weight", "activation", "bias"]
+_PLURALS = {"weight": "weights", "activation": "activations", "bias": "biases"}
 Status = Literal["quantized", "float"]
 
 
@@ -107,7 +108,7 @@ class QuantPlan:
     def summary(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for entry in self.entries:
-            key = f"{entry.role}s {'quantized' if entry.quantized else 'float'}"
+            key = f"{_PLURALS[entry.role]} {'quantized' if entry.quantized else 'float'}"
             counts[key] = counts.get(key, 0) + 1
         counts["float nodes"] = len(self.float_nodes)
         return counts

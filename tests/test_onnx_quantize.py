@@ -11,7 +11,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from _onnx_quant_models import image_calib, small_cnn, tiny_encoder, token_calib
-from lowbit.numerics import qparams_for
+from lowbit.numerics import dequantize, qparams_for, quantize
+from lowbit.onnx.cpu import has_amx_int8
+from lowbit.onnx.qdq import QGEMM_MIN_REDUCTION
 from lowbit.onnx.io import load_model
 from lowbit.onnx.preprocess import preprocess
 from lowbit.onnx.quantize import quantize_onnx, read_plan
@@ -111,11 +113,18 @@ def test_per_channel_scales_equal_numerics_qparams_for(files, cnn_static):
     convs = [n for n in reference.graph.node if n.op_type == "Conv"]
     depthwise = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
     assert depthwise, "the test model must contain a depthwise conv"
+    amx_form = has_amx_int8()  # large ungrouped Conv weights are stored with zero point -1 there
     for node in convs:
         w = float_weights[node.input[1]]
         expected = qparams_for(w, QuantSpec("int8", granularity=per_channel(0)))
         np.testing.assert_array_equal(inits[f"{node.input[1]}_scale"], expected.scale)
-        np.testing.assert_array_equal(inits[f"{node.input[1]}_zero_point"], np.zeros(w.shape[0], np.int8))
+        large = node not in depthwise and int(np.prod(w.shape[1:])) >= QGEMM_MIN_REDUCTION
+        zero_point = -1 if amx_form and large else 0
+        np.testing.assert_array_equal(inits[f"{node.input[1]}_zero_point"], np.full(w.shape[0], zero_point, np.int8))
+        # Either form dequantizes to exactly the numbers lowbit.numerics gives.
+        stored = inits[f"{node.input[1]}_quantized"].astype(np.float32) - zero_point
+        np.testing.assert_array_equal(stored * expected.scale.reshape(-1, 1, 1, 1),
+                                      dequantize(quantize(w, expected), expected))
     gemm = next(n for n in reference.graph.node if n.op_type == "Gemm")
     w = float_weights[gemm.input[1]]
     axis = 0 if any(a.name == "transB" and a.i for a in gemm.attribute) else 1

@@ -7,7 +7,8 @@ Each planned MatMul/Gemm becomes the standard-op pattern
 which ONNX Runtime fuses on CPU into MatMulIntegerToFloat / DynamicQuantizeMatMul (uint8 x int8,
 the U8S8 kernels). Weights are quantized offline by `lowbit.numerics`; per-column weight scales
 ride along in the final Mul. One DynamicQuantizeLinear is shared by all MatMuls reading the same
-input (Q/K/V projections).
+input (Q/K/V projections). Embedding tables (Gather from a constant 2-D table) are stored int8 with
+one scale per row, and only the gathered rows are dequantized.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def write_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         entry = weights.get(node.name)
         if entry is None:
             ordered.append(node)
+            continue
+        if node.op_type == "Gather":
+            ordered += _int8_embedding(node, entry, initializers, new_inits)
             continue
         x = node.input[0]
         if x not in quantized_inputs:
@@ -81,6 +85,26 @@ def write_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     _drop_unused_initializers(graph)
     graph.initializer.extend(new_inits)
     return out
+
+
+def _int8_embedding(node: onnx.NodeProto, entry, initializers, new_inits) -> list[onnx.NodeProto]:
+    """Gather(int8 table) and Gather(per-row scales), multiplied: only the looked-up rows are
+    dequantized, so the table is stored at 1 byte per value and lookups stay cheap."""
+    table = numpy_helper.to_array(initializers[entry.tensor]).astype(np.float32)
+    q = quantize(table, entry.qparams)
+    scale = np.asarray(entry.qparams.scale, np.float32).reshape(-1, 1)  # (rows, 1): broadcasts
+    base, ids, y = node.name, node.input[1], node.output[0]
+    new_inits += [numpy_helper.from_array(np.ascontiguousarray(q), f"{base}_table_quantized"),
+                  numpy_helper.from_array(scale, f"{base}_row_scale")]
+    return [
+        helper.make_node("Gather", [f"{base}_table_quantized", ids], [f"{base}_rows_int8"], axis=0,
+                         name=f"{base}_GatherInt8"),
+        helper.make_node("Cast", [f"{base}_rows_int8"], [f"{base}_rows_float"], to=TensorProto.FLOAT,
+                         name=f"{base}_Cast"),
+        helper.make_node("Gather", [f"{base}_row_scale", ids], [f"{base}_rows_scale"], axis=0,
+                         name=f"{base}_GatherScale"),
+        helper.make_node("Mul", [f"{base}_rows_float", f"{base}_rows_scale"], [y], name=f"{base}_Dequantize"),
+    ]
 
 
 def _attr(node: onnx.NodeProto, name: str, default):

@@ -396,6 +396,13 @@ def plan_dynamic(model: onnx.ModelProto, *, per_channel_weights: bool = True,
     for node in model.graph.node:
         if node.name not in active:
             continue
+        if node.op_type == "Gather" and _embedding_table(index, node):
+            # int8 rows with one scale per row; only the gathered rows are dequantized.
+            table = node.input[0]
+            spec = QuantSpec("int8", granularity=per_channel(0))
+            plan.add(PlanEntry(table, "weight", spec=spec, qparams=qparams_for(index.constant(table), spec, table),
+                               nodes=[node.name], reason="embedding table: int8 rows, per-row scales"))
+            continue
         if node.op_type not in ("MatMul", "Gemm"):
             if active[node.name].kind == "compute":
                 plan.float_nodes[node.name] = "dynamic mode quantizes MatMul/Gemm only; use --mode static"
@@ -413,6 +420,14 @@ def plan_dynamic(model: onnx.ModelProto, *, per_channel_weights: bool = True,
         plan.add(PlanEntry(node.input[0], "activation", spec=DYNAMIC_ACTIVATION_SPEC, nodes=[node.name],
                            reason="quantized at run time"))
     return plan
+
+
+def _embedding_table(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """A Gather along axis 0 from a constant float 2-D table read by nothing else."""
+    table = node.input[0]
+    return (index.is_constant(table) and index.is_float(table) and len(index.initializers[table].dims) == 2
+            and _attr(node, "axis") == 0 and len(index.consumers.get(table, [])) == 1
+            and not index.is_constant(node.input[1]))
 
 
 def _attr(node: onnx.NodeProto, name: str) -> int:

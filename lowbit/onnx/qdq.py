@@ -4,6 +4,10 @@
   DequantizeLinear (with `axis` for per-channel scales);
 - biases of Conv/Gemm/ConvTranspose: int32 with scale = input scale x weight scale, the form ONNX
   Runtime folds into QLinearConv / QGemm;
+- Conv weights for AMX CPUs (`conv_weights_for_qgemm`): symmetric int8 weights of large Convs
+  are stored shifted by -1 with zero point -1. The dequantized numbers are identical, but ONNX
+  Runtime no longer sees zero-point-0 weights, so it runs the Conv through im2col + its U8S8
+  GEMM (AMX tiles) instead of its symmetric-conv kernels (AVX512-VNNI) (see `lowbit.onnx.cpu`);
 - activations: a QuantizeLinear -> DequantizeLinear pair with the calibrated scale and zero point.
   The producer's output is renamed and the DequantizeLinear takes over the tensor's name, so every
   consumer and graph output sees the quantized tensor without rewiring.
@@ -22,11 +26,19 @@ from lowbit.numerics import QParams, quantize
 from lowbit.plan import PlanEntry, QuantPlan
 
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (`axis`) starts at 13
+# Smallest Conv reduction (input channels per group x kernel size) that runs faster through ORT's
+# AMX GEMM than through its symmetric-conv kernel. Measured per layer (2 threads, AMX Xeon):
+# 3x3 convs with 64-512 channels (576-4608) 1.2-2.3x faster; 1x1 convs with 16-384 channels
+# (ResNet shortcuts, MobileNetV2 expand/project) 1.1-3x slower, the GEMM's packing not paying off.
+QGEMM_MIN_REDUCTION = 512
 _INT32 = np.iinfo(np.int32)
 
 
-def write_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
-    """A new model with the plan's quantization applied (`model` is left untouched)."""
+def write_qdq(model: onnx.ModelProto, plan: QuantPlan, *, conv_weights_for_qgemm: bool = False) -> onnx.ModelProto:
+    """A new model with the plan's quantization applied (`model` is left untouched).
+
+    conv_weights_for_qgemm: store the symmetric int8 weights of large ungrouped Convs with zero
+    point -1 (same dequantized values) so ONNX Runtime picks its GEMM kernels; for AMX CPUs."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -46,8 +58,10 @@ def write_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     for entry in plan.quantized("weight"):
         values = numpy_helper.to_array(initializers[entry.tensor]).astype(np.float32)
         scales[entry.tensor] = np.asarray(entry.qparams.scale, np.float32)
-        _dequantized_constant(entry.tensor, quantize(values, entry.qparams), entry.qparams,
-                              _axis(entry), new_inits, head_nodes)
+        q, qparams = quantize(values, entry.qparams), entry.qparams
+        if conv_weights_for_qgemm and _large_ungrouped_convs(nodes_by_name, entry, values.shape):
+            q, qparams = _shift_symmetric(q, qparams)
+        _dequantized_constant(entry.tensor, q, qparams, _axis(entry), new_inits, head_nodes)
         _rewire(nodes_by_name, entry, f"{entry.tensor}_dequantized")
 
     for entry in plan.quantized("bias"):
@@ -69,6 +83,28 @@ def write_qdq(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     _drop_unused_initializers(graph)
     graph.initializer.extend(new_inits)
     return out
+
+
+def _large_ungrouped_convs(nodes_by_name: dict[str, onnx.NodeProto], entry: PlanEntry,
+                           shape: tuple[int, ...]) -> bool:
+    """Weights read only by group-1 Convs with a reduction of at least QGEMM_MIN_REDUCTION.
+    Depthwise and grouped Convs keep zero point 0 (ORT's depthwise kernels are the symmetric
+    ones; its GEMM path would loop over tiny per-group GEMMs)."""
+    nodes = [nodes_by_name.get(name) for name in entry.nodes]
+    reduction = int(np.prod(shape[1:])) if len(shape) >= 3 else 0
+    return bool(nodes) and reduction >= QGEMM_MIN_REDUCTION and all(
+        n is not None and n.op_type == "Conv"
+        and all(a.i == 1 for a in n.attribute if a.name == "group") for n in nodes)
+
+
+def _shift_symmetric(q: np.ndarray, qparams: QParams) -> tuple[np.ndarray, QParams]:
+    """(q - 1, zero point -1): the same dequantized values as symmetric int8 (q in [-127, 127]),
+    in a form ONNX Runtime does not route to its symmetric-only kernels."""
+    zero_point = np.asarray(qparams.zero_point)
+    if q.dtype != np.int8 or np.any(zero_point != 0) or q.size == 0 or int(q.min()) <= -128:
+        return q, qparams  # not symmetric int8 on [-127, 127]: nothing to shift into
+    shifted = (q.astype(np.int16) - 1).astype(np.int8)
+    return shifted, QParams(qparams.spec, qparams.scale, np.full(zero_point.shape, -1, np.int32))
 
 
 def _quantize_activation(graph, entry: PlanEntry, new_inits, head_nodes, after) -> None:

@@ -19,6 +19,7 @@ import onnx
 
 from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import CalibrationData
+from lowbit.onnx.cpu import has_amx_int8
 from lowbit.onnx.io import load_model, save_model
 from lowbit.onnx.planner import ACTIVATION_SPEC, StaticPlanner, node_names, plan_dynamic
 from lowbit.onnx.preprocess import preprocess
@@ -118,7 +119,11 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
             algorithms["bias_corrected"] = correct_biases(model, plan, calib_data, batch_size=batch_size,
                                                           threads=threads)
             calibration_seconds += time.perf_counter() - started_bc
-        quantized = write_qdq(model, plan)
+        # On AMX CPUs ORT's GEMM kernels beat its symmetric-conv ones: pick the weight form for them.
+        conv_for_qgemm = has_amx_int8()
+        algorithms["conv_weights"] = ("zero point -1 (ONNX Runtime GEMM/AMX kernels)" if conv_for_qgemm
+                                      else "symmetric (ONNX Runtime symmetric-conv kernels)")
+        quantized = write_qdq(model, plan, conv_weights_for_qgemm=conv_for_qgemm)
     elif mode == "dynamic":
         from lowbit.onnx.dynamic import write_dynamic
 
