@@ -19,6 +19,7 @@ Crashes are caught and reported as results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -159,7 +160,8 @@ def build_variants(task: Task, workdir: Path) -> list[dict]:
                            (" (no symbolic shapes)", {"skip_symbolic_shape": True})):
         started = time.perf_counter()
         try:
-            quant_pre_process(str(task.fp32), str(pre), **options)
+            with contextlib.chdir(workdir):  # on failure it dumps sym_shape_infer_temp.onnx into the cwd
+                quant_pre_process(str(Path(task.fp32).resolve()), str(pre.resolve()), **options)
             rows.append({"variant": "fp32 pre-processed" + label, "path": pre, "build_s": time.perf_counter() - started})
             break
         except Exception as exc:

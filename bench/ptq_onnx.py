@@ -22,6 +22,7 @@ publishable numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -154,12 +155,15 @@ def run_model(name: str, args) -> tuple[base.Task, list[dict]]:
     pre = workdir / "fp32_ort_preprocessed.onnx"
     if not pre.exists():
         from onnxruntime.quantization.shape_inference import quant_pre_process
-        try:
-            quant_pre_process(str(task.fp32), str(pre))
-        except Exception as exc:  # ORT's symbolic shape inference gives up on the MiniLM export
-            print(f"  ORT quant_pre_process failed ({str(exc)[:80]}); retrying with skip_symbolic_shape=True",
-                  file=sys.stderr)
-            quant_pre_process(str(task.fp32), str(pre), skip_symbolic_shape=True)
+        source, target = str(Path(task.fp32).resolve()), str(pre.resolve())
+        # On failure ORT dumps sym_shape_infer_temp.onnx (+ external data) into the cwd: keep it in workdir.
+        with contextlib.chdir(workdir):
+            try:
+                quant_pre_process(source, target)
+            except Exception as exc:  # ORT's symbolic shape inference gives up on the MiniLM export
+                print(f"  ORT quant_pre_process failed ({str(exc)[:80]}); retrying with skip_symbolic_shape=True",
+                      file=sys.stderr)
+                quant_pre_process(source, target, skip_symbolic_shape=True)
     rows: list[dict] = [{"variant": "fp32", "path": task.fp32}]
     for label, tool, options in variants(name):
         if args.only and args.only not in label:

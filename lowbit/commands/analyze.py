@@ -28,6 +28,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--time-limit", type=float, default=300.0,
                         help="seconds the sweep may take; layers not reached are listed (default: 300)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--report", metavar="DIR",
+                        help="also write report.html (self-contained, with plots) and report.md into DIR")
     return parser
 
 
@@ -54,4 +56,12 @@ def run(args: argparse.Namespace) -> int:
         print(report.text(args.top))
         if sweep is not None:
             print(sweep.text())
+    if args.report:
+        import sys
+
+        from lowbit.report import build_report
+
+        html, md = build_report(args.float_model, args.quant_model, data, args.report, sensitivity=report,
+                                samples=args.samples, batch_size=args.batch_size, threads=args.threads)
+        print(f"report: {html} and {md}", file=sys.stderr if args.json else sys.stdout)
     return 0

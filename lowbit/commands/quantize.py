@@ -1,27 +1,33 @@
-"""`lowbit quantize MODEL.onnx -o OUT.onnx`: post-training quantization of an ONNX model.
+"""`lowbit quantize MODEL -o OUT`: post-training quantization of an ONNX model or a Hugging Face model.
 
-Writes OUT.onnx (static or dynamic int8, or fp16), then runs the calibration (or --eval) inputs
-through both models on ONNX Runtime and prints fidelity, size and speedup measured in the same run.
+MODEL.onnx: writes OUT.onnx (static or dynamic int8, or fp16), then runs the calibration (or
+--eval) inputs through both models on ONNX Runtime and prints fidelity, size and speedup measured
+in the same run. A Hugging Face model directory (one holding config.json) with --mode weight-only:
+writes a compressed-tensors checkpoint directory (see `lowbit/commands/_quantize_hf.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
-MODES = ("static", "dynamic", "fp16")
+MODES = ("static", "dynamic", "fp16", "weight-only")
+WEIGHT_ALGORITHMS = ("rtn", "gptq", "awq")
 CALIB_METHODS = ("auto", "minmax", "percentile", "entropy", "mse")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "quantize", help="quantize an ONNX model (static int8, dynamic int8 or fp16) and measure it",
+        "quantize", help="quantize an ONNX model or a Hugging Face model directory and measure it",
         description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="float ONNX model to quantize (never modified)")
-    parser.add_argument("-o", "--output", required=True, help="path of the quantized model to write")
+    parser.add_argument("model", help="float ONNX model, or Hugging Face model directory, to quantize (never modified)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="path of the quantized model to write (a new directory for a Hugging Face model)")
     parser.add_argument("--mode", choices=MODES, default="static",
                         help="static: calibrated int8 activations (needs --calib); dynamic: int8 weights, "
-                             "activations quantized at run time; fp16: half precision (default: static)")
+                             "activations quantized at run time; fp16: half precision; weight-only: low-bit weights, "
+                             "float activations (default: static)")
     parser.add_argument("--calib", help=".npz keyed by input name with samples on axis 0, or a folder of them")
     parser.add_argument("--calib-method", choices=CALIB_METHODS, default="auto",
                         help="how activation ranges are chosen from the statistics (default: auto)")
@@ -44,11 +50,42 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="correct Conv biases for the output mean shift caused by weight rounding")
     parser.add_argument("--calib-memory-mb", type=float,
                         help="bound the activations held per calibration run; tensors are split across runs")
+    weights = parser.add_argument_group("weight-only quantization (--mode weight-only)")
+    weights.add_argument("--weight-bits", type=int, choices=(2, 3, 4, 8), default=4, help="weight bits (default: 4)")
+    weights.add_argument("--group-size", type=int, default=128,
+                         help="input features sharing one scale; 0 or -1 for one scale per output channel (default: 128)")
+    weights.add_argument("--algo", choices=WEIGHT_ALGORITHMS, default="gptq",
+                         help="rtn: round to nearest (no data); gptq: error-compensating rounding; awq: "
+                              "activation-aware scaling (default: gptq)")
+    weights.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
+    weights.add_argument("--symmetric", dest="symmetric", action="store_true", default=True,
+                         help="zero point fixed at 0 (default)")
+    weights.add_argument("--asymmetric", dest="symmetric", action="store_false", help="a zero point per scale group")
+    weights.add_argument("--weight-format", choices=("matmulnbits", "dq"), default="matmulnbits",
+                         help="ONNX models: matmulnbits (ONNX Runtime's fused int4 kernel, default) or dq (standard "
+                              "blocked DequantizeLinear, opset 21, portable to any ONNX runtime)")
+    weights.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
+                         help="ONNX models, MatMulNBits: 0 keeps float activations (default); 4 lets ONNX Runtime "
+                              "quantize activations to int8 inside the kernel")
+    weights.add_argument("--calib-text", help="Hugging Face models: a UTF-8 text file of representative text for calibration")
+    weights.add_argument("--seq-len", type=int, default=512,
+                         help="Hugging Face models: tokens per calibration sample (default: 512)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    from lowbit.commands._budget_report import add_arguments
+
+    add_arguments(parser)  # --max-drop, --metric, --time-limit, --report
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    if _is_hf_model_dir(args.model):
+        from lowbit.commands._quantize_hf import run_hf
+
+        return run_hf(args)
+    if args.max_drop is not None:
+        from lowbit.commands._budget_report import run_budget
+
+        return run_budget(args)
     from lowbit.onnx.quantize import quantize_onnx
 
     result = quantize_onnx(
@@ -57,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, eval_data=args.eval_data, measure_speed=not args.no_speed,
         threads=args.threads, smooth=args.smooth if args.mode == "static" else None,
         smooth_alpha=args.smooth_alpha, equalize=args.equalize, bias_correction=args.bias_correction,
-        calib_memory_mb=args.calib_memory_mb)
+        calib_memory_mb=args.calib_memory_mb, **_weight_only_options(args))
     if args.json:
         print(json.dumps({
             "output": str(result.output_path), "mode": args.mode, "plan": result.plan.summary(),
@@ -67,4 +104,21 @@ def run(args: argparse.Namespace) -> int:
         }, indent=2))
     else:
         print(result.summary())
+    if args.report:
+        from lowbit.commands._budget_report import write_quantize_report
+
+        write_quantize_report(args, result)
     return 0
+
+
+def _weight_only_options(args: argparse.Namespace) -> dict:
+    """The --mode weight-only flags for an ONNX model (see `lowbit.onnx.weight_only`)."""
+    if args.mode != "weight-only":
+        return {}
+    return {"weight_bits": args.weight_bits, "group_size": args.group_size, "algo": args.algo,
+            "act_order": args.act_order, "symmetric": args.symmetric, "weight_format": args.weight_format,
+            "accuracy_level": args.accuracy_level}
+
+
+def _is_hf_model_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,13 +64,8 @@ def _scratch_working_dir() -> Iterator[None]:
     """Run inside a throw-away folder: when ORT's symbolic shape inference gives up it dumps
     'sym_shape_infer_temp.onnx' plus external-data files into the current directory, which
     would litter the user's folder."""
-    previous = os.getcwd()
-    with tempfile.TemporaryDirectory(prefix="lowbit-shapes-") as tmp:
-        os.chdir(tmp)
-        try:
-            yield
-        finally:
-            os.chdir(previous)
+    with tempfile.TemporaryDirectory(prefix="lowbit-shapes-") as tmp, contextlib.chdir(tmp):
+        yield
 
 
 def optimize_basic(model: onnx.ModelProto) -> onnx.ModelProto:

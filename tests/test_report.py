@@ -1,0 +1,177 @@
+"""`--report DIR`: report.html (inline SVG, parses, renders in headless Chromium) and report.md."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import zlib
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from _onnx_quant_models import image_calib, small_cnn
+from lowbit.cli import main
+from lowbit.onnx.quantize import read_plan
+from lowbit.report import collect
+
+CHROMIUM = Path("/usr/bin/chromium")
+BAR_RGB, CLIP_RGB = (0x4C, 0x78, 0xA8), (0xD6, 0x27, 0x28)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """A per-tensor CNN with one outlier weight, through `quantize --max-drop --report` and `analyze --report`."""
+    root = tmp_path_factory.mktemp("report")
+    model = onnx.load(str(small_cnn(root / "cnn.onnx")))
+    weight = next(t for t in model.graph.initializer if t.name == "conv.0.weight")
+    values = numpy_helper.to_array(weight).copy()
+    values.flat[0] = 200 * np.abs(values).max()
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    float_path = root / "outlier.onnx"
+    onnx.save(model, str(float_path))
+    calib = image_calib(root / "calib.npz", n=16)
+    quant = root / "q.onnx"
+    assert main(["quantize", str(float_path), "-o", str(quant), "--calib", str(calib), "--per-tensor",
+                 "--batch-size", "8", "--max-drop", "0.002", "--report", str(root / "budget")]) == 0
+    assert main(["analyze", str(float_path), str(quant), "--data", str(calib), "--report", str(root / "analyze")]) == 0
+    return {"root": root, "float": float_path, "quant": quant, "calib": calib}
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: dict[str, int] = {}
+        self.sections: list[str] = []
+        self.classes: dict[str, int] = {}
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags[tag] = self.tags.get(tag, 0) + 1
+        if tag == "section":
+            self.sections.append(attrs.get("id", ""))
+        if attrs.get("class"):
+            self.classes[attrs["class"]] = self.classes.get(attrs["class"], 0) + 1
+        for key in ("src", "href"):
+            if attrs.get(key):
+                self.external.append(attrs[key])
+
+
+def _parse(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def test_budget_report_sections_and_svg(reports):
+    page = _parse(reports["root"] / "budget" / "report.html")
+    assert page.sections == ["summary", "fidelity", "budget", "plan", "sensitivity", "histograms"]
+    assert not page.external  # self-contained: nothing to fetch
+    plan = read_plan(reports["quant"])
+    drawn = len(plan.quantized("weight")) + len([e for e in plan.quantized("activation") if e.shares is None])
+    assert page.classes["card"] == drawn  # one histogram for every quantized weight and activation
+    assert page.tags["svg"] == drawn + 2  # + SQNR bars + speed-vs-fidelity scatter
+    assert page.classes["clip"] == 2 * drawn and page.classes["grid"] == drawn
+    assert page.tags["circle"] >= 2  # one point per evaluated candidate
+    markdown = (reports["root"] / "budget" / "report.md").read_text()
+    for heading in ("## Summary", "## Accuracy budget search", "## Per-layer sensitivity", "## Clipping error"):
+        assert heading in markdown
+    analyze = _parse(reports["root"] / "analyze" / "report.html")
+    assert analyze.sections == ["summary", "fidelity", "plan", "sensitivity", "histograms"]
+
+
+def test_clipping_statistics_match_numpy(reports):
+    """The graph input's clipped share and error, recomputed with NumPy from the stored grid."""
+    content = collect(reports["float"], reports["quant"], reports["calib"], batch_size=8, measure_speed=False)
+    plan = read_plan(reports["quant"])
+    image = next(h for h in content.histograms if h.tensor == "image")
+    entry = plan.get("image", "activation")
+    s, z = float(np.asarray(entry.qparams.scale).ravel()[0]), float(np.asarray(entry.qparams.zero_point).ravel()[0])
+    x = np.load(reports["calib"])["image"].astype(np.float64)
+    steps = x / s + z
+    expected = np.mean((steps < entry.spec.qmin - 0.5) | (steps > entry.spec.qmax + 0.5))
+    assert image.clipped == pytest.approx(expected, abs=2e-3)  # histogram bins blur the threshold slightly
+    err = x - (np.clip(np.rint(steps), entry.spec.qmin, entry.spec.qmax) - z) * s
+    assert image.rounding_mse + image.clipping_mse == pytest.approx(np.mean(err ** 2), rel=0.1)
+
+
+def test_weight_error_split_matches_numpy():
+    """Per-tensor weight with an outlier: rounding + clipping MSE equals NumPy's error exactly."""
+    from lowbit.numerics import qparams_for
+    from lowbit.onnx.planner import WEIGHT_SPEC
+    from lowbit.plan import PlanEntry
+    from lowbit.report.content import _from_values
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    qp = qparams_for(w, WEIGHT_SPEC)
+    w[0, 0, 0, 0] = 50.0  # beyond the grid chosen before: it clips
+    h = _from_values(PlanEntry("w", "weight", spec=WEIGHT_SPEC, qparams=qp), w)
+    s = float(np.asarray(qp.scale).ravel()[0])
+    q = np.clip(np.rint(w / s), WEIGHT_SPEC.qmin, WEIGHT_SPEC.qmax)
+    err = w - q * s
+    assert h.clipped == pytest.approx(1 / w.size)
+    assert h.clipping_mse == pytest.approx((50.0 - WEIGHT_SPEC.qmax * s) ** 2 / w.size, rel=1e-5)
+    assert h.rounding_mse + h.clipping_mse == pytest.approx(np.mean(err.astype(np.float64) ** 2), rel=1e-5)
+    assert h.clip == pytest.approx((WEIGHT_SPEC.qmin * s, WEIGHT_SPEC.qmax * s))
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    """RGB(A) pixels of an 8-bit PNG (what Chromium writes), with NumPy and zlib only."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat = 8, b""
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            width, height, depth, colour = struct.unpack(">IIBB", body[:10])
+            assert depth == 8 and colour in (2, 6)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    ch = 3 if colour == 2 else 4
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + width * ch)
+    out = np.zeros((height, width * ch), np.int64)
+    prev = np.zeros(width * ch, np.int64)
+    for y in range(height):
+        kind, line = raw[y, 0], raw[y, 1:].astype(np.int64)
+        if kind == 0:
+            cur = line
+        elif kind == 1:
+            cur = np.cumsum(line.reshape(width, ch), axis=0).ravel() & 255
+        elif kind == 2:
+            cur = (line + prev) & 255
+        else:
+            cur = np.zeros_like(line)
+            for x in range(line.size):
+                a = cur[x - ch] if x >= ch else 0
+                b, c = prev[x], (prev[x - ch] if x >= ch else 0)
+                if kind == 3:
+                    p = (a + b) // 2
+                else:
+                    pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+                    p = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+                cur[x] = (line[x] + p) & 255
+        out[y], prev = cur, cur
+    return out.reshape(height, width, ch)[:, :, :3]
+
+
+def test_report_renders_in_headless_chromium(reports, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("headless Chromium not installed at /usr/bin/chromium (apt-get install -y chromium)")
+    shot = tmp_path / "report.png"
+    page = (reports["root"] / "budget" / "report.html").resolve()
+    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2000",
+                    page.as_uri()], check=True, capture_output=True, timeout=120)
+    pixels = _decode_png(shot.read_bytes())
+    assert pixels.shape[:2] == (2000, 1200)
+    assert pixels.std() > 20  # not a blank page
+    # The SVG plots were drawn: bar-blue and clip-red pixels are on screen.
+    assert (np.abs(pixels - BAR_RGB).sum(-1) < 12).sum() > 2000
+    assert (np.abs(pixels - CLIP_RGB).sum(-1) < 12).sum() > 50
