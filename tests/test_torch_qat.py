@@ -10,6 +10,7 @@ from torch import nn
 from _torch_qat_models import mixed_net, trained_digits
 from lowbit.errors import LowbitError, SpecError
 from lowbit.torch import FloatModuleWarning, calibrate, prepare
+from lowbit.torch.fold import fold_batchnorm
 from lowbit.torch.modules import QuantConv2d, QuantEmbedding, QuantLinear
 from lowbit.torch.qat import activation_quantizers
 from lowbit.zoo.digits import evaluate, torch_threads
@@ -65,29 +66,34 @@ def test_binary_weights_are_sign_times_mean_magnitude_per_channel():
     np.testing.assert_allclose(weight.detach().numpy().reshape(5, -1), expected, rtol=1e-6)
 
 
-def test_calibration_ranges_are_the_layer_input_ranges():
+def test_calibration_ranges_are_the_quantization_point_ranges():
     model, _, data = trained_digits()
     prepared = prepare(model, "w8a8", data.x_train[:2])
     batches = [data.x_train[i:i + 200] for i in range(0, 600, 200)]
     ranges = calibrate(prepared, [(b, torch.zeros(len(b))) for b in batches])  # (x, y) pairs work
-    # Reference: hooks on the float (folded) model record each layer input's min and max.
-    seen: dict[str, list[float]] = {}
-    float_model = prepare(model, "w8a16", data.x_train[:2])  # same folding, no activation quantizers
-    hooks = [m.register_forward_pre_hook(lambda m, args, n=n: seen.setdefault(n, []).append(
-        (float(args[0].min()), float(args[0].max())))) for n, m in float_model.named_children()
-        if isinstance(m, (QuantConv2d, QuantLinear))]
-    for layer in float_model.modules():
-        if isinstance(layer, (QuantConv2d, QuantLinear)):
-            layer.weight_quantizer.forward = lambda w: (w, None)  # float weights, as calibration uses
+    # Reference: hooks on the float folded model. Quantization points: the model input (layer 0),
+    # each conv's output after its ReLU (modules 2, 5, 8; conv 3 and 7 reuse those grids), and
+    # the head's input after global average pooling (not a grid-preserving op).
+    folded = fold_batchnorm(model)
+    points = {"0.input": (folded[0], "in"), "0.output": (folded[2], "out"), "3.output": (folded[5], "out"),
+              "7.output": (folded[8], "out"), "11.input": (folded[11], "in")}
+    seen: dict[str, list[tuple[float, float]]] = {name: [] for name in points}
+
+    def record(name, tensor):
+        seen[name].append((float(tensor.min()), float(tensor.max())))
+
+    hooks = [module.register_forward_pre_hook(lambda m, args, n=n: record(n, args[0])) if where == "in"
+             else module.register_forward_hook(lambda m, args, out, n=n: record(n, out))
+             for n, (module, where) in points.items()]
     with torch.no_grad():
         for b in batches:
-            float_model(b)
+            folded(b)
     for hook in hooks:
         hook.remove()
-    assert set(ranges) == {f"{n}.input" for n in seen}
+    assert set(ranges) == set(points)
     for name, values in seen.items():
         low, high = min(v[0] for v in values), max(v[1] for v in values)
-        got = ranges[f"{name}.input"]
+        got = ranges[name]
         assert got[0] == pytest.approx(min(low, 0.0), abs=1e-6) and got[1] == pytest.approx(max(high, 0.0), abs=1e-6)
 
 
@@ -149,9 +155,18 @@ def test_embedding_gets_no_input_quantizer():
     model, ids = mixed_net()
     prepared = prepare(model, "w8a8", ids[:2])
     assert isinstance(prepared.embed, QuantEmbedding) and prepared.embed.input_quantizer is None
-    assert set(activation_quantizers(prepared)) == {"conv1d.input_quantizer", "grouped.input_quantizer",
-                                                     "depthwise.input_quantizer", "head.input_quantizer",
-                                                     "add.lhs_quantizer", "add.rhs_quantizer"}
+    # One quantizer per tensor, where it is produced: the first conv's input, each conv's output
+    # after its ReLU, and the add's output (read by the head through flatten).
+    assert set(activation_quantizers(prepared)) == {"conv1d.input_quantizer", "conv1d.output_quantizer",
+                                                     "grouped.output_quantizer", "depthwise.output_quantizer",
+                                                     "add.output_quantizer"}
+    # Consumers reuse their producer's grid (through the reshape and the flatten).
+    assert prepared.grouped.input_source() is prepared.conv1d.output_quantizer
+    assert prepared.depthwise.input_source() is prepared.grouped.output_quantizer
+    assert prepared.add.operand_source("lhs") is prepared.depthwise.output_quantizer
+    assert prepared.add.operand_source("rhs") is prepared.grouped.output_quantizer
+    assert prepared.head.input_source() is prepared.add.output_quantizer
+    assert [prepared.conv1d.output_activation, prepared.add.output_activation] == ["relu", None]
 
 
 @pytest.mark.parametrize("recipe, match", [

@@ -3,9 +3,18 @@
 The exported graph holds the integer weights and exactly the scales and zero points of the
 fake-quantized model: weights as integer initializers feeding DequantizeLinear (per-channel with
 `axis`, per-group with `block_size`), biases as int32 with scale input_scale x weight_scale,
-activations as QuantizeLinear -> DequantizeLinear pairs. int4 weights are stored as ONNX INT4
-(opset 21; ONNX Runtime runs them); int2, binary (+-1) and ternary weights use int8 containers,
-and `ExportResult.packed_weight_bytes` reports what they take packed to their bit width.
+activations as QuantizeLinear -> DequantizeLinear pairs at the points `prepare` placed them
+(layer outputs after a fused ReLU/ReLU6, see `points`), written as uint8 (the same grid shifted
+by 128, ONNX Runtime's fast U8S8 kernels) unless `uint8_activations=False`.
+
+Sub-8-bit weights (int4, int2, binary +-1, ternary) are written in int8 containers by default:
+ONNX Runtime then fuses them into its int8 kernels (QLinearConv, QGemm), whereas it runs an INT4
+DequantizeLinear as a separate op and the Conv in float. `ExportResult.packed_weight_bytes` is
+the true size packed to the bit width either way; `native_int4=True` stores int4 as ONNX INT4
+(opset 21) for a file that is small on disk, at the cost of speed.
+
+After export, ONNX Runtime's optimized graph is inspected: `ExportResult.float_ops` lists the
+Conv / Gemm / MatMul nodes it left in float (empty when everything runs as int8 kernels).
 
 Parity with the PyTorch model is checked on every export (see `parity`).
 """
@@ -54,18 +63,25 @@ class ExportResult:
     onnx_file_bytes: int
     native_int4: list[str] = field(default_factory=list)  # initializers stored as ONNX INT4
     float_modules: dict[str, str] = field(default_factory=dict)
+    # Conv/Gemm/MatMul nodes ONNX Runtime's optimizer left in float (None: not checked)
+    float_ops: list[str] | None = None
 
 
 def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
                 check_data: Any = None, input_names: list[str] | None = None,
-                output_names: list[str] | None = None, native_int4: bool = True,
+                output_names: list[str] | None = None, native_int4: bool = False,
+                uint8_activations: bool = True, check_fusion: bool = True,
                 min_agreement: float = MIN_AGREEMENT, max_steps: float = MAX_STEPS) -> ExportResult:
     """Write `model` (prepared, calibrated, in eval mode) as QDQ ONNX to `path` and check parity.
 
     `check_data` (default: `example_inputs`) are the inputs the parity check runs on; use a
     few hundred real samples for a meaningful top-1 agreement. The model is not modified. A
     parity failure is reported with a ParityWarning (and in the result); the file is still
-    written so it can be inspected."""
+    written so it can be inspected.
+
+    native_int4: store int4 weights as ONNX INT4 (smaller file, slower on ONNX Runtime);
+    uint8_activations: write int8 activation grids as the identical uint8 grids (faster on x86);
+    check_fusion: list the layers ONNX Runtime's optimizer leaves in float (`float_ops`)."""
     state = state_of(model)
     if model.training:
         raise LowbitError("the model is in training mode; call model.eval() before exporting (lowbit does not "
@@ -79,7 +95,8 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
         raise LowbitError(f"activations {missing} have no range; call lowbit.torch.calibrate(model, batches) "
                           "before exporting")
 
-    onnx_model, int4_names = _to_onnx(model, inputs, state, input_names, output_names, native_int4)
+    onnx_model, int4_names = _to_onnx(model, inputs, state, input_names, output_names, native_int4,
+                                      uint8_activations)
     parity = check_parity(model, onnx_model, checks, min_agreement=min_agreement, max_steps=max_steps)
     path = Path(path)
     save_model(onnx_model, path)
@@ -87,17 +104,38 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
         warnings.warn(f"exported model {path} does not match the PyTorch model: {parity.describe()}",
                       ParityWarning, stacklevel=2)
     packed, float_bytes = model_nbytes(model)
+    float_ops = float_ops_after_optimization(onnx_model) if check_fusion else None
     return ExportResult(path, parity, packed, float_bytes, path.stat().st_size, int4_names,
-                        dict(state.float_modules))
+                        dict(state.float_modules), float_ops)
+
+
+_COMPUTE_OPS = {"Conv", "FusedConv", "NchwcConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "ConvTranspose"}
+
+
+def float_ops_after_optimization(onnx_model: onnx.ModelProto) -> list[str]:
+    """Names of the Conv/Gemm/MatMul nodes still computing in float after ONNX Runtime's graph
+    optimizations (its int8 kernels are QLinearConv, QGemm, MatMulInteger... instead)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as scratch:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the "hardware specific optimized model" notice
+        options.intra_op_num_threads = 1
+        options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
+        ort.InferenceSession(onnx_model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    return [node.name or node.output[0] for node in optimized.graph.node if node.op_type in _COMPUTE_OPS]
 
 
 def _to_onnx(model: nn.Module, inputs: tuple[torch.Tensor, ...], state: QATState,
              input_names: list[str] | None, output_names: list[str] | None,
-             native_int4: bool) -> tuple[onnx.ModelProto, list[str]]:
+             native_int4: bool, uint8_activations: bool) -> tuple[onnx.ModelProto, list[str]]:
     frozen = copy.deepcopy(model)
     for module in frozen.modules():
         if isinstance(module, (QuantizedLayer, QuantAdd)):
-            module.freeze_for_export()
+            module.freeze_for_export(uint8_activations)
     with torch.no_grad():
         outputs = frozen(*inputs)
     n_outputs = 1 if isinstance(outputs, torch.Tensor) else len(outputs)

@@ -6,6 +6,11 @@ quantization of its input. With a quantized input and a per-channel or per-tenso
 bias is rounded to the int32 grid of scale input_scale * weight_scale, which is what ONNX
 Runtime's integer kernels use, so the exported model computes what this one computes.
 
+Quantization points (see `points`): a layer (or QuantAdd) may also quantize its *output*, after
+the ReLU/ReLU6 that follows it (fused into the layer, as ONNX Runtime's QDQ fusion expects), and
+a layer whose input was already quantized upstream re-applies that grid (`share_input_grid`)
+instead of owning a second quantizer, so every tensor has one scale.
+
 `freeze_for_export` stores the integer tensors as buffers and switches the forward pass to the
 functions of `onnx_ops`, which the TorchScript exporter writes as Q/DQ nodes.
 """
@@ -30,6 +35,8 @@ class QuantizedLayer:
     input_quantizer: ActivationQuantizer | None
     weight_quantizer: WeightQuantizer
     weight_mask: torch.Tensor | None
+    output_quantizer: ActivationQuantizer | None
+    output_activation: str | None  # "relu" / "relu6" fused before the output quantizer
     exporting: bool
 
     @classmethod
@@ -48,7 +55,25 @@ class QuantizedLayer:
         self.input_quantizer = input_quantizer
         self.weight_quantizer = WeightQuantizer(weight_spec, self.weight, learnable)
         self.register_buffer("weight_mask", None)
+        self.output_quantizer = None
+        self.output_activation = None
+        self._input_grid = ()  # a tuple, so the shared quantizer is not registered twice
         self.exporting = False
+
+    def share_input_grid(self, quantizer: ActivationQuantizer) -> None:
+        """Take inputs on `quantizer`'s grid (owned by the producer) instead of an own quantizer."""
+        self.input_quantizer = None
+        self.__dict__["_input_grid"] = (quantizer,)
+
+    def input_source(self) -> ActivationQuantizer | None:
+        """The quantizer whose grid the input is on (own or shared), or None for float inputs."""
+        if self.input_quantizer is not None:
+            return self.input_quantizer
+        return self.__dict__.get("_input_grid", ())[0] if self.__dict__.get("_input_grid") else None
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """The fused activation and output quantization, if any."""
+        return finish_output(self, y)
 
     def effective_weight(self) -> torch.Tensor:
         """The float weight after pruning (what gets quantized)."""
@@ -59,11 +84,12 @@ class QuantizedLayer:
 
     def _bias_scale(self, weight_qp: QParams) -> torch.Tensor | None:
         """Scale of the int32 bias grid, or None where the bias stays float."""
-        if getattr(self, "bias", None) is None or self.input_quantizer is None:
+        source = self.input_source()
+        if getattr(self, "bias", None) is None or source is None:
             return None
         if weight_qp.spec.granularity.kind == "group":
             return None  # one weight scale per group: no single per-channel bias scale exists
-        input_scale = self.input_quantizer.qparams().scale.detach()
+        input_scale = source.qparams().scale.detach()
         return (input_scale * torch.as_tensor(weight_qp.scale).detach()).to(torch.float32)
 
     def quantized_bias(self, weight_qp: QParams) -> torch.Tensor | None:
@@ -77,9 +103,10 @@ class QuantizedLayer:
         """(input, weight, bias) as the layer computes with them."""
         if self.exporting:
             return self._exported_operands(x)
-        if self.input_quantizer is not None:
-            x = self.input_quantizer(x)
-            if self.input_quantizer.observer is not None:  # calibrating: run in float
+        source = self.input_source()
+        if source is not None:
+            x = self.input_quantizer(x) if source is self.input_quantizer else source.reapply(x)
+            if source.observer is not None:  # calibrating: run in float
                 return x, self.effective_weight(), getattr(self, "bias", None)
         weight, qp = self.quantized_weight()
         return x, weight, self.quantized_bias(qp)
@@ -87,7 +114,7 @@ class QuantizedLayer:
     # ------------------------------------------------------------------ export
 
     @torch.no_grad()
-    def freeze_for_export(self) -> None:
+    def freeze_for_export(self, uint8_activations: bool = True) -> None:
         """Store the integer weight (and int32 bias) as buffers and export through Q/DQ."""
         weight = self.effective_weight().detach()
         _, qp = self.quantized_weight()
@@ -113,17 +140,12 @@ class QuantizedLayer:
             self.register_buffer("export_bias", torch.round(self.bias / bias_scale).to(torch.int32))
             self.register_buffer("export_bias_scale", bias_scale.clone())
             self.register_buffer("export_bias_zero_point", torch.zeros(bias_scale.shape, dtype=torch.int32))
-        if self.input_quantizer is not None:
-            act = self.input_quantizer
-            self.register_buffer("export_input_scale", act.qparams().scale.detach().clone())
-            self.register_buffer("export_input_zero_point",
-                                 act.zero_point.to(_torch_dtype(storage_dtype(act.spec))).clone())
+        freeze_activation(self, "input", self.input_source(), uint8_activations)
+        freeze_activation(self, "output", self.output_quantizer, uint8_activations)
         self.exporting = True
 
     def _exported_operands(self, x):
-        if self.input_quantizer is not None:
-            x = QuantizeDequantize.apply(x, self.export_input_scale, self.export_input_zero_point,
-                                         self.input_quantizer.spec)
+        x = exported_activation(self, "input", x)
         weight = DequantizeConstant.apply(self.export_weight, self.export_weight_scale,
                                           self.export_weight_zero_point, self.export_spec,
                                           self.export_axis, self.export_block, self.export_shape)
@@ -139,16 +161,49 @@ def _torch_dtype(numpy_dtype) -> torch.dtype:
     return {"int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16}[str(numpy_dtype)]
 
 
+_ACTIVATIONS = {"relu": F.relu, "relu6": F.relu6}
+
+
+def finish_output(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """Apply `module`'s fused activation, then its output quantizer (or the exported Q/DQ)."""
+    if module.output_activation is not None:
+        y = _ACTIVATIONS[module.output_activation](y)
+    if module.output_quantizer is None:
+        return y
+    return exported_activation(module, "output", y) if module.exporting else module.output_quantizer(y)
+
+
+def freeze_activation(module: nn.Module, role: str, quantizer: ActivationQuantizer | None,
+                      uint8: bool) -> None:
+    """Store `quantizer`'s export parameters on `module` as export_<role>_scale / _zero_point."""
+    if quantizer is None:
+        module.__dict__[f"export_{role}_spec"] = None
+        return
+    scale, zero_point, spec = quantizer.export_params(uint8)
+    module.register_buffer(f"export_{role}_scale", scale)
+    module.register_buffer(f"export_{role}_zero_point", zero_point)
+    module.__dict__[f"export_{role}_spec"] = spec
+
+
+def exported_activation(module: nn.Module, role: str, x: torch.Tensor) -> torch.Tensor:
+    """`x` through the QuantizeLinear -> DequantizeLinear pair frozen for `role` (if any)."""
+    spec = module.__dict__.get(f"export_{role}_spec")
+    if spec is None:
+        return x
+    return QuantizeDequantize.apply(x, getattr(module, f"export_{role}_scale"),
+                                    getattr(module, f"export_{role}_zero_point"), spec)
+
+
 class QuantLinear(QuantizedLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, weight, bias = self.quantized_operands(x)
-        return F.linear(x, weight, bias)
+        return self.finish(F.linear(x, weight, bias))
 
 
 class _QuantConvMixin(QuantizedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, weight, bias = self.quantized_operands(x)
-        return self._conv_forward(x, weight, bias)
+        return self.finish(self._conv_forward(x, weight, bias))
 
 
 class QuantConv1d(_QuantConvMixin, nn.Conv1d):
@@ -182,30 +237,37 @@ class QuantAdd(nn.Module):
         super().__init__()
         self.lhs_quantizer: ActivationQuantizer | None = None
         self.rhs_quantizer: ActivationQuantizer | None = None
+        self.output_quantizer: ActivationQuantizer | None = None
+        self.output_activation: str | None = None
+        self._grids: dict[str, ActivationQuantizer] = {}  # operands quantized upstream (not registered)
         self.exporting = False
 
+    def share_input_grid(self, side: str, quantizer: ActivationQuantizer) -> None:
+        """Take operand `side` ("lhs"/"rhs") on the producer's grid instead of an own quantizer."""
+        setattr(self, f"{side}_quantizer", None)
+        self.__dict__.setdefault("_grids", {})[side] = quantizer
+
+    def operand_source(self, side: str) -> ActivationQuantizer | None:
+        own = getattr(self, f"{side}_quantizer")
+        return own if own is not None else self.__dict__.get("_grids", {}).get(side)
+
     @torch.no_grad()
-    def freeze_for_export(self) -> None:
+    def freeze_for_export(self, uint8_activations: bool = True) -> None:
         for side in ("lhs", "rhs"):
-            act = getattr(self, f"{side}_quantizer")
-            if act is None:
-                continue
-            self.register_buffer(f"export_{side}_scale", act.qparams().scale.detach().clone())
-            self.register_buffer(f"export_{side}_zero_point",
-                                 act.zero_point.to(_torch_dtype(storage_dtype(act.spec))).clone())
+            freeze_activation(self, side, self.operand_source(side), uint8_activations)
+        freeze_activation(self, "output", self.output_quantizer, uint8_activations)
         self.exporting = True
 
     def _operand(self, side: str, x: torch.Tensor) -> torch.Tensor:
-        act = getattr(self, f"{side}_quantizer")
-        if act is None:
-            return x
         if self.exporting:
-            return QuantizeDequantize.apply(x, getattr(self, f"export_{side}_scale"),
-                                            getattr(self, f"export_{side}_zero_point"), act.spec)
-        return act(x)
+            return exported_activation(self, side, x)
+        own, source = getattr(self, f"{side}_quantizer"), self.operand_source(side)
+        if source is None:
+            return x
+        return own(x) if source is own else source.reapply(x)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self._operand("lhs", a) + self._operand("rhs", b)
+        return finish_output(self, self._operand("lhs", a) + self._operand("rhs", b))
 
 
 FLOAT_TO_QUANTIZED: dict[type, type] = {

@@ -1,10 +1,11 @@
 """Prepare a PyTorch model for quantization-aware training: fold, swap, record.
 
 `prepare` returns a copy of the model (the input is never modified) in which BatchNorm layers are
-folded into the convolution before them, and every Linear / Conv1d / Conv2d / Conv3d / Embedding
-is replaced by its fake-quantized twin from `modules`, with an activation quantizer on its input
-when the recipe quantizes activations. `QuantAdd` modules already in the model get quantizers
-for both operands. Everything lowbit cannot quantize stays float and is listed in
+folded into the convolution before them (`fold`), and every Linear / Conv1d / Conv2d / Conv3d /
+Embedding is replaced by its fake-quantized twin from `modules`, with an activation quantizer on
+its input when the recipe quantizes activations. `QuantAdd` modules already in the model get
+quantizers for both operands. Then `points` moves activation quantization to layer outputs
+(after a fused ReLU/ReLU6), the form ONNX Runtime runs as int8 kernels. Everything lowbit cannot quantize stays float and is listed in
 `prepared.lowbit.float_modules` (and in a warning), never skipped silently.
 
 The copy is an ordinary nn.Module: train it with your own optimizer and loop.
@@ -24,6 +25,7 @@ from lowbit.spec import Recipe, get_recipe
 from lowbit.torch.fold import fold_batchnorm
 from lowbit.torch.modules import FLOAT_TO_QUANTIZED, QuantAdd, QuantizedLayer
 from lowbit.torch.quantizers import ActivationQuantizer
+from lowbit.torch.points import place_output_quantizers
 from lowbit.torch.residual import insert_quant_adds
 
 class FloatModuleWarning(UserWarning):
@@ -42,11 +44,13 @@ class QATState:
     float_modules: dict[str, str] = field(default_factory=dict)
     folded_batchnorms: int = 0
     residual_adds: int = 0  # functional adds routed through QuantAdd (see `residual`)
+    output_quantizers: int = 0  # layer / add outputs quantized (see `points`)
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"recipe {self.recipe.name}: {len(self.quantized)} layers quantized, "
-                 f"{self.folded_batchnorms} BatchNorm folded, {len(self.float_modules)} modules kept float"]
+                 f"{self.folded_batchnorms} BatchNorm folded, {self.output_quantizers} outputs quantized, "
+                 f"{len(self.float_modules)} modules kept float"]
         lines += [f"  float: {name} ({reason})" for name, reason in self.float_modules.items()]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -117,7 +121,7 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
 
 def prepare(model: nn.Module, recipe: str | Recipe, example_inputs: Any, *,
             learnable_scales: bool = False, exclude: tuple[str, ...] | list[str] = (),
-            strict: bool = False, quantize_adds: bool = True) -> nn.Module:
+            strict: bool = False, quantize_adds: bool = True, quantize_outputs: bool = True) -> nn.Module:
     """A fake-quantized copy of `model`, ready for `calibrate` and training.
 
     - recipe: a preset name (w8a8, w4a8, w4a16, w2a8, w1a8, ...), a JSON recipe, or a Recipe;
@@ -127,6 +131,9 @@ def prepare(model: nn.Module, recipe: str | Recipe, example_inputs: Any, *,
     - strict: raise instead of warning when some module with weights stays float;
     - quantize_adds: route `a + b` of two tensors in the forward through QuantAdd (torch.fx; the
       returned model is then a GraphModule). Only with quantized activations.
+    - quantize_outputs: quantize Conv outputs (and Linear/add outputs read by quantized layers)
+      after their ReLU/ReLU6, with consumers sharing that grid (see `points`); off, only layer
+      inputs are quantized, which ONNX Runtime runs partly in float. Needs torch.fx tracing.
 
     The copy is returned in eval mode with BatchNorm folded; call .train() for QAT."""
     recipe = resolve_recipe(recipe)
@@ -146,6 +153,10 @@ def prepare(model: nn.Module, recipe: str | Recipe, example_inputs: Any, *,
         prepared, state.residual_adds, note = insert_quant_adds(prepared, inputs)
         state.notes += [note] if note else []
     _swap(prepared, "", recipe, learnable_scales, set(exclude), state)
+    if quantize_outputs and recipe.activations is not None:
+        prepared, state.output_quantizers, note = place_output_quantizers(prepared, recipe.activations,
+                                                                          learnable_scales)
+        state.notes += [note] if note else []
     if state.float_modules:
         message = ("these modules stay float (lowbit cannot quantize them, or they were excluded): "
                    + "; ".join(f"{n} ({r})" for n, r in state.float_modules.items()))
@@ -203,6 +214,6 @@ def _swap(parent: nn.Module, prefix: str, recipe: Recipe, learnable: bool, exclu
 
 def _float_reason(module: nn.Module) -> str:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return ("BatchNorm that does not directly follow a Conv/Linear in an nn.Sequential, so it "
-                "cannot be folded; it runs in float")
+        return ("BatchNorm that does not directly follow a Conv/Linear (in an nn.Sequential or, for "
+                "models torch.fx can trace, in the forward), so it cannot be folded; it runs in float")
     return f"{type(module).__name__} has no quantized implementation in lowbit; it runs in float"

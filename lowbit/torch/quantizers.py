@@ -12,6 +12,7 @@ channels along axis 0, groups along axis 1.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -142,6 +143,28 @@ class ActivationQuantizer(nn.Module):
         if self.observer is not None:
             self.observer.update(x.detach())
             return x
+        return self._fake_quantize(x)
+
+    def reapply(self, x: torch.Tensor) -> torch.Tensor:
+        """Put `x` back on this quantizer's grid without observing it: for a consumer of a tensor
+        this quantizer already quantized where it was produced (through max-pooling, reshapes...).
+        Values already on the grid come back unchanged, so this costs no accuracy; it gives the
+        exported graph the Q/DQ pair in front of the consumer that ONNX Runtime fuses."""
+        return x if self.observer is not None else self._fake_quantize(x)
+
+    def export_params(self, as_uint8: bool) -> tuple[torch.Tensor, torch.Tensor, QuantSpec]:
+        """(scale, zero point in its storage type, spec) for QuantizeLinear/DequantizeLinear.
+
+        `as_uint8` writes an int8 grid as the identical uint8 grid (every integer and the zero
+        point shifted by 128): same numbers, but ONNX Runtime's fast x86 kernels are U8S8."""
+        scale = self.qparams().scale.detach().clone()
+        if as_uint8 and self.spec.dtype == "int8" and not self.spec.narrow_range:
+            spec = replace(self.spec, dtype="uint8", symmetric=False)
+            return scale, (self.zero_point + 128).to(torch.uint8).clone(), spec
+        container = torch.uint8 if self.spec.dtype == "uint8" else torch.int8
+        return scale, self.zero_point.to(container).clone(), self.spec
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.calibrated):
             raise LowbitError(f"activation {self.name!r} has no quantization range yet; call "
                               "lowbit.torch.calibrate(model, batches) before running the prepared model")
