@@ -27,7 +27,7 @@ from lowbit.onnx.qdq import ensure_opset, write_qdq
 from lowbit.onnx.verify import VerifyReport, compare_models
 from lowbit.plan import PLAN_METADATA_KEY, VERSION_METADATA_KEY, QuantPlan
 
-MODES = ("static", "dynamic", "fp16")
+MODES = ("static", "dynamic", "fp16", "weight-only")
 CALIB_METHODS = ("auto", "minmax", "percentile", "entropy", "mse")
 
 
@@ -61,7 +61,9 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
                   verify: bool = True, measure_speed: bool = True, threads: int | None = None,
                   smooth: bool | None = None, smooth_alpha: float | dict[str, float] = 0.5,
                   equalize: bool = False, bias_correction: bool = False,
-                  calib_memory_mb: float | None = None) -> QuantizeResult:
+                  calib_memory_mb: float | None = None, weight_bits: int = 4, group_size: int = 32,
+                  algo: str = "rtn", act_order: bool = False, symmetric: bool = True,
+                  weight_format: str = "matmulnbits", accuracy_level: int = 0) -> QuantizeResult:
     """Quantize the ONNX model at `model_path` and write it to `output_path`.
 
     mode: "static" (int8 weights and calibrated uint8 activations; needs `calib`), "dynamic"
@@ -74,10 +76,22 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
     activation/node name -> alpha with an optional "default"); `equalize` (cross-layer
     equalization of Conv chains, ReLU6 -> ReLU on equalized links); `bias_correction` (Conv
     biases absorb the mean shift caused by weight rounding). `calib_memory_mb` bounds the
-    activations held per calibration run: tensors are split across several runs when needed."""
+    activations held per calibration run: tensors are split across several runs when needed.
+
+    mode "weight-only": MatMul/Gemm weights to `weight_bits` (2-8) with one scale per `group_size`
+    input features, activations float; `algo` "rtn", "gptq" (with `act_order`) or "awq" (both
+    need `calib`); `weight_format` "matmulnbits" (ONNX Runtime's fused kernel) or "dq" (standard
+    blocked DequantizeLinear, opset 21); `accuracy_level` 4 lets MatMulNBits quantize activations
+    to int8 inside the kernel. See `lowbit.onnx.weight_only`."""
     started = time.perf_counter()
     model_path, output_path = Path(model_path), Path(output_path)
     _check_arguments(model_path, output_path, mode, calib, calib_method, batch_size)
+    if mode == "weight-only":
+        from lowbit.onnx.weight_only import check_options
+
+        check_options(bits=weight_bits, group_size=group_size, algo=algo, has_calibration=calib is not None,
+                      symmetric=symmetric, act_order=act_order, weight_format=weight_format,
+                      accuracy_level=accuracy_level)
     if mode != "static" and (equalize or bias_correction or smooth):
         raise LowbitError("--smooth, --equalize and --bias-correction need calibration; use them with --mode static")
     if calib_memory_mb is not None and calib_memory_mb <= 0:
@@ -129,14 +143,23 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
 
         plan = plan_dynamic(model, per_channel_weights=per_channel, exclude=exclude)
         quantized = write_dynamic(model, plan)
+    elif mode == "weight-only":
+        from lowbit.onnx.weight_only import quantize_weight_only
+
+        done = quantize_weight_only(model, calib_data, bits=weight_bits, group_size=group_size, algo=algo,
+                                    symmetric=symmetric, act_order=act_order, weight_format=weight_format,
+                                    accuracy_level=accuracy_level, exclude=exclude, batch_size=batch_size,
+                                    threads=threads)
+        plan, quantized, calibration_seconds = done.plan, done.model, done.calibration_seconds
+        warnings += done.warnings
     else:
         from lowbit.onnx.fp16 import plan_fp16, write_fp16
 
         plan = plan_fp16(model, set(exclude))
         quantized = write_fp16(model, plan)
-    plan.settings = {"calib_method": calib_method if mode == "static" else None, "per_channel": per_channel,
-                     "exclude": list(exclude), "samples": None if calib_data is None else calib_data.num_samples,
-                     "source": model_path.name}
+    plan.settings = {**plan.settings, "calib_method": calib_method if mode == "static" else None,
+                     "per_channel": per_channel, "exclude": list(exclude),
+                     "samples": None if calib_data is None else calib_data.num_samples, "source": model_path.name}
     if mode == "static":
         plan.settings["algorithms"] = algorithms
         plan.settings["calibration_runs_per_batch"] = stats.runs_per_batch

@@ -1,0 +1,379 @@
+"""Weight-only low-bit quantization of an ONNX model's MatMul/Gemm weights (RTN, GPTQ, AWQ).
+
+    find sites (constant 2-D float weights) -> [GPTQ/AWQ: stream calibration batches through ONNX
+    Runtime into one HessianAccumulator per distinct input] -> quantize every weight with
+    `lowbit.algorithms` ([out, in] layout, groups along in) -> [AWQ: divide each input by its
+    scales, folded into a LayerNorm's gamma/beta or an inserted Mul] -> rewrite each site as
+    MatMulNBits or blocked DequantizeLinear (`lowbit.onnx.blockwise`).
+
+Activations stay float. Statistics come from the float model in one pass (every layer sees the
+float model's inputs, not those of the already-quantized layers before it); memory holds one
+batch of the exposed activations plus one [in, in] Gram matrix per distinct input.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from lowbit.algorithms import HessianAccumulator, QuantizedWeight, awq_quantize, gptq_quantize, rtn_quantize
+from lowbit.errors import LowbitError
+from lowbit.onnx.blockwise import (DQ_BITS, DQ_OPSET, FORMATS, MATMULNBITS_BITS, MS_DOMAIN, WeightSite,
+                                   blocked_dq_nodes, matmulnbits_node, storage_bits)
+from lowbit.onnx.calib_data import CalibrationData
+from lowbit.onnx.qdq import _drop_unused_initializers, ensure_opset
+from lowbit.onnx.session import make_session
+from lowbit.plan import PlanEntry, QuantPlan
+from lowbit.spec import QuantSpec, per_channel, per_group
+
+ALGORITHMS = ("rtn", "gptq", "awq")
+NEEDS_CALIBRATION = ("gptq", "awq")
+# Consumers that read only a tensor's shape: they do not stop an AWQ scale from folding into LayerNorm.
+_SHAPE_READERS = ("Shape", "Size")
+# Names under which exporters call the padding mask; padded tokens are left out of the statistics.
+_MASK_INPUTS = ("attention_mask", "input_mask")
+
+
+@dataclass
+class WeightOnlyResult:
+    model: onnx.ModelProto
+    plan: QuantPlan
+    calibration_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def weight_only_spec(bits: int, group_size: int, symmetric: bool = True) -> QuantSpec:
+    """Signed `bits`-bit weights, one scale per `group_size` input features (per output channel
+    when `group_size` is 0 or -1)."""
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise LowbitError(f"weight-only quantization takes 2 to 8 weight bits, not {bits}; use --weight-bits 4")
+    if not isinstance(group_size, int) or group_size < -1:
+        raise LowbitError(f"group size must be a positive number of input features (or 0 / -1 for per-channel), "
+                          f"not {group_size}; use --group-size 32 or 128")
+    granularity = per_group(group_size, axis=1) if group_size > 0 else per_channel(0)
+    return QuantSpec(f"int{bits}", symmetric=symmetric, granularity=granularity)
+
+
+def block_size_for(site: WeightSite, group_size: int, weight_format: str) -> int:
+    """The stored block size: the group size, or for per-channel scales one block spanning the
+    row (MatMulNBits wants a power of two >= 16, so the row is padded up to one)."""
+    if group_size > 0:
+        return group_size
+    if weight_format == "dq":
+        return site.in_features
+    return max(16, 1 << (site.in_features - 1).bit_length())
+
+
+def check_format(bits: int, group_size: int, weight_format: str, accuracy_level: int) -> int:
+    """Validate the output form; returns the stored code width (see `blockwise.storage_bits`)."""
+    if weight_format not in FORMATS:
+        raise LowbitError(f"unknown weight format {weight_format!r}; use one of {', '.join(FORMATS)}")
+    widths = MATMULNBITS_BITS if weight_format == "matmulnbits" else DQ_BITS
+    if bits > max(widths):
+        raise LowbitError(f"{weight_format} stores at most {max(widths)}-bit weights, not {bits}; "
+                          f"use --weight-bits {max(widths)} or fewer")
+    if weight_format == "dq" and bits < 3:
+        raise LowbitError(f"blocked DequantizeLinear has no {bits}-bit type at opset {DQ_OPSET}; "
+                          "use --weight-format matmulnbits for 2-bit weights")
+    if weight_format == "matmulnbits" and group_size > 0 and (group_size < 16 or group_size & (group_size - 1)):
+        raise LowbitError(f"MatMulNBits needs a power-of-two group size of at least 16, not {group_size}; "
+                          "use 32, 64 or 128 (or --weight-format dq, which takes any size)")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise LowbitError(f"accuracy level must be 0 (float activations) to 4 (int8 activations), not {accuracy_level}")
+    if accuracy_level and weight_format != "matmulnbits":
+        raise LowbitError("an accuracy level applies to MatMulNBits only; drop it or use --weight-format matmulnbits")
+    return storage_bits(bits, weight_format)
+
+
+def check_options(*, bits: int, group_size: int, algo: str, has_calibration: bool, symmetric: bool = True,
+                  act_order: bool = False, weight_format: str = "matmulnbits", accuracy_level: int = 0
+                  ) -> tuple[QuantSpec, int]:
+    """Every weight-only option checked before any work: the weight spec and the stored code width."""
+    if algo not in ALGORITHMS:
+        raise LowbitError(f"unknown weight-only algorithm {algo!r}; use one of {', '.join(ALGORITHMS)}")
+    if algo in NEEDS_CALIBRATION and not has_calibration:
+        raise LowbitError(f"{algo.upper()} needs calibration data to measure each layer's inputs; "
+                          "pass --calib CALIB.npz (or use --algo rtn)")
+    if act_order and algo != "gptq":
+        raise LowbitError("--act-order is a GPTQ option; use it with --algo gptq")
+    spec = weight_only_spec(bits, group_size, symmetric)
+    return spec, check_format(bits, group_size, weight_format, accuracy_level)
+
+
+# ----------------------------------------------------------------------------- where the weights are
+
+def find_sites(model: onnx.ModelProto, exclude: set[str]) -> tuple[list[WeightSite], dict[str, str]]:
+    """MatMul/Gemm nodes with a constant 2-D float weight, and the ones kept float (name -> why)."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    sites: list[WeightSite] = []
+    kept: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        weight = initializers.get(node.input[1])
+        if weight is None or len(weight.dims) != 2 or node.input[0] in initializers:
+            continue  # activation x activation (attention scores) or a constant left operand
+        if node.name in exclude or node.op_type in exclude or node.output[0] in exclude:
+            kept[node.name] = "excluded by the user"
+            continue
+        if weight.data_type != onnx.TensorProto.FLOAT:
+            kept[node.name] = "weight is not float32"
+            continue
+        transposed, bias = False, None
+        if node.op_type == "Gemm":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                kept[node.name] = "Gemm with transA, alpha or beta is kept float"
+                continue
+            transposed = bool(attrs.get("transB", 0))
+            if len(node.input) > 2 and node.input[2]:
+                c = initializers.get(node.input[2])
+                if c is None or len(c.dims) != 1:
+                    kept[node.name] = "Gemm bias is not a constant vector"
+                    continue
+                bias = node.input[2]
+        rows, cols = weight.dims
+        n_in, n_out = (cols, rows) if transposed else (rows, cols)
+        sites.append(WeightSite(node.name, node.op_type, weight.name, node.input[0], n_in, n_out, transposed, bias))
+    return sites, kept
+
+
+def weight_matrix(model_initializers: dict[str, onnx.TensorProto], site: WeightSite) -> torch.Tensor:
+    """The site's weight as float32 `[out, in]`."""
+    array = numpy_helper.to_array(model_initializers[site.weight]).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(array if site.transposed else array.T))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def collect_input_statistics(model: onnx.ModelProto, sites: list[WeightSite], data: CalibrationData, *,
+                             batch_size: int = 16, threads: int | None = None
+                             ) -> dict[str, HessianAccumulator]:
+    """One HessianAccumulator per distinct input of the sites, filled batch by batch.
+
+    Each batch's activations go into the Gram sums and are dropped; rows where the model's
+    attention mask is 0 (padding) are left out when the activation's leading shape matches it."""
+    from lowbit.onnx.collect import with_outputs
+
+    widths = {s.activation: s.in_features for s in sites}
+    graph_inputs = {i.name for i in model.graph.input}
+    produced = [t for t in widths if t not in graph_inputs]
+    session = make_session(with_outputs(model, produced), threads=threads, optimize=False)
+    accumulators = {name: HessianAccumulator(width) for name, width in widths.items()}
+    mask_name = next((i.name for i in model.graph.input if i.name in _MASK_INPUTS), None)
+    for batch in data.batches(batch_size):
+        values = dict(zip(produced, session.run(produced, batch))) if produced else {}
+        values.update({t: batch[t] for t in widths if t in graph_inputs})
+        mask = batch.get(mask_name) if mask_name else None
+        for name, value in values.items():
+            if value.dtype.kind != "f":
+                raise LowbitError(f"the input {name!r} of a quantized MatMul is not float; exclude that node")
+            rows = torch.from_numpy(np.asarray(value, np.float32))
+            keep = None
+            if mask is not None and tuple(mask.shape) == tuple(rows.shape[:-1]):
+                keep = torch.from_numpy(np.asarray(mask) != 0)
+            accumulators[name].add(rows, keep)
+        del values
+    return accumulators
+
+
+# ----------------------------------------------------------------------------- quantize
+
+def quantize_sites(model: onnx.ModelProto, sites: list[WeightSite], spec: QuantSpec, algo: str,
+                   statistics: dict[str, HessianAccumulator] | None, *, act_order: bool = False
+                   ) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
+    """Quantize every site's weight. Returns node -> QuantizedWeight ([out, in]; for AWQ, of the
+    scaled weight W * s) and, for AWQ, activation -> {"scales", "alpha", "nodes"}."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    results: dict[str, QuantizedWeight] = {}
+    awq: dict[str, dict] = {}
+    if algo == "awq":
+        by_input: dict[str, list[WeightSite]] = {}
+        for site in sites:
+            by_input.setdefault(site.activation, []).append(site)
+        for activation, group in by_input.items():
+            stats = statistics[activation]
+            found = awq_quantize([weight_matrix(initializers, s) for s in group], stats.gram, stats.abs_mean, spec,
+                                 names=[s.weight for s in group])
+            for site, quantized in zip(group, found.weights):
+                results[site.node] = quantized
+            if found.alpha > 0:
+                awq[activation] = {"scales": found.scales.numpy().astype(np.float32), "alpha": found.alpha,
+                                   "nodes": [s.node for s in group]}
+        return results, awq
+    for site in sites:
+        matrix = weight_matrix(initializers, site)
+        if algo == "gptq":
+            results[site.node] = gptq_quantize(matrix, statistics[site.activation].hessian, spec,
+                                               act_order=act_order, name=site.weight)
+        else:
+            results[site.node] = rtn_quantize(matrix, spec, name=site.weight)
+    return results, awq
+
+
+# ----------------------------------------------------------------------------- AWQ: divide inputs by s
+
+def foldable_layernorm(model: onnx.ModelProto, activation: str, nodes: set[str]) -> onnx.NodeProto | None:
+    """The LayerNormalization producing `activation` when 1/s can go into its gamma and beta:
+    constant affine over the last axis, and nothing but `nodes` (and shape readers) reads it."""
+    initializers = {t.name for t in model.graph.initializer}
+    source = next((n for n in model.graph.node if activation in n.output), None)
+    if source is None or source.op_type != "LayerNormalization" or source.output[0] != activation:
+        return None
+    axis = next((a.i for a in source.attribute if a.name == "axis"), -1)
+    constant = source.input[1] in initializers and (len(source.input) < 3 or not source.input[2]
+                                                    or source.input[2] in initializers)
+    readers = [n for n in model.graph.node if activation in n.input and n.op_type not in _SHAPE_READERS]
+    outputs = {o.name for o in model.graph.output}
+    if axis != -1 or not constant or activation in outputs or any(r.name not in nodes for r in readers):
+        return None
+    return source
+
+
+def apply_input_scales(model: onnx.ModelProto, awq: dict[str, dict]) -> None:
+    """Divide each AWQ input by its scales, in place: folded into a LayerNorm, or a Mul by 1/s
+    inserted in front of the group's nodes only (other readers of the tensor are untouched)."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
+    inserted: dict[str, onnx.NodeProto] = {}
+    for activation, info in awq.items():
+        s = info["scales"].astype(np.float32)
+        norm = foldable_layernorm(model, activation, set(info["nodes"]))
+        if norm is not None:
+            for index in (1, 2):
+                if len(norm.input) > index and norm.input[index]:
+                    old = numpy_helper.to_array(initializers[norm.input[index]]).astype(np.float32)
+                    new = numpy_helper.from_array((old / s).astype(np.float32), f"{norm.input[index]}_awq")
+                    graph.initializer.append(new)
+                    norm.input[index] = new.name
+            info["folded_into"] = norm.name
+            continue
+        inverse = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{activation}_awq_inverse_scale")
+        graph.initializer.append(inverse)
+        scaled = f"{activation}_awq_scaled"
+        inserted[activation] = helper.make_node("Mul", [activation, inverse.name], [scaled],
+                                                name=f"{activation}_AWQMul")
+        for name in info["nodes"]:
+            node = nodes[name]
+            node.input[0] = scaled
+        info["folded_into"] = "inserted Mul"
+    if inserted:
+        _insert_after_producers(graph, inserted)
+
+
+def _insert_after_producers(graph: onnx.GraphProto, inserted: dict[str, onnx.NodeProto]) -> None:
+    inputs = {i.name for i in graph.input}
+    ordered = [node for tensor, node in inserted.items() if tensor in inputs]
+    for node in graph.node:
+        ordered.append(node)
+        ordered.extend(inserted[o] for o in node.output if o in inserted)
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+# ----------------------------------------------------------------------------- write
+
+def rewrite(model: onnx.ModelProto, sites: list[WeightSite], quantized: dict[str, QuantizedWeight], *,
+            bits: int, group_size: int, weight_format: str, accuracy_level: int = 0) -> onnx.ModelProto:
+    """A new model with every site's weight in the block-wise form."""
+    out = ensure_opset(model, DQ_OPSET) if weight_format == "dq" else _copy(model)
+    graph = out.graph
+    by_node = {s.node: s for s in sites}
+    new_inits: list[onnx.TensorProto] = []
+    ordered: list[onnx.NodeProto] = []
+    for node in graph.node:
+        site = by_node.get(node.name)
+        if site is None:
+            ordered.append(node)
+            continue
+        if weight_format == "matmulnbits":
+            block = block_size_for(site, group_size, weight_format)
+            replacement, inits = matmulnbits_node(site, quantized[node.name], bits=bits, block_size=block,
+                                                  accuracy_level=accuracy_level, output=node.output[0])
+            replacement.input[0] = node.input[0]  # AWQ may have re-pointed the input
+            ordered.append(replacement)
+        else:
+            dq, inits = blocked_dq_nodes(site, quantized[node.name], bits=bits,
+                                         block_size=block_size_for(site, group_size, weight_format))
+            node.input[1] = dq.output[0]
+            ordered += [dq, node]
+        new_inits += inits
+    del graph.node[:]
+    graph.node.extend(ordered)
+    _drop_unused_initializers(graph)
+    graph.initializer.extend(new_inits)
+    if weight_format == "matmulnbits" and not any(o.domain == MS_DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    # Shapes recorded for the float graph stay valid (same tensors, same shapes); nothing to redo.
+    return out
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    return copied
+
+
+# ----------------------------------------------------------------------------- the whole pass
+
+def quantize_weight_only(model: onnx.ModelProto, calib: CalibrationData | None, *, bits: int = 4,
+                         group_size: int = 32, algo: str = "rtn", symmetric: bool = True, act_order: bool = False,
+                         weight_format: str = "matmulnbits", accuracy_level: int = 0,
+                         exclude: tuple[str, ...] | list[str] = (), batch_size: int = 16,
+                         threads: int | None = None) -> WeightOnlyResult:
+    """Quantize the weights of `model` (pre-processed float ONNX) and return the rewritten model
+    with its plan (the caller stores it and saves)."""
+    spec, stored_bits = check_options(bits=bits, group_size=group_size, algo=algo, has_calibration=calib is not None,
+                                      symmetric=symmetric, act_order=act_order, weight_format=weight_format,
+                                      accuracy_level=accuracy_level)
+    warnings = []
+    if stored_bits != bits:
+        warnings.append(f"{weight_format} has no {bits}-bit codes: {bits}-bit weights are stored in {stored_bits}-bit "
+                        f"codes (the accuracy of {bits} bits, the size of {stored_bits})")
+    sites, kept = find_sites(model, set(exclude))
+    statistics, seconds = None, 0.0
+    working = _copy(model)
+    if algo in NEEDS_CALIBRATION and sites:
+        started = time.perf_counter()
+        statistics = collect_input_statistics(model, sites, calib, batch_size=batch_size, threads=threads)
+        seconds = time.perf_counter() - started
+    quantized, awq = quantize_sites(working, sites, spec, algo, statistics, act_order=act_order)
+    if awq:
+        apply_input_scales(working, awq)
+    written = rewrite(working, sites, quantized, bits=stored_bits, group_size=group_size,
+                      weight_format=weight_format, accuracy_level=accuracy_level)
+    plan = _plan(sites, kept, spec, algo, weight_format)
+    plan.settings["weight_only"] = {
+        "algorithm": algo, "bits": bits, "stored_bits": stored_bits, "group_size": group_size,
+        "symmetric": symmetric, "act_order": act_order, "format": weight_format, "accuracy_level": accuracy_level,
+        "statistics": "float model, one pass" if statistics else None,
+        "awq_scales": [{"input": a, "alpha": i["alpha"], "nodes": i["nodes"], "folded_into": i.get("folded_into")}
+                       for a, i in awq.items()],
+        "gptq_damping": {s.node: getattr(quantized[s.node], "percdamp", None) for s in sites} if algo == "gptq"
+        else None,
+    }
+    if not sites:
+        warnings.append("no MatMul/Gemm with a constant 2-D float weight was found; nothing was quantized")
+    return WeightOnlyResult(written, plan, seconds, warnings)
+
+
+def _plan(sites: list[WeightSite], kept: dict[str, str], spec: QuantSpec, algo: str, weight_format: str
+          ) -> QuantPlan:
+    """Scales and zero points live in the graph (thousands per weight), so entries carry the spec only."""
+    plan = QuantPlan("weight-only")
+    form = "MatMulNBits" if weight_format == "matmulnbits" else "blocked DequantizeLinear"
+    for site in sites:
+        plan.add(PlanEntry(site.weight, "weight", spec=spec, nodes=[site.node], reason=f"{algo}, {form}"))
+    for node, reason in kept.items():
+        plan.float_nodes[node] = reason
+    return plan
+
+
+__all__ = ["ALGORITHMS", "WeightOnlyResult", "apply_input_scales", "block_size_for", "check_options",
+           "collect_input_statistics", "find_sites", "quantize_sites", "quantize_weight_only", "rewrite", "weight_only_spec"]
