@@ -60,7 +60,8 @@ def weight_spec(spec: QuantSpec, algorithm: str) -> QuantSpec:
 
 def as_weight_matrix(weight, name: str = "weight") -> torch.Tensor:
     """A float32 torch copy of a 2-d weight `[out, in]`, validated (finite, non-empty)."""
-    matrix = torch.as_tensor(np.asarray(weight)) if isinstance(weight, np.ndarray) else weight.detach()
+    # np.array copies: ONNX initializers arrive as read-only views, which torch warns about.
+    matrix = torch.from_numpy(np.array(weight, dtype=np.float32)) if isinstance(weight, np.ndarray) else weight.detach()
     if matrix.ndim != 2:
         raise LowbitError(f"{name} must be a 2-d matrix [out_features, in_features], got shape {tuple(matrix.shape)}; "
                           "reshape convolution kernels to [out, in * kernel] first")
