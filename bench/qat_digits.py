@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowbit.onnx.session import make_session  # noqa: E402
-from lowbit.torch import calibrate, distillation_loss, export_onnx, prepare  # noqa: E402
+from lowbit.torch import calibrate, distill_finetune, export_onnx, prepare  # noqa: E402
 from lowbit.torch.fold import fold_batchnorm  # noqa: E402
 from lowbit.zoo._export import export_to_onnx  # noqa: E402
 from lowbit.zoo.digits import evaluate, load_digits_split, torch_threads, train_digits_cnn  # noqa: E402
@@ -39,28 +39,9 @@ ROWS = [("PTQ", "w8a8"), ("PTQ", "w4a8"), ("PTQ", "w2a8"), ("PTQ", "w1a8"),
         ("QAT", "w8a8"), ("QAT", "w4a8"), ("QAT", "w2a8"), ("QAT", "w1a8")]
 
 
-def qat_finetune(student: torch.nn.Module, teacher: torch.nn.Module, data, epochs: int, seed: int,
-                 lr: float = 2e-3, batch_size: int = 64) -> None:
+def qat_finetune(student: torch.nn.Module, teacher: torch.nn.Module, data, epochs: int, seed: int) -> None:
     """A plain user loop: AdamW, cosine schedule, distillation from the fp32 teacher plus labels."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    steps = epochs * ((len(data.x_train) + batch_size - 1) // batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    teacher.eval()
-    student.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(data.x_train), generator=generator)
-        for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
-            x, y = data.x_train[batch], data.y_train[batch]
-            with torch.no_grad():
-                teacher_logits = teacher(x)
-            loss = distillation_loss(student(x), teacher_logits, temperature=4.0, labels=y, alpha=0.5)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    student.eval()
+    distill_finetune(student, teacher, data.x_train, data.y_train, epochs=epochs, seed=seed, lr=2e-3, batch_size=64)
 
 
 def ort_metrics(path: Path, data, repeats: int) -> tuple[float, float]:

@@ -191,3 +191,23 @@ def test_shape_mismatches_are_named():
         calibrate(prepared, [])
     with pytest.raises(LowbitError, match="call lowbit.torch.calibrate"):
         prepared(torch.zeros(2, 4))
+
+
+def test_distill_finetune_moves_a_student_to_its_teacher():
+    from lowbit.torch import distill_finetune, distillation_loss
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(8, 4)
+    student = torch.nn.Linear(8, 4)
+    x = torch.randn(256, 8)
+    y = teacher(x).argmax(dim=1).detach()
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(distillation_loss(student(x), teacher(x), 4.0, y, 0.5))
+
+    before = loss()
+    distill_finetune(student, teacher, x, y, epochs=20, seed=0, lr=5e-2, batch_size=32)
+    assert loss() < 0.5 * before
+    assert not student.training
+    assert (student(x).argmax(dim=1) == y).float().mean() > 0.9

@@ -66,31 +66,11 @@ def finetune(student: torch.nn.Module, teacher: torch.nn.Module, data: Any, *, e
     """AdamW with a cosine schedule on distillation + label loss; returns the seconds it took."""
     import time
 
-    from lowbit.progress import progress
-    from lowbit.torch import distillation_loss
+    from lowbit.torch import distill_finetune
 
     started = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = (len(data.x_train) + BATCH_SIZE - 1) // BATCH_SIZE
-    optimizer = torch.optim.AdamW(student.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    teacher.eval()
-    student.train()
-    with progress(total=epochs * steps_per_epoch, desc=desc, unit="step") as bar:
-        for _ in range(epochs):
-            order = torch.randperm(len(data.x_train), generator=generator)
-            for start in range(0, len(order), BATCH_SIZE):
-                batch = order[start:start + BATCH_SIZE]
-                x, y = data.x_train[batch], data.y_train[batch]
-                with torch.no_grad():
-                    targets = teacher(x)
-                loss = distillation_loss(student(x), targets, temperature=TEMPERATURE, labels=y, alpha=ALPHA)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                bar.update(1)
-    student.eval()
+    distill_finetune(student, teacher, data.x_train, data.y_train, epochs=epochs, seed=seed, lr=LEARNING_RATE,
+                     batch_size=BATCH_SIZE, temperature=TEMPERATURE, alpha=ALPHA, desc=desc)
     return time.perf_counter() - started
 
 

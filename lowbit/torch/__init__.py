@@ -29,6 +29,7 @@ _EXPORTS = {
     "prune": "lowbit.torch.pruning",
     "sparsity_of": "lowbit.torch.pruning",
     "distillation_loss": "lowbit.torch.distill",
+    "distill_finetune": "lowbit.torch.distill",
     "QuantAdd": "lowbit.torch.modules",
 }
 

@@ -32,3 +32,36 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if labels is None:
         return soft
     return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def distill_finetune(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                     epochs: int, seed: int = 0, lr: float = 2e-3, batch_size: int = 64,
+                     temperature: float = 4.0, alpha: float = 0.5, desc: str | None = None) -> None:
+    """The one-line QAT loop: AdamW with a cosine schedule on `distillation_loss` from the float
+    teacher plus the labels, shuffled with `seed`. Leaves the student in eval mode.
+
+    Any user loop works with lowbit's prepared models; this is the default for the common case."""
+    from lowbit.progress import progress
+
+    if epochs < 1:
+        raise LowbitError(f"epochs must be at least 1, got {epochs}")
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
+    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    teacher.eval()
+    student.train()
+    with progress(total=epochs * steps_per_epoch, desc=desc or "QAT", unit="step") as bar:
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=generator)
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                with torch.no_grad():
+                    teacher_logits = teacher(x[batch])
+                loss = distillation_loss(student(x[batch]), teacher_logits, temperature, y[batch], alpha)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.update(1)
+    student.eval()
