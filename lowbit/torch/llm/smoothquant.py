@@ -1,0 +1,185 @@
+"""SmoothQuant W8A8 for transformers models: smoothing folded into the model, then int8 fake-quant.
+
+1. One float pass over the calibration batches records, for every linear inside the repeated
+   blocks, the per-input-channel max |x| (padding tokens left out).
+2. For each scale group of the architecture map (by default the norm -> linears groups, as in
+   the SmoothQuant paper), `lowbit.algorithms.smoothquant.smoothing_scales` gives s; 1/s is folded
+   into the producer (norm gamma/beta) and s into the consumers' weight columns. In float this is
+   exact: the model computes what it did before, but the activation outliers now live in the
+   weights, where per-channel scales absorb them.
+3. Every block linear becomes a `W8A8Linear`: int8 per-output-channel symmetric weights (stored
+   dequantized, integers kept in the result) and a static per-tensor symmetric int8 grid on its
+   input, from the calibrated max |x| (divided by s where the input was smoothed: the same
+   numbers the smoothed model would record).
+
+Embeddings and the LM head stay float. The model is modified in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lowbit.algorithms import rtn_quantize
+from lowbit.algorithms.smoothquant import DEFAULT_ALPHA, smoothing_scales
+from lowbit.errors import LowbitError
+from lowbit.numerics import QParams, choose_qparams, fake_quantize
+from lowbit.spec import QuantSpec, per_channel
+from lowbit.torch.llm.architectures import ProducerKind, architecture_for, find_blocks
+from lowbit.torch.llm.linears import find_linears, in_features, set_weight_matrix, weight_matrix
+from lowbit.torch.llm.scaling import divide_output, producer_width
+from lowbit.torch.llm.sequential import QuantizedLinear
+
+WEIGHT_SPEC = QuantSpec("int8", granularity=per_channel())
+ACTIVATION_SPEC = QuantSpec("int8")  # symmetric, per-tensor, static
+
+
+class W8A8Linear(nn.Module):
+    """A linear (or GPT-2 Conv1D) whose input is fake-quantized on a fixed int8 grid; its weight
+    is already on the int8 per-channel grid."""
+
+    def __init__(self, linear: nn.Module, input_qparams: QParams) -> None:
+        super().__init__()
+        self.linear = linear
+        self.input_qparams = input_qparams
+        # Buffers so that `.to(device)` moves the grid with the layer.
+        self.register_buffer("input_scale", torch.as_tensor(input_qparams.scale, dtype=torch.float32).clone())
+        self.register_buffer("input_zero_point", torch.as_tensor(input_qparams.zero_point).clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qparams = QParams(self.input_qparams.spec, self.input_scale, self.input_zero_point)
+        return self.linear(fake_quantize(x.float(), qparams).to(x.dtype))
+
+
+@dataclass
+class SmoothQuantResult:
+    """What was done: the smoothing scales per producer (full module name), each linear's int8
+    weights and qparams, and each linear's static input qparams."""
+
+    alpha: float
+    smoothing: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: dict[str, QuantizedLinear] = field(default_factory=dict)
+    inputs: dict[str, QParams] = field(default_factory=dict)
+
+
+def collect_input_absmax(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]]
+                         ) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of every linear in the model's repeated blocks (full module
+    names), over all calibration batches, padding tokens (attention_mask 0) left out."""
+    architecture = architecture_for(model, need_scale_groups=False)
+    blocks_name, blocks = find_blocks(model, architecture)
+    targets = {f"{blocks_name}.{index}.{name}": module
+               for index, block in enumerate(blocks) for name, module in find_linears(block).items()}
+    absmax = {name: torch.zeros(in_features(module)) for name, module in targets.items()}
+    mask: list[torch.Tensor | None] = [None]
+
+    def record(name):
+        def hook(module, args):
+            x = args[0].detach()
+            if mask[0] is not None and tuple(x.shape[:2]) == tuple(mask[0].shape):
+                x = x[mask[0].to(x.device)]
+            if x.numel():
+                if not bool(torch.isfinite(x).all()):
+                    raise LowbitError(f"the input of {name} holds NaN or infinite values; check the calibration "
+                                      "data and the float model (fp16 overflow?)")
+                batch_max = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float().cpu()
+                absmax[name] = torch.maximum(absmax[name], batch_max)
+        return hook
+
+    if calibration is None:
+        raise LowbitError("SmoothQuant needs calibration data; pass a few batches of representative text")
+    handles = [module.register_forward_pre_hook(record(name)) for name, module in targets.items()]
+    was_training, seen = model.training, 0
+    model.eval()
+    home = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                batch = {key: value.to(home) for key, value in batch.items()}
+                token_mask = batch.get("attention_mask")
+                mask[0] = None if token_mask is None else token_mask.bool()
+                model(**batch)
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise LowbitError("the calibration data is empty; pass at least one batch of tokenized text")
+    return absmax
+
+
+def smooth_model(model: nn.Module, input_absmax: dict[str, torch.Tensor], alpha: float = DEFAULT_ALPHA, *,
+                 kinds: tuple[ProducerKind, ...] = ("norm",)) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant scales into the model in place (exact in float) and update `input_absmax`
+    to what the smoothed model's linears see. Returns the scales per producer (full name).
+
+    `kinds` picks the scale groups: "norm" (the paper's choice), plus optionally "linear"
+    (v_proj -> o_proj, up_proj -> down_proj) and "activation" (GPT-2's MLP activation)."""
+    architecture = architecture_for(model, need_scale_groups=True)
+    blocks_name, blocks = find_blocks(model, architecture)
+    applied: dict[str, torch.Tensor] = {}
+    for index, block in enumerate(blocks):
+        prefix = f"{blocks_name}.{index}."
+        linears = find_linears(block)
+        for group in architecture.scale_groups:
+            if group.kind not in kinds or not all(name in linears for name in group.linears):
+                continue
+            width = in_features(linears[group.linears[0]])
+            if producer_width(block, group) not in (None, width):
+                continue  # grouped-query attention: v_proj is narrower than o_proj's input
+            absmax = input_absmax[prefix + group.linears[0]]
+            matrices = [weight_matrix(linears[name]) for name in group.linears]
+            scales = torch.from_numpy(smoothing_scales(absmax.numpy(), [m.cpu().numpy() for m in matrices],
+                                                       alpha, input_axis=1))
+            divide_output(block, group, scales.to(matrices[0].device))
+            for name, matrix in zip(group.linears, matrices):
+                set_weight_matrix(linears[name], matrix * scales.to(matrix.device)[None, :])
+                input_absmax[prefix + name] = input_absmax[prefix + name] / scales
+            applied[prefix + group.producer] = scales
+    if not applied:
+        raise LowbitError(f"no {'/'.join(kinds)} scale group of this architecture could be smoothed (post-norm "
+                          "models such as BERT have none); pass kinds=('norm', 'linear', 'activation') or "
+                          "quantize without smoothing")
+    return applied
+
+
+def quantize_w8a8(model: nn.Module, input_absmax: dict[str, torch.Tensor], result: SmoothQuantResult) -> None:
+    """Replace every block linear named in `input_absmax` by a `W8A8Linear` (in place)."""
+    modules = dict(model.named_modules())
+    for name, absmax in input_absmax.items():
+        linear = modules[name]
+        quantized = rtn_quantize(weight_matrix(linear), WEIGHT_SPEC, name)
+        set_weight_matrix(linear, quantized.weight)
+        result.weights[name] = QuantizedLinear(quantized.values.cpu(), quantized.qparams)
+        peak = absmax.max()
+        input_qparams = choose_qparams(-peak, peak, ACTIVATION_SPEC)
+        result.inputs[name] = input_qparams
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(modules[parent_name], attribute, W8A8Linear(linear, input_qparams).to(linear.weight.device))
+
+
+def smooth_quantize_w8a8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]],
+                         alpha: float = DEFAULT_ALPHA, *, smooth: bool = True,
+                         kinds: tuple[ProducerKind, ...] = ("norm",)) -> SmoothQuantResult:
+    """SmoothQuant W8A8 in place: calibrate, smooth (unless `smooth=False`, which gives plain
+    W8A8), then int8 per-channel weights and static per-tensor int8 inputs on every block linear."""
+    if not 0.0 <= alpha <= 1.0:
+        raise LowbitError(f"SmoothQuant alpha must be between 0 and 1, got {alpha}; 0.5 is the usual choice")
+    result = SmoothQuantResult(alpha)
+    input_absmax = collect_input_absmax(model, calibration)
+    if smooth:
+        result.smoothing = smooth_model(model, input_absmax, alpha, kinds=kinds)
+    quantize_w8a8(model, input_absmax, result)
+    return result
+
+
+__all__ = ["ACTIVATION_SPEC", "SmoothQuantResult", "W8A8Linear", "WEIGHT_SPEC", "collect_input_absmax",
+           "quantize_w8a8", "smooth_model", "smooth_quantize_w8a8"]
