@@ -1,7 +1,12 @@
-"""`lowbit quantize MODEL_DIR -o OUT_DIR --mode weight-only ...` for a Hugging Face model directory.
+"""`lowbit quantize MODEL_DIR -o OUT_DIR ...` for a Hugging Face model directory.
 
-Weight-only RTN/GPTQ/AWQ through `lowbit.torch.llm.quantize_pretrained`, written as a
-compressed-tensors checkpoint that `transformers.AutoModel*.from_pretrained` loads.
+- `--mode weight-only --algo rtn|gptq|awq`: low-bit weights through
+  `lowbit.torch.llm.quantize_pretrained`, written as a compressed-tensors `pack-quantized`
+  checkpoint;
+- `--mode static --algo smoothquant`: W8A8 (SmoothQuant, or plain with --no-smooth) through
+  `lowbit.torch.llm.pretrained_w8a8.smoothquant_pretrained`, written as `int-quantized`.
+
+Both load with `transformers.AutoModel*.from_pretrained` (with the compressed-tensors package).
 """
 
 from __future__ import annotations
@@ -13,9 +18,15 @@ from lowbit.errors import LowbitError
 
 
 def run_hf(args: argparse.Namespace) -> int:
+    if args.mode == "static" and args.algo == "smoothquant":
+        return _run_w8a8(args)
+    if args.algo == "smoothquant":
+        raise LowbitError(f"--algo smoothquant quantizes weights and activations to int8 and needs --mode static, "
+                          f"not --mode {args.mode}; add --mode static")
     if args.mode != "weight-only":
-        raise LowbitError(f"Hugging Face model directories support --mode weight-only, not {args.mode!r}; "
-                          "add --mode weight-only (or export the model to ONNX for static/dynamic int8)")
+        raise LowbitError(f"Hugging Face model directories support --mode weight-only, or --mode static with --algo "
+                          f"smoothquant (W8A8), not --mode {args.mode!r}; add --mode weight-only or --algo smoothquant "
+                          "(or export the model to ONNX for other int8 modes)")
     from lowbit.torch.llm.pretrained import quantize_pretrained
 
     result = quantize_pretrained(
@@ -33,4 +44,14 @@ def run_hf(args: argparse.Namespace) -> int:
         }, indent=2))
     else:
         print(result.summary())
+    return 0
+
+
+def _run_w8a8(args: argparse.Namespace) -> int:
+    from lowbit.torch.llm.pretrained_w8a8 import smoothquant_pretrained
+
+    result = smoothquant_pretrained(
+        args.model, args.output, calib_text=args.calib_text, alpha=args.smooth_alpha,
+        smooth=args.smooth is not False, samples=args.samples, seq_len=args.seq_len)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0

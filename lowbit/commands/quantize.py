@@ -14,6 +14,7 @@ import os
 
 MODES = ("static", "dynamic", "fp16", "weight-only")
 WEIGHT_ALGORITHMS = ("rtn", "gptq", "awq")
+ALGORITHMS = WEIGHT_ALGORITHMS + ("smoothquant",)  # smoothquant: W8A8 of a Hugging Face model (--mode static)
 CALIB_METHODS = ("auto", "minmax", "percentile", "entropy", "mse")
 
 
@@ -54,9 +55,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     weights.add_argument("--weight-bits", type=int, choices=(2, 3, 4, 8), default=4, help="weight bits (default: 4)")
     weights.add_argument("--group-size", type=int, default=128,
                          help="input features sharing one scale; 0 or -1 for one scale per output channel (default: 128)")
-    weights.add_argument("--algo", choices=WEIGHT_ALGORITHMS, default="gptq",
+    weights.add_argument("--algo", choices=ALGORITHMS, default="gptq",
                          help="rtn: round to nearest (no data); gptq: error-compensating rounding; awq: "
-                              "activation-aware scaling (default: gptq)")
+                              "activation-aware scaling (default: gptq); smoothquant: W8A8 of a Hugging Face "
+                              "model directory, with --mode static and --calib-text")
     weights.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
     weights.add_argument("--symmetric", dest="symmetric", action="store_true", default=True,
                          help="zero point fixed at 0 (default)")
@@ -73,7 +75,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     from lowbit.commands._budget_report import add_arguments
 
-    add_arguments(parser)  # --max-drop, --metric, --time-limit, --report
+    add_arguments(parser)  # --max-drop, --fallback, --metric, --time-limit, --report
     return parser
 
 
@@ -82,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
         from lowbit.commands._quantize_hf import run_hf
 
         return run_hf(args)
+    if args.algo == "smoothquant":
+        from lowbit.errors import LowbitError
+
+        raise LowbitError("--algo smoothquant is for Hugging Face model directories; for an ONNX model use --mode "
+                          "static, where SmoothQuant is on by default (tune it with --smooth-alpha)")
     if args.max_drop is not None:
         from lowbit.commands._budget_report import run_budget
 

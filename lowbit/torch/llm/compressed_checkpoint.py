@@ -17,6 +17,9 @@ a float32 checkpoint reproduces lowbit's quantized weights bit for bit. config.j
 `quantization_config` naming the quantized linears (by regex, so head models loaded through
 another Auto class still match) and the grid. Writing needs neither transformers' quantizers
 nor the compressed-tensors package; loading needs the latter.
+
+`save_compressed` and `targets` are shared with the W8A8 `int-quantized` writer
+(`lowbit.torch.llm.w8a8_checkpoint`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -120,7 +124,7 @@ def quantization_config(result: LLMQuantization, blocks_name: str) -> dict:
         "version": FORMAT_VERSION,
         "format": FORMAT,
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": _targets(result.layers, blocks_name), "weights": weights,
+        "config_groups": {"group_0": {"targets": targets(result.layers, blocks_name), "weights": weights,
                                       "input_activations": None, "output_activations": None, "format": FORMAT}},
         "ignore": [],
         "kv_cache_scheme": None,
@@ -133,23 +137,32 @@ def quantization_config(result: LLMQuantization, blocks_name: str) -> dict:
     }
 
 
-def _targets(layers: dict[str, QuantizedLinear], blocks_name: str) -> list[str]:
+def targets(names: Iterable[str], blocks_name: str) -> list[str]:
     """One regex per linear position inside a block ("re:(.*\\.)?model\\.layers\\.\\d+\\.mlp\\.up_proj$"):
     every block is quantized, and the optional prefix lets e.g. `bert.` head models match too."""
     prefix = re.escape(blocks_name) + r"\.\d+\."
-    relative = sorted({name[len(blocks_name) + 1:].split(".", 1)[1] for name in layers})
+    relative = sorted({name[len(blocks_name) + 1:].split(".", 1)[1] for name in names})
     return [f"re:(.*\\.)?{prefix}{re.escape(name)}$" for name in relative]
 
 
 def write_checkpoint(model: torch.nn.Module, result: LLMQuantization, blocks_name: str, directory: Path) -> None:
-    """Save `model` (holding the dequantized weights) with transformers, then replace each quantized
-    linear's float weight by its packed form, shard by shard, and add the quantization config."""
+    """Save `model` (holding the dequantized weights) as a pack-quantized checkpoint in `directory`."""
+    dtype = next(model.parameters()).dtype
+    layers = {name: compressed_tensors(layer, dtype) for name, layer in result.layers.items()}
+    save_compressed(model, directory, layers, quantization_config(result, blocks_name))
+
+
+def save_compressed(model: torch.nn.Module, directory: Path, layers: dict[str, dict[str, torch.Tensor]],
+                    config: dict) -> None:
+    """Save `model` with transformers, then replace each linear `NAME`'s float weight by its
+    compressed tensors (`layers[NAME]`: suffix -> tensor, e.g. "weight_packed"; a suffix "weight"
+    takes the float weight's place), shard by shard, and add `config` as config.json's
+    `quantization_config`."""
     from safetensors.torch import load_file, save_file
 
     directory = Path(directory)
-    dtype = next(model.parameters()).dtype
     model.save_pretrained(directory, safe_serialization=True)
-    pending = {f"{name}.weight": name for name in result.layers}
+    pending = {f"{name}.weight": name for name in layers}
     index_path = directory / "model.safetensors.index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else None
     for shard in sorted(directory.glob("*.safetensors")):
@@ -160,18 +173,18 @@ def write_checkpoint(model: torch.nn.Module, result: LLMQuantization, blocks_nam
         for key in hits:
             name = pending.pop(key)
             del tensors[key]
-            for suffix, tensor in compressed_tensors(result.layers[name], dtype).items():
+            if index is not None:
+                index["weight_map"].pop(key, None)
+            for suffix, tensor in layers[name].items():
                 tensors[f"{name}.{suffix}"] = tensor
                 if index is not None:
                     index["weight_map"][f"{name}.{suffix}"] = shard.name
-            if index is not None:
-                index["weight_map"].pop(key, None)
         save_file(tensors, shard, metadata={"format": "pt"})
     if pending:
         raise RuntimeError(f"quantized linears missing from the saved checkpoint: {sorted(pending)[:3]}")
     if index is not None:
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True))
     config_path = directory / "config.json"
-    config = json.loads(config_path.read_text())
-    config["quantization_config"] = quantization_config(result, blocks_name)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    model_config = json.loads(config_path.read_text())
+    model_config["quantization_config"] = config
+    config_path.write_text(json.dumps(model_config, indent=2, sort_keys=True))

@@ -18,29 +18,24 @@ the same reason: compressed-tensors quantizes `nn.Linear` layers only.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.spec import QuantSpec, per_channel, per_group
 from lowbit.torch.llm.architectures import architecture_for, find_blocks
-from lowbit.torch.llm.calib_text import TOKENIZER_FILES, batches, load_tokenizer, text_samples
+from lowbit.torch.llm.calib_text import load_tokenizer
 from lowbit.torch.llm.compressed_checkpoint import check_exportable, write_checkpoint
+from lowbit.torch.llm.hf_io import (check_paths, check_sample_options, copy_tokenizer, fidelity, load_config,
+                                    load_model, main_output, model_outputs, read_text, text_batches, weight_bytes,
+                                    write_atomically)
 from lowbit.torch.llm.linears import find_linears, in_features, is_conv1d
 from lowbit.torch.llm.scaling import ScaledActivation
 from lowbit.torch.llm.sequential import ALGORITHMS, LLMQuantization, quantize_llm
 
-DEFAULT_SAMPLES = 128
-EVAL_SAMPLES = 2  # held-out text rows the fidelity is measured on
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass
@@ -105,44 +100,31 @@ def quantize_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     most 128), each `seq_len` tokens long. See the module docstring."""
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    _check_paths(model_dir, out_dir)
+    check_paths(model_dir, out_dir)
     if algorithm not in ALGORITHMS:
         raise LowbitError(f"unknown weight algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
-    if samples is not None and samples < 1:
-        raise LowbitError(f"--samples must be a positive number of calibration samples, not {samples}")
-    if seq_len < 2:
-        raise LowbitError(f"--seq-len must be at least 2 tokens, not {seq_len}")
     spec = weight_only_spec(bits, group_size, symmetric)
-    config = _load_config(model_dir)
-    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if max_positions and seq_len > max_positions and calib_text is not None:
-        raise LowbitError(f"--seq-len {seq_len} exceeds the model's {max_positions} positions; use --seq-len "
-                          f"{max_positions} or less")
-
+    config = load_config(model_dir)
     text = _read_text(calib_text, algorithm)
+    check_sample_options(config if text is not None else None, samples, seq_len)  # positions matter with text only
     tokenizer = load_tokenizer(model_dir) if text is not None else None
     calib_batches, eval_batches, eval_source, used = [], [], "none", 0
     if text is not None:
-        wants_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
-        rows = text_samples(tokenizer, text, seq_len=seq_len, minimum=samples or 1)
-        used = min(len(rows), samples or DEFAULT_SAMPLES)
-        held_out = rows[used:used + EVAL_SAMPLES]
-        eval_source = "held-out" if held_out else "calibration"
-        calib_batches = batches(rows[:used], token_type_ids=wants_types)
-        eval_batches = batches(held_out or rows[:EVAL_SAMPLES], token_type_ids=wants_types)
+        cut = text_batches(tokenizer, text, seq_len=seq_len, samples=samples)
+        calib_batches, eval_batches, eval_source, used = cut.calibration, cut.evaluation, cut.eval_source, cut.samples
 
-    model = _load_model(model_dir, config)
+    model = load_model(model_dir, config)
     blocks_name, blocks = find_blocks(model, architecture_for(model, need_scale_groups=algorithm == "awq"))
     _check_expressible(model, blocks, spec, algorithm)
 
-    reference = _outputs(model, eval_batches)
+    reference = model_outputs(model, eval_batches)
     quantization = quantize_llm(model, spec, algorithm, calib_batches if algorithm != "rtn" else None,
                                 device=device, act_order=act_order)
     if any(isinstance(module, ScaledActivation) for module in model.modules()):
         raise RuntimeError("AWQ left a ScaledActivation that the checkpoint cannot express")  # checked above
-    cosine, sqnr = _fidelity(reference, _outputs(model, eval_batches)) if reference else (None, None)
+    cosine, sqnr = fidelity(reference, model_outputs(model, eval_batches)) if reference else (None, None)
 
-    _write_atomically(out_dir, lambda tmp: _write(model, quantization, blocks_name, model_dir, tmp, tokenizer))
+    write_atomically(out_dir, lambda tmp: _write(model, quantization, blocks_name, model_dir, tmp, tokenizer))
     notes = []
     if algorithm == "rtn" and text is None:
         notes.append("no --calib-text given: fidelity not measured")
@@ -150,39 +132,10 @@ def quantize_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         notes.append(f"scales are stored in {next(model.parameters()).dtype} (the model's dtype), so loaded "
                      "weights can differ from lowbit's float32 ones by one scale rounding")
     return PretrainedQuantization(out_dir, model, quantization, spec, used, eval_batches, eval_source, cosine, sqnr,
-                                  _weight_bytes(model_dir), _weight_bytes(out_dir), time.perf_counter() - start, notes)
+                                  weight_bytes(model_dir), weight_bytes(out_dir), time.perf_counter() - start, notes)
 
 
 # --------------------------------------------------------------------------- checks
-
-def _check_paths(model_dir: Path, out_dir: Path) -> None:
-    if not (model_dir / "config.json").is_file():
-        raise LowbitError(f"{model_dir} is not a Hugging Face model directory (no config.json); pass the folder "
-                          "that holds config.json and the weights")
-    if out_dir.resolve() == model_dir.resolve():
-        raise LowbitError("the output directory is the model directory; the input is never overwritten, so "
-                          "pass a new directory with -o")
-    if model_dir.resolve() in out_dir.resolve().parents:
-        raise LowbitError(f"the output directory {out_dir} is inside the model directory; pass a directory "
-                          "outside it so the input stays untouched")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise LowbitError(f"{out_dir} already exists and is not an empty directory; pass a new directory with -o "
-                          "or remove it first")
-
-
-def _load_config(model_dir: Path) -> Any:
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise LowbitError(f"could not read {model_dir / 'config.json'} ({str(exc).splitlines()[0]}); check that "
-                          "it is a transformers model config") from None
-    if getattr(config, "quantization_config", None):
-        raise LowbitError(f"{model_dir} is already quantized (its config.json has a quantization_config); "
-                          "start from the float model")
-    return config
-
 
 def _read_text(path: str | os.PathLike | None, algorithm: str) -> str | None:
     if path is None:
@@ -190,31 +143,7 @@ def _read_text(path: str | os.PathLike | None, algorithm: str) -> str | None:
             raise LowbitError(f"{algorithm.upper()} needs calibration text; pass --calib-text FILE with a few pages of "
                               "representative text (or use --algo rtn, which needs none)")
         return None
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise LowbitError(f"calibration text file {path} does not exist; pass a UTF-8 text file") from None
-    except (UnicodeDecodeError, IsADirectoryError) as exc:
-        raise LowbitError(f"could not read {path} as UTF-8 text ({type(exc).__name__}); pass a plain text file") from None
-    if not text.strip():
-        raise LowbitError(f"calibration text file {path} is empty; fill it with representative text")
-    return text
-
-
-def _load_model(model_dir: Path, config: Any) -> nn.Module:
-    import transformers
-
-    names = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, names[0], None) if names else None
-    model_class = model_class or transformers.AutoModel
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            model = model_class.from_pretrained(model_dir, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise LowbitError(f"could not load the model weights from {model_dir} ({str(exc).splitlines()[0]}); "
-                              "check that the folder holds the checkpoint named in config.json") from None
-    return model.eval()
+    return read_text(path)
 
 
 def _check_expressible(model: nn.Module, blocks: nn.ModuleList, spec: QuantSpec, algorithm: str) -> None:
@@ -248,60 +177,11 @@ def _has_attribute(root: nn.Module, dotted: str) -> bool:
     return True
 
 
-# --------------------------------------------------------------------------- fidelity
-
-def _outputs(model: nn.Module, eval_batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-    device = next(model.parameters()).device
-    outputs = []
-    with torch.no_grad():
-        for batch in eval_batches:
-            outputs.append(main_output(model(**{k: v.to(device) for k, v in batch.items()})).float().cpu())
-    return outputs
-
-
-def main_output(output: Any) -> torch.Tensor:
-    """The tensor a model's result is judged by: logits if present, else the last hidden state."""
-    for name in ("logits", "last_hidden_state"):
-        value = getattr(output, name, None)
-        if value is not None:
-            return value
-    return output[0]
-
-
-def _fidelity(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> tuple[float, float]:
-    ref = torch.cat([r.reshape(-1, r.shape[-1]) for r in reference])
-    out = torch.cat([c.reshape(-1, c.shape[-1]) for c in candidate])
-    cosine = torch.nn.functional.cosine_similarity(ref.double(), out.double(), dim=-1).mean().item()
-    noise = (ref.double() - out.double()).pow(2).sum().item()
-    sqnr = float("inf") if noise == 0 else 10 * torch.log10(ref.double().pow(2).sum() / noise).item()
-    return cosine, sqnr
-
-
 # --------------------------------------------------------------------------- writing
 
 def _write(model, quantization, blocks_name: str, model_dir: Path, directory: Path, tokenizer) -> None:
     write_checkpoint(model, quantization, blocks_name, directory)
-    copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
-    for name in copied:
-        shutil.copyfile(model_dir / name, directory / name)
-    if not copied and tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    copy_tokenizer(model_dir, directory, tokenizer)
 
 
-def _write_atomically(out_dir: Path, write) -> None:
-    """Run `write(tmp)` in a temporary sibling of `out_dir`, then rename it to `out_dir`."""
-    parent = out_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".lowbit-tmp", dir=parent))
-    try:
-        write(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked at the start); a non-empty one makes this fail loudly
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _weight_bytes(directory: Path) -> int:
-    return sum(path.stat().st_size for path in directory.iterdir() if path.suffix in WEIGHT_SUFFIXES and path.is_file())
+__all__ = ["PretrainedQuantization", "main_output", "quantize_pretrained", "weight_only_spec"]  # main_output: re-exported

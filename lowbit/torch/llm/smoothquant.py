@@ -17,7 +17,8 @@ Embeddings and the LM head stay float. The model is modified in place.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 from lowbit.algorithms import rtn_quantize
 from lowbit.algorithms.smoothquant import DEFAULT_ALPHA, smoothing_scales
 from lowbit.errors import LowbitError
-from lowbit.numerics import QParams, choose_qparams, fake_quantize
+from lowbit.numerics import QParams, choose_qparams, dequantize, fake_quantize
 from lowbit.spec import QuantSpec, per_channel
 from lowbit.torch.llm.architectures import ProducerKind, architecture_for, find_blocks
 from lowbit.torch.llm.linears import find_linears, in_features, set_weight_matrix, weight_matrix
@@ -152,18 +153,53 @@ def smooth_model(model: nn.Module, input_absmax: dict[str, torch.Tensor], alpha:
 
 
 def quantize_w8a8(model: nn.Module, input_absmax: dict[str, torch.Tensor], result: SmoothQuantResult) -> None:
-    """Replace every block linear named in `input_absmax` by a `W8A8Linear` (in place)."""
+    """Replace every block linear named in `input_absmax` by a `W8A8Linear` (in place).
+
+    Scales are rounded to the linear's own dtype (a no-op for float32 models), as a checkpoint
+    in that dtype stores them, so the in-memory model computes what the saved one will."""
     modules = dict(model.named_modules())
     for name, absmax in input_absmax.items():
         linear = modules[name]
+        dtype = linear.weight.dtype
         quantized = rtn_quantize(weight_matrix(linear), WEIGHT_SPEC, name)
-        set_weight_matrix(linear, quantized.weight)
-        result.weights[name] = QuantizedLinear(quantized.values.cpu(), quantized.qparams)
+        weight_qparams = _in_dtype(quantized.qparams, dtype)
+        set_weight_matrix(linear, dequantize(quantized.values, weight_qparams))
+        result.weights[name] = QuantizedLinear(quantized.values.cpu(), _on_cpu(weight_qparams))
         peak = absmax.max()
-        input_qparams = choose_qparams(-peak, peak, ACTIVATION_SPEC)
+        input_qparams = _in_dtype(choose_qparams(-peak, peak, ACTIVATION_SPEC), dtype)
         result.inputs[name] = input_qparams
         parent_name, _, attribute = name.rpartition(".")
         setattr(modules[parent_name], attribute, W8A8Linear(linear, input_qparams).to(linear.weight.device))
+
+
+def _in_dtype(qparams: QParams, dtype: torch.dtype) -> QParams:
+    """The same qparams with the scale rounded to `dtype` (kept as float32)."""
+    scale = torch.as_tensor(qparams.scale)
+    return QParams(qparams.spec, scale.to(dtype).to(torch.float32), qparams.zero_point)
+
+
+def _on_cpu(qparams: QParams) -> QParams:
+    zero_point = qparams.zero_point
+    return QParams(qparams.spec, torch.as_tensor(qparams.scale).cpu(),
+                   zero_point.cpu() if isinstance(zero_point, torch.Tensor) else zero_point)
+
+
+@contextmanager
+def plain_linears(model: nn.Module) -> Iterator[dict[str, W8A8Linear]]:
+    """Inside the block, each `W8A8Linear` is replaced by its inner linear (holding the int8-grid
+    weight), so the model has the float model's module names again, e.g. to save its state dict
+    as transformers expects. Yields the wrappers by name; they are put back on exit."""
+    wrappers = {name: module for name, module in model.named_modules() if isinstance(module, W8A8Linear)}
+    modules = dict(model.named_modules())
+    for name, wrapper in wrappers.items():
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(modules[parent_name], attribute, wrapper.linear)
+    try:
+        yield wrappers
+    finally:
+        for name, wrapper in wrappers.items():
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(modules[parent_name], attribute, wrapper)
 
 
 def smooth_quantize_w8a8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]],
@@ -182,4 +218,4 @@ def smooth_quantize_w8a8(model: nn.Module, calibration: Iterable[Mapping[str, to
 
 
 __all__ = ["ACTIVATION_SPEC", "SmoothQuantResult", "W8A8Linear", "WEIGHT_SPEC", "collect_input_absmax",
-           "quantize_w8a8", "smooth_model", "smooth_quantize_w8a8"]
+           "plain_linears", "quantize_w8a8", "smooth_model", "smooth_quantize_w8a8"]

@@ -1,0 +1,274 @@
+"""SmoothQuant W8A8 of a Hugging Face model directory -> compressed-tensors `int-quantized` checkpoint.
+
+Tiny random LLaMA, Qwen2, Mistral and BERT models (word-level tokenizers trained on Python's
+pydoc text) are saved to tmp dirs, quantized by `smoothquant_pretrained` / `lowbit quantize`,
+and loaded back by transformers with the compressed-tensors package. The loaded model must
+reproduce lowbit's own quantized model, and each loaded linear must compute the int8 arithmetic
+of the tensors on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+pytest.importorskip("compressed_tensors", reason="loading the checkpoint needs the compressed-tensors package")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from _synthetic_layers import single_thread  # noqa: E402,F401 (autouse fixture)
+from lowbit.cli import main  # noqa: E402
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.torch.llm import pretrained_w8a8  # noqa: E402
+from lowbit.torch.llm.hf_io import main_output  # noqa: E402
+from lowbit.torch.llm.pretrained_w8a8 import smoothquant_pretrained  # noqa: E402
+
+VOCAB = 160
+HIDDEN = 64
+
+
+def _english(pages: int) -> str:
+    import pydoc_data.topics
+
+    return "\n".join(list(pydoc_data.topics.topics.values())[:pages])
+
+
+def _tokenizer(kind: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "<s>"]
+    backend.train_from_iterator([_english(40)], trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=specials))
+    if kind == "bert":
+        backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                               special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]",
+                                                    sep_token="[SEP]", pad_token="[PAD]")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 4)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>",
+                                                pad_token="[PAD]")
+
+
+def _float_model(kind: str):
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64)
+    if kind == "bert":
+        return transformers.BertModel(transformers.BertConfig(**common))
+    if kind == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=HIDDEN, n_layer=2, n_head=4,
+                                                                    vocab_size=VOCAB, n_positions=64))
+    if kind == "opt":
+        return transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, word_embed_proj_dim=HIDDEN))
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                                 "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[kind]
+    return model_class(config_class(num_key_value_heads=2, **common))
+
+
+def _save_model(kind: str, directory: Path) -> Path:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _float_model(kind)
+        with torch.no_grad():  # a few loud channels, as in trained models
+            for module in model.modules():
+                if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
+                    module.weight[:4] *= 8.0
+        model.save_pretrained(directory)
+        _tokenizer(kind).save_pretrained(directory)
+    return directory
+
+
+def _text_file(tmp_path: Path, pages: int = 40) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text(_english(pages), encoding="utf-8")
+    return path
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def _load(directory: Path, kind: str):
+    auto = transformers.AutoModel if kind == "bert" else transformers.AutoModelForCausalLM
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return auto.from_pretrained(directory).eval()
+
+
+def _outputs(model, batches):
+    with torch.no_grad():
+        return [main_output(model(**batch)) for batch in batches]
+
+
+def _saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in directory.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+# --------------------------------------------------------------------------- round trip through transformers
+
+
+@pytest.mark.parametrize("kind, smooth", [("llama", True), ("qwen2", True), ("mistral", True), ("bert", False)])
+def test_checkpoint_loads_and_matches_lowbit(tmp_path, kind, smooth):
+    model_dir = _save_model(kind, tmp_path / "model")
+    before = _digest(model_dir)
+    out_dir = tmp_path / "out"
+    result = smoothquant_pretrained(model_dir, out_dir, calib_text=_text_file(tmp_path), smooth=smooth,
+                                    samples=6, seq_len=32)
+    assert _digest(model_dir) == before  # the input is never touched
+    assert not list(tmp_path.glob(".out.*"))  # no temporary directory left behind
+    assert (out_dir / "tokenizer.json").is_file()
+    assert result.eval_source == "held-out" and 0.9 < result.cosine < 1.0
+    assert len(result.result.smoothing) == (4 if smooth else 0)  # two norms per block
+
+    config = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
+    group = config["config_groups"]["group_0"]
+    assert (group["weights"]["num_bits"], group["weights"]["strategy"], group["weights"]["symmetric"]) == \
+        (8, "channel", True)
+    assert (group["input_activations"]["strategy"], group["input_activations"]["dynamic"]) == ("tensor", False)
+
+    # On disk: int8 weights, one float scale per output row, one per-tensor input scale.
+    saved = _saved_tensors(out_dir)
+    for name, layer in result.result.weights.items():
+        weight = saved[f"{name}.weight"]
+        assert weight.dtype == torch.int8 and torch.equal(weight, layer.values)
+        assert saved[f"{name}.weight_scale"].shape == (weight.shape[0], 1)
+        assert saved[f"{name}.input_scale"].shape == (1,)
+    original = _saved_tensors(model_dir)
+    norms = [key for key in original if "layernorm" in key and key.endswith("weight")]
+    changed = [key for key in norms if not torch.equal(original[key], saved[key])]
+    assert len(changed) == (4 if smooth else 0)  # the smoothing scales live in the saved norms
+
+    loaded = _load(out_dir, kind)
+    modules = dict(loaded.named_modules())
+    assert all(getattr(modules[name], "quantization_scheme", None) is not None for name in result.result.weights)
+    for expected, actual in zip(_outputs(result.model, result.eval_batches), _outputs(loaded, result.eval_batches)):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loaded_linear_computes_int8_arithmetic_of_the_saved_tensors(tmp_path):
+    """Independent of lowbit's model: the loaded linear is int8(x) @ int8(W)^T rescaled, from the
+    tensors on disk, with inputs beyond the calibrated range saturating."""
+    model_dir = _save_model("qwen2", tmp_path / "model")  # q/k/v carry biases
+    smoothquant_pretrained(model_dir, tmp_path / "out", calib_text=_text_file(tmp_path), samples=4, seq_len=32)
+    saved = _saved_tensors(tmp_path / "out")
+    loaded = _load(tmp_path / "out", "qwen2")
+    with torch.no_grad():
+        loaded(input_ids=torch.tensor([[5, 6, 7]]))  # the first forward decompresses the weights
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        layer = dict(loaded.named_modules())[name]
+        weight, row_scale = saved[f"{name}.weight"].double(), saved[f"{name}.weight_scale"].double()
+        input_scale = saved[f"{name}.input_scale"].double()
+        x = torch.randn(7, weight.shape[1], generator=torch.Generator().manual_seed(3)) * float(input_scale) * 60
+        x_int = torch.clamp(torch.round(x.double() / input_scale), -128, 127)
+        assert (x_int.abs() == 128).any() or (x_int == 127).any()  # some inputs saturate
+        expected = (x_int @ weight.T) * input_scale * row_scale.T
+        if layer.bias is not None:
+            expected = expected + layer.bias.double()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_is_smaller_and_summary_names_the_format(tmp_path):
+    model_dir = _save_model("llama", tmp_path / "model")
+    result = smoothquant_pretrained(model_dir, tmp_path / "out", calib_text=_text_file(tmp_path), alpha=0.7,
+                                    samples=4, seq_len=32)
+    int8 = sum(layer.values.numel() for layer in result.result.weights.values())
+    # Each int8 weight saves 3 bytes of float32, minus a float32 scale per output row (and the
+    # safetensors header naming three tensors per layer instead of one).
+    saved = result.input_bytes - result.output_bytes
+    assert int8 * 3 * 0.95 < saved < int8 * 3
+    summary = result.summary()
+    assert "int-quantized" in summary and "SmoothQuant alpha 0.7" in summary and "cosine" in summary
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_writes_w8a8_checkpoint(tmp_path, capsys):
+    model_dir = _save_model("llama", tmp_path / "model")
+    code = main(["quantize", str(model_dir), "-o", str(tmp_path / "out"), "--mode", "static", "--algo", "smoothquant",
+                 "--calib-text", str(_text_file(tmp_path)), "--smooth-alpha", "0.6", "--samples", "4",
+                 "--seq-len", "32", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "int-quantized" and report["algorithm"] == "smoothquant"
+    assert report["alpha"] == 0.6 and report["calibration_samples"] == 4 and report["quantized_linears"] == 14
+    assert report["output_weight_bytes"] < report["input_weight_bytes"] and 0.9 < report["cosine"] < 1.0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert config["lowbit"]["alpha"] == 0.6 and len(config["lowbit"]["smoothed"]) == 4
+    loaded = _load(tmp_path / "out", "llama")
+    assert loaded.model.layers[0].mlp.down_proj.quantization_scheme.input_activations.strategy == "tensor"
+
+
+def _fails(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("lowbit: error") == 1 and "Traceback" not in err, err  # one sentence, no traceback
+    return err
+
+
+def test_cli_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
+    model_dir = _save_model("llama", tmp_path / "model")
+    text = _text_file(tmp_path)
+    before = _digest(model_dir)
+
+    def w8a8(model, out, *extra):
+        return ["quantize", str(model), "-o", str(tmp_path / out), "--mode", "static", "--algo", "smoothquant",
+                "--seq-len", "32", *extra]
+
+    assert "is the model directory" in _fails(w8a8(model_dir, "model", "--calib-text", str(text)), capsys)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    assert "not an empty directory" in _fails(w8a8(model_dir, "full", "--calib-text", str(text)), capsys)
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here.")
+    err = _fails(w8a8(model_dir, "o1", "--calib-text", str(short)), capsys)
+    assert "need at least 31" in err and "tokens" in err
+    assert "needs calibration text" in _fails(w8a8(model_dir, "o2"), capsys)
+    assert "between 0 and 1" in _fails(w8a8(model_dir, "o3", "--calib-text", str(text), "--smooth-alpha", "1.5"),
+                                       capsys)
+    for mode in ("weight-only", "dynamic"):
+        err = _fails(["quantize", str(model_dir), "-o", str(tmp_path / "o4"), "--mode", mode, "--algo", "smoothquant",
+                      "--calib-text", str(text)], capsys)
+        assert "needs --mode static" in err
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(b"")
+    assert "for Hugging Face model directories" in _fails(["quantize", str(onnx_path), "-o", str(tmp_path / "o5.onnx"),
+                                                           "--algo", "smoothquant"], capsys)
+
+    for kind, expected in [("opt", "no SmoothQuant mapping for model type 'opt'"), ("gpt2", "Conv1D"),
+                           ("bert", "post-norm.*--no-smooth")]:
+        other = _save_model(kind, tmp_path / kind)
+        with pytest.raises(LowbitError, match=expected):
+            smoothquant_pretrained(other, tmp_path / "o6", calib_text=text, seq_len=32)
+    assert _digest(model_dir) == before
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5.onnx", "o6"))
+    assert not list(tmp_path.glob(".o*"))
+
+
+def test_failure_while_writing_leaves_no_output(tmp_path, monkeypatch):
+    model_dir = _save_model("llama", tmp_path / "model")
+
+    def write_then_fail(model, result, blocks_name, directory):
+        (Path(directory) / "config.json").write_text("{}")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pretrained_w8a8, "write_w8a8_checkpoint", write_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        smoothquant_pretrained(model_dir, tmp_path / "out", calib_text=_text_file(tmp_path), samples=2, seq_len=32)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
