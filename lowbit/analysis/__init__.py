@@ -5,5 +5,6 @@ of a quantized model against its float original through ONNX Runtime.
 Modules: `graph_precision` (read precisions and sizes from an ONNX graph), `inspect` (the report
 of `lowbit inspect`), `cpu` (int8 features of this CPU), `feeds` (inputs generated from a model's
 declared inputs), `bench` (latency/throughput), `sensitivity` (per-activation SQNR and cosine),
-`sweep` ("quantize only this layer").
+`sweep` ("quantize only this layer"), `torch_sensitivity` (the same, plus "all but this layer", for a
+PyTorch model under fake quantization).
 """
