@@ -1,4 +1,5 @@
-"""Accuracy-budget search: falls back exactly the damaging layer, says so when a budget is impossible."""
+"""Accuracy-budget search: falls back exactly the damaging layer (to the cheapest precision that meets the
+budget), groups shared-input layers, chooses ranges per unit, says so when a budget is impossible."""
 
 from __future__ import annotations
 
@@ -6,16 +7,18 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
-from _onnx_quant_models import image_calib, small_cnn
-from lowbit.analysis.budget import search_precision
+from _onnx_quant_models import image_calib, small_cnn, tiny_encoder, token_calib
+from lowbit.analysis.budget import _fallback_units, search_precision
+from lowbit.analysis.budget_weights import search_weight_precision
 from lowbit.analysis.macs import layer_macs
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.onnx.io import load_model
-from lowbit.onnx.planner import node_names
+from lowbit.onnx.planner import StaticPlanner, node_names
 from lowbit.onnx.preprocess import preprocess
 from lowbit.onnx.qdq import ensure_opset
 from lowbit.onnx.quantize import read_plan
@@ -98,4 +101,173 @@ def test_user_errors(outlier, tmp_path, capsys):
                  "--max-drop", "0.01"])
     err = capsys.readouterr().err
     assert code != 0 and "--mode static" in err and "Traceback" not in err
+    assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()
+
+
+# ----------------------------------------------------------------------------- graphs built for one behaviour each
+
+def _save(nodes, inputs, outputs, weights: dict, path) -> str:
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs],
+                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return str(path)
+
+
+def _cosine(ref: np.ndarray, got: np.ndarray) -> float:
+    ref, got = ref.reshape(len(ref), -1).astype(np.float64), got.reshape(len(got), -1).astype(np.float64)
+    return float(np.mean((ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-30)))
+
+
+def _run(path, feeds: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def test_attention_projections_fall_back_as_one_unit(tmp_path):
+    """Q, K and V read one quantized activation: they form one unit, and no candidate splits it."""
+    path, calib = tiny_encoder(tmp_path / "enc.onnx"), token_calib(tmp_path / "tok.npz")
+    model = preprocess(ensure_opset(load_model(path)))
+    node_names(model)
+    names = [n for n, rule in StaticPlanner(model).active.items() if rule.kind == "compute"]
+    weights = {t.name for t in model.graph.initializer}
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.input[1] in weights:
+            readers.setdefault(node.input[0], []).append(node.name)
+    qkv = next(group for group in readers.values() if len(group) == 3)
+    units = _fallback_units(model, names)
+    unit_of = {n: u for u, members in units.items() for n in members}
+    assert len({unit_of[n] for n in qkv}) == 1 and len(units[unit_of[qkv[0]]]) == 3
+    assert len(units) > 2  # the rest (output projection, MLP, attention products) are units of their own
+    result = search_precision(path, tmp_path / "q.onnx", calib=calib, max_drop=0.0, batch_size=16,
+                              measure_speed=False, time_limit=20)
+    for trial in result.trials:
+        assert len(set(qkv) & set(trial.excluded)) in (0, 3), trial
+
+
+def test_range_method_is_chosen_per_unit(tmp_path):
+    """x1 carries rare large values that matter (entropy clips them, min/max keeps them); x2 has one
+    irrelevant glitch (min/max would coarsen its grid 300x). Only x1 should switch to min/max."""
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((2, 64, 8)).astype(np.float32)
+    path = _save([helper.make_node("MatMul", ["x1", "w1"], ["out1"], name="spiky"),
+                  helper.make_node("MatMul", ["x2", "w2"], ["out2"], name="glitch")],
+                 [("x1", ["batch", 64]), ("x2", ["batch", 64])], [("out1", ["batch", 8]), ("out2", ["batch", 8])],
+                 {"w1": w1, "w2": w2}, tmp_path / "two.onnx")
+    x1, x2 = rng.standard_normal((2, 64, 64)).astype(np.float32)
+    x1[np.arange(0, 64, 8), rng.integers(0, 64, 8)] = 40.0
+    x2[3, 5] = 300.0
+    np.savez(tmp_path / "two.npz", x1=x1, x2=x2)
+    result = search_precision(path, tmp_path / "q.onnx", calib=tmp_path / "two.npz", max_drop=0.005,
+                              calib_method="entropy", measure_speed=False)
+    assert not result.trials[0].met and result.met and result.excluded == []  # met without any fallback
+    minmax = read_plan(tmp_path / "q.onnx").settings["algorithms"]["minmax_ranges"]
+    assert "x1" in minmax and "x2" not in minmax
+    got = _run(tmp_path / "q.onnx", {"x1": x1, "x2": x2})
+    assert min(_cosine(x1 @ w1, got[0]), _cosine(x2 @ w2, got[1])) >= 1 - 0.005
+
+
+def test_elementwise_stage_keeps_a_cancelling_add_float(tmp_path):
+    """y = -x + s: an int8 Add rounds x and y on a grid 100x coarser than s, so only a float Add (not
+    any Conv fallback) meets the budget."""
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
+    path = _save([helper.make_node("Add", ["x", "y"], ["s"], name="cancel"),
+                  helper.make_node("Conv", ["s", "w"], ["out"], name="conv", pads=[1, 1, 1, 1])],
+                 [("x", ["batch", 4, 8, 8]), ("y", ["batch", 4, 8, 8])], [("out", ["batch", 4, 8, 8])],
+                 {"w": weight}, tmp_path / "add.onnx")
+    x = (100 * rng.standard_normal((16, 4, 8, 8))).astype(np.float32)
+    s = rng.standard_normal((16, 4, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "add.npz", x=x, y=(s - x).astype(np.float32))
+    result = search_precision(path, tmp_path / "q.onnx", calib=tmp_path / "add.npz", max_drop=0.01,
+                              measure_speed=False)
+    assert not result.trials[0].met and result.met and result.excluded == []
+    plan = read_plan(tmp_path / "q.onnx")
+    assert plan.settings["algorithms"]["elementwise_float"] == ["cancel"]
+    assert "conv" in {n for e in plan.quantized("weight") for n in e.nodes}  # the Conv stayed int8
+
+
+def test_int16_step_when_it_meets_the_budget(outlier, tmp_path):
+    """The outlier Conv: int8 per-tensor zeroes its weights, int16 keeps them; the ladder stops at int16."""
+    out = tmp_path / "i16.onnx"
+    result = search_precision(outlier["float"], out, calib=outlier["calib"], max_drop=0.002, per_channel=False,
+                              batch_size=8, measure_speed=False, fallback=("int16", "float"))
+    assert result.met and result.precision == {OUTLIER_LAYER: "int16"} and result.excluded == [OUTLIER_LAYER]
+    assert result.layer_precision(OUTLIER_LAYER) == "int16" and result.layer_precision("/head/Gemm") == "int8"
+    assert "(int16)" in result.summary()
+    model = onnx.load(str(out))
+    inits = {t.name: t for t in model.graph.initializer}
+    conv = next(n for n in model.graph.node if n.name == OUTLIER_LAYER)
+    dq = next(n for n in model.graph.node if n.output[0] == conv.input[1])
+    assert inits[dq.input[0]].data_type == TensorProto.INT16 and model.opset_import[0].version >= 21
+    float_weight = numpy_helper.to_array(next(t for t in onnx.load(str(outlier["float"])).graph.initializer
+                                              if t.name == "conv.0.weight"))
+    scale = float(numpy_helper.to_array(inits[dq.input[1]]))
+    assert scale == pytest.approx(np.abs(float_weight).max() / 32767, rel=1e-6)  # symmetric int16, per tensor
+    assert any(n.op_type == "QuantizeLinear" and inits[n.input[2]].data_type == TensorProto.INT16
+               for n in model.graph.node)  # its activations too
+    images = np.load(outlier["calib"])["image"]
+    assert _cosine(_run(outlier["float"], {"image": images})[0], _run(out, {"image": images})[0]) >= 1 - 0.002
+    assert read_plan(out).settings["budget"]["precision"] == {OUTLIER_LAYER: "int16"}
+
+
+@pytest.fixture(scope="module")
+def three_matmuls(tmp_path_factory):
+    """Three MatMuls reading an input whose feature 0 is always 0. Each weight column has an outlier
+    in row 0 (so it never reaches the output) of 1x (plain), 8x (int4 zeroes the rest, int8 does not)
+    and 2000x (int8 zeroes the rest too) the other weights."""
+    root = tmp_path_factory.mktemp("weights")
+    rng = np.random.default_rng(0)
+    weights = {}
+    for name, ratio in (("plain", 1.0), ("needs8", 8.0), ("needsfloat", 2000.0)):
+        w = rng.uniform(-1, 1, (32, 32)).astype(np.float32)
+        w[0] = ratio
+        weights[name] = w
+    nodes = [helper.make_node("MatMul", ["x", name], [f"out_{name}"], name=name) for name in weights]
+    path = _save(nodes, [("x", ["batch", 32])], [(f"out_{n}", ["batch", 32]) for n in weights], weights,
+                 root / "three.onnx")
+    x = rng.standard_normal((64, 32)).astype(np.float32)
+    x[:, 0] = 0
+    np.savez(root / "x.npz", x=x)
+    return {"root": root, "float": path, "data": root / "x.npz", "x": x, "weights": weights}
+
+
+def test_weight_only_falls_back_int4_to_int8_to_float(three_matmuls):
+    out = three_matmuls["root"] / "wo.onnx"
+    result = search_weight_precision(three_matmuls["float"], out, eval_data=three_matmuls["data"], max_drop=0.01,
+                                     bits=4, group_size=-1, algo="rtn", measure_speed=False)
+    assert result.met and result.precision == {"needs8": "int8", "needsfloat": "float"}
+    assert result.start == "int4" and result.layer_precision("plain") == "int4"
+    assert result.int8_mac_fraction == pytest.approx(1 / 3)  # share of MACs still at int4
+    model = onnx.load(str(out))
+    kinds = {n.name: (n.op_type, {a.name: a.i for a in n.attribute}.get("bits")) for n in model.graph.node}
+    assert kinds == {"plain_MatMulNBits": ("MatMulNBits", 4), "needs8_MatMulNBits": ("MatMulNBits", 8),
+                     "needsfloat": ("MatMul", None)}
+    got = _run(out, {"x": three_matmuls["x"]})
+    refs = [three_matmuls["x"] @ w for w in three_matmuls["weights"].values()]
+    assert min(_cosine(r, g) for r, g in zip(refs, got)) >= 1 - 0.01
+    plan = read_plan(out)
+    assert plan.float_nodes["needsfloat"].startswith("fell back") and plan.get("needs8").spec.dtype == "int8"
+
+
+def test_weight_only_budget_from_the_cli(three_matmuls, capsys):
+    out = three_matmuls["root"] / "cli.onnx"
+    assert main(["quantize", three_matmuls["float"], "-o", str(out), "--mode", "weight-only", "--algo", "rtn",
+                 "--group-size", "0", "--eval", str(three_matmuls["data"]), "--max-drop", "0.01",
+                 "--fallback", "float", "--no-speed", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["met"] and data["precision"] == {"needs8": "float", "needsfloat": "float"}
+
+
+def test_fallback_errors(outlier, three_matmuls, tmp_path, capsys):
+    with pytest.raises(LowbitError, match="fallback"):
+        search_precision(outlier["float"], tmp_path / "a.onnx", calib=outlier["calib"], max_drop=0.01,
+                         fallback="int4")
+    with pytest.raises(LowbitError, match="--fallback float"):
+        search_weight_precision(three_matmuls["float"], tmp_path / "a.onnx", eval_data=three_matmuls["data"],
+                                max_drop=0.01, bits=8, fallback="int8")
+    code = main(["quantize", str(outlier["float"]), "-o", str(tmp_path / "b.onnx"), "--calib", str(outlier["calib"]),
+                 "--max-drop", "0.01", "--fallback", "int16,fp8"])
+    err = capsys.readouterr().err
+    assert code != 0 and "fallback" in err and "Traceback" not in err
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()

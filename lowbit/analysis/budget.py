@@ -3,8 +3,8 @@
     calibrate once (the chosen range method and min/max) -> all-int8 candidate
     -> per fallback unit, keep whichever range method scores better for its inputs
     -> elementwise ops (not MAC-weighted) float if that helps
-    -> rank the units by measured fallback gain -> fall the best k (gain per MAC) back to float,
-    k found by bisection -> try re-quantizing each fallen-back unit, biggest first
+    -> rank the units by measured fallback gain -> fall the best k (gain per MAC) back (ladder end),
+    k found by bisection -> give each fallen-back unit the cheapest step that meets, biggest first
     -> save the best candidate atomically -> verify it (fidelity, size, speed)
 
 Calibration runs once: every candidate excludes some layers, so its activations are a subset of
@@ -25,9 +25,15 @@ Range choice: the calibration method that minimizes the expected error of each t
 (auto/mse clips outliers) is not the one that keeps the model output closest: clipping a transformer's
 outlier channels hurts more downstream than coarse steps. Measured on all-MiniLM-L6-v2: min/max on
 every tensor drops cosine by 0.0087 vs 0.0128 with auto, but min/max on the GELU outputs alone makes
-it worse, so the choice is made per unit by measurement. Fallback is int8 -> float: ONNX Runtime's CPU kernels have no
-int16 path (a 16-bit Q/DQ pair around a Conv runs as float Conv plus extra Q/DQ work), so an
-int16 step would cost speed without being a real deployment precision here.
+it worse, so the choice is made per unit by measurement.
+
+Fallback ladder (`fallback`): by default int8 -> float. With ("int16", "float") a unit can stop at
+16 bits (symmetric int16 activations and per-channel int16 weights, standard Q/DQ at opset 21): the
+bisection finds the fewest units that must leave int8 (at the ladder's last step), then the
+refinement gives each the cheapest step that still meets the budget (int8, else int16, else float).
+int16 is a fidelity and size step, not a speed one: ONNX Runtime's CPU kernels have no int16 path
+(a 16-bit Q/DQ pair around a Conv runs as float Conv plus the Q/DQ work), so on CPU an int16 layer
+is a little slower than the same layer float; it is the fallback of int16-capable accelerators.
 
 Scores: metric "cosine" = worst output's mean per-sample cosine vs the float model; "top1" = share
 of samples whose arg-max agrees with the float model; `evaluate(path) -> score` (higher is better)
@@ -52,7 +58,7 @@ from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.collect import ActivationStats, collect_activation_stats
 from lowbit.onnx.cpu import has_amx_int8
 from lowbit.onnx.io import load_model, save_model
-from lowbit.onnx.planner import ACTIVATION_SPEC, StaticPlanner, node_names
+from lowbit.onnx.planner import ACTIVATION_SPEC, INT16_OPSET, StaticPlanner, node_names, widen_to_int16
 from lowbit.onnx.preprocess import preprocess
 from lowbit.onnx.qdq import ensure_opset, write_qdq
 from lowbit.onnx.quantize import CALIB_METHODS, _smooth, attach_plan
@@ -62,6 +68,8 @@ from lowbit.plan import QuantPlan
 from lowbit.progress import progress
 
 METRICS = ("cosine", "top1")
+FALLBACK_LEVELS = ("int16", "float")  # cheapest first
+DEFAULT_FALLBACK = ("float",)
 
 
 @dataclass
@@ -76,17 +84,19 @@ class Layer:
 
 @dataclass
 class Trial:
-    """One evaluated candidate: which layers fell back, what it scored, how fast it ran."""
+    """One evaluated candidate: which layers fell back (to which precision), what it scored, how fast it ran."""
 
     stage: str
-    excluded: list[str]
+    excluded: list[str]  # weighted layers not at the starting precision, whatever their fallback
     score: float
     drop: float
     met: bool
-    int8_mac_fraction: float
+    int8_mac_fraction: float  # share of MACs at the starting precision (int8; int4 for weight-only)
     speedup: float | None
     seconds: float
     base: list[str] = field(default_factory=list)  # non-weighted nodes (elementwise ops) also kept float
+    precision: dict[str, str] = field(default_factory=dict)  # excluded layer -> fallback ("int16", "float", ...)
+    float_mac_fraction: float = 0.0
 
 
 @dataclass
@@ -109,6 +119,13 @@ class BudgetResult:
     plan: QuantPlan
     report: VerifyReport | None
     warnings: list[str] = field(default_factory=list)
+    precision: dict[str, str] = field(default_factory=dict)  # excluded layer -> the fallback it got
+    fallback: list[str] = field(default_factory=lambda: list(DEFAULT_FALLBACK))
+    start: str = "int8"  # the precision every layer starts at (and keeps unless listed in `precision`)
+
+    def layer_precision(self, node: str) -> str:
+        """The precision `node` ended at: the starting one, or its fallback."""
+        return self.precision.get(node, self.start)
 
     def to_dict(self) -> dict:
         data = {k: v for k, v in asdict(self).items() if k not in ("plan", "report", "output_path")}
@@ -118,12 +135,14 @@ class BudgetResult:
 
     def summary(self) -> str:
         verdict = "met" if self.met else "NOT MET"
-        lines = [f"wrote {self.output_path} (static int8 under an accuracy budget)",
+        what = "static int8" if self.start == "int8" else f"weight-only {self.start}"
+        fell = ", ".join(f"{n} ({self.precision.get(n, 'float')})" for n in self.excluded)
+        lines = [f"wrote {self.output_path} ({what} under an accuracy budget)",
                  f"budget {verdict}: {self.metric} drop {self.drop:.5f} (max {self.max_drop:g}; float "
                  f"{self.float_score:.5f}, quantized {self.score:.5f})",
-                 f"kept int8: {len(self.layers) - len(self.excluded)}/{len(self.layers)} weighted layers, "
+                 f"kept {self.start}: {len(self.layers) - len(self.excluded)}/{len(self.layers)} weighted layers, "
                  f"{100 * self.int8_mac_fraction:.1f}% of MACs",
-                 f"fell back to float: {', '.join(self.excluded) or 'none'}",
+                 f"fell back (ladder {self.start} -> {' -> '.join(self.fallback)}): {fell or 'none'}",
                  f"search: {len(self.trials)} candidates in {self.seconds:.1f} s (ranking {self.ranking_seconds:.1f} s)"]
         if self.report is not None:
             lines.append(self.report.table())
@@ -177,30 +196,43 @@ class _Scorer:
         return value, speedup
 
 
+def parse_fallback(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """The fallback ladder, cheapest first, from "int16,float" or ("int16", "float")."""
+    if value is None:
+        return DEFAULT_FALLBACK
+    steps = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    unknown = [v for v in steps if v not in FALLBACK_LEVELS]
+    if unknown or not steps:
+        raise LowbitError(f"unknown fallback step(s) {unknown or steps}; give one or more of "
+                          f"{', '.join(FALLBACK_LEVELS)} (e.g. --fallback int16,float)")
+    return tuple(level for level in FALLBACK_LEVELS if level in steps)
+
+
 def search_precision(float_path: str | os.PathLike, out_path: str | os.PathLike, *,
                      calib: str | os.PathLike | dict, eval_data: str | os.PathLike | dict | None = None,
                      max_drop: float, metric: str = "cosine", evaluate: Callable[[str], float] | None = None,
                      time_limit: float = 600.0, calib_method: str = "auto", per_channel: bool = True,
                      exclude: tuple[str, ...] | list[str] = (), samples: int | None = None, batch_size: int = 16,
                      threads: int | None = None, smooth: bool | None = None, smooth_alpha: float | dict = 0.5,
-                     equalize: bool = False, measure_speed: bool = True) -> BudgetResult:
-    """Static int8 quantization of `float_path` with per-layer float fallback chosen so the model
-    stays within `max_drop` of the float model (see the module docstring). Always writes the best
-    candidate to `out_path`; `result.met` says whether the budget was met."""
+                     equalize: bool = False, measure_speed: bool = True,
+                     fallback: str | tuple[str, ...] | list[str] = DEFAULT_FALLBACK) -> BudgetResult:
+    """Static int8 quantization of `float_path` with per-layer fallback chosen so the model stays
+    within `max_drop` of the float model (see the module docstring). `fallback`: the precisions a
+    layer may fall back to, e.g. ("int16", "float"); each fallen-back layer gets the cheapest one
+    that meets the budget. `evaluate(path) -> score` (higher is better) replaces `metric`. Always
+    writes the best candidate to `out_path`; `result.met` says whether the budget was met."""
     started = time.perf_counter()
     float_path, out_path = Path(float_path), Path(out_path)
-    if metric not in METRICS:
-        raise LowbitError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    check_budget(metric, max_drop, time_limit)
+    ladder = parse_fallback(fallback)
     if calib_method not in CALIB_METHODS:
         raise LowbitError(f"unknown calibration method {calib_method!r}; use one of {', '.join(CALIB_METHODS)}")
-    if not max_drop >= 0:
-        raise LowbitError(f"--max-drop must be a non-negative number (0.005 = 0.5%), got {max_drop}")
-    if time_limit <= 0:
-        raise LowbitError(f"--time-limit must be positive seconds, got {time_limit}")
     if calib is None:
         raise LowbitError("the accuracy-budget search calibrates static int8; pass --calib CALIB.npz")
     original = load_model(float_path)
     model = preprocess(ensure_opset(original))
+    if "int16" in ladder:
+        model = _at_int16_opset(model)
     node_names(model)
     calib_data = CalibrationData(calib, original, samples=samples)
     eval_set = CalibrationData(eval_data, original, what="evaluation data") if eval_data is not None else calib_data
@@ -227,34 +259,30 @@ def search_precision(float_path: str | os.PathLike, out_path: str | os.PathLike,
     macs = layer_macs(model, names, eval_set.first_batch(1), threads=threads)
     units = _fallback_units(model, names)
     layers = [Layer(n, op_types[n], macs[n], unit=u) for u, members in units.items() for n in members]
-    total_macs = max(1, sum(macs.values()))
     elementwise = [n for n, rule in planner.active.items() if rule.kind == "elementwise"]
     state = {"ranges": dict(stats.ranges), "base": []}  # current ranges, extra float nodes
 
-    def build(excluded: list[str], ranges: dict | None = None) -> tuple[onnx.ModelProto, QuantPlan]:
+    def build(assignment: dict[str, str], ranges: dict | None = None) -> tuple[onnx.ModelProto, QuantPlan]:
         chosen = ActivationStats(ranges or state["ranges"], stats.mask_like, stats.non_float)
+        to_float = [n for n, level in assignment.items() if level == "float"]
         plan = StaticPlanner(model, per_channel_weights=per_channel,
-                             exclude=[*exclude, *state["base"], *excluded]).build(chosen)
-        for node in excluded:
+                             exclude=[*exclude, *state["base"], *to_float]).build(chosen)
+        for node in to_float:
             plan.float_nodes[node] = "fell back to float by the accuracy-budget search"
+        widen_to_int16(plan, model, {n for n, level in assignment.items() if level == "int16"})
         return write_qdq(model, plan, conv_weights_for_qgemm=amx), plan
 
     scorer = _Scorer(float_path, model, eval_set, metric, evaluate, batch_size, threads, measure_speed)
     deadline = started + time_limit
-    trials: list[Trial] = []
     ranges_of: list[dict] = []  # the activation ranges each trial used (kept out of the JSON result)
+    record = _Recorder(scorer, macs, max_drop)
 
-    def trial(stage: str, excluded: list[str], ranges: dict | None = None) -> Trial:
-        t0 = time.perf_counter()
-        score, speedup = scorer.score(build(excluded, ranges)[0])
-        drop = scorer.float_score - score
-        kept = 1 - sum(macs[n] for n in excluded) / total_macs
-        trials.append(Trial(stage, list(excluded), score, drop, drop <= max_drop, kept, speedup,
-                            time.perf_counter() - t0, list(state["base"])))
+    def trial(stage: str, assignment: dict[str, str], ranges: dict | None = None) -> Trial:
         ranges_of.append(ranges or state["ranges"])
-        return trials[-1]
+        return record(stage, assignment, lambda: build(assignment, ranges)[0], base=state["base"])
 
-    first = trial("all int8", [])
+    trials = record.trials
+    first = trial("all int8", {})
     ranking_seconds = 0.0
     if not first.met and layers:
         current = first
@@ -264,43 +292,90 @@ def search_precision(float_path: str | os.PathLike, out_path: str | os.PathLike,
                                      min(deadline, started + time_limit / 3))
         if not current.met and elementwise and time.perf_counter() < deadline:
             state["base"] = elementwise
-            candidate = trial("elementwise ops float", [])
+            candidate = trial("elementwise ops float", {})
             if candidate.drop < current.drop:
                 current = candidate
             else:
                 state["base"] = []
         if not current.met:
-            ranking_seconds = _rank(layers, units, trial, current, deadline, started + time_limit / 2)
-            _bisect_and_refine(layers, trial, deadline)
+            ranking_seconds = _rank(layers, units, trial, current, deadline, started + time_limit / 2, ladder[-1])
+            _bisect_and_refine(layers, trial, deadline, ladder)
     best = _best(trials)
     state["ranges"], state["base"] = ranges_of[trials.index(best)], best.base
-    quantized, plan = build(best.excluded)
+    quantized, plan = build(best.precision)
     minmax_tensors = sorted(t for t, r in state["ranges"].items() if r is not stats.ranges.get(t))
     if minmax_tensors:
         algorithms["minmax_ranges"] = minmax_tensors
     if best.base:
         algorithms["elementwise_float"] = best.base
+    to_float = [n for n in best.excluded if best.precision[n] == "float"]
     plan.settings = {"calib_method": calib_method, "per_channel": per_channel,
-                     "exclude": [*exclude, *best.base, *best.excluded],
+                     "exclude": [*exclude, *best.base, *to_float],
                      "samples": calib_data.num_samples, "source": float_path.name, "algorithms": algorithms,
                      "budget": {"metric": metric, "max_drop": max_drop, "met": best.met, "drop": best.drop,
-                                "fell_back": best.excluded, "int8_mac_fraction": best.int8_mac_fraction}}
+                                "fallback": list(ladder), "fell_back": best.excluded, "precision": best.precision,
+                                "int8_mac_fraction": best.int8_mac_fraction}}
     attach_plan(quantized, plan)
     save_model(quantized, out_path, inputs=[float_path])
     report = compare_models(float_path, out_path, eval_set, batch_size=batch_size, threads=threads,
                             speed=measure_speed)
-    hit = time.perf_counter() > deadline
     result = BudgetResult(out_path, best.met, "user evaluate" if evaluate else metric, max_drop, scorer.float_score,
                           best.score, best.drop, best.excluded, best.int8_mac_fraction, layers, trials,
-                          time.perf_counter() - started, ranking_seconds, time_limit, hit, plan, report)
-    if not best.met:
-        result.warnings.append(f"the accuracy budget was NOT met: best drop {best.drop:.5f} > {max_drop:g}; saved the "
-                               "most accurate model found (loosen --max-drop, give more calibration data or time)")
-    if hit:
-        result.warnings.append(f"the time limit of {time_limit:g} s ran out; the search kept the best model so far")
-    if report.speedup is not None and report.speedup < 1.0:
-        result.warnings.append(f"the quantized model is SLOWER than float ({report.speedup:.2f}x) on this machine")
+                          time.perf_counter() - started, ranking_seconds, time_limit,
+                          time.perf_counter() > deadline, plan, report, precision=dict(best.precision),
+                          fallback=list(ladder))
+    result.warnings += outcome_warnings(result)
     return result
+
+
+def check_budget(metric: str, max_drop: float, time_limit: float) -> None:
+    if metric not in METRICS:
+        raise LowbitError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    if not max_drop >= 0:
+        raise LowbitError(f"--max-drop must be a non-negative number (0.005 = 0.5%), got {max_drop}")
+    if time_limit <= 0:
+        raise LowbitError(f"--time-limit must be positive seconds, got {time_limit}")
+
+
+def _at_int16_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return ensure_opset(model, INT16_OPSET)
+    except LowbitError:
+        raise LowbitError(f"the int16 fallback needs opset {INT16_OPSET} (int16 QuantizeLinear) and this model "
+                          f"does not convert to it; re-export at opset {INT16_OPSET} or use --fallback float") from None
+
+
+def outcome_warnings(result: BudgetResult) -> list[str]:
+    """Budget not met, time limit hit, slower than float: said plainly."""
+    warnings = []
+    if not result.met:
+        warnings.append(f"the accuracy budget was NOT met: best drop {result.drop:.5f} > {result.max_drop:g}; saved the "
+                        "most accurate model found (loosen --max-drop, give more calibration data or time)")
+    if result.time_limit_hit:
+        warnings.append(f"the time limit of {result.time_limit:g} s ran out; the search kept the best model so far")
+    if result.report is not None and result.report.speedup is not None and result.report.speedup < 1.0:
+        warnings.append(f"the quantized model is SLOWER than float ({result.report.speedup:.2f}x) on this machine")
+    return warnings
+
+
+class _Recorder:
+    """Evaluates candidates ("this layer -> that precision") and keeps every trial."""
+
+    def __init__(self, scorer: _Scorer, macs: dict[str, int], max_drop: float) -> None:
+        self.scorer, self.macs, self.max_drop = scorer, macs, max_drop
+        self.total = max(1, sum(macs.values()))
+        self.trials: list[Trial] = []
+
+    def __call__(self, stage: str, assignment: dict[str, str], make_model: Callable[[], onnx.ModelProto],
+                 base: list[str] = ()) -> Trial:
+        t0 = time.perf_counter()
+        score, speedup = self.scorer.score(make_model())
+        drop = self.scorer.float_score - score
+        moved = sum(self.macs[n] for n in assignment) / self.total
+        floated = sum(self.macs[n] for n, level in assignment.items() if level == "float") / self.total
+        self.trials.append(Trial(stage, list(assignment), score, drop, drop <= self.max_drop, 1 - moved, speedup,
+                                 time.perf_counter() - t0, list(base), dict(assignment), floated))
+        return self.trials[-1]
 
 
 def _fallback_units(model: onnx.ModelProto, names: list[str]) -> dict[str, list[str]]:
@@ -346,7 +421,7 @@ def _choose_ranges(units: dict[str, list[str]], model: onnx.ModelProto, stats: A
     """Start from whichever of the two calibrations scores better on the whole model, then switch
     each unit's input ranges to the other one when that measurably lowers the drop."""
     other = {**stats.ranges, **alternative.ranges}
-    whole = trial("all int8, min/max ranges", [], other)
+    whole = trial("all int8, min/max ranges", {}, other)
     if whole.drop < current.drop:
         state["ranges"], current, flip_to = other, whole, stats.ranges
     else:
@@ -358,23 +433,23 @@ def _choose_ranges(units: dict[str, list[str]], model: onnx.ModelProto, stats: A
         if not tensors:
             continue
         ranges = {**state["ranges"], **{t: flip_to[t] for t in tensors}}
-        candidate = trial("range choice", [], ranges)
+        candidate = trial("range choice", {}, ranges)
         if candidate.drop < current.drop:
             state["ranges"], current = ranges, candidate
     return current
 
 
 def _rank(layers: list[Layer], units: dict[str, list[str]], trial, current: Trial, deadline: float,
-          ranking_deadline: float) -> float:
-    """Each unit's gain: the drop of `current` minus the drop with that unit alone float (until half
-    the time is spent). Orders `layers` by unit, best gain per fallen-back MAC first."""
+          ranking_deadline: float, level: str = "float") -> float:
+    """Each unit's gain: the drop of `current` minus the drop with that unit alone at `level` (until
+    half the time is spent). Orders `layers` by unit, best gain per fallen-back MAC first."""
     started = time.perf_counter()
     gains: dict[str, float] = {}
     with progress(total=len(units), desc="ranking fallback units", unit="unit") as bar:
         for name, members in units.items():
             if time.perf_counter() > min(deadline, ranking_deadline):
                 break
-            gains[name] = current.drop - trial("ranking", members).drop
+            gains[name] = current.drop - trial("ranking", dict.fromkeys(members, level)).drop
             bar.update(1)
     unit_macs = {name: max(1, sum(l.macs for l in layers if l.unit == name)) for name in units}
     for layer in layers:
@@ -389,39 +464,48 @@ def _rank(layers: list[Layer], units: dict[str, list[str]], trial, current: Tria
     return time.perf_counter() - started
 
 
-def _bisect_and_refine(layers: list[Layer], trial, deadline: float) -> None:
-    """Smallest k such that falling back the k best-ranked units meets the budget, then re-quantize
-    whichever of those units the budget still allows, biggest (most MACs) first."""
+def _bisect_and_refine(layers: list[Layer], trial, deadline: float, ladder: tuple[str, ...] = ("float",)) -> None:
+    """Smallest k such that the k best-ranked units at the ladder's last step meet the budget; then,
+    biggest unit (most MACs) first, give each the cheapest precision the budget still allows: back
+    to the starting one, else the ladder's earlier steps in order."""
     units: dict[str, list[str]] = {}
     for layer in layers:
         units.setdefault(layer.unit, []).append(layer.node)
     order = list(units)
 
-    def flat(chosen: list[str]) -> list[str]:
-        return [n for u in chosen for n in units[u]]
+    def assign(levels: dict[str, str]) -> dict[str, str]:
+        return {n: level for u, level in levels.items() for n in units[u]}
 
-    if time.perf_counter() > deadline or not trial("all ranked layers float", flat(order)).met:
+    top = ladder[-1]
+    if time.perf_counter() > deadline or not trial(f"all ranked layers {top}", assign(dict.fromkeys(order, top))).met:
         return
     lo, hi = 0, len(order)  # lo fails (the all-int8 trial), hi meets
     while hi - lo > 1 and time.perf_counter() < deadline:
         mid = (lo + hi) // 2
-        if trial("bisection", flat(order[:mid])).met:
+        if trial("bisection", assign(dict.fromkeys(order[:mid], top))).met:
             hi = mid
         else:
             lo = mid
-    chosen = order[:hi]
+    chosen = dict.fromkeys(order[:hi], top)
     macs = {u: sum(l.macs for l in layers if l.unit == u) for u in units}
     for unit in sorted(chosen, key=lambda u: -macs[u]):
-        if len(chosen) <= 1 or time.perf_counter() > deadline:
-            break
-        candidate = [u for u in chosen if u != unit]
-        if trial("refine", flat(candidate)).met:
-            chosen = candidate
+        # None = the starting precision; with one unit left that is the all-int8 model, known to fail.
+        cheaper = ([None] if len(chosen) > 1 else []) + list(ladder[:-1])
+        for level in cheaper:
+            if time.perf_counter() > deadline:
+                return
+            candidate = {u: l for u, l in chosen.items() if u != unit}
+            if level is not None:
+                candidate[unit] = level
+            if trial("refine", assign(candidate)).met:
+                chosen = candidate
+                break
 
 
 def _best(trials: list[Trial]) -> Trial:
-    """Meeting candidates: most int8 MACs, then best score; otherwise the best score."""
+    """Meeting candidates: most MACs at the starting precision, then least float, then best score;
+    otherwise the best score."""
     met = [t for t in trials if t.met]
     if met:
-        return max(met, key=lambda t: (t.int8_mac_fraction, t.score))
+        return max(met, key=lambda t: (t.int8_mac_fraction, -t.float_mac_fraction, t.score))
     return max(trials, key=lambda t: (t.score, t.int8_mac_fraction))

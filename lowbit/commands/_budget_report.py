@@ -1,4 +1,5 @@
-"""`lowbit quantize ... --max-drop X` (accuracy-budget search) and `--report DIR` (HTML + markdown).
+"""`lowbit quantize ... --max-drop X [--fallback ...]` (accuracy-budget search, static int8 or
+weight-only) and `--report DIR` (HTML + markdown).
 
 Kept out of `quantize.py` so that command stays a thin dispatcher: it adds these arguments with
 `add_arguments` and hands over to `run_budget` / `write_quantize_report`.
@@ -14,11 +15,17 @@ from lowbit.errors import LowbitError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("accuracy budget and report (static ONNX quantization)")
+    group = parser.add_argument_group("accuracy budget and report (ONNX models, --mode static or weight-only)")
     group.add_argument("--max-drop", type=float,
                        help="search per-layer precision so the model stays within this drop of the float model "
                             "(0.005 = 0.5%% cosine, or 0.5 points of top-1 agreement); falls the most sensitive "
-                            "layers back to float")
+                            "layers back along --fallback")
+    group.add_argument("--fallback", metavar="STEPS",
+                       help="comma-separated precisions a layer may fall back to, cheapest first; each fallen-back "
+                            "layer gets the cheapest one that meets --max-drop. --mode static: float (default) or "
+                            "int16,float (16-bit Q/DQ, opset 21: more accurate than int8 and half the weight size "
+                            "of float, but ONNX Runtime's CPU runs it as float math plus rounding, so slower than "
+                            "float there). --mode weight-only: int8,float (default), int8 or float")
     group.add_argument("--metric", choices=("cosine", "top1"), default="cosine",
                        help="what --max-drop limits: output cosine, or top-1 agreement with the float model "
                             "(default: cosine)")
@@ -29,18 +36,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_budget(args: argparse.Namespace) -> int:
-    from lowbit.analysis.budget import search_precision
-
-    if args.mode != "static":
-        raise LowbitError("--max-drop searches static int8 precision; use it with --mode static (and --calib)")
+    if args.mode not in ("static", "weight-only"):
+        raise LowbitError("--max-drop searches per-layer precision of static int8 or weight-only models; use it "
+                          "with --mode static (and --calib) or --mode weight-only")
     if args.bias_correction:
         raise LowbitError("--max-drop cannot be combined with --bias-correction yet; drop one of the two")
-    result = search_precision(
-        args.model, args.output, calib=args.calib, eval_data=args.eval_data, max_drop=args.max_drop,
-        metric=args.metric, time_limit=args.time_limit, calib_method=args.calib_method,
-        per_channel=not args.per_tensor, exclude=tuple(args.exclude), samples=args.samples,
-        batch_size=args.batch_size, threads=args.threads, smooth=args.smooth, smooth_alpha=args.smooth_alpha,
-        equalize=args.equalize, measure_speed=not args.no_speed)
+    common = dict(eval_data=args.eval_data, max_drop=args.max_drop, metric=args.metric, time_limit=args.time_limit,
+                  exclude=tuple(args.exclude), samples=args.samples, batch_size=args.batch_size,
+                  threads=args.threads, measure_speed=not args.no_speed, fallback=args.fallback)
+    if args.mode == "weight-only":
+        from lowbit.analysis.budget_weights import search_weight_precision
+
+        result = search_weight_precision(
+            args.model, args.output, calib=args.calib, bits=args.weight_bits, group_size=args.group_size,
+            algo=args.algo, symmetric=args.symmetric, act_order=args.act_order, weight_format=args.weight_format,
+            accuracy_level=args.accuracy_level, **common)
+    else:
+        from lowbit.analysis.budget import search_precision
+
+        result = search_precision(
+            args.model, args.output, calib=args.calib, calib_method=args.calib_method,
+            per_channel=not args.per_tensor, smooth=args.smooth, smooth_alpha=args.smooth_alpha,
+            equalize=args.equalize, **common)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

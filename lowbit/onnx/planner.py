@@ -376,6 +376,58 @@ class StaticPlanner:
         return spec.granularity.kind in ("tensor", "channel")
 
 
+# The accuracy budget's intermediate step between int8 and float: 16-bit symmetric activations and
+# weights. Standard QuantizeLinear/DequantizeLinear take int16 from opset 21 on; ONNX Runtime's CPU
+# kernels have no int16 GEMM/conv, so such a layer runs float math between exact 16-bit roundings.
+INT16_OPSET = 21
+INT16_ACTIVATION_SPEC = QuantSpec("int16", symmetric=True)
+
+
+def widen_to_int16(plan: QuantPlan, model: onnx.ModelProto, layers: set[str]) -> None:
+    """Move the weighted `layers` of a static int8 plan to 16 bits, in place: their weights (same
+    granularity), and every activation they read or write unless an int8 compute layer also reads it
+    (that one keeps its int8 kernel). Activations sharing parameters through shape ops move together.
+    Their biases stay float: int32 on the product of two 16-bit scales would saturate. The model must
+    be at opset >= INT16_OPSET."""
+    if not layers:
+        return
+    index = GraphIndex.of(model)
+    nodes = {n.name: n for n in model.graph.node}
+    for entry in plan.quantized("weight"):
+        if entry.spec.dtype == "int8" and entry.nodes and set(entry.nodes) <= layers:
+            spec = QuantSpec("int16", symmetric=True, granularity=entry.spec.granularity)
+            entry.spec, entry.qparams = spec, qparams_for(index.constant(entry.tensor), spec, entry.tensor)
+    for entry in plan.quantized("bias"):
+        if set(entry.nodes) <= layers:
+            entry.status, entry.reason = "float", "float bias of an int16 layer"
+    touched = {t for name in layers if name in nodes for t in _layer_tensors(index, nodes[name])}
+    groups: dict[str, list[PlanEntry]] = {}
+    for entry in plan.quantized("activation"):
+        groups.setdefault(entry.shares or entry.tensor, []).append(entry)
+    for source, members in groups.items():
+        tensors = {e.tensor for e in members}
+        int8_readers = [c for t in tensors for c in index.consumers.get(t, [])
+                        if c.name not in layers and c.name not in plan.float_nodes
+                        and (rule_for(c) is not None and rule_for(c).kind == "compute")]
+        if not tensors & touched or int8_readers:
+            continue
+        head = next(e for e in members if e.range is not None)  # the source: sharers carry no range
+        lo, hi = (np.asarray(v, np.float32) for v in head.range)
+        qparams = choose_qparams(lo, hi, INT16_ACTIVATION_SPEC)
+        for entry in members:
+            entry.spec, entry.qparams = INT16_ACTIVATION_SPEC, qparams
+
+
+def _layer_tensors(index: GraphIndex, node: onnx.NodeProto) -> set[str]:
+    """A layer's activation inputs and outputs, plus the output of a Relu/Clip folded into it."""
+    tensors = {t for t in [*node.input, *node.output] if t and not index.is_constant(t)}
+    for out in node.output:
+        readers = index.consumers.get(out, [])
+        if len(readers) == 1 and rule_for(readers[0]) is not None and rule_for(readers[0]).kind == "fold":
+            tensors.update(readers[0].output)
+    return tensors
+
+
 def _group(node: onnx.NodeProto) -> int:
     for attribute in node.attribute:
         if attribute.name == "group":
@@ -437,5 +489,5 @@ def _attr(node: onnx.NodeProto, name: str) -> int:
     return 0
 
 
-__all__ = ["ACTIVATION_SPEC", "WEIGHT_SPEC", "GraphIndex", "StaticPlanner", "classify_nodes",
-           "node_names", "plan_dynamic", "PER_TENSOR"]
+__all__ = ["ACTIVATION_SPEC", "INT16_ACTIVATION_SPEC", "INT16_OPSET", "WEIGHT_SPEC", "GraphIndex", "StaticPlanner",
+           "classify_nodes", "node_names", "plan_dynamic", "widen_to_int16", "PER_TENSOR"]

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lowbit.numerics import QParams, quantize
+from lowbit.numerics import QParams, quantize, storage_dtype
 from lowbit.plan import PlanEntry, QuantPlan
 
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (`axis`) starts at 13
@@ -111,7 +111,7 @@ def _quantize_activation(graph, entry: PlanEntry, new_inits, head_nodes, after) 
     name = entry.tensor
     qp = entry.qparams
     scale_name, zp_name = f"{name}_scale", f"{name}_zero_point"
-    zp_dtype = np.uint8 if entry.spec.dtype == "uint8" else np.int8
+    zp_dtype = storage_dtype(entry.spec)  # uint8 / int8, or int16 for the budget's 16-bit step
     new_inits.append(numpy_helper.from_array(np.asarray(qp.scale, np.float32).reshape(()), scale_name))
     new_inits.append(numpy_helper.from_array(np.asarray(qp.zero_point).astype(zp_dtype).reshape(()), zp_name))
     producer = next((n for n in graph.node if name in n.output), None)

@@ -280,8 +280,10 @@ def _insert_after_producers(graph: onnx.GraphProto, inserted: dict[str, onnx.Nod
 # ----------------------------------------------------------------------------- write
 
 def rewrite(model: onnx.ModelProto, sites: list[WeightSite], quantized: dict[str, QuantizedWeight], *,
-            bits: int, group_size: int, weight_format: str, accuracy_level: int = 0) -> onnx.ModelProto:
-    """A new model with every site's weight in the block-wise form."""
+            bits: int, group_size: int, weight_format: str, accuracy_level: int = 0,
+            site_bits: dict[str, int] | None = None) -> onnx.ModelProto:
+    """A new model with every site's weight in the block-wise form. `site_bits`: node -> stored
+    code width where it differs from `bits` (the accuracy budget's int8 fallback)."""
     out = ensure_opset(model, DQ_OPSET) if weight_format == "dq" else _copy(model)
     graph = out.graph
     by_node = {s.node: s for s in sites}
@@ -292,14 +294,15 @@ def rewrite(model: onnx.ModelProto, sites: list[WeightSite], quantized: dict[str
         if site is None:
             ordered.append(node)
             continue
+        width = (site_bits or {}).get(node.name, bits)
         if weight_format == "matmulnbits":
             block = block_size_for(site, group_size, weight_format)
-            replacement, inits = matmulnbits_node(site, quantized[node.name], bits=bits, block_size=block,
+            replacement, inits = matmulnbits_node(site, quantized[node.name], bits=width, block_size=block,
                                                   accuracy_level=accuracy_level, output=node.output[0])
             replacement.input[0] = node.input[0]  # AWQ may have re-pointed the input
             ordered.append(replacement)
         else:
-            dq, inits = blocked_dq_nodes(site, quantized[node.name], bits=bits,
+            dq, inits = blocked_dq_nodes(site, quantized[node.name], bits=width,
                                          block_size=block_size_for(site, group_size, weight_format))
             node.input[1] = dq.output[0]
             ordered += [dq, node]
