@@ -102,3 +102,28 @@ def test_failed_symbolic_inference_leaves_no_files_in_working_dir(conv_model, tm
     result = preprocess(conv_model)
     assert list(tmp_path.iterdir()) == []
     assert not any(n.op_type == "BatchNormalization" for n in result.graph.node)
+
+
+def _gelu_mlp(domain_ops: bool) -> onnx.ModelProto:
+    """x @ W1 -> Gelu -> @ W2; with `domain_ops`, the Gelu is ONNX Runtime's com.microsoft op (as
+    in models fused by onnxruntime.transformers.optimizer)."""
+    rng = np.random.default_rng(0)
+    w1 = onnx.numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "w1")
+    w2 = onnx.numpy_helper.from_array(rng.normal(size=(16, 4)).astype(np.float32), "w2")
+    nodes = [onnx.helper.make_node("MatMul", ["x", "w1"], ["h"], name="up"),
+             onnx.helper.make_node("Gelu", ["h"], ["g"], name="gelu", domain="com.microsoft" if domain_ops else ""),
+             onnx.helper.make_node("MatMul", ["g", "w2"], ["y"], name="down")]
+    graph = onnx.helper.make_graph(nodes, "mlp", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 8])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])], [w1, w2])
+    opsets = [onnx.helper.make_opsetid("", 20)] + ([onnx.helper.make_opsetid("com.microsoft", 1)] if domain_ops else [])
+    return onnx.helper.make_model(graph, opset_imports=opsets, ir_version=10)
+
+
+def test_models_already_holding_runtime_fused_ops_are_accepted():
+    """An input that was fused by ORT's transformer optimizer keeps its com.microsoft ops."""
+    model = _gelu_mlp(domain_ops=True)
+    processed = preprocess(model)
+    assert [n.op_type for n in processed.graph.node] == ["MatMul", "Gelu", "MatMul"]
+    x = np.random.default_rng(1).normal(size=(2, 8)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run(processed), run(model), rtol=1e-5, atol=1e-5)

@@ -49,6 +49,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="cross-layer equalization of Conv chains (helps per-tensor int8 on depthwise nets)")
     parser.add_argument("--bias-correction", action="store_true",
                         help="correct Conv biases for the output mean shift caused by weight rounding")
+    parser.add_argument("--no-outlier-split", dest="outlier_split", action="store_false", default=None,
+                        help="keep transformer FFN outlier channels in the int8 path (by default, when calibration "
+                             "data is given, they move to a thin float branch, exact in float)")
     parser.add_argument("--calib-memory-mb", type=float,
                         help="bound the activations held per calibration run; tensors are split across runs")
     weights = parser.add_argument_group("weight-only quantization (--mode weight-only)")
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, eval_data=args.eval_data, measure_speed=not args.no_speed,
         threads=args.threads, smooth=args.smooth if args.mode == "static" else None,
         smooth_alpha=args.smooth_alpha, equalize=args.equalize, bias_correction=args.bias_correction,
-        calib_memory_mb=args.calib_memory_mb, **_weight_only_options(args))
+        calib_memory_mb=args.calib_memory_mb, outlier_split=args.outlier_split, **_weight_only_options(args))
     if args.json:
         print(json.dumps({
             "output": str(result.output_path), "mode": args.mode, "plan": result.plan.summary(),

@@ -63,7 +63,8 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
                   equalize: bool = False, bias_correction: bool = False,
                   calib_memory_mb: float | None = None, weight_bits: int = 4, group_size: int = 32,
                   algo: str = "rtn", act_order: bool = False, symmetric: bool = True,
-                  weight_format: str = "matmulnbits", accuracy_level: int = 0) -> QuantizeResult:
+                  weight_format: str = "matmulnbits", accuracy_level: int = 0,
+                  outlier_split: bool | None = None) -> QuantizeResult:
     """Quantize the ONNX model at `model_path` and write it to `output_path`.
 
     mode: "static" (int8 weights and calibrated uint8 activations; needs `calib`), "dynamic"
@@ -77,6 +78,10 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
     equalization of Conv chains, ReLU6 -> ReLU on equalized links); `bias_correction` (Conv
     biases absorb the mean shift caused by weight rounding). `calib_memory_mb` bounds the
     activations held per calibration run: tensors are split across several runs when needed.
+
+    `outlier_split` (static and dynamic; None = on whenever calibration data is given): the few
+    hidden channels of a transformer FFN that peak far above the rest move to a thin float branch
+    (exact in float, see `lowbit.onnx.outlier_split`), so the int8 activation range fits the rest.
 
     mode "weight-only": MatMul/Gemm weights to `weight_bits` (2-8) with one scale per `group_size`
     input features, activations float; `algo` "rtn", "gptq" (with `act_order`) or "awq" (both
@@ -104,10 +109,17 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
                 else calib_data)
     calibration_seconds = 0.0
     warnings: list[str] = []
+    algorithms: dict = {}
+    requested_exclude = list(exclude)
+    if mode in ("static", "dynamic") and calib_data is not None and outlier_split is not False:
+        model, split, seconds = _split_outliers(model, exclude, calib_data, batch_size, threads)
+        calibration_seconds += seconds
+        if split:
+            algorithms["outlier_split"] = split
+            exclude = (*exclude, *(name for site in split for name in site["float_branch"]))
     if mode == "static":
         from lowbit.onnx.collect import collect_activation_stats
 
-        algorithms: dict = {}
         if equalize:
             from lowbit.onnx.equalize import equalize_model
 
@@ -158,10 +170,11 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
         plan = plan_fp16(model, set(exclude))
         quantized = write_fp16(model, plan)
     plan.settings = {**plan.settings, "calib_method": calib_method if mode == "static" else None,
-                     "per_channel": per_channel, "exclude": list(exclude),
+                     "per_channel": per_channel, "exclude": requested_exclude,
                      "samples": None if calib_data is None else calib_data.num_samples, "source": model_path.name}
-    if mode == "static":
+    if mode in ("static", "dynamic"):
         plan.settings["algorithms"] = algorithms
+    if mode == "static":
         plan.settings["calibration_runs_per_batch"] = stats.runs_per_batch
     if not plan.quantized():
         warnings.append("nothing was quantized (no supported op found, or all excluded); the output is the "
@@ -176,6 +189,27 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
         if report.speedup is not None and report.speedup < 1.0 and mode != "fp16":
             warnings.append(f"the quantized model is SLOWER than float ({report.speedup:.2f}x) on this machine")
     return QuantizeResult(output_path, plan, report, calibration_seconds, time.perf_counter() - started, warnings)
+
+
+def _split_outliers(model: onnx.ModelProto, exclude, calib_data: CalibrationData, batch_size: int,
+                    threads: int | None) -> tuple[onnx.ModelProto, list[dict], float]:
+    """Outlier-channel splitting of the FFNs whose down projection will be int8."""
+    from lowbit.onnx.outlier_split import apply_split, outlier_channels, split_sites
+    from lowbit.onnx.smooth import channel_absmax
+
+    skipped = set(exclude)
+    candidates = {n.name for n in model.graph.node
+                  if n.op_type == "MatMul" and not ({n.name, n.op_type, *n.output} & skipped)}
+    sites = split_sites(model, candidates)
+    if not sites:
+        return model, [], 0.0
+    started = time.perf_counter()
+    absmax = channel_absmax(model, [s.activation for s in sites], calib_data, batch_size=batch_size, threads=threads)
+    for site in sites:
+        site.channels = outlier_channels(absmax[site.activation])
+    split = apply_split(model, sites)
+    summary = [{"node": s.down, "channels": s.channels, "float_branch": s.float_branch} for s in sites if s.channels]
+    return split, summary, time.perf_counter() - started
 
 
 def _smooth(model: onnx.ModelProto, planner, calib_data: CalibrationData, alpha, batch_size: int,
