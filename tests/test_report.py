@@ -14,9 +14,11 @@ import pytest
 from onnx import numpy_helper
 
 from _onnx_quant_models import image_calib, small_cnn
+from lowbit.analysis.budget import Layer
 from lowbit.cli import main
-from lowbit.onnx.quantize import read_plan
+from lowbit.onnx.quantize import quantize_onnx, read_plan
 from lowbit.report import collect
+from lowbit.report.markdown import budget_rows
 
 CHROMIUM = Path("/usr/bin/chromium")
 BAR_RGB, CLIP_RGB = (0x4C, 0x78, 0xA8), (0xD6, 0x27, 0x28)
@@ -82,6 +84,60 @@ def test_budget_report_sections_and_svg(reports):
         assert heading in markdown
     analyze = _parse(reports["root"] / "analyze" / "report.html")
     assert analyze.sections == ["summary", "fidelity", "plan", "sensitivity", "histograms"]
+
+
+def _md_rows(markdown: str, heading: str) -> list[list[str]]:
+    """The cells of the first table after `heading` (header row first)."""
+    lines = markdown[markdown.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith("|---"):
+            rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_budget_table_shows_the_fallback_gain(reports):
+    """The search ranks units by the gain of falling them back; the table must show that number."""
+    rows = _md_rows((reports["root"] / "budget" / "report.md").read_text(), "## Accuracy budget search")
+    header, body = rows[0], rows[1:]
+    assert header[3] == "fallback gain (cosine)"
+    gains = {row[0]: row[3] for row in body}
+    assert float(gains["/conv/conv.0/Conv"]) > 0.02  # the outlier layer: falling it back recovers the most
+    assert all(g == "not measured" or abs(float(g)) < 1 for g in gains.values())
+    assert {row[0]: row[4] for row in body}["/conv/conv.0/Conv"] == "float"
+    assert "fallback gain (cosine)" in (reports["root"] / "budget" / "report.html").read_text()
+
+    fake = type("Budget", (), {"metric": "top1", "excluded": ["b"],
+                               "layers": [Layer("a", "Conv", 10, gain=-0.0123, solo_drop=0.5),
+                                          Layer("b", "Gemm", 1000, gain=None)]})()
+    header, body = budget_rows(fake)
+    assert header[3] == "fallback gain (top1)"
+    assert body == [["a", "Conv", "10", "-1.23e-02", "int8"], ["b", "Gemm", "1,000", "not measured", "float"]]
+
+
+def test_analyze_report_shows_both_sweeps(reports):
+    root = reports["root"]
+    quant = root / "plain.onnx"
+    quantize_onnx(reports["float"], quant, calib=reports["calib"], per_channel=False, batch_size=8, verify=False)
+    assert main(["analyze", str(reports["float"]), str(quant), "--data", str(reports["calib"]), "--batch-size", "8",
+                 "--sweep", "both", "--report", str(root / "sweeps")]) == 0
+    page = _parse(root / "sweeps" / "report.html")
+    assert page.sections == ["summary", "fidelity", "plan", "sensitivity", "sweep", "all-but", "histograms"]
+    assert page.tags["svg"] == page.classes["card"] + 3  # + SQNR bars + one bar chart per sweep
+    markdown = (root / "sweeps" / "report.md").read_text()
+    rows = _md_rows(markdown, "## All but this layer")
+    assert rows[0][:3] == ["layer float, rest int8 (most recovery first)", "op", "cosine recovery"]
+    assert len(rows) == 6 and rows[1][0] == "/conv/conv.0/Conv" and float(rows[1][2]) > 0.02
+    recoveries = [float(r[2]) for r in rows[1:]]
+    assert recoveries == sorted(recoveries, reverse=True)
+    # Recovery = cosine with the layer float minus the fully quantized model's, which fidelity shows.
+    whole = float(_md_rows(markdown, "## Fidelity")[1][1])
+    assert float(rows[1][4]) - whole == pytest.approx(float(rows[1][2]), abs=2e-5)
+    solo = _md_rows(markdown, "## Quantize only this layer")
+    assert solo[1][0] == "/conv/conv.0/Conv" and len(solo) == 6
 
 
 def test_clipping_statistics_match_numpy(reports):

@@ -2,7 +2,9 @@
 
 For every quantized activation of the QDQ model: SQNR and cosine against the float model's same
 tensor, both run on ONNX Runtime over the data batch by batch, ranked worst first. With --sweep,
-also "quantize only this layer": each weighted layer quantized alone, with the final-output cosine.
+also per-layer sweeps of the final outputs: "solo" (each weighted layer quantized alone, the
+default of a bare --sweep), "all-but" (everything quantized but that layer: the cosine it
+recovers) or "both" (one calibration shared by the two).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+SWEEPS = ("solo", "all-but", "both")
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("analyze", help="per-layer sensitivity of a quantized model vs its float original",
@@ -23,10 +26,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16, help="samples per run (default: 16)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     parser.add_argument("--top", type=int, default=20, help="rows of the ranked table to print (default: 20)")
-    parser.add_argument("--sweep", action="store_true",
-                        help="also quantize each weighted layer alone and measure the final-output cosine")
+    parser.add_argument("--sweep", nargs="?", const="solo", choices=SWEEPS,
+                        help="also sweep the weighted layers and measure the final-output cosine: solo (each "
+                             "layer quantized alone; the default of a bare --sweep), all-but (everything but that "
+                             "layer quantized: what falling it back recovers) or both")
     parser.add_argument("--time-limit", type=float, default=300.0,
-                        help="seconds the sweep may take; layers not reached are listed (default: 300)")
+                        help="seconds each sweep may take; layers not reached are listed (default: 300)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--report", metavar="DIR",
                         help="also write report.html (self-contained, with plots) and report.md into DIR")
@@ -42,19 +47,20 @@ def run(args: argparse.Namespace) -> int:
         raise LowbitError("analyze needs inputs to run; pass --data X.npz (keyed by input name, samples on axis 0)")
     report = layer_sensitivity(args.float_model, args.quant_model, data, samples=args.samples,
                                batch_size=args.batch_size, threads=args.threads)
-    sweep = None
+    sweeps = {}
     if args.sweep:
-        from lowbit.analysis.sweep import quantize_only_sweep
+        from lowbit.analysis.sweep import KINDS, layer_sweeps
 
-        sweep = quantize_only_sweep(args.float_model, args.quant_model, calib=args.calib or data, eval_data=data,
-                                    samples=args.samples, batch_size=args.batch_size, threads=args.threads,
-                                    time_limit=args.time_limit)
+        sweeps = layer_sweeps(args.float_model, args.quant_model, KINDS if args.sweep == "both" else (args.sweep,),
+                              calib=args.calib or data, eval_data=data, samples=args.samples,
+                              batch_size=args.batch_size, threads=args.threads, time_limit=args.time_limit)
+    solo, all_but = sweeps.get("solo"), sweeps.get("all-but")
     if args.json:
-        print(json.dumps({"sensitivity": report.to_dict(), "sweep": None if sweep is None else sweep.to_dict()},
-                         indent=2))
+        print(json.dumps({"sensitivity": report.to_dict(), "sweep": None if solo is None else solo.to_dict(),
+                          "all_but_sweep": None if all_but is None else all_but.to_dict()}, indent=2))
     else:
         print(report.text(args.top))
-        if sweep is not None:
+        for sweep in sweeps.values():
             print(sweep.text())
     if args.report:
         import sys
@@ -62,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         from lowbit.report import build_report
 
         html, md = build_report(args.float_model, args.quant_model, data, args.report, sensitivity=report,
-                                samples=args.samples, batch_size=args.batch_size, threads=args.threads)
+                                sweep=solo, all_but=all_but, samples=args.samples, batch_size=args.batch_size,
+                                threads=args.threads)
         print(f"report: {html} and {md}", file=sys.stderr if args.json else sys.stdout)
     return 0

@@ -19,6 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from lowbit.analysis.sensitivity import SensitivityReport, layer_sensitivity
+from lowbit.analysis.sweep import SweepReport
 from lowbit.calibration.observer import ObserverSet
 from lowbit.numerics import QParams, expand_to, fake_quantize
 from lowbit.onnx.calib_data import CalibrationData
@@ -62,13 +63,17 @@ class ReportContent:
     histograms: list[TensorHistogram] = field(default_factory=list)
     not_drawn: dict[str, str] = field(default_factory=dict)  # tensor -> why no histogram
     budget: object | None = None  # lowbit.analysis.budget.BudgetResult
+    sweep: SweepReport | None = None  # quantize only this layer
+    all_but: SweepReport | None = None  # all but this layer
     notes: list[str] = field(default_factory=list)
 
 
 def collect(float_path: str | os.PathLike, quant_path: str | os.PathLike, data, *, verify: VerifyReport | None = None,
-            sensitivity: SensitivityReport | None = None, budget=None, samples: int | None = None,
-            batch_size: int = 16, threads: int | None = None, measure_speed: bool = True) -> ReportContent:
-    """Measure everything the report shows that the caller did not already measure."""
+            sensitivity: SensitivityReport | None = None, budget=None, sweep: SweepReport | None = None,
+            all_but: SweepReport | None = None, samples: int | None = None, batch_size: int = 16,
+            threads: int | None = None, measure_speed: bool = True) -> ReportContent:
+    """Measure everything the report shows that the caller did not already measure (the sweeps are
+    shown when given, never run here: they cost one evaluation per layer)."""
     plan = read_plan(quant_path)
     original = load_model(float_path)
     dataset = CalibrationData(data, original, samples=samples, what="report data") if data is not None else None
@@ -76,7 +81,7 @@ def collect(float_path: str | os.PathLike, quant_path: str | os.PathLike, data, 
         verify = compare_models(float_path, quant_path, dataset, batch_size=batch_size, threads=threads,
                                 speed=measure_speed)
     content = ReportContent(f"lowbit report: {Path(quant_path).name}", str(float_path), str(quant_path), plan, verify,
-                            sensitivity, budget=budget)
+                            sensitivity, budget=budget, sweep=sweep, all_but=all_but)
     if plan.mode == "static" and dataset is not None and content.sensitivity is None:
         content.sensitivity = layer_sensitivity(float_path, quant_path, data, samples=samples, batch_size=batch_size,
                                                 threads=threads)

@@ -6,7 +6,8 @@ from html import escape
 
 from lowbit.report import svg
 from lowbit.report.content import ReportContent, TensorHistogram
-from lowbit.report.markdown import budget_rows, fidelity_rows, overview_rows, plan_rows, sensitivity_rows
+from lowbit.report.markdown import (budget_rows, fidelity_rows, overview_rows, plan_rows, sensitivity_rows,
+                                    sweep_rows, sweep_summary)
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 16px}
@@ -56,6 +57,10 @@ def render_html(content: ReportContent) -> str:
     parts.append(_section("plan", "Plan", _table(*plan_rows(content.plan))))
     if content.sensitivity is not None:
         parts.append(_section("sensitivity", "Per-layer sensitivity", _sensitivity(content)))
+    if content.sweep is not None:
+        parts.append(_section("sweep", "Quantize only this layer", _sweep(content.sweep)))
+    if content.all_but is not None:
+        parts.append(_section("all-but", "All but this layer", _sweep(content.all_but)))
     parts.append(_section("histograms", "Weight and activation histograms with the int8 grid", _histograms(content)))
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{escape(content.title)}</title><style>{CSS}</style></head><body>"
@@ -87,6 +92,17 @@ def _sensitivity(content: ReportContent) -> str:
     skipped = [[t.tensor, t.skipped] for t in content.sensitivity.tensors if t.skipped]
     extra = _table(["skipped tensor", "why"], skipped) if skipped else ""
     return chart + note + _table(*sensitivity_rows(content.sensitivity)) + extra
+
+
+def _sweep(sweep) -> str:
+    if sweep.kind == "all-but":
+        items = [(r.node, r.recovery) for r in sweep.ranked()]
+        title = "Cosine recovered when only this layer stays float (most first)"
+    else:
+        items = [(r.node, 1.0 - r.cosine) for r in sweep.ranked()]
+        title = "Cosine lost when only this layer is quantized (most first)"
+    chart = svg.bar_chart(items, title=title, unit="", value_format=".5f") if items else ""
+    return f'<p class="muted">{escape(sweep_summary(sweep))}</p>' + chart + _table(*sweep_rows(sweep))
 
 
 def _histograms(content: ReportContent) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lowbit.analysis.sensitivity import SensitivityReport
+from lowbit.analysis.sweep import SweepReport
 from lowbit.onnx.verify import VerifyReport
 from lowbit.plan import QuantPlan
 from lowbit.report.content import ReportContent
@@ -66,9 +67,40 @@ def sensitivity_rows(report: SensitivityReport) -> Rows:
 
 
 def budget_rows(budget) -> Rows:
-    rows = [[layer.node, layer.op_type, f"{layer.macs:,}", _opt(layer.solo_drop, ".2e", "not measured"),
+    """The search's layers in its ranking order. `gain`: how much the score of the int8 candidate
+    rose when the layer's fallback unit alone went float (the search no longer measures solo drops)."""
+    rows = [[layer.node, layer.op_type, f"{layer.macs:,}", _opt(layer.gain, "+.2e", "not measured"),
              "float" if layer.node in budget.excluded else "int8"] for layer in budget.layers]
-    return ["layer (most sensitive first)", "op", "MACs", "solo cosine drop", "kept as"], rows
+    return ["layer (most sensitive first)", "op", "MACs", f"fallback gain ({budget.metric})", "kept as"], rows
+
+
+def sweep_rows(sweep: SweepReport) -> Rows:
+    """One row per measured layer, in the sweep's ranking order."""
+    if sweep.kind == "all-but":
+        rows = [[r.node, r.op_type, f"{r.recovery:+.5f}",
+                 _opt(None if r.top1_recovery is None else 100 * r.top1_recovery, "+.2f"), f"{r.cosine:.5f}",
+                 _opt(None if r.top1_agreement is None else 100 * r.top1_agreement, ".2f")] for r in sweep.ranked()]
+        return ["layer float, rest int8 (most recovery first)", "op", "cosine recovery", "top-1 recovery (points)",
+                "cosine", "top-1 agree %"], rows
+    rows = [[r.node, r.op_type, f"{r.cosine:.5f}", f"{r.cosine_min:.5f}",
+             _opt(None if r.top1_agreement is None else 100 * r.top1_agreement, ".2f")] for r in sweep.ranked()]
+    return ["layer int8, rest float (worst first)", "op", "cosine", "worst sample", "top-1 agree %"], rows
+
+
+def sweep_summary(sweep: SweepReport) -> str:
+    """What the sweep compared against, and what it did not reach, in a sentence or two."""
+    if sweep.kind == "all-but":
+        base = sweep.baseline
+        text = (f"Each weighted layer kept float while every other one stays quantized; recovery = metric with "
+                f"the layer float minus the fully quantized model's (cosine {base.cosine:.5f}"
+                + ("" if base.top1_agreement is None else f", top-1 agreement {100 * base.top1_agreement:.2f}%")
+                + ").")
+    else:
+        text = "Each weighted layer quantized alone, every other node float; final-output cosine vs the float model."
+    if sweep.not_reached:
+        text += (f" The time limit of {sweep.time_limit:g} s stopped the sweep before {len(sweep.not_reached)} "
+                 f"layer(s): {', '.join(sweep.not_reached)}.")
+    return " ".join([text, *sweep.notes])
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -96,6 +128,9 @@ def render_markdown(content: ReportContent, top: int = 20) -> str:
         header, rows = sensitivity_rows(content.sensitivity)
         out += [f"## Per-layer sensitivity (worst {min(top, len(rows))} of {len(rows)})", "",
                 _md_table(header, rows[:top]), ""]
+    for title, sweep in (("Quantize only this layer", content.sweep), ("All but this layer", content.all_but)):
+        if sweep is not None:
+            out += [f"## {title}", "", sweep_summary(sweep), "", _md_table(*sweep_rows(sweep)), ""]
     if content.histograms:
         worst = sorted(content.histograms, key=lambda h: -h.clipping_mse)[:top]
         out += ["## Clipping error (largest first)", "",

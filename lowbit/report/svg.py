@@ -29,13 +29,13 @@ def _nice(v: float) -> str:
 
 
 def bar_chart(items: list[tuple[str, float | None]], *, title: str, unit: str, width: int = 900,
-              threshold: float | None = None) -> str:
+              threshold: float | None = None, value_format: str = ".1f") -> str:
     """Horizontal bars, one per (label, value); None values are drawn as 'exact' with no bar.
-    Bars below `threshold` are drawn in the warning colour."""
+    Bars below `threshold` are drawn in the warning colour. The axis spans the values and zero."""
     row, left, top = 16, 330, 24
     height = top + row * len(items) + 28
     values = [v for _, v in items if v is not None and math.isfinite(v)]
-    vmax = max(values + [1.0])
+    vmax = max(values + [0.0] + ([threshold] if threshold is not None else []))  # keep the threshold line inside
     vmin = min(values + [0.0])
     span = vmax - vmin or 1.0
     scale = (width - left - 60) / span
@@ -52,7 +52,7 @@ def bar_chart(items: list[tuple[str, float | None]], *, title: str, unit: str, w
         colour = BAD if threshold is not None and value < threshold else BAR
         body.append(f'<rect x="{x0:.1f}" y="{y + 2}" width="{max(1.0, x1 - x0):.1f}" height="{row - 4}" '
                     f'fill="{colour}"/>')
-        body.append(_text(x1 + 4, y + 11, f"{value:.1f} {unit}"))
+        body.append(_text(x1 + 4, y + 11, f"{value:{value_format}} {unit}".rstrip()))
     axis_y = top + row * len(items) + 4
     body.append(f'<line x1="{zero_x:.1f}" y1="{top}" x2="{zero_x:.1f}" y2="{axis_y}" stroke="#333"/>')
     if threshold is not None:
