@@ -57,7 +57,7 @@ from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.collect import ActivationStats, collect_activation_stats
 from lowbit.onnx.cpu import has_amx_int8
-from lowbit.onnx.io import load_model, save_model
+from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
 from lowbit.onnx.planner import ACTIVATION_SPEC, INT16_OPSET, StaticPlanner, node_names, widen_to_int16
 from lowbit.onnx.preprocess import preprocess
 from lowbit.onnx.qdq import ensure_opset, write_qdq
@@ -315,6 +315,7 @@ def search_precision(float_path: str | os.PathLike, out_path: str | os.PathLike,
                      "budget": {"metric": metric, "max_drop": max_drop, "met": best.met, "drop": best.drop,
                                 "fallback": list(ladder), "fell_back": best.excluded, "precision": best.precision,
                                 "int8_mac_fraction": best.int8_mac_fraction}}
+    drop_shape_annotations(quantized)
     attach_plan(quantized, plan)
     save_model(quantized, out_path, inputs=[float_path])
     report = compare_models(float_path, out_path, eval_set, batch_size=batch_size, threads=threads,

@@ -32,7 +32,7 @@ from lowbit.analysis.macs import layer_macs
 from lowbit.errors import LowbitError
 from lowbit.onnx.blockwise import WeightSite
 from lowbit.onnx.calib_data import CalibrationData
-from lowbit.onnx.io import load_model, save_model
+from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
 from lowbit.onnx.planner import node_names
 from lowbit.onnx.preprocess import preprocess
 from lowbit.onnx.qdq import ensure_opset
@@ -141,6 +141,7 @@ def search_weight_precision(float_path: str | os.PathLike, out_path: str | os.Pa
                                 "fallback": list(ladder), "fell_back": best.excluded, "precision": best.precision,
                                 f"{start}_mac_fraction": best.int8_mac_fraction}}
     attach_plan(quantized, plan)
+    drop_shape_annotations(quantized)
     save_model(quantized, out_path, inputs=[float_path])
     report = compare_models(float_path, out_path, eval_set, batch_size=batch_size, threads=threads,
                             speed=measure_speed)

@@ -121,6 +121,17 @@ def save_model(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def drop_shape_annotations(model: onnx.ModelProto) -> None:
+    """Remove the intermediate shapes (graph.value_info) lowbit's pre-processing added.
+
+    They are only needed while quantizing. Left in a written model they make ONNX Runtime fuse
+    every residual Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel is
+    several times slower than the two ops it replaces (measured with ORT 1.31, 2 threads,
+    64x128x384: 20 ms vs 3.3 ms): all-MiniLM-L6-v2 static int8 ran at 1.57x fp32 with them,
+    1.88x without. Graph inputs and outputs keep their types and shapes."""
+    del model.graph.value_info[:]
+
+
 def model_size_bytes(model_or_path: onnx.ModelProto | PathLike) -> int:
     """Serialized size in bytes, external data files included."""
     if isinstance(model_or_path, onnx.ModelProto):

@@ -20,7 +20,7 @@ import onnx
 from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.cpu import has_amx_int8
-from lowbit.onnx.io import load_model, save_model
+from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
 from lowbit.onnx.planner import ACTIVATION_SPEC, StaticPlanner, node_names, plan_dynamic
 from lowbit.onnx.preprocess import preprocess
 from lowbit.onnx.qdq import ensure_opset, write_qdq
@@ -180,6 +180,7 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
         warnings.append("nothing was quantized (no supported op found, or all excluded); the output is the "
                         "pre-processed float model")
     attach_plan(quantized, plan)
+    drop_shape_annotations(quantized)
     _check_runs(quantized)
     save_model(quantized, output_path, inputs=[model_path])
     report = None
