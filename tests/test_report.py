@@ -231,3 +231,17 @@ def test_report_renders_in_headless_chromium(reports, tmp_path):
     # The SVG plots were drawn: bar-blue and clip-red pixels are on screen.
     assert (np.abs(pixels - BAR_RGB).sum(-1) < 12).sum() > 2000
     assert (np.abs(pixels - CLIP_RGB).sum(-1) < 12).sum() > 50
+
+
+def test_budget_table_names_each_layers_fallback_precision():
+    """With a fallback ladder (int8 -> int16 -> float, or weight-only int4 -> int8), the table says
+    which step each layer ended at, not just "float"."""
+    from lowbit.analysis.budget import BudgetResult
+
+    budget = BudgetResult.__new__(BudgetResult)
+    budget.metric, budget.excluded, budget.start = "cosine", ["b", "c"], "int4"
+    budget.precision = {"b": "int8", "c": "float"}
+    budget.layers = [Layer("a", "MatMul", 10, gain=None), Layer("b", "MatMul", 20, gain=0.1),
+                     Layer("c", "MatMul", 30, gain=0.2)]
+    header, body = budget_rows(budget)
+    assert [row[4] for row in body] == ["int4", "int8", "float"]

@@ -73,7 +73,7 @@ def _budget(content: ReportContent) -> str:
                if budget.met else f'<div class="warn">budget NOT met: best {budget.metric} drop {budget.drop:.5f} > '
                f'{budget.max_drop:g}; the most accurate model found was saved</div>')
     points = [(t.speedup if t.speedup is not None else t.int8_mac_fraction, t.score,
-               f"{t.stage}: {len(t.excluded)} float, score {t.score:.5f}", t.excluded == budget.excluded)
+               f"{t.stage}: {len(t.excluded)} fallen back, score {t.score:.5f}", t.excluded == budget.excluded)
               for t in budget.trials]
     x_label = ("speedup vs float (measured, same run)" if all(t.speedup is not None for t in budget.trials)
                else "share of MACs in int8")

@@ -38,7 +38,7 @@ def overview_rows(content: ReportContent) -> list[list[str]]:
     if content.budget is not None:
         b = content.budget
         rows.append(["accuracy budget", f"{'met' if b.met else 'NOT met'}: {b.metric} drop {b.drop:.5f} "
-                     f"(max {b.max_drop:g}); {100 * b.int8_mac_fraction:.1f}% of MACs int8"])
+                     f"(max {b.max_drop:g}); {100 * b.int8_mac_fraction:.1f}% of MACs {_start(b)}"])
     return rows
 
 
@@ -66,11 +66,22 @@ def sensitivity_rows(report: SensitivityReport) -> Rows:
     return ["tensor (worst first)", "SQNR dB", "cosine", "own dB", "clipped %"], rows
 
 
+def _start(budget) -> str:
+    """The precision every layer starts at: int8 (static) or int4 (weight-only)."""
+    return getattr(budget, "start", "int8")
+
+
+def _precision(budget, node: str) -> str:
+    if hasattr(budget, "layer_precision"):
+        return budget.layer_precision(node)
+    return "float" if node in budget.excluded else "int8"
+
+
 def budget_rows(budget) -> Rows:
     """The search's layers in its ranking order. `gain`: how much the score of the int8 candidate
     rose when the layer's fallback unit alone went float (the search no longer measures solo drops)."""
     rows = [[layer.node, layer.op_type, f"{layer.macs:,}", _opt(layer.gain, "+.2e", "not measured"),
-             "float" if layer.node in budget.excluded else "int8"] for layer in budget.layers]
+             _precision(budget, layer.node)] for layer in budget.layers]
     return ["layer (most sensitive first)", "op", "MACs", f"fallback gain ({budget.metric})", "kept as"], rows
 
 
@@ -122,8 +133,8 @@ def render_markdown(content: ReportContent, top: int = 20) -> str:
         b = content.budget
         out += ["## Accuracy budget search", "",
                 f"{'Met' if b.met else '**NOT met**'}: {b.metric} drop {b.drop:.5f} (max {b.max_drop:g}), "
-                f"{len(b.trials)} candidates in {b.seconds:.1f} s; fell back to float: "
-                f"{', '.join(b.excluded) or 'none'}.", "", _md_table(*budget_rows(b)), ""]
+                f"{len(b.trials)} candidates in {b.seconds:.1f} s; fell back from {_start(b)}: "
+                f"{', '.join(f'{n} ({_precision(b, n)})' for n in b.excluded) or 'none'}.", "", _md_table(*budget_rows(b)), ""]
     if content.sensitivity is not None:
         header, rows = sensitivity_rows(content.sensitivity)
         out += [f"## Per-layer sensitivity (worst {min(top, len(rows))} of {len(rows)})", "",
