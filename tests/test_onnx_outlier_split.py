@@ -140,3 +140,31 @@ def test_dynamic_without_calibration_does_not_split(tmp_path):
     out = tmp_path / "dyn.onnx"
     quantize_onnx(_ffn(tmp_path, nn.GELU()), out, mode="dynamic", verify=False, measure_speed=False)
     assert "outlier_split" not in read_plan(out).settings["algorithms"]
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_sweeps_replay_the_stored_split(tmp_path, mode):
+    """The all-but sweep rebuilds the model as stored (split included), so its fully quantized
+    variant scores exactly like the written model."""
+    from lowbit.analysis.sweep import all_but_sweep
+
+    source = _ffn(tmp_path, nn.GELU())
+    calib = {"x": _inputs(64, seed=2)}
+    out = tmp_path / "q.onnx"
+    stored = quantize_onnx(source, out, mode=mode, calib=calib, measure_speed=False)
+    assert stored.plan.settings["algorithms"]["outlier_split"]
+    sweep = all_but_sweep(source, out, calib=calib)
+    assert not sweep.notes
+    assert sweep.baseline.cosine == pytest.approx(min(o.cosine_mean for o in stored.report.outputs), abs=1e-6)
+    assert {r.node for r in sweep.results} == {"/up/MatMul", "/down/MatMul"}
+
+
+def test_budget_search_starts_from_the_split_model(tmp_path):
+    from lowbit.analysis.budget import search_precision
+
+    source = _ffn(tmp_path, nn.GELU())
+    result = search_precision(source, tmp_path / "b.onnx", calib={"x": _inputs(64, seed=2)}, max_drop=0.5,
+                              measure_speed=False)
+    split = read_plan(tmp_path / "b.onnx").settings["algorithms"]["outlier_split"]
+    assert [site["channels"] for site in split] == [[OUTLIER]]
+    assert result.met

@@ -61,7 +61,7 @@ from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
 from lowbit.onnx.planner import ACTIVATION_SPEC, INT16_OPSET, StaticPlanner, node_names, widen_to_int16
 from lowbit.onnx.preprocess import preprocess
 from lowbit.onnx.qdq import ensure_opset, write_qdq
-from lowbit.onnx.quantize import CALIB_METHODS, _smooth, attach_plan
+from lowbit.onnx.quantize import CALIB_METHODS, _smooth, _split_outliers, attach_plan
 from lowbit.onnx.session import make_session
 from lowbit.onnx.verify import VerifyReport, _cosine_per_sample, _looks_like_class_scores, compare_models, time_pair
 from lowbit.plan import QuantPlan
@@ -215,7 +215,8 @@ def search_precision(float_path: str | os.PathLike, out_path: str | os.PathLike,
                      exclude: tuple[str, ...] | list[str] = (), samples: int | None = None, batch_size: int = 16,
                      threads: int | None = None, smooth: bool | None = None, smooth_alpha: float | dict = 0.5,
                      equalize: bool = False, measure_speed: bool = True,
-                     fallback: str | tuple[str, ...] | list[str] = DEFAULT_FALLBACK) -> BudgetResult:
+                     fallback: str | tuple[str, ...] | list[str] = DEFAULT_FALLBACK,
+                     outlier_split: bool | None = None) -> BudgetResult:
     """Static int8 quantization of `float_path` with per-layer fallback chosen so the model stays
     within `max_drop` of the float model (see the module docstring). `fallback`: the precisions a
     layer may fall back to, e.g. ("int16", "float"); each fallen-back layer gets the cheapest one
@@ -237,6 +238,11 @@ def search_precision(float_path: str | os.PathLike, out_path: str | os.PathLike,
     calib_data = CalibrationData(calib, original, samples=samples)
     eval_set = CalibrationData(eval_data, original, what="evaluation data") if eval_data is not None else calib_data
     algorithms: dict = {}
+    if outlier_split is not False:
+        model, split, _ = _split_outliers(model, exclude, calib_data, batch_size, threads)
+        if split:
+            algorithms["outlier_split"] = split
+            exclude = (*exclude, *(name for site in split for name in site["float_branch"]))
     if equalize:
         from lowbit.onnx.equalize import equalize_model
 

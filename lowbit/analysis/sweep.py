@@ -223,6 +223,7 @@ class _Variants:
         # The user's exclusions (and a budget search's fallbacks) stay float in every variant.
         self.exclude = [p for p in plan.settings.get("exclude") or [] if p in known]
         self.notes: list[str] = []
+        self._replay_outlier_split(plan)
         self.stats = None
         if self.mode == "static":
             if calib is None:
@@ -236,6 +237,24 @@ class _Variants:
             if replayed:  # a rescaled tensor's stored range would not fit a model rescaled otherwise
                 self.stats.ranges.update(_stored_ranges(plan))
             self.qgemm = has_amx_int8()  # the weight form quantize_onnx picks on this CPU
+
+    def _replay_outlier_split(self, plan: QuantPlan) -> None:
+        """Split the same FFN channels off as the stored model did (quantize_onnx does it first,
+        before any other rewrite); the float branches stay float in every variant."""
+        stored = {site["node"]: site["channels"] for site in (plan.settings.get("algorithms") or {}).get(
+            "outlier_split", [])}
+        if not stored:
+            return
+        from lowbit.onnx.outlier_split import apply_split, split_sites
+
+        sites = split_sites(self.model, set(stored))
+        for site in sites:
+            site.channels = stored[site.down]
+        self.model = apply_split(self.model, sites)
+        self.exclude += [name for site in sites for name in site.float_branch]
+        if len(sites) != len(stored):
+            self.notes.append("the stored model split FFN outlier channels this float model does not have; compare "
+                              "layers with each other rather than with the stored model")
 
     def _replay_rewrites(self, plan: QuantPlan, data: CalibrationData, batch_size: int, threads: int | None) -> bool:
         """Apply the stored model's equalization and SmoothQuant to `self.model`; False when they

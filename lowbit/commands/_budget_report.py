@@ -57,7 +57,7 @@ def run_budget(args: argparse.Namespace) -> int:
         result = search_precision(
             args.model, args.output, calib=args.calib, calib_method=args.calib_method,
             per_channel=not args.per_tensor, smooth=args.smooth, smooth_alpha=args.smooth_alpha,
-            equalize=args.equalize, **common)
+            equalize=args.equalize, outlier_split=args.outlier_split, **common)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
