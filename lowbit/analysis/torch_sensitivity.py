@@ -27,7 +27,6 @@ unit outputs):
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import itertools
 import math
@@ -256,25 +255,10 @@ def _check_sweeps(sweeps: Iterable[str]) -> tuple[str, ...]:
 
 # --------------------------------------------------------------------------- units and switches
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _float_weight(layer: QuantizedLayer) -> tuple[torch.Tensor, None]:
-    return layer.effective_weight(), None
-
-
-def _float_bias(layer: QuantizedLayer, _weight_qparams: Any) -> torch.Tensor | None:
-    return getattr(layer, "bias", None)
-
-
 @dataclass
 class _Unit:
-    """A module and the quantizers it owns, switched on and off together.
-
-    Off is done with instance attributes that shadow the class's methods (forward/reapply of its
-    activation quantizers, quantized_weight/quantized_bias of a layer) and on by deleting them:
-    lowbit.torch has no public switch, and this only ever touches the private working copy."""
+    """A module and the quantizers it owns, switched on and off together (off: float weights and
+    bias, activations passed through). Only the private working copy is ever switched."""
 
     name: str
     module: nn.Module
@@ -285,18 +269,9 @@ class _Unit:
 
     def set(self, on: bool) -> None:
         for quantizer in self.activations:
-            for method in ("forward", "reapply"):
-                if on:
-                    quantizer.__dict__.pop(method, None)
-                else:
-                    quantizer.__dict__[method] = _identity
+            quantizer.enabled = on
         if self.layer is not None:
-            if on:
-                self.layer.__dict__.pop("quantized_weight", None)
-                self.layer.__dict__.pop("quantized_bias", None)
-            else:
-                self.layer.__dict__["quantized_weight"] = functools.partial(_float_weight, self.layer)
-                self.layer.__dict__["quantized_bias"] = functools.partial(_float_bias, self.layer)
+            self.layer.quantize_weights = on
 
     def grids(self, args: tuple) -> list[tuple[ActivationQuantizer, torch.Tensor | None]]:
         """(own activation quantizer, the input it reads or None for the module's output)."""

@@ -26,6 +26,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.numerics import QParams, dequantize, pack, quantize, unpack
 from lowbit.spec import Recipe
+from lowbit.torch.modules import check_switches_on
 from lowbit.torch.qat import activation_quantizers, prepare, quantized_layers, state_of
 from lowbit.torch.quantizers import ActivationQuantizer, WeightQuantizer
 
@@ -47,6 +48,7 @@ def _stores_zero_point(qp: QParams) -> bool:
 @torch.no_grad()
 def save_packed(model: nn.Module, path: str | Path) -> Path:
     """Write a prepared model as a packed safetensors checkpoint (atomically); returns the path."""
+    check_switches_on(model, "saving a packed checkpoint")
     state = state_of(model)
     _, save_file = _safetensors()
     tensors: dict[str, np.ndarray] = {}

@@ -11,6 +11,9 @@ the ReLU/ReLU6 that follows it (fused into the layer, as ONNX Runtime's QDQ fusi
 a layer whose input was already quantized upstream re-applies that grid (`share_input_grid`)
 instead of owning a second quantizer, so every tensor has one scale.
 
+`quantize_weights = False` on a layer (and `enabled = False` on an activation quantizer) is the
+switch a what-if analysis uses: the layer then computes with its float weight and float bias.
+
 `freeze_for_export` stores the integer tensors as buffers and switches the forward pass to the
 functions of `onnx_ops`, which the TorchScript exporter writes as Q/DQ nodes.
 """
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.errors import LowbitError
 from lowbit.numerics import QParams, quantize, storage_dtype
 from lowbit.spec import QuantSpec
 from lowbit.torch.onnx_ops import DequantizeConstant, QuantizeDequantize
@@ -37,6 +41,7 @@ class QuantizedLayer:
     weight_mask: torch.Tensor | None
     output_quantizer: ActivationQuantizer | None
     output_activation: str | None  # "relu" / "relu6" fused before the output quantizer
+    quantize_weights: bool  # off: float weight and bias (activations have their own switches)
     exporting: bool
 
     @classmethod
@@ -58,6 +63,7 @@ class QuantizedLayer:
         self.output_quantizer = None
         self.output_activation = None
         self._input_grid = ()  # a tuple, so the shared quantizer is not registered twice
+        self.quantize_weights = True
         self.exporting = False
 
     def share_input_grid(self, quantizer: ActivationQuantizer) -> None:
@@ -108,6 +114,8 @@ class QuantizedLayer:
             x = self.input_quantizer(x) if source is self.input_quantizer else source.reapply(x)
             if source.observer is not None:  # calibrating: run in float
                 return x, self.effective_weight(), getattr(self, "bias", None)
+        if not self.quantize_weights:
+            return x, self.effective_weight(), getattr(self, "bias", None)
         weight, qp = self.quantized_weight()
         return x, weight, self.quantized_bias(qp)
 
@@ -116,6 +124,10 @@ class QuantizedLayer:
     @torch.no_grad()
     def freeze_for_export(self, uint8_activations: bool = True) -> None:
         """Store the integer weight (and int32 bias) as buffers and export through Q/DQ."""
+        if not self.quantize_weights:
+            raise LowbitError(f"{self._describe()} has weight quantization switched off (quantize_weights = "
+                              "False); set it back to True before exporting, or prepare with exclude=[...] "
+                              "to keep that layer float")
         weight = self.effective_weight().detach()
         _, qp = self.quantized_weight()
         spec = qp.spec
@@ -144,6 +156,13 @@ class QuantizedLayer:
         freeze_activation(self, "output", self.output_quantizer, uint8_activations)
         self.exporting = True
 
+    def _describe(self) -> str:
+        """The layer's name where a quantizer of its own carries it, else its type and shape."""
+        own = self.input_quantizer or self.output_quantizer
+        if own is not None:
+            return f"layer {own.name.rsplit('.', 1)[0]!r}"
+        return f"a {type(self).__name__} layer with weight {list(self.weight.shape)}"
+
     def _exported_operands(self, x):
         x = exported_activation(self, "input", x)
         weight = DequantizeConstant.apply(self.export_weight, self.export_weight_scale,
@@ -155,6 +174,18 @@ class QuantizedLayer:
             bias = DequantizeConstant.apply(self.export_bias, self.export_bias_scale,
                                             self.export_bias_zero_point, None, axis, None, None)
         return x, weight, bias
+
+
+def check_switches_on(model: nn.Module, action: str) -> None:
+    """Raise if any quantizer of `model` is switched off: `action` (export, saving) would write a
+    quantized model that computes differently from the one the caller ran."""
+    off = [name for name, m in model.named_modules()
+           if isinstance(m, QuantizedLayer) and not m.quantize_weights
+           or isinstance(m, ActivationQuantizer) and not m.enabled]
+    if off:
+        raise LowbitError(f"quantization is switched off for {', '.join(off)} (quantize_weights / enabled = "
+                          f"False); switch it back on before {action}, or prepare with exclude=[...] to keep "
+                          "those layers float")
 
 
 def _torch_dtype(numpy_dtype) -> torch.dtype:

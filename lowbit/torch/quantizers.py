@@ -110,7 +110,11 @@ class ActivationQuantizer(nn.Module):
 
     Until `lowbit.torch.calibrate` has run, using the model is an error rather than a silent
     float pass. While calibrating, the quantizer only observes. Ranges stay fixed during training
-    unless scales are learnable (LSQ); the zero point stays where calibration put it."""
+    unless scales are learnable (LSQ); the zero point stays where calibration put it.
+
+    `enabled = False` switches it off: values pass through unchanged (no range needed), while
+    calibration still observes, so it can be switched back on. Off is a what-if for analysis
+    (a plain attribute, kept by deepcopy, not saved in the state dict); export refuses it."""
 
     def __init__(self, name: str, spec: QuantSpec, learnable: bool = False) -> None:
         super().__init__()
@@ -118,6 +122,7 @@ class ActivationQuantizer(nn.Module):
         self.spec = spec
         self.learnable = learnable
         self.observer = None  # a calibration.RangeObserver while calibrating
+        self.enabled = True
         self.register_buffer("calibrated", torch.tensor(False))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         scale = torch.ones((), dtype=torch.float32)
@@ -143,20 +148,24 @@ class ActivationQuantizer(nn.Module):
         if self.observer is not None:
             self.observer.update(x.detach())
             return x
-        return self._fake_quantize(x)
+        return self._fake_quantize(x) if self.enabled else x
 
     def reapply(self, x: torch.Tensor) -> torch.Tensor:
         """Put `x` back on this quantizer's grid without observing it: for a consumer of a tensor
         this quantizer already quantized where it was produced (through max-pooling, reshapes...).
         Values already on the grid come back unchanged, so this costs no accuracy; it gives the
         exported graph the Q/DQ pair in front of the consumer that ONNX Runtime fuses."""
-        return x if self.observer is not None else self._fake_quantize(x)
+        return self._fake_quantize(x) if self.observer is None and self.enabled else x
 
     def export_params(self, as_uint8: bool) -> tuple[torch.Tensor, torch.Tensor, QuantSpec]:
         """(scale, zero point in its storage type, spec) for QuantizeLinear/DequantizeLinear.
 
         `as_uint8` writes an int8 grid as the identical uint8 grid (every integer and the zero
         point shifted by 128): same numbers, but ONNX Runtime's fast x86 kernels are U8S8."""
+        if not self.enabled:
+            raise LowbitError(f"activation quantizer {self.name!r} is switched off (enabled = False), so the "
+                              "model runs it in float; set enabled = True before exporting, or prepare with "
+                              "exclude=[...] to keep that layer float")
         scale = self.qparams().scale.detach().clone()
         if as_uint8 and self.spec.dtype == "int8" and not self.spec.narrow_range:
             spec = replace(self.spec, dtype="uint8", symmetric=False)
@@ -173,4 +182,5 @@ class ActivationQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         state = f"scale={float(self.scale.detach()):.4g}, zero_point={int(self.zero_point)}" if bool(self.calibrated) else "not calibrated"
-        return f"{self.spec.describe()}, {state}{', learnable' if self.learnable else ''}"
+        flags = (", learnable" if self.learnable else "") + ("" if self.enabled else ", off")
+        return f"{self.spec.describe()}, {state}{flags}"
