@@ -3,8 +3,9 @@
 Tiny random LLaMA, Qwen2, Mistral and BERT models (word-level tokenizers trained on Python's
 pydoc text) are saved to tmp dirs, quantized by `smoothquant_pretrained` / `lowbit quantize`,
 and loaded back by transformers with the compressed-tensors package. The loaded model must
-reproduce lowbit's own quantized model, and each loaded linear must compute the int8 arithmetic
-of the tensors on disk.
+reproduce lowbit's own quantized model, each loaded linear must compute the int8 arithmetic
+of the tensors on disk, and the weights on disk must be the float model's with the smoothing
+scales folded in (norm groups into the norms, linear groups into v/o and up/down).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def _tokenizer(kind: str):
                                                 pad_token="[PAD]")
 
 
-def _float_model(kind: str):
+def _float_model(kind: str, kv_heads: int):
     common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=64)
     if kind == "bert":
@@ -72,17 +73,22 @@ def _float_model(kind: str):
     config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                                  "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
                                  "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[kind]
-    return model_class(config_class(num_key_value_heads=2, **common))
+    return model_class(config_class(num_key_value_heads=kv_heads, **common))
 
 
-def _save_model(kind: str, directory: Path) -> Path:
+def _save_model(kind: str, directory: Path, *, kv_heads: int = 2, loud_down_proj: bool = False) -> Path:
+    """`kv_heads=4` (= attention heads) gives multi-head attention, where v_proj -> o_proj can be
+    smoothed; `loud_down_proj` makes a few down_proj input channels 8x louder, as in trained LLaMAs."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = _float_model(kind)
+        model = _float_model(kind, kv_heads)
         with torch.no_grad():  # a few loud channels, as in trained models
             for module in model.modules():
                 if "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
+                    module.weight[:4] *= 8.0
+            for name, module in model.named_modules():
+                if loud_down_proj and name.endswith("mlp.up_proj"):
                     module.weight[:4] *= 8.0
         model.save_pretrained(directory)
         _tokenizer(kind).save_pretrained(directory)
@@ -121,18 +127,25 @@ def _saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- round trip through transformers
 
 
-@pytest.mark.parametrize("kind, smooth", [("llama", True), ("qwen2", True), ("mistral", True), ("bert", False)])
-def test_checkpoint_loads_and_matches_lowbit(tmp_path, kind, smooth):
+# Grouped-query attention (2 value heads for 4 query heads): v_proj -> o_proj cannot be smoothed,
+# so "linear" smooths up_proj -> down_proj only (2 blocks). BERT is post-norm: no norm groups, and
+# its linear group is value -> attention.output.dense.
+@pytest.mark.parametrize("kind, groups, smoothed, norms_changed", [
+    ("llama", "norm", 4, 4), ("qwen2", "norm,linear", 6, 4), ("mistral", "all", 6, 4), ("bert", None, 0, 0),
+    ("bert", "linear", 2, 0)])
+def test_checkpoint_loads_and_matches_lowbit(tmp_path, kind, groups, smoothed, norms_changed):
     model_dir = _save_model(kind, tmp_path / "model")
     before = _digest(model_dir)
     out_dir = tmp_path / "out"
-    result = smoothquant_pretrained(model_dir, out_dir, calib_text=_text_file(tmp_path), smooth=smooth,
-                                    samples=6, seq_len=32)
+    options = dict(smooth=False) if groups is None else dict(smooth_groups=groups)
+    result = smoothquant_pretrained(model_dir, out_dir, calib_text=_text_file(tmp_path), samples=6, seq_len=32,
+                                    **options)
     assert _digest(model_dir) == before  # the input is never touched
     assert not list(tmp_path.glob(".out.*"))  # no temporary directory left behind
     assert (out_dir / "tokenizer.json").is_file()
     assert result.eval_source == "held-out" and 0.9 < result.cosine < 1.0
-    assert len(result.result.smoothing) == (4 if smooth else 0)  # two norms per block
+    assert len(result.result.smoothing) == smoothed
+    assert any("grouped-query" in note for note in result.notes) == (kind != "bert" and groups != "norm")
 
     config = json.loads((out_dir / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "int-quantized"
@@ -151,7 +164,11 @@ def test_checkpoint_loads_and_matches_lowbit(tmp_path, kind, smooth):
     original = _saved_tensors(model_dir)
     norms = [key for key in original if "layernorm" in key and key.endswith("weight")]
     changed = [key for key in norms if not torch.equal(original[key], saved[key])]
-    assert len(changed) == (4 if smooth else 0)  # the smoothing scales live in the saved norms
+    assert len(changed) == norms_changed  # the norm groups' scales live in the saved norms
+    recorded = json.loads((out_dir / "config.json").read_text())["quantization_config"]["lowbit"]
+    assert recorded["smooth_groups"] == {None: [], "norm": ["norm"], "linear": ["linear"],
+                                         "norm,linear": ["norm", "linear"], "all": ["norm", "linear"]}[groups]
+    assert recorded["smoothed"] == sorted(result.result.smoothing)
 
     loaded = _load(out_dir, kind)
     modules = dict(loaded.named_modules())
@@ -183,6 +200,55 @@ def test_loaded_linear_computes_int8_arithmetic_of_the_saved_tensors(tmp_path):
             torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_linear_groups_are_folded_into_the_saved_weights(tmp_path, kind):
+    """Multi-head attention, norm and linear groups: on disk, each weight is the float model's
+    with the smoothing scales folded in, rounded to its int8 row grid; reloaded, the checkpoint
+    still computes exactly what lowbit's model does."""
+    model_dir = _save_model(kind, tmp_path / "model", kv_heads=4)
+    result = smoothquant_pretrained(model_dir, tmp_path / "out", calib_text=_text_file(tmp_path),
+                                    smooth_groups=("norm", "linear"), samples=6, seq_len=32)
+    scales = result.result.smoothing
+    assert len(scales) == 8 and result.notes == []  # per block: 2 norms, v_proj and up_proj
+    assert sorted(result.smoothed_kinds.values()) == ["linear"] * 4 + ["norm"] * 4
+    original, saved = _saved_tensors(model_dir), _saved_tensors(tmp_path / "out")
+    for block in range(2):
+        prefix = f"model.layers.{block}."
+        s_in, s_v = scales[prefix + "input_layernorm"], scales[prefix + "self_attn.v_proj"]
+        s_post, s_up = scales[prefix + "post_attention_layernorm"], scales[prefix + "mlp.up_proj"]
+        # Producers' rows divided by their group's s, consumers' columns multiplied by it.
+        folded = {"self_attn.v_proj": s_in[None, :] / s_v[:, None], "self_attn.o_proj": s_v[None, :],
+                  "mlp.up_proj": s_post[None, :] / s_up[:, None], "mlp.down_proj": s_up[None, :]}
+        for name, factor in folded.items():
+            key = prefix + name
+            row_scale = saved[f"{key}.weight_scale"].float()
+            on_disk = saved[f"{key}.weight"].float() * row_scale
+            expected = original[f"{key}.weight"] * factor
+            assert ((on_disk - expected).abs() <= row_scale / 2 * (1 + 1e-5) + 1e-7).all(), key
+            assert ((on_disk - original[f"{key}.weight"]).abs() > 4 * row_scale).any(), key  # not the float weight
+        if kind == "qwen2":  # v_proj's bias is divided by s too
+            torch.testing.assert_close(saved[prefix + "self_attn.v_proj.bias"],
+                                       original[prefix + "self_attn.v_proj.bias"] / s_v)
+    loaded = _load(tmp_path / "out", kind)
+    for expected, actual in zip(_outputs(result.model, result.eval_batches), _outputs(loaded, result.eval_batches)):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_groups_reach_the_down_proj_outliers_that_norm_groups_miss(tmp_path):
+    """Why norm,linear is the default: loud down_proj inputs (after the gated product, as in
+    trained LLaMAs) are out of every norm's reach; smoothing up_proj -> down_proj tames them.
+    (Grouped-query attention, so up_proj -> down_proj is the only linear group.)"""
+    model_dir = _save_model("llama", tmp_path / "model", loud_down_proj=True)
+    text = _text_file(tmp_path)
+    sqnr = {}
+    for groups in ("norm", "norm,linear"):
+        sqnr[groups] = smoothquant_pretrained(model_dir, tmp_path / groups.replace(",", "_"), calib_text=text,
+                                              smooth_groups=groups, samples=6, seq_len=32).sqnr_db
+    default = smoothquant_pretrained(model_dir, tmp_path / "default", calib_text=text, samples=6, seq_len=32)
+    assert default.result.groups == ("norm", "linear") and default.sqnr_db == sqnr["norm,linear"]
+    assert sqnr["norm,linear"] > sqnr["norm"] + 1.0, sqnr
+
+
 def test_checkpoint_is_smaller_and_summary_names_the_format(tmp_path):
     model_dir = _save_model("llama", tmp_path / "model")
     result = smoothquant_pretrained(model_dir, tmp_path / "out", calib_text=_text_file(tmp_path), alpha=0.7,
@@ -193,24 +259,32 @@ def test_checkpoint_is_smaller_and_summary_names_the_format(tmp_path):
     saved = result.input_bytes - result.output_bytes
     assert int8 * 3 * 0.95 < saved < int8 * 3
     summary = result.summary()
-    assert "int-quantized" in summary and "SmoothQuant alpha 0.7" in summary and "cosine" in summary
+    assert "int-quantized" in summary and "SmoothQuant alpha 0.7, norm+linear groups" in summary
+    assert "smoothed groups: 6 (norm 4, linear 2)" in summary and "cosine" in summary
+    assert "note: self_attn.v_proj -> self_attn.o_proj not smoothed" in summary  # grouped-query attention
 
 
 # --------------------------------------------------------------------------- command line
 
 
-def test_cli_writes_w8a8_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("flags, groups, smoothed", [
+    ([], ["norm", "linear"], 6),  # default: 4 norms, up_proj -> down_proj in both blocks (v -> o needs MHA)
+    (["--smooth-groups", "norm"], ["norm"], 4)])
+def test_cli_writes_w8a8_checkpoint(tmp_path, capsys, flags, groups, smoothed):
     model_dir = _save_model("llama", tmp_path / "model")
     code = main(["quantize", str(model_dir), "-o", str(tmp_path / "out"), "--mode", "static", "--algo", "smoothquant",
                  "--calib-text", str(_text_file(tmp_path)), "--smooth-alpha", "0.6", "--samples", "4",
-                 "--seq-len", "32", "--json"])
+                 "--seq-len", "32", "--json", *flags])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "int-quantized" and report["algorithm"] == "smoothquant"
     assert report["alpha"] == 0.6 and report["calibration_samples"] == 4 and report["quantized_linears"] == 14
+    assert report["smooth_groups"] == groups and len(report["smoothed"]) == smoothed
+    assert ("model.layers.1.mlp.up_proj" in report["smoothed"]) == ("linear" in groups)
     assert report["output_weight_bytes"] < report["input_weight_bytes"] and 0.9 < report["cosine"] < 1.0
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
-    assert config["lowbit"]["alpha"] == 0.6 and len(config["lowbit"]["smoothed"]) == 4
+    assert config["lowbit"]["alpha"] == 0.6 and config["lowbit"]["smooth_groups"] == groups
+    assert config["lowbit"]["smoothed"] == report["smoothed"]
     loaded = _load(tmp_path / "out", "llama")
     assert loaded.model.layers[0].mlp.down_proj.quantization_scheme.input_activations.strategy == "tensor"
 
@@ -242,6 +316,14 @@ def test_cli_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
     assert "needs calibration text" in _fails(w8a8(model_dir, "o2"), capsys)
     assert "between 0 and 1" in _fails(w8a8(model_dir, "o3", "--calib-text", str(text), "--smooth-alpha", "1.5"),
                                        capsys)
+    for groups, expected in [("norm,activation", "'activation' groups cannot be written"),
+                             ("norm,bogus", "unknown SmoothQuant scale group 'bogus'"), (",", "no SmoothQuant scale")]:
+        assert expected in _fails(w8a8(model_dir, "o3", "--calib-text", str(text), "--smooth-groups", groups), capsys)
+    assert "contradict" in _fails(w8a8(model_dir, "o3", "--calib-text", str(text), "--smooth-groups", "norm",
+                                       "--no-smooth"), capsys)
+    err = _fails(["quantize", str(model_dir), "-o", str(tmp_path / "o3"), "--mode", "weight-only", "--algo", "rtn",
+                  "--smooth-groups", "norm"], capsys)
+    assert "needs --mode static --algo smoothquant" in err
     for mode in ("weight-only", "dynamic"):
         err = _fails(["quantize", str(model_dir), "-o", str(tmp_path / "o4"), "--mode", mode, "--algo", "smoothquant",
                       "--calib-text", str(text)], capsys)
@@ -250,12 +332,17 @@ def test_cli_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
     onnx_path.write_bytes(b"")
     assert "for Hugging Face model directories" in _fails(["quantize", str(onnx_path), "-o", str(tmp_path / "o5.onnx"),
                                                            "--algo", "smoothquant"], capsys)
+    assert "--smooth-groups is for Hugging Face model directories" in _fails(
+        ["quantize", str(onnx_path), "-o", str(tmp_path / "o5.onnx"), "--smooth-groups", "norm"], capsys)
 
-    for kind, expected in [("opt", "no SmoothQuant mapping for model type 'opt'"), ("gpt2", "Conv1D"),
-                           ("bert", "post-norm.*--no-smooth")]:
-        other = _save_model(kind, tmp_path / kind)
+    for kind, groups, expected in [("opt", "all", "no SmoothQuant mapping for model type 'opt'"),
+                                   ("gpt2", "all", "Conv1D"), ("gpt2", "activation", "'activation' groups cannot"),
+                                   ("bert", "norm", "post-norm.*--smooth-groups linear.*--no-smooth")]:
+        other = tmp_path / kind
+        if not other.exists():
+            _save_model(kind, other)
         with pytest.raises(LowbitError, match=expected):
-            smoothquant_pretrained(other, tmp_path / "o6", calib_text=text, seq_len=32)
+            smoothquant_pretrained(other, tmp_path / "o6", calib_text=text, seq_len=32, smooth_groups=groups)
     assert _digest(model_dir) == before
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5.onnx", "o6"))
     assert not list(tmp_path.glob(".o*"))

@@ -3,7 +3,8 @@
 - `--mode weight-only --algo rtn|gptq|awq`: low-bit weights through
   `lowbit.torch.llm.quantize_pretrained`, written as a compressed-tensors `pack-quantized`
   checkpoint;
-- `--mode static --algo smoothquant`: W8A8 (SmoothQuant, or plain with --no-smooth) through
+- `--mode static --algo smoothquant`: W8A8 (SmoothQuant on the `--smooth-groups` scale groups,
+  norm,linear by default; plain with --no-smooth) through
   `lowbit.torch.llm.pretrained_w8a8.smoothquant_pretrained`, written as `int-quantized`.
 
 Both load with `transformers.AutoModel*.from_pretrained` (with the compressed-tensors package).
@@ -18,7 +19,11 @@ from lowbit.errors import LowbitError
 
 
 def run_hf(args: argparse.Namespace) -> int:
-    if args.mode == "static" and args.algo == "smoothquant":
+    w8a8 = args.mode == "static" and args.algo == "smoothquant"
+    if args.smooth_groups is not None and not w8a8:
+        raise LowbitError("--smooth-groups picks SmoothQuant's scale groups and needs --mode static --algo "
+                          "smoothquant; add those, or drop --smooth-groups")
+    if w8a8:
         return _run_w8a8(args)
     if args.algo == "smoothquant":
         raise LowbitError(f"--algo smoothquant quantizes weights and activations to int8 and needs --mode static, "
@@ -48,10 +53,14 @@ def run_hf(args: argparse.Namespace) -> int:
 
 
 def _run_w8a8(args: argparse.Namespace) -> int:
-    from lowbit.torch.llm.pretrained_w8a8 import smoothquant_pretrained
+    from lowbit.torch.llm.pretrained_w8a8 import DEFAULT_SMOOTH_GROUPS, smoothquant_pretrained
 
+    groups = args.smooth_groups
+    if groups is not None and args.smooth is False:
+        raise LowbitError("--smooth-groups and --no-smooth contradict each other; drop one of them")
     result = smoothquant_pretrained(
         args.model, args.output, calib_text=args.calib_text, alpha=args.smooth_alpha,
-        smooth=args.smooth is not False, samples=args.samples, seq_len=args.seq_len)
+        smooth=args.smooth is not False, smooth_groups=DEFAULT_SMOOTH_GROUPS if groups is None else groups,
+        samples=args.samples, seq_len=args.seq_len)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0

@@ -45,6 +45,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--no-smooth", dest="smooth", action="store_false", help="turn SmoothQuant off")
     parser.add_argument("--smooth-alpha", type=float, default=0.5,
                         help="SmoothQuant migration strength in [0, 1] (default: 0.5)")
+    parser.add_argument("--smooth-groups", metavar="GROUPS",
+                        help="Hugging Face models, --algo smoothquant: comma-separated scale groups to smooth: norm "
+                             "(pre-norm -> q/k/v and gate/up), linear (v_proj -> o_proj when v_proj is as wide as "
+                             "o_proj's input, i.e. no grouped-query attention, and up_proj -> down_proj), or all; "
+                             "each is exact in float, folded into weights the checkpoint stores (default: norm,linear)")
     parser.add_argument("--equalize", action="store_true",
                         help="cross-layer equalization of Conv chains (helps per-tensor int8 on depthwise nets)")
     parser.add_argument("--bias-correction", action="store_true",
@@ -87,11 +92,12 @@ def run(args: argparse.Namespace) -> int:
         from lowbit.commands._quantize_hf import run_hf
 
         return run_hf(args)
-    if args.algo == "smoothquant":
+    if args.algo == "smoothquant" or args.smooth_groups is not None:
         from lowbit.errors import LowbitError
 
-        raise LowbitError("--algo smoothquant is for Hugging Face model directories; for an ONNX model use --mode "
-                          "static, where SmoothQuant is on by default (tune it with --smooth-alpha)")
+        flag = "--algo smoothquant" if args.algo == "smoothquant" else "--smooth-groups"
+        raise LowbitError(f"{flag} is for Hugging Face model directories; for an ONNX model use --mode static, "
+                          "where SmoothQuant is on by default for LayerNorm-fed MatMuls (tune it with --smooth-alpha)")
     if args.max_drop is not None:
         from lowbit.commands._budget_report import run_budget
 

@@ -29,7 +29,7 @@ from lowbit.algorithms.smoothquant import DEFAULT_ALPHA, smoothing_scales
 from lowbit.errors import LowbitError
 from lowbit.numerics import QParams, choose_qparams, dequantize, fake_quantize
 from lowbit.spec import QuantSpec, per_channel
-from lowbit.torch.llm.architectures import ProducerKind, architecture_for, find_blocks
+from lowbit.torch.llm.architectures import ProducerKind, ScaleGroup, architecture_for, find_blocks
 from lowbit.torch.llm.linears import find_linears, in_features, set_weight_matrix, weight_matrix
 from lowbit.torch.llm.scaling import divide_output, producer_width
 from lowbit.torch.llm.sequential import QuantizedLinear
@@ -65,6 +65,7 @@ class SmoothQuantResult:
     weights and qparams, and each linear's static input qparams."""
 
     alpha: float
+    groups: tuple[ProducerKind, ...] = ()  # the scale-group kinds asked for; () without smoothing
     smoothing: dict[str, torch.Tensor] = field(default_factory=dict)
     weights: dict[str, QuantizedLinear] = field(default_factory=dict)
     inputs: dict[str, QParams] = field(default_factory=dict)
@@ -117,6 +118,26 @@ def collect_input_absmax(model: nn.Module, calibration: Iterable[Mapping[str, to
     return absmax
 
 
+def smoothable_groups(model: nn.Module, kinds: tuple[ProducerKind, ...] = ("norm",)
+                      ) -> list[tuple[str, ScaleGroup]]:
+    """The scale groups of kind `kinds` that `smooth_model` smooths, as (block prefix, group):
+    those whose linears are all present and whose producer emits exactly their input width
+    (under grouped-query attention v_proj is narrower than o_proj's input, so v -> o is left out).
+    Reads the model only, so callers can check what would happen before calibrating."""
+    architecture = architecture_for(model, need_scale_groups=True)
+    blocks_name, blocks = find_blocks(model, architecture)
+    found = []
+    for index, block in enumerate(blocks):
+        linears = find_linears(block)
+        for group in architecture.scale_groups:
+            if group.kind not in kinds or not all(name in linears for name in group.linears):
+                continue
+            if producer_width(block, group) not in (None, in_features(linears[group.linears[0]])):
+                continue
+            found.append((f"{blocks_name}.{index}.", group))
+    return found
+
+
 def smooth_model(model: nn.Module, input_absmax: dict[str, torch.Tensor], alpha: float = DEFAULT_ALPHA, *,
                  kinds: tuple[ProducerKind, ...] = ("norm",)) -> dict[str, torch.Tensor]:
     """Fold SmoothQuant scales into the model in place (exact in float) and update `input_absmax`
@@ -124,27 +145,20 @@ def smooth_model(model: nn.Module, input_absmax: dict[str, torch.Tensor], alpha:
 
     `kinds` picks the scale groups: "norm" (the paper's choice), plus optionally "linear"
     (v_proj -> o_proj, up_proj -> down_proj) and "activation" (GPT-2's MLP activation)."""
-    architecture = architecture_for(model, need_scale_groups=True)
-    blocks_name, blocks = find_blocks(model, architecture)
+    modules = dict(model.named_modules())
     applied: dict[str, torch.Tensor] = {}
-    for index, block in enumerate(blocks):
-        prefix = f"{blocks_name}.{index}."
-        linears = find_linears(block)
-        for group in architecture.scale_groups:
-            if group.kind not in kinds or not all(name in linears for name in group.linears):
-                continue
-            width = in_features(linears[group.linears[0]])
-            if producer_width(block, group) not in (None, width):
-                continue  # grouped-query attention: v_proj is narrower than o_proj's input
-            absmax = input_absmax[prefix + group.linears[0]]
-            matrices = [weight_matrix(linears[name]) for name in group.linears]
-            scales = torch.from_numpy(smoothing_scales(absmax.numpy(), [m.cpu().numpy() for m in matrices],
-                                                       alpha, input_axis=1))
-            divide_output(block, group, scales.to(matrices[0].device))
-            for name, matrix in zip(group.linears, matrices):
-                set_weight_matrix(linears[name], matrix * scales.to(matrix.device)[None, :])
-                input_absmax[prefix + name] = input_absmax[prefix + name] / scales
-            applied[prefix + group.producer] = scales
+    for prefix, group in smoothable_groups(model, kinds):
+        block = modules[prefix[:-1]]
+        linears = [modules[prefix + name] for name in group.linears]
+        absmax = input_absmax[prefix + group.linears[0]]
+        matrices = [weight_matrix(linear) for linear in linears]
+        scales = torch.from_numpy(smoothing_scales(absmax.numpy(), [m.cpu().numpy() for m in matrices],
+                                                   alpha, input_axis=1))
+        divide_output(block, group, scales.to(matrices[0].device))
+        for name, linear, matrix in zip(group.linears, linears, matrices):
+            set_weight_matrix(linear, matrix * scales.to(matrix.device)[None, :])
+            input_absmax[prefix + name] = input_absmax[prefix + name] / scales
+        applied[prefix + group.producer] = scales
     if not applied:
         raise LowbitError(f"no {'/'.join(kinds)} scale group of this architecture could be smoothed (post-norm "
                           "models such as BERT have none); pass kinds=('norm', 'linear', 'activation') or "
@@ -205,11 +219,12 @@ def plain_linears(model: nn.Module) -> Iterator[dict[str, W8A8Linear]]:
 def smooth_quantize_w8a8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]],
                          alpha: float = DEFAULT_ALPHA, *, smooth: bool = True,
                          kinds: tuple[ProducerKind, ...] = ("norm",)) -> SmoothQuantResult:
-    """SmoothQuant W8A8 in place: calibrate, smooth (unless `smooth=False`, which gives plain
-    W8A8), then int8 per-channel weights and static per-tensor int8 inputs on every block linear."""
+    """SmoothQuant W8A8 in place: calibrate, smooth the `kinds` scale groups (see `smooth_model`;
+    `smooth=False` gives plain W8A8), then int8 per-channel weights and static per-tensor int8
+    inputs on every block linear."""
     if not 0.0 <= alpha <= 1.0:
         raise LowbitError(f"SmoothQuant alpha must be between 0 and 1, got {alpha}; 0.5 is the usual choice")
-    result = SmoothQuantResult(alpha)
+    result = SmoothQuantResult(alpha, tuple(kinds) if smooth else ())
     input_absmax = collect_input_absmax(model, calibration)
     if smooth:
         result.smoothing = smooth_model(model, input_absmax, alpha, kinds=kinds)
@@ -218,4 +233,5 @@ def smooth_quantize_w8a8(model: nn.Module, calibration: Iterable[Mapping[str, to
 
 
 __all__ = ["ACTIVATION_SPEC", "SmoothQuantResult", "W8A8Linear", "WEIGHT_SPEC", "collect_input_absmax",
-           "plain_linears", "quantize_w8a8", "smooth_model", "smooth_quantize_w8a8"]
+           "plain_linears", "quantize_w8a8", "smooth_model", "smooth_quantize_w8a8",
+           "smoothable_groups"]

@@ -15,7 +15,9 @@ That is exactly what `lowbit.torch.llm.smoothquant.W8A8Linear` computes, so a fl
 reproduces lowbit's own quantized model. Static per-tensor inputs were chosen over dynamic
 per-token ones because they load and run on CPU as they are and need no per-token reduction at
 run time (both load; static is what SmoothQuant's fastest setting uses). The smoothing scales
-are already folded into the norm weights that the checkpoint saves as usual.
+are already folded into weights the checkpoint saves as usual: the norms' gammas ("norm" groups)
+and the v_proj/up_proj rows and o_proj/down_proj columns ("linear" groups), which are then
+quantized like any other weight.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def w8a8_quantization_config(result: SmoothQuantResult, blocks_name: str) -> dic
         "global_compression_ratio": None,
         # What lowbit did, so a user can ask the checkpoint (ignored by loaders).
         "lowbit": {"algorithm": "smoothquant" if result.smoothing else "w8a8", "alpha": result.alpha,
-                   "smoothed": sorted(result.smoothing)},
+                   "smooth_groups": list(result.groups), "smoothed": sorted(result.smoothing)},
     }
 
 
