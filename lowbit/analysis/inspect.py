@@ -17,6 +17,7 @@ from typing import Any
 from lowbit.analysis.graph_precision import NodePrecision, SizeRow, initializer_sizes, node_precisions
 from lowbit.errors import LowbitError
 from lowbit.onnx.io import load_model, model_size_bytes
+from lowbit.onnx.stored_plan import restore_plan_qparams
 from lowbit.plan import PLAN_METADATA_KEY, VERSION_METADATA_KEY, QuantPlan
 
 _FLOATS = ("float", "fp16", "bf16")
@@ -111,6 +112,11 @@ def inspect_model(path: str | os.PathLike) -> InspectReport:
             report.notes.append(f"the stored plan cannot be read ({exc})")
     if report.plan is not None:
         report.notes += _disagreements(report.plan, report.nodes)
+        missing = restore_plan_qparams(report.plan, model)
+        if missing:
+            report.notes.append(f"{len(missing)} per-channel scale set(s) recorded in the plan are no longer among the "
+                                f"model's initializers (first: {missing[0].tensor}); the model was changed after "
+                                "quantization")
     return report
 
 

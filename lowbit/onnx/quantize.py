@@ -24,6 +24,7 @@ from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
 from lowbit.onnx.planner import ACTIVATION_SPEC, StaticPlanner, node_names, plan_dynamic
 from lowbit.onnx.preprocess import preprocess
 from lowbit.onnx.qdq import ensure_opset, write_qdq
+from lowbit.onnx.stored_plan import restore_plan_qparams
 from lowbit.onnx.verify import VerifyReport, compare_models
 from lowbit.plan import PLAN_METADATA_KEY, VERSION_METADATA_KEY, QuantPlan
 
@@ -77,7 +78,8 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
     activation/node name -> alpha with an optional "default"); `equalize` (cross-layer
     equalization of Conv chains, ReLU6 -> ReLU on equalized links); `bias_correction` (Conv
     biases absorb the mean shift caused by weight rounding). `calib_memory_mb` bounds the
-    activations held per calibration run: tensors are split across several runs when needed.
+    activations held at once during calibration (None: `collect.DEFAULT_MEMORY_BUDGET_MB`;
+    math.inf: unbounded): the graph is cut into segments whose tensors fit, see `lowbit.onnx.collect`.
 
     `outlier_split` (static and dynamic; None = on whenever calibration data is given): the few
     hidden channels of a transformer FFN that peak far above the rest move to a thin float branch
@@ -118,7 +120,7 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
             algorithms["outlier_split"] = split
             exclude = (*exclude, *(name for site in split for name in site["float_branch"]))
     if mode == "static":
-        from lowbit.onnx.collect import collect_activation_stats
+        from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, collect_activation_stats
 
         if equalize:
             from lowbit.onnx.equalize import equalize_model
@@ -135,7 +137,7 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
                 planner = StaticPlanner(model, per_channel_weights=per_channel, exclude=exclude)
         stats = collect_activation_stats(model, planner.candidates(), calib_data, method=calib_method,
                                          spec=ACTIVATION_SPEC, batch_size=batch_size, threads=threads,
-                                         memory_budget_mb=calib_memory_mb)
+                                         memory_budget_mb=calib_memory_mb or DEFAULT_MEMORY_BUDGET_MB)
         calibration_seconds += stats.seconds
         plan = planner.build(stats)
         if bias_correction:
@@ -241,11 +243,14 @@ def attach_plan(model: onnx.ModelProto, plan: QuantPlan) -> None:
 
 
 def read_plan(model_or_path: onnx.ModelProto | str | os.PathLike) -> QuantPlan:
-    """The plan stored in a model written by lowbit."""
+    """The plan stored in a model written by lowbit, its per-channel parameters read back from the
+    model's initializers (entries whose values are no longer there keep only their summary)."""
     model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(str(model_or_path))
     for prop in model.metadata_props:
         if prop.key == PLAN_METADATA_KEY:
-            return QuantPlan.from_json(prop.value)
+            plan = QuantPlan.from_json(prop.value)
+            restore_plan_qparams(plan, model)
+            return plan
     raise LowbitError("this model has no lowbit plan in its metadata; it was not written by lowbit quantize")
 
 

@@ -26,7 +26,6 @@ from lowbit.algorithms.smoothquant import (DEFAULT_ALPHA, smooth_activation_prod
                                            smoothing_scales)
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.qdq import _drop_unused_initializers
-from lowbit.onnx.session import make_session
 
 # Consumers that read only X's shape, not its values: they do not block folding into LayerNorm.
 _SHAPE_READERS = ("Shape", "Size")
@@ -85,22 +84,24 @@ def _alpha_for(group: SmoothGroup, alpha: float | dict[str, float]) -> float:
 
 
 def channel_absmax(model: onnx.ModelProto, tensors: list[str], data: CalibrationData, *, batch_size: int = 16,
-                   threads: int | None = None) -> dict[str, np.ndarray]:
-    """max |x| per last-axis channel of each tensor over the data (non-finite values ignored)."""
-    from lowbit.onnx.collect import with_outputs
+                   threads: int | None = None, memory_budget_mb: float | None = None) -> dict[str, np.ndarray]:
+    """max |x| per last-axis channel of each tensor over the data (non-finite values ignored).
 
-    inputs = {i.name for i in model.graph.input}
-    produced = [t for t in tensors if t not in inputs]
-    session = make_session(with_outputs(model, produced), threads=threads, optimize=False)
+    Activations stream through in chunks that fit `memory_budget_mb` (None: the calibration
+    default, `lowbit.onnx.collect.DEFAULT_MEMORY_BUDGET_MB`)."""
+    from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStream
+
+    budget = DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
+    stream = ActivationStream(model, tensors, memory_budget_mb=budget, threads=threads)
     result: dict[str, np.ndarray] = {}
     for batch in data.batches(batch_size):
-        values = dict(zip(produced, session.run(produced, batch)))
-        values.update({t: batch[t] for t in tensors if t in inputs})
-        for name, value in values.items():
-            value = np.abs(np.asarray(value, np.float32))
-            value = np.where(np.isfinite(value), value, 0.0)
-            peak = value.reshape(-1, value.shape[-1]).max(axis=0)
-            result[name] = peak if name not in result else np.maximum(result[name], peak)
+        for values in stream.chunks(batch):
+            for name, value in values.items():
+                value = np.abs(np.asarray(value, np.float32))
+                value = np.where(np.isfinite(value), value, 0.0)
+                peak = value.reshape(-1, value.shape[-1]).max(axis=0)
+                result[name] = peak if name not in result else np.maximum(result[name], peak)
+            del values
     return result
 
 
