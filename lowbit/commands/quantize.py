@@ -58,7 +58,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="keep transformer FFN outlier channels in the int8 path (by default, when calibration "
                              "data is given, they move to a thin float branch, exact in float)")
     parser.add_argument("--calib-memory-mb", type=float,
-                        help="bound the activations held per calibration run; tensors are split across runs")
+                        help="bound the activations ONNX Runtime holds at once while calibrating (default: 256; "
+                             "inf for unbounded, which is faster on small models and needs more memory)")
     weights = parser.add_argument_group("weight-only quantization (--mode weight-only)")
     weights.add_argument("--weight-bits", type=int, choices=(2, 3, 4, 8), default=4, help="weight bits (default: 4)")
     weights.add_argument("--group-size", type=int, default=128,
