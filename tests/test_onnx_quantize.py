@@ -8,9 +8,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from _onnx_quant_models import image_calib, small_cnn, tiny_encoder, token_calib
+from _onnx_quant_models import export, image_calib, small_cnn, tiny_encoder, token_calib
 from lowbit.numerics import dequantize, qparams_for, quantize
 from lowbit.onnx.cpu import has_amx_int8
 from lowbit.onnx.qdq import QGEMM_MIN_REDUCTION
@@ -266,3 +267,42 @@ def test_written_transformer_keeps_runtime_off_the_slow_skip_layernorm(tmp_path,
     # The check can fail: the same graph with the pre-processing shapes put back does get fused.
     annotated = preprocess(written, optimize=False)
     assert "SkipLayerNormalization" in _runtime_op_types(annotated, tmp_path)
+
+
+class _Decoder(torch.nn.Module):
+    """Segmentation-style decoder: ConvTranspose upsampling, Resize, Concat of a skip path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up = torch.nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.head = torch.nn.Conv2d(9, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = torch.relu(self.down(x))
+        skip = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 2), scale_factor=2.0, mode="nearest")
+        return self.head(torch.cat([torch.relu(self.up(low)), skip], dim=1))
+
+
+def test_conv_transpose_resize_concat_decoder(tmp_path):
+    """ConvTranspose gets int8 weights with one scale per *output* channel (its axis 1), and the
+    upsampling decoder stays close to float."""
+    torch.manual_seed(0)
+    source = export(_Decoder(), (torch.randn(1, 3, 16, 16),), tmp_path / "dec.onnx", ["image"],
+                    {"image": {0: "batch"}, "out": {0: "batch"}})
+    calib = image_calib(tmp_path / "c.npz", n=32, shape=(3, 16, 16))
+    out = tmp_path / "q.onnx"
+    quantize_onnx(source, out, mode="static", calib=calib, verify=False, measure_speed=False)
+    model = onnx.load(str(out))
+    assert {"Resize", "Concat", "AveragePool"} <= {n.op_type for n in model.graph.node}
+    transpose = next(n for n in model.graph.node if n.op_type == "ConvTranspose")
+    weight_dq = next(n for n in model.graph.node if n.output[0] == transpose.input[1])
+    assert weight_dq.op_type == "DequantizeLinear"
+    assert {a.name: a.i for a in weight_dq.attribute}.get("axis") == 1
+    assert numpy_helper.to_array(initializers_by_name(model)[weight_dq.input[1]]).shape == (6,)
+    x = np.random.default_rng(5).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    assert cosine(run(source, {"image": x}), run(out, {"image": x})) > 0.995
+
+
+def initializers_by_name(model):
+    return {t.name: t for t in model.graph.initializer}
