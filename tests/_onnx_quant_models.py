@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import torch
 from torch import nn
 
@@ -90,6 +91,18 @@ def tiny_encoder(path: Path, seed: int = 0) -> Path:
     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
             "out": {0: "batch", 1: "seq"}}
     return export(TinyEncoder(), (ids, mask), path, ["input_ids", "attention_mask"], axes)
+
+
+def outlier_cnn(path: Path, seed: int = 0) -> Path:
+    """SmallCNN whose 3x3 conv.0 weight has one value 200x its largest: per-tensor int8 then zeroes
+    that layer's other weights, so it is the one layer that must stay float."""
+    model = onnx.load(str(small_cnn(path.with_name(path.stem + "_plain.onnx"), seed)))
+    weight = next(t for t in model.graph.initializer if t.name == "conv.0.weight")
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[0] = 200 * np.abs(values).max()
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save(model, str(path))
+    return path
 
 
 def image_calib(path: Path, n: int = 32, seed: int = 1, shape=(3, 32, 32)) -> Path:

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from _onnx_quant_models import image_calib, small_cnn, tiny_encoder, token_calib
+from _onnx_quant_models import image_calib, outlier_cnn, tiny_encoder, token_calib
 from lowbit.analysis.budget import _fallback_units, search_precision
 from lowbit.analysis.budget_weights import search_weight_precision
 from lowbit.analysis.macs import layer_macs
@@ -30,13 +30,7 @@ OUTLIER_LAYER = "/conv/conv.0/Conv"
 def outlier(tmp_path_factory):
     """SmallCNN whose 3x3 Conv has one weight 200x its largest: per-tensor int8 zeroes the rest."""
     root = tmp_path_factory.mktemp("budget")
-    model = onnx.load(str(small_cnn(root / "cnn.onnx")))
-    weight = next(t for t in model.graph.initializer if t.name == "conv.0.weight")
-    values = numpy_helper.to_array(weight).copy()
-    values.flat[0] = 200 * np.abs(values).max()
-    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
-    path = root / "outlier.onnx"
-    onnx.save(model, str(path))
+    path = outlier_cnn(root / "outlier.onnx")
     return {"root": root, "float": path, "calib": image_calib(root / "calib.npz", n=24)}
 
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from _onnx_quant_models import image_calib, small_cnn, tiny_encoder, token_calib
+from _onnx_quant_models import image_calib, outlier_cnn, small_cnn, tiny_encoder, token_calib
 from lowbit.analysis.sensitivity import layer_sensitivity
 from lowbit.analysis.sweep import quantize_only_sweep
 from lowbit.cli import main
@@ -100,13 +100,7 @@ def test_user_errors(cnn, tmp_path):
 
 def test_sweep_finds_the_layer_with_an_outlier_weight(cnn, tmp_path):
     """Per-tensor int8 on a Conv with one huge weight zeroes its other weights: that layer must rank worst."""
-    model = onnx.load(str(cnn["float"]))
-    weight = next(t for t in model.graph.initializer if t.name == "conv.0.weight")
-    values = numpy_helper.to_array(weight).copy()
-    values.flat[0] = 200 * np.abs(values).max()
-    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
-    outlier = tmp_path / "outlier.onnx"
-    onnx.save(model, str(outlier))
+    outlier = outlier_cnn(tmp_path / "outlier.onnx")
     quant = tmp_path / "outlier_int8.onnx"
     quantize_onnx(outlier, quant, calib=cnn["calib"], per_channel=False, batch_size=8, verify=False)
     sweep = quantize_only_sweep(outlier, quant, calib=cnn["calib"], batch_size=8, time_limit=120)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 import lowbit.analysis.sweep as sweep_module
-from _onnx_quant_models import image_calib, small_cnn, tiny_encoder, token_calib
+from _onnx_quant_models import image_calib, outlier_cnn, tiny_encoder, token_calib
 from lowbit.analysis.sweep import all_but_sweep, layer_sweeps, quantize_only_sweep
 from lowbit.cli import main
 from lowbit.errors import LowbitError
@@ -30,13 +28,7 @@ def fragile(tmp_path_factory):
     """SmallCNN whose conv.0 weight has one huge outlier, quantized per-tensor: int8 zeroes that
     layer's other weights, so keeping it float must recover most of the lost cosine."""
     root = tmp_path_factory.mktemp("sweep")
-    model = onnx.load(str(small_cnn(root / "cnn.onnx")))
-    weight = next(t for t in model.graph.initializer if t.name == "conv.0.weight")
-    values = numpy_helper.to_array(weight).copy()
-    values.flat[0] = 200 * np.abs(values).max()
-    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
-    float_path = root / "outlier.onnx"
-    onnx.save(model, str(float_path))
+    float_path = outlier_cnn(root / "outlier.onnx")
     calib = image_calib(root / "calib.npz", n=24)
     quant = root / "outlier_int8.onnx"
     quantize_onnx(float_path, quant, calib=calib, per_channel=False, batch_size=8, verify=False)

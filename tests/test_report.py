@@ -9,11 +9,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
-from _onnx_quant_models import image_calib, small_cnn
+from _onnx_quant_models import image_calib, outlier_cnn
 from lowbit.analysis.budget import Layer
 from lowbit.cli import main
 from lowbit.onnx.quantize import quantize_onnx, read_plan
@@ -28,13 +26,7 @@ BAR_RGB, CLIP_RGB = (0x4C, 0x78, 0xA8), (0xD6, 0x27, 0x28)
 def reports(tmp_path_factory):
     """A per-tensor CNN with one outlier weight, through `quantize --max-drop --report` and `analyze --report`."""
     root = tmp_path_factory.mktemp("report")
-    model = onnx.load(str(small_cnn(root / "cnn.onnx")))
-    weight = next(t for t in model.graph.initializer if t.name == "conv.0.weight")
-    values = numpy_helper.to_array(weight).copy()
-    values.flat[0] = 200 * np.abs(values).max()
-    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
-    float_path = root / "outlier.onnx"
-    onnx.save(model, str(float_path))
+    float_path = outlier_cnn(root / "outlier.onnx")
     calib = image_calib(root / "calib.npz", n=16)
     quant = root / "q.onnx"
     assert main(["quantize", str(float_path), "-o", str(quant), "--calib", str(calib), "--per-tensor",
