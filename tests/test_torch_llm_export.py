@@ -8,7 +8,6 @@ checked against compressed-tensors' own `pack_to_int32`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from _hf_checkpoints import HIDDEN, VOCAB, digest, load, outputs, text_file, word_tokenizer  # noqa: E402
 from _synthetic_layers import single_thread  # noqa: E402,F401 (autouse fixture)
 from lowbit.cli import main  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
@@ -27,35 +27,9 @@ from lowbit.torch.llm import quantize_pretrained  # noqa: E402
 from lowbit.torch.llm.compressed_checkpoint import pack_int32  # noqa: E402
 from lowbit.torch.llm.pretrained import main_output  # noqa: E402
 
-VOCAB = 160
-HIDDEN = 64
-
 
 def _needs_compressed_tensors():
     return pytest.importorskip("compressed_tensors", reason="loading the checkpoint needs the compressed-tensors package")
-
-
-def _english(pages: int) -> str:
-    import pydoc_data.topics
-
-    return "\n".join(list(pydoc_data.topics.topics.values())[:pages])
-
-
-def _tokenizer(kind: str):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-
-    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "<s>"]
-    backend.train_from_iterator([_english(40)], trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=specials))
-    if kind == "bert":
-        backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                               special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
-        return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]",
-                                                    sep_token="[SEP]", pad_token="[PAD]")
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 4)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>",
-                                                pad_token="[PAD]")
 
 
 def _save_model(kind: str, directory: Path, *, tokenizer: bool = True) -> Path:
@@ -74,30 +48,8 @@ def _save_model(kind: str, directory: Path, *, tokenizer: bool = True) -> Path:
                     module.weight[:4] *= 8.0
         model.save_pretrained(directory)
         if tokenizer:
-            _tokenizer(kind).save_pretrained(directory)
+            word_tokenizer(kind).save_pretrained(directory)
     return directory
-
-
-def _text_file(tmp_path: Path, pages: int = 40) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text(_english(pages), encoding="utf-8")
-    return path
-
-
-def _digest(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
-
-
-def _load(directory: Path, kind: str):
-    auto = transformers.AutoModel if kind == "bert" else transformers.AutoModelForCausalLM
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return auto.from_pretrained(directory).eval()
-
-
-def _outputs(model, batches):
-    with torch.no_grad():
-        return [main_output(model(**batch)) for batch in batches]
 
 
 # --------------------------------------------------------------------------- packing
@@ -152,11 +104,11 @@ def test_asymmetric_tensors_decompress_to_lowbit_weights(group):
 def test_checkpoint_loads_and_matches_lowbit(tmp_path, kind, algorithm, bits, group, symmetric):
     _needs_compressed_tensors()
     model_dir = _save_model(kind, tmp_path / "model")
-    before = _digest(model_dir)
+    before = digest(model_dir)
     out_dir = tmp_path / "out"
     result = quantize_pretrained(model_dir, out_dir, bits=bits, group_size=group, algorithm=algorithm,
-                                 calib_text=_text_file(tmp_path), samples=6, seq_len=32, symmetric=symmetric)
-    assert _digest(model_dir) == before  # the input is never touched
+                                 calib_text=text_file(tmp_path), samples=6, seq_len=32, symmetric=symmetric)
+    assert digest(model_dir) == before  # the input is never touched
     config = json.loads((out_dir / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
     weights = config["config_groups"]["group_0"]["weights"]
@@ -166,7 +118,7 @@ def test_checkpoint_loads_and_matches_lowbit(tmp_path, kind, algorithm, bits, gr
     assert not list(tmp_path.glob(".out.*"))  # no temporary directory left behind
     assert result.eval_source == "held-out" and 0.5 < result.cosine < 1.0
 
-    loaded = _load(out_dir, kind)
+    loaded = load(out_dir, kind)
     # Every quantized linear's weight, as compressed-tensors decompresses it, equals lowbit's.
     modules = dict(loaded.named_modules())
     for name, layer in result.quantization.layers.items():
@@ -178,7 +130,8 @@ def test_checkpoint_loads_and_matches_lowbit(tmp_path, kind, algorithm, bits, gr
         state.update(dict(module.named_buffers(recurse=False)))
         theirs = PackedQuantizationCompressor.decompress(state, module.quantization_scheme)["weight"]
         assert torch.equal(theirs.float(), ours), name
-    for expected, actual in zip(_outputs(result.model, result.eval_batches), _outputs(loaded, result.eval_batches)):
+    for expected, actual in zip(outputs(result.model, result.eval_batches, main_output),
+                                outputs(loaded, result.eval_batches, main_output)):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -202,11 +155,11 @@ def test_cli_writes_checkpoint(tmp_path, capsys):
     model_dir = _save_model("llama", tmp_path / "model")
     code = main(["quantize", str(model_dir), "-o", str(tmp_path / "out"), "--mode", "weight-only",
                  "--weight-bits", "4", "--group-size", "32", "--algo", "gptq", "--act-order",
-                 "--calib-text", str(_text_file(tmp_path)), "--samples", "4", "--seq-len", "32", "--json"])
+                 "--calib-text", str(text_file(tmp_path)), "--samples", "4", "--seq-len", "32", "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
     assert report["calibration_samples"] == 4 and report["output_weight_bytes"] < report["input_weight_bytes"]
-    loaded = _load(tmp_path / "out", "llama")
+    loaded = load(tmp_path / "out", "llama")
     assert loaded.model.layers[0].mlp.down_proj.quantization_scheme.weights.group_size == 32
 
 
@@ -217,9 +170,9 @@ def _fails(argv, capsys) -> str:
 
 def test_cli_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
     model_dir = _save_model("llama", tmp_path / "model")
-    text = _text_file(tmp_path)
+    text = text_file(tmp_path)
     base = ["quantize", str(model_dir), "--mode", "weight-only", "--group-size", "32", "--seq-len", "32"]
-    before = _digest(model_dir)
+    before = digest(model_dir)
 
     err = _fails(base + ["-o", str(model_dir), "--calib-text", str(text)], capsys)
     assert "is the model directory" in err
@@ -239,7 +192,7 @@ def test_cli_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
     bare = _save_model("llama", tmp_path / "bare", tokenizer=False)
     assert "no tokenizer files" in _fails(["quantize", str(bare), "-o", str(tmp_path / "o5"), "--mode", "weight-only",
                                            "--seq-len", "32", "--calib-text", str(text)], capsys)
-    assert _digest(model_dir) == before
+    assert digest(model_dir) == before
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5", "o6"))
     assert not list(tmp_path.glob(".o*"))
 
@@ -248,7 +201,7 @@ def test_awq_refused_where_scales_cross_an_activation(tmp_path):
     model_dir = _save_model("bert", tmp_path / "model")
     with pytest.raises(LowbitError, match="intermediate_act_fn.*use --algo gptq"):
         quantize_pretrained(model_dir, tmp_path / "out", group_size=32, algorithm="awq",
-                            calib_text=_text_file(tmp_path), seq_len=32)
+                            calib_text=text_file(tmp_path), seq_len=32)
     assert not (tmp_path / "out").exists()
 
 
@@ -259,8 +212,8 @@ def test_awq_unknown_architecture_is_refused(tmp_path):
         config = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=2,
                                         num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=HIDDEN)
         transformers.OPTForCausalLM(config).save_pretrained(model_dir)
-        _tokenizer("llama").save_pretrained(model_dir)
+        word_tokenizer("llama").save_pretrained(model_dir)
     with pytest.raises(LowbitError, match="no scale mapping for model type 'opt'"):
         quantize_pretrained(model_dir, tmp_path / "out", group_size=32, algorithm="awq",
-                            calib_text=_text_file(tmp_path), seq_len=32)
+                            calib_text=text_file(tmp_path), seq_len=32)
     assert not (tmp_path / "out").exists()

@@ -10,7 +10,6 @@ scales folded in (norm groups into the norms, linear groups into v/o and up/down
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -24,38 +23,13 @@ pytest.importorskip("compressed_tensors", reason="loading the checkpoint needs t
 
 from safetensors.torch import load_file  # noqa: E402
 
+from _hf_checkpoints import HIDDEN, VOCAB, digest, load, outputs, text_file, word_tokenizer  # noqa: E402
 from _synthetic_layers import single_thread  # noqa: E402,F401 (autouse fixture)
 from lowbit.cli import main  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.torch.llm import pretrained_w8a8  # noqa: E402
 from lowbit.torch.llm.hf_io import main_output  # noqa: E402
 from lowbit.torch.llm.pretrained_w8a8 import smoothquant_pretrained  # noqa: E402
-
-VOCAB = 160
-HIDDEN = 64
-
-
-def _english(pages: int) -> str:
-    import pydoc_data.topics
-
-    return "\n".join(list(pydoc_data.topics.topics.values())[:pages])
-
-
-def _tokenizer(kind: str):
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-
-    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "<s>"]
-    backend.train_from_iterator([_english(40)], trainers.WordLevelTrainer(vocab_size=VOCAB, special_tokens=specials))
-    if kind == "bert":
-        backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
-                                                               special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
-        return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]",
-                                                    sep_token="[SEP]", pad_token="[PAD]")
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 4)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="<s>",
-                                                pad_token="[PAD]")
 
 
 def _float_model(kind: str, kv_heads: int):
@@ -91,30 +65,8 @@ def _save_model(kind: str, directory: Path, *, kv_heads: int = 2, loud_down_proj
                 if loud_down_proj and name.endswith("mlp.up_proj"):
                     module.weight[:4] *= 8.0
         model.save_pretrained(directory)
-        _tokenizer(kind).save_pretrained(directory)
+        word_tokenizer(kind).save_pretrained(directory)
     return directory
-
-
-def _text_file(tmp_path: Path, pages: int = 40) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text(_english(pages), encoding="utf-8")
-    return path
-
-
-def _digest(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
-
-
-def _load(directory: Path, kind: str):
-    auto = transformers.AutoModel if kind == "bert" else transformers.AutoModelForCausalLM
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return auto.from_pretrained(directory).eval()
-
-
-def _outputs(model, batches):
-    with torch.no_grad():
-        return [main_output(model(**batch)) for batch in batches]
 
 
 def _saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -135,12 +87,12 @@ def _saved_tensors(directory: Path) -> dict[str, torch.Tensor]:
     ("bert", "linear", 2, 0)])
 def test_checkpoint_loads_and_matches_lowbit(tmp_path, kind, groups, smoothed, norms_changed):
     model_dir = _save_model(kind, tmp_path / "model")
-    before = _digest(model_dir)
+    before = digest(model_dir)
     out_dir = tmp_path / "out"
     options = dict(smooth=False) if groups is None else dict(smooth_groups=groups)
-    result = smoothquant_pretrained(model_dir, out_dir, calib_text=_text_file(tmp_path), samples=6, seq_len=32,
+    result = smoothquant_pretrained(model_dir, out_dir, calib_text=text_file(tmp_path), samples=6, seq_len=32,
                                     **options)
-    assert _digest(model_dir) == before  # the input is never touched
+    assert digest(model_dir) == before  # the input is never touched
     assert not list(tmp_path.glob(".out.*"))  # no temporary directory left behind
     assert (out_dir / "tokenizer.json").is_file()
     assert result.eval_source == "held-out" and 0.9 < result.cosine < 1.0
@@ -170,10 +122,11 @@ def test_checkpoint_loads_and_matches_lowbit(tmp_path, kind, groups, smoothed, n
                                          "norm,linear": ["norm", "linear"], "all": ["norm", "linear"]}[groups]
     assert recorded["smoothed"] == sorted(result.result.smoothing)
 
-    loaded = _load(out_dir, kind)
+    loaded = load(out_dir, kind)
     modules = dict(loaded.named_modules())
     assert all(getattr(modules[name], "quantization_scheme", None) is not None for name in result.result.weights)
-    for expected, actual in zip(_outputs(result.model, result.eval_batches), _outputs(loaded, result.eval_batches)):
+    for expected, actual in zip(outputs(result.model, result.eval_batches, main_output),
+                                outputs(loaded, result.eval_batches, main_output)):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -181,9 +134,9 @@ def test_loaded_linear_computes_int8_arithmetic_of_the_saved_tensors(tmp_path):
     """Independent of lowbit's model: the loaded linear is int8(x) @ int8(W)^T rescaled, from the
     tensors on disk, with inputs beyond the calibrated range saturating."""
     model_dir = _save_model("qwen2", tmp_path / "model")  # q/k/v carry biases
-    smoothquant_pretrained(model_dir, tmp_path / "out", calib_text=_text_file(tmp_path), samples=4, seq_len=32)
+    smoothquant_pretrained(model_dir, tmp_path / "out", calib_text=text_file(tmp_path), samples=4, seq_len=32)
     saved = _saved_tensors(tmp_path / "out")
-    loaded = _load(tmp_path / "out", "qwen2")
+    loaded = load(tmp_path / "out", "qwen2")
     with torch.no_grad():
         loaded(input_ids=torch.tensor([[5, 6, 7]]))  # the first forward decompresses the weights
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
@@ -206,7 +159,7 @@ def test_linear_groups_are_folded_into_the_saved_weights(tmp_path, kind):
     with the smoothing scales folded in, rounded to its int8 row grid; reloaded, the checkpoint
     still computes exactly what lowbit's model does."""
     model_dir = _save_model(kind, tmp_path / "model", kv_heads=4)
-    result = smoothquant_pretrained(model_dir, tmp_path / "out", calib_text=_text_file(tmp_path),
+    result = smoothquant_pretrained(model_dir, tmp_path / "out", calib_text=text_file(tmp_path),
                                     smooth_groups=("norm", "linear"), samples=6, seq_len=32)
     scales = result.result.smoothing
     assert len(scales) == 8 and result.notes == []  # per block: 2 norms, v_proj and up_proj
@@ -229,8 +182,9 @@ def test_linear_groups_are_folded_into_the_saved_weights(tmp_path, kind):
         if kind == "qwen2":  # v_proj's bias is divided by s too
             torch.testing.assert_close(saved[prefix + "self_attn.v_proj.bias"],
                                        original[prefix + "self_attn.v_proj.bias"] / s_v)
-    loaded = _load(tmp_path / "out", kind)
-    for expected, actual in zip(_outputs(result.model, result.eval_batches), _outputs(loaded, result.eval_batches)):
+    loaded = load(tmp_path / "out", kind)
+    for expected, actual in zip(outputs(result.model, result.eval_batches, main_output),
+                                outputs(loaded, result.eval_batches, main_output)):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -239,7 +193,7 @@ def test_linear_groups_reach_the_down_proj_outliers_that_norm_groups_miss(tmp_pa
     trained LLaMAs) are out of every norm's reach; smoothing up_proj -> down_proj tames them.
     (Grouped-query attention, so up_proj -> down_proj is the only linear group.)"""
     model_dir = _save_model("llama", tmp_path / "model", loud_down_proj=True)
-    text = _text_file(tmp_path)
+    text = text_file(tmp_path)
     sqnr = {}
     for groups in ("norm", "norm,linear"):
         sqnr[groups] = smoothquant_pretrained(model_dir, tmp_path / groups.replace(",", "_"), calib_text=text,
@@ -251,7 +205,7 @@ def test_linear_groups_reach_the_down_proj_outliers_that_norm_groups_miss(tmp_pa
 
 def test_checkpoint_is_smaller_and_summary_names_the_format(tmp_path):
     model_dir = _save_model("llama", tmp_path / "model")
-    result = smoothquant_pretrained(model_dir, tmp_path / "out", calib_text=_text_file(tmp_path), alpha=0.7,
+    result = smoothquant_pretrained(model_dir, tmp_path / "out", calib_text=text_file(tmp_path), alpha=0.7,
                                     samples=4, seq_len=32)
     int8 = sum(layer.values.numel() for layer in result.result.weights.values())
     # Each int8 weight saves 3 bytes of float32, minus a float32 scale per output row (and the
@@ -273,7 +227,7 @@ def test_checkpoint_is_smaller_and_summary_names_the_format(tmp_path):
 def test_cli_writes_w8a8_checkpoint(tmp_path, capsys, flags, groups, smoothed):
     model_dir = _save_model("llama", tmp_path / "model")
     code = main(["quantize", str(model_dir), "-o", str(tmp_path / "out"), "--mode", "static", "--algo", "smoothquant",
-                 "--calib-text", str(_text_file(tmp_path)), "--smooth-alpha", "0.6", "--samples", "4",
+                 "--calib-text", str(text_file(tmp_path)), "--smooth-alpha", "0.6", "--samples", "4",
                  "--seq-len", "32", "--json", *flags])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
@@ -285,7 +239,7 @@ def test_cli_writes_w8a8_checkpoint(tmp_path, capsys, flags, groups, smoothed):
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert config["lowbit"]["alpha"] == 0.6 and config["lowbit"]["smooth_groups"] == groups
     assert config["lowbit"]["smoothed"] == report["smoothed"]
-    loaded = _load(tmp_path / "out", "llama")
+    loaded = load(tmp_path / "out", "llama")
     assert loaded.model.layers[0].mlp.down_proj.quantization_scheme.input_activations.strategy == "tensor"
 
 
@@ -298,8 +252,8 @@ def _fails(argv, capsys) -> str:
 
 def test_cli_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
     model_dir = _save_model("llama", tmp_path / "model")
-    text = _text_file(tmp_path)
-    before = _digest(model_dir)
+    text = text_file(tmp_path)
+    before = digest(model_dir)
 
     def w8a8(model, out, *extra):
         return ["quantize", str(model), "-o", str(tmp_path / out), "--mode", "static", "--algo", "smoothquant",
@@ -343,7 +297,7 @@ def test_cli_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
             _save_model(kind, other)
         with pytest.raises(LowbitError, match=expected):
             smoothquant_pretrained(other, tmp_path / "o6", calib_text=text, seq_len=32, smooth_groups=groups)
-    assert _digest(model_dir) == before
+    assert digest(model_dir) == before
     assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5.onnx", "o6"))
     assert not list(tmp_path.glob(".o*"))
 
@@ -357,5 +311,5 @@ def test_failure_while_writing_leaves_no_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pretrained_w8a8, "write_w8a8_checkpoint", write_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        smoothquant_pretrained(model_dir, tmp_path / "out", calib_text=_text_file(tmp_path), samples=2, seq_len=32)
+        smoothquant_pretrained(model_dir, tmp_path / "out", calib_text=text_file(tmp_path), samples=2, seq_len=32)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
