@@ -61,7 +61,7 @@ from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
 from lowbit.onnx.planner import ACTIVATION_SPEC, INT16_OPSET, StaticPlanner, node_names, widen_to_int16
 from lowbit.onnx.preprocess import preprocess
 from lowbit.onnx.qdq import ensure_opset, write_qdq
-from lowbit.onnx.quantize import CALIB_METHODS, _smooth, _split_outliers, attach_plan
+from lowbit.onnx.quantize import CALIB_METHODS, attach_plan, smooth_layernorm_matmuls, split_ffn_outliers
 from lowbit.onnx.session import make_session
 from lowbit.onnx.verify import VerifyReport, _cosine_per_sample, _looks_like_class_scores, compare_models, time_pair
 from lowbit.plan import QuantPlan
@@ -239,7 +239,7 @@ def search_precision(float_path: str | os.PathLike, out_path: str | os.PathLike,
     eval_set = CalibrationData(eval_data, original, what="evaluation data") if eval_data is not None else calib_data
     algorithms: dict = {}
     if outlier_split is not False:
-        model, split, _ = _split_outliers(model, exclude, calib_data, batch_size, threads)
+        model, split, _ = split_ffn_outliers(model, exclude, calib_data, batch_size, threads)
         if split:
             algorithms["outlier_split"] = split
             exclude = (*exclude, *(name for site in split for name in site["float_branch"]))
@@ -250,7 +250,8 @@ def search_precision(float_path: str | os.PathLike, out_path: str | os.PathLike,
         algorithms.update(equalized_chains=eq.chains, relu6_to_relu=eq.relu6_replaced)
     planner = StaticPlanner(model, per_channel_weights=per_channel, exclude=exclude)
     if smooth is None or smooth:
-        model, smoothed, _ = _smooth(model, planner, calib_data, smooth_alpha, batch_size, threads)
+        model, smoothed, _ = smooth_layernorm_matmuls(model, planner, calib_data, smooth_alpha, batch_size,
+                                                      threads)
         if smoothed:
             algorithms["smoothquant"] = smoothed
             planner = StaticPlanner(model, per_channel_weights=per_channel, exclude=exclude)

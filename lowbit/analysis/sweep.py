@@ -259,7 +259,7 @@ class _Variants:
     def _replay_rewrites(self, plan: QuantPlan, data: CalibrationData, batch_size: int, threads: int | None) -> bool:
         """Apply the stored model's equalization and SmoothQuant to `self.model`; False when they
         did not come out the same as stored (other calibration data, another float model)."""
-        from lowbit.onnx.quantize import _smooth
+        from lowbit.onnx.quantize import smooth_layernorm_matmuls
 
         algorithms = plan.settings.get("algorithms") or {}
         budget = plan.settings.get("budget") or {}
@@ -275,7 +275,8 @@ class _Variants:
             stored = algorithms["smoothquant"]
             planner = StaticPlanner(self.model, per_channel_weights=self.per_channel, exclude=user_exclude)
             alphas = {g["activation"]: g["alpha"] for g in stored}
-            self.model, smoothed, _ = _smooth(self.model, planner, data, alphas, batch_size, threads)
+            self.model, smoothed, _ = smooth_layernorm_matmuls(self.model, planner, data, alphas, batch_size,
+                                                               threads)
             same &= sorted(g["activation"] for g in smoothed) == sorted(g["activation"] for g in stored)
         if algorithms.get("bias_corrected"):
             self.notes.append("the stored model's bias correction is not replayed (it depends on which layers are "

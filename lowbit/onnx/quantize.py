@@ -114,7 +114,7 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
     algorithms: dict = {}
     requested_exclude = list(exclude)
     if mode in ("static", "dynamic") and calib_data is not None and outlier_split is not False:
-        model, split, seconds = _split_outliers(model, exclude, calib_data, batch_size, threads)
+        model, split, seconds = split_ffn_outliers(model, exclude, calib_data, batch_size, threads)
         calibration_seconds += seconds
         if split:
             algorithms["outlier_split"] = split
@@ -130,7 +130,8 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
             algorithms["relu6_to_relu"] = eq.relu6_replaced
         planner = StaticPlanner(model, per_channel_weights=per_channel, exclude=exclude)
         if smooth is None or smooth:
-            model, smoothed, seconds = _smooth(model, planner, calib_data, smooth_alpha, batch_size, threads)
+            model, smoothed, seconds = smooth_layernorm_matmuls(model, planner, calib_data, smooth_alpha,
+                                                                batch_size, threads)
             calibration_seconds += seconds
             if smoothed:
                 algorithms["smoothquant"] = smoothed
@@ -194,9 +195,10 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
     return QuantizeResult(output_path, plan, report, calibration_seconds, time.perf_counter() - started, warnings)
 
 
-def _split_outliers(model: onnx.ModelProto, exclude, calib_data: CalibrationData, batch_size: int,
-                    threads: int | None) -> tuple[onnx.ModelProto, list[dict], float]:
-    """Outlier-channel splitting of the FFNs whose down projection will be int8."""
+def split_ffn_outliers(model: onnx.ModelProto, exclude, calib_data: CalibrationData, batch_size: int,
+                       threads: int | None) -> tuple[onnx.ModelProto, list[dict], float]:
+    """Outlier-channel splitting of the FFNs whose down projection will be int8: the split model,
+    what was split (for the plan), and the seconds the measuring pass took."""
     from lowbit.onnx.outlier_split import apply_split, outlier_channels, split_sites
     from lowbit.onnx.smooth import channel_absmax
 
@@ -215,9 +217,10 @@ def _split_outliers(model: onnx.ModelProto, exclude, calib_data: CalibrationData
     return split, summary, time.perf_counter() - started
 
 
-def _smooth(model: onnx.ModelProto, planner, calib_data: CalibrationData, alpha, batch_size: int,
-            threads: int | None) -> tuple[onnx.ModelProto, list[dict], float]:
-    """SmoothQuant on the LayerNorm-fed int8 MatMuls: one measuring pass, then the rewrite."""
+def smooth_layernorm_matmuls(model: onnx.ModelProto, planner, calib_data: CalibrationData, alpha,
+                             batch_size: int, threads: int | None) -> tuple[onnx.ModelProto, list[dict], float]:
+    """SmoothQuant on the LayerNorm-fed int8 MatMuls: one measuring pass, then the rewrite. Returns
+    the smoothed model, what was smoothed (for the plan) and the seconds it took."""
     from lowbit.onnx.smooth import apply_smoothing, channel_absmax, smoothing_groups
 
     groups = smoothing_groups(model, set(planner.active), alpha=alpha)
