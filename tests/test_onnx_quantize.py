@@ -306,3 +306,25 @@ def test_conv_transpose_resize_concat_decoder(tmp_path):
 
 def initializers_by_name(model):
     return {t.name: t for t in model.graph.initializer}
+
+
+def test_dynamic_gemm_with_alpha_keeps_the_plans_weight_scales(tmp_path):
+    """Gemm's alpha is applied on the scale vector, so the stored weight scales are exactly the
+    plan's (inspect finds them) and the output still matches float."""
+    from lowbit.analysis.inspect import inspect_model
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(16, 32)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.normal(size=(16,)).astype(np.float32), "b")
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", alpha=0.5, transB=1)],
+                              "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 16])], [weight, bias])
+    source = tmp_path / "gemm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), str(source))
+    out = tmp_path / "q.onnx"
+    quantize_onnx(source, out, mode="dynamic", verify=False, measure_speed=False)
+    x = rng.normal(size=(64, 32)).astype(np.float32)
+    assert cosine(run(source, {"x": x}), run(out, {"x": x})) > 0.999
+    assert not [n for n in inspect_model(out).notes if "changed after quantization" in n or "no longer" in n]
+    stored = read_plan(out).quantized("weight")[0].qparams.scale
+    np.testing.assert_array_equal(initializers(onnx.load(str(out)))["fc_W_scale"], stored)

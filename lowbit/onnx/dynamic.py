@@ -50,10 +50,9 @@ def write_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         w = numpy_helper.to_array(initializers[entry.tensor]).astype(np.float32)
         w_q = quantize(w, entry.qparams)
         scale = np.asarray(entry.qparams.scale, np.float32)
-        if node.op_type == "Gemm":
-            if _attr(node, "transB", 0):
-                w_q = w_q.T
-            scale = (scale * np.float32(_attr(node, "alpha", 1.0))).astype(np.float32)
+        alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+        if node.op_type == "Gemm" and _attr(node, "transB", 0):
+            w_q = w_q.T
         base = node.name
         zp = np.zeros(scale.shape, np.int8)
         new_inits += [numpy_helper.from_array(np.ascontiguousarray(w_q), f"{base}_W_quantized"),
@@ -69,8 +68,15 @@ def write_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
             helper.make_node("Cast", [product], [f"{base}_output_float"], to=TensorProto.FLOAT,
                              name=f"{base}_Cast"),
             helper.make_node("Mul", [x_scale, f"{base}_W_scale"], [f"{base}_scale"], name=f"{base}_ScaleMul"),
-            helper.make_node("Mul", [f"{base}_output_float", f"{base}_scale"], [scaled], name=f"{base}_Mul"),
         ]
+        output_scale = f"{base}_scale"
+        if alpha != 1.0:
+            # Gemm's alpha rides on the (tiny) scale vector; the stored weight scales stay the plan's.
+            new_inits.append(numpy_helper.from_array(np.asarray(alpha, np.float32), f"{base}_alpha"))
+            ordered.append(helper.make_node("Mul", [output_scale, f"{base}_alpha"], [f"{base}_scale_alpha"],
+                                            name=f"{base}_AlphaMul"))
+            output_scale = f"{base}_scale_alpha"
+        ordered.append(helper.make_node("Mul", [f"{base}_output_float", output_scale], [scaled], name=f"{base}_Mul"))
         if has_bias:
             bias = node.input[2]
             beta = float(_attr(node, "beta", 1.0))
