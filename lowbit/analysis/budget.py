@@ -143,14 +143,15 @@ class BudgetResult:
                  f"kept {self.start}: {len(self.layers) - len(self.excluded)}/{len(self.layers)} weighted layers, "
                  f"{100 * self.int8_mac_fraction:.1f}% of MACs",
                  f"fell back (ladder {self.start} -> {' -> '.join(self.fallback)}): {fell or 'none'}",
-                 f"search: {len(self.trials)} candidates in {self.seconds:.1f} s (ranking {self.ranking_seconds:.1f} s)"]
+                 f"search: {len(self.trials)} candidates in {self.seconds:.1f} s "
+                 f"(ranking {self.ranking_seconds:.1f} s)"]
         if self.report is not None:
             lines.append(self.report.table())
         lines.extend(f"warning: {w}" for w in self.warnings)
         return "\n".join(lines)
 
 
-class _Scorer:
+class CandidateScorer:
     """Scores a candidate model against float outputs computed once (or with the user's function)."""
 
     def __init__(self, float_path: Path, reference: onnx.ModelProto, data: CalibrationData, metric: str,
@@ -279,10 +280,10 @@ def search_precision(float_path: str | os.PathLike, out_path: str | os.PathLike,
         widen_to_int16(plan, model, {n for n, level in assignment.items() if level == "int16"})
         return write_qdq(model, plan, conv_weights_for_qgemm=amx), plan
 
-    scorer = _Scorer(float_path, model, eval_set, metric, evaluate, batch_size, threads, measure_speed)
+    scorer = CandidateScorer(float_path, model, eval_set, metric, evaluate, batch_size, threads, measure_speed)
     deadline = started + time_limit
     ranges_of: list[dict] = []  # the activation ranges each trial used (kept out of the JSON result)
-    record = _Recorder(scorer, macs, max_drop)
+    record = TrialRecorder(scorer, macs, max_drop)
 
     def trial(stage: str, assignment: dict[str, str], ranges: dict | None = None) -> Trial:
         ranges_of.append(ranges or state["ranges"])
@@ -305,9 +306,9 @@ def search_precision(float_path: str | os.PathLike, out_path: str | os.PathLike,
             else:
                 state["base"] = []
         if not current.met:
-            ranking_seconds = _rank(layers, units, trial, current, deadline, started + time_limit / 2, ladder[-1])
-            _bisect_and_refine(layers, trial, deadline, ladder)
-    best = _best(trials)
+            ranking_seconds = rank_units(layers, units, trial, current, deadline, started + time_limit / 2, ladder[-1])
+            bisect_and_refine(layers, trial, deadline, ladder)
+    best = best_trial(trials)
     state["ranges"], state["base"] = ranges_of[trials.index(best)], best.base
     quantized, plan = build(best.precision)
     minmax_tensors = sorted(t for t, r in state["ranges"].items() if r is not stats.ranges.get(t))
@@ -357,8 +358,8 @@ def outcome_warnings(result: BudgetResult) -> list[str]:
     """Budget not met, time limit hit, slower than float: said plainly."""
     warnings = []
     if not result.met:
-        warnings.append(f"the accuracy budget was NOT met: best drop {result.drop:.5f} > {result.max_drop:g}; saved the "
-                        "most accurate model found (loosen --max-drop, give more calibration data or time)")
+        warnings.append(f"the accuracy budget was NOT met: best drop {result.drop:.5f} > {result.max_drop:g}; saved "
+                        "the most accurate model found (loosen --max-drop, give more calibration data or time)")
     if result.time_limit_hit:
         warnings.append(f"the time limit of {result.time_limit:g} s ran out; the search kept the best model so far")
     if result.report is not None and result.report.speedup is not None and result.report.speedup < 1.0:
@@ -366,10 +367,10 @@ def outcome_warnings(result: BudgetResult) -> list[str]:
     return warnings
 
 
-class _Recorder:
+class TrialRecorder:
     """Evaluates candidates ("this layer -> that precision") and keeps every trial."""
 
-    def __init__(self, scorer: _Scorer, macs: dict[str, int], max_drop: float) -> None:
+    def __init__(self, scorer: CandidateScorer, macs: dict[str, int], max_drop: float) -> None:
         self.scorer, self.macs, self.max_drop = scorer, macs, max_drop
         self.total = max(1, sum(macs.values()))
         self.trials: list[Trial] = []
@@ -447,8 +448,8 @@ def _choose_ranges(units: dict[str, list[str]], model: onnx.ModelProto, stats: A
     return current
 
 
-def _rank(layers: list[Layer], units: dict[str, list[str]], trial, current: Trial, deadline: float,
-          ranking_deadline: float, level: str = "float") -> float:
+def rank_units(layers: list[Layer], units: dict[str, list[str]], trial, current: Trial, deadline: float,
+               ranking_deadline: float, level: str = "float") -> float:
     """Each unit's gain: the drop of `current` minus the drop with that unit alone at `level` (until
     half the time is spent). Orders `layers` by unit, best gain per fallen-back MAC first."""
     started = time.perf_counter()
@@ -472,7 +473,7 @@ def _rank(layers: list[Layer], units: dict[str, list[str]], trial, current: Tria
     return time.perf_counter() - started
 
 
-def _bisect_and_refine(layers: list[Layer], trial, deadline: float, ladder: tuple[str, ...] = ("float",)) -> None:
+def bisect_and_refine(layers: list[Layer], trial, deadline: float, ladder: tuple[str, ...] = ("float",)) -> None:
     """Smallest k such that the k best-ranked units at the ladder's last step meet the budget; then,
     biggest unit (most MACs) first, give each the cheapest precision the budget still allows: back
     to the starting one, else the ladder's earlier steps in order."""
@@ -510,7 +511,7 @@ def _bisect_and_refine(layers: list[Layer], trial, deadline: float, ladder: tupl
                 break
 
 
-def _best(trials: list[Trial]) -> Trial:
+def best_trial(trials: list[Trial]) -> Trial:
     """Meeting candidates: most MACs at the starting precision, then least float, then best score;
     otherwise the best score."""
     met = [t for t in trials if t.met]

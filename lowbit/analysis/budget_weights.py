@@ -26,8 +26,8 @@ import torch
 from onnx import numpy_helper
 
 from lowbit.algorithms import QuantizedWeight, rtn_quantize
-from lowbit.analysis.budget import (METRICS, BudgetResult, Layer, Trial, _best, _bisect_and_refine, _rank, _Recorder,
-                                    _Scorer, check_budget, outcome_warnings)
+from lowbit.analysis.budget import (METRICS, BudgetResult, CandidateScorer, Layer, Trial, TrialRecorder, best_trial,
+                                    bisect_and_refine, check_budget, outcome_warnings, rank_units)
 from lowbit.analysis.macs import layer_macs
 from lowbit.errors import LowbitError
 from lowbit.onnx.blockwise import WeightSite
@@ -114,8 +114,8 @@ def search_weight_precision(float_path: str | os.PathLike, out_path: str | os.Pa
     names = [s.node for s in sites]
     macs = layer_macs(model, names, eval_set.first_batch(1), threads=threads)
     layers = [Layer(s.node, s.op_type, macs[s.node], unit=s.node) for s in sites]
-    scorer = _Scorer(float_path, model, eval_set, metric, evaluate, batch_size, threads, measure_speed)
-    record = _Recorder(scorer, macs, max_drop)
+    scorer = CandidateScorer(float_path, model, eval_set, metric, evaluate, batch_size, threads, measure_speed)
+    record = TrialRecorder(scorer, macs, max_drop)
     deadline = started + time_limit
 
     def trial(stage: str, assignment: dict[str, str]) -> Trial:
@@ -126,9 +126,9 @@ def search_weight_precision(float_path: str | os.PathLike, out_path: str | os.Pa
     ranking_seconds = 0.0
     if not first.met:
         units = {s.node: [s.node] for s in sites}
-        ranking_seconds = _rank(layers, units, trial, first, deadline, started + time_limit / 2, ladder[-1])
-        _bisect_and_refine(layers, trial, deadline, ladder)
-    best = _best(record.trials)
+        ranking_seconds = rank_units(layers, units, trial, first, deadline, started + time_limit / 2, ladder[-1])
+        bisect_and_refine(layers, trial, deadline, ladder)
+    best = best_trial(record.trials)
     quantized = build(best.precision)
     plan = _plan(sites, kept, best.precision, spec, fallbacks.spec8, algo, weight_format)
     plan.settings = {"per_channel": group_size <= 0, "exclude": list(exclude),
