@@ -90,10 +90,15 @@ def test_smoothquant_rescaled_tensor_is_skipped_with_reason(tmp_path):
 def test_user_errors(cnn, tmp_path):
     with pytest.raises(LowbitError, match="not written by lowbit"):
         layer_sensitivity(cnn["float"], cnn["float"], cnn["calib"])
-    dynamic = tmp_path / "dyn.onnx"
+    half = tmp_path / "fp16.onnx"
+    quantize_onnx(cnn["float"], half, mode="fp16", verify=False)
+    with pytest.raises(LowbitError, match="fp16 mode"):
+        layer_sensitivity(cnn["float"], half, cnn["calib"])
+    dynamic = tmp_path / "dyn.onnx"  # only the Gemm head is int8 in dynamic mode
     quantize_onnx(cnn["float"], dynamic, mode="dynamic", verify=False)
-    with pytest.raises(LowbitError, match="dynamic mode"):
-        layer_sensitivity(cnn["float"], dynamic, cnn["calib"])
+    assert [t.nodes for t in layer_sensitivity(cnn["float"], dynamic, cnn["calib"]).tensors] == [["/head/Gemm"]]
+    with pytest.raises(LowbitError, match="pass the float model it was quantized from"):
+        layer_sensitivity(tiny_encoder(tmp_path / "enc.onnx"), dynamic, cnn["calib"])
     with pytest.raises(LowbitError, match="does not exist"):
         layer_sensitivity(cnn["float"], cnn["quant"], tmp_path / "missing.npz")
 

@@ -237,3 +237,14 @@ def test_budget_table_names_each_layers_fallback_precision():
                      Layer("c", "MatMul", 30, gain=0.2)]
     header, body = budget_rows(budget)
     assert [row[4] for row in body] == ["int4", "int8", "float"]
+
+
+def test_quantize_report_of_a_dynamic_model_has_its_sensitivity(tmp_path):
+    from _onnx_quant_models import tiny_encoder, token_calib
+
+    source, calib = tiny_encoder(tmp_path / "enc.onnx"), token_calib(tmp_path / "c.npz")
+    assert main(["quantize", str(source), "-o", str(tmp_path / "dyn.onnx"), "--mode", "dynamic", "--calib", str(calib),
+                 "--no-speed", "--report", str(tmp_path / "report")]) == 0
+    rows = _md_rows((tmp_path / "report" / "report.md").read_text(), "## Per-layer sensitivity")
+    assert len(rows) > 4  # header + the encoder's int8 MatMuls
+    assert "own int8 MatMul" in (tmp_path / "report" / "report.html").read_text()

@@ -1,5 +1,8 @@
 """Per-layer sensitivity: how far each quantized activation of a QDQ model is from the float one.
 
+(Dynamic int8 models have no stored activation quantizers: they are measured layer output by layer
+output, see `lowbit.analysis.sensitivity_dynamic`; `layer_sensitivity` dispatches on the stored mode.)
+
 Both models run on ONNX Runtime over the same data, batch by batch. In the QDQ model the tensors
 read are the DequantizeLinear outputs of the activations recorded in the stored plan (and the
 QuantizeLinear inputs just before them); in the float model, the same tensor names after the same
@@ -62,6 +65,7 @@ class SensitivityReport:
     samples: int
     tensors: list[TensorSensitivity]
     notes: list[str] = field(default_factory=list)
+    mode: str = "static"  # dynamic: one row per quantized layer output
 
     def ranked(self) -> list[TensorSensitivity]:
         """Measured tensors, worst (lowest SQNR vs float) first."""
@@ -69,7 +73,8 @@ class SensitivityReport:
         return sorted(measured, key=lambda t: math.inf if t.sqnr_db is None else t.sqnr_db)
 
     def to_dict(self) -> dict:
-        return {"float_model": self.float_path, "quant_model": self.quant_path, "samples": self.samples,
+        return {"float_model": self.float_path, "quant_model": self.quant_path, "mode": self.mode,
+                "samples": self.samples,
                 "ranked": [asdict(t) for t in self.ranked()],
                 "skipped": [asdict(t) for t in self.tensors if t.skipped], "notes": self.notes}
 
@@ -78,14 +83,20 @@ class SensitivityReport:
         lines = [f"per-layer sensitivity of {Path(self.quant_path).name} vs {Path(self.float_path).name} "
                  f"({self.samples} samples; worst first)"]
         width = min(56, max([len(t.tensor) for t in ranked] + [6]))
-        lines.append(f"  {'tensor':<{width}} {'SQNR dB':>8} {'cosine':>9} {'own dB':>8} {'clipped':>8}  read by")
+        static = self.mode == "static"
+        lines.append(f"  {'tensor' if static else 'layer output':<{width}} {'SQNR dB':>8} {'cosine':>9} {'own dB':>8} "
+                     f"{'clipped':>8}  {'read by' if static else 'layer'}")
         for t in ranked[:top]:
             lines.append(f"  {t.tensor[-width:]:<{width}} {_db(t.sqnr_db):>8} {_num(t.cosine, '.5f'):>9} "
                          f"{_db(t.local_sqnr_db):>8} {_pct(t.clipped):>8}  {', '.join(t.nodes)[:60]}")
         if len(ranked) > top:
             lines.append(f"  ... {len(ranked) - top} more (use --top or --json)")
-        lines.append("  SQNR/cosine: quantized vs float model at this tensor (error accumulated so far); "
-                     "own dB: the noise this tensor's Q/DQ adds by itself")
+        if static:
+            lines.append("  SQNR/cosine: quantized vs float model at this tensor (error accumulated so far); "
+                         "own dB: the noise this tensor's Q/DQ adds by itself")
+        else:
+            lines.append("  SQNR/cosine: quantized vs float model at this layer's output (error accumulated so far); "
+                         "own dB: this layer quantized alone, fed the float model's input")
         for t in self.tensors:
             if t.skipped:
                 lines.append(f"  skipped {t.tensor}: {t.skipped}")
@@ -94,34 +105,58 @@ class SensitivityReport:
 
 
 class _Sums:
-    """Running float64 sums for SQNR and cosine of one tensor."""
+    """Running float64 sums for SQNR and cosine of one tensor, and for its own noise."""
 
     def __init__(self) -> None:
         self.signal = self.noise = self.dot = self.power = 0.0
         self.own_signal = self.own_noise = 0.0
-        self.clipped = self.count = 0
+        self.clipped = self.count = self.own_count = 0
+        self.steps_known = False
 
     def add(self, ref: np.ndarray, got: np.ndarray, before: np.ndarray, step: float) -> None:
+        """Static: `before`/`got` are the input/output of the tensor's own Q/DQ of grid step `step`."""
         ref, got, before = (np.asarray(a, np.float64).ravel() for a in (ref, got, before))
         finite = np.isfinite(ref) & np.isfinite(got) & np.isfinite(before)
         ref, got, before = ref[finite], got[finite], before[finite]
+        self._error(ref, got)
+        self._own(before, got)
+        self.clipped += int((np.abs(before - got) > 0.5 * step * (1 + 1e-3) + 1e-12).sum())
+        self.steps_known = True
+
+    def add_error(self, ref: np.ndarray, got: np.ndarray) -> None:
+        """Quantized model's value `got` vs the float model's `ref`."""
+        self._error(*_finite(ref, got))
+
+    def add_own(self, ref: np.ndarray, got: np.ndarray) -> None:
+        """The tensor quantized alone (`got`) vs float (`ref`)."""
+        self._own(*_finite(ref, got))
+
+    def _error(self, ref: np.ndarray, got: np.ndarray) -> None:
         self.signal += float(ref @ ref)
         self.noise += float(((ref - got) ** 2).sum())
         self.dot += float(ref @ got)
         self.power += float(got @ got)
-        own = before - got
-        self.own_signal += float(before @ before)
-        self.own_noise += float(own @ own)
-        self.clipped += int((np.abs(own) > 0.5 * step * (1 + 1e-3) + 1e-12).sum())
         self.count += ref.size
+
+    def _own(self, clean: np.ndarray, noisy: np.ndarray) -> None:
+        own = clean - noisy
+        self.own_signal += float(clean @ clean)
+        self.own_noise += float(own @ own)
+        self.own_count += clean.size
 
     def result(self, entry: TensorSensitivity) -> TensorSensitivity:
         entry.sqnr_db = _sqnr(self.signal, self.noise)
         norms = math.sqrt(self.signal * self.power)
         entry.cosine = self.dot / norms if norms > 0 else (1.0 if self.signal == self.power == 0 else 0.0)
         entry.local_sqnr_db = _sqnr(self.own_signal, self.own_noise)
-        entry.clipped = self.clipped / self.count if self.count else None
+        entry.clipped = self.clipped / self.count if self.count and self.steps_known else None
         return entry
+
+
+def _finite(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ref, got = (np.asarray(a, np.float64).ravel() for a in (ref, got))
+    finite = np.isfinite(ref) & np.isfinite(got)
+    return ref[finite], got[finite]
 
 
 @dataclass
@@ -137,14 +172,22 @@ class _Probe:
 
 def layer_sensitivity(float_path: str | os.PathLike, quant_path: str | os.PathLike,
                       data: str | os.PathLike | dict, *, samples: int | None = None, batch_size: int = 16,
-                      threads: int | None = None) -> SensitivityReport:
+                      threads: int | None = None, memory_budget_mb: float | None = None) -> SensitivityReport:
     """SQNR and cosine of every quantized activation of the QDQ model at `quant_path` vs the float
-    model at `float_path`, over `data` (see the module docstring)."""
+    model at `float_path`, over `data` (see the module docstring). For a dynamic int8 model: of
+    every quantized layer's output, see `lowbit.analysis.sensitivity_dynamic` (whose streams keep
+    the exposed activations within `memory_budget_mb`; None: the calibration default)."""
     if batch_size < 1:
         raise LowbitError(f"batch size must be at least 1, got {batch_size}")
-    original = load_model(float_path)
     quant = load_model(quant_path)
-    plan = _static_plan(quant, quant_path)
+    plan = _analyzable_plan(quant, quant_path)
+    if plan.mode == "dynamic":
+        from lowbit.analysis.sensitivity_dynamic import dynamic_sensitivity
+        from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB
+
+        return dynamic_sensitivity(float_path, quant_path, quant, plan, data, samples=samples, batch_size=batch_size,
+                                   threads=threads, memory_budget_mb=memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB)
+    original = load_model(float_path)
     reference = preprocess(ensure_opset(original))
     dataset = CalibrationData(data, original, samples=samples, what="analysis data")
     probes, tensors = _probes(plan, reference, quant)
@@ -174,11 +217,11 @@ def layer_sensitivity(float_path: str | os.PathLike, quant_path: str | os.PathLi
     return SensitivityReport(str(float_path), str(quant_path), seen, tensors)
 
 
-def _static_plan(quant: onnx.ModelProto, path) -> QuantPlan:
+def _analyzable_plan(quant: onnx.ModelProto, path) -> QuantPlan:
     plan = read_plan(quant)
-    if plan.mode != "static":
-        raise LowbitError(f"{path} was quantized in {plan.mode} mode, which has no stored activation quantizers "
-                          "to compare; analyze a model written by lowbit quantize --mode static")
+    if plan.mode not in ("static", "dynamic"):
+        raise LowbitError(f"{path} was quantized in {plan.mode} mode, which per-layer sensitivity does not cover; "
+                          "analyze a model written by lowbit quantize --mode static or --mode dynamic")
     return plan
 
 

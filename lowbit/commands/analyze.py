@@ -1,7 +1,9 @@
 """`lowbit analyze FLOAT.onnx QUANT.onnx --data X.npz`: which quantized layers hurt most.
 
-For every quantized activation of the QDQ model: SQNR and cosine against the float model's same
-tensor, both run on ONNX Runtime over the data batch by batch, ranked worst first. With --sweep,
+For every quantized activation of a static (QDQ) model, or every quantized layer's output of a
+dynamic one: SQNR and cosine against the float model's same tensor, both run on ONNX Runtime over
+the data batch by batch, ranked worst first, with the error the tensor (static) or the layer fed
+float inputs (dynamic) adds on its own. With --sweep,
 also per-layer sweeps of the final outputs: "solo" (each weighted layer quantized alone, the
 default of a bare --sweep), "all-but" (everything quantized but that layer: the cosine it
 recovers) or "both" (one calibration shared by the two).
@@ -18,7 +20,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("analyze", help="per-layer sensitivity of a quantized model vs its float original",
                                    description=__doc__.split("\n\n")[0])
     parser.add_argument("float_model", help="the float ONNX model that was quantized (never modified)")
-    parser.add_argument("quant_model", help="the QDQ model written by lowbit quantize (never modified)")
+    parser.add_argument("quant_model", help="the model written by lowbit quantize --mode static or --mode dynamic "
+                        "(never modified)")
     parser.add_argument("--data", help=".npz keyed by input name (samples on axis 0), or a folder of them")
     parser.add_argument("--calib", help="calibration data for --sweep (default: --data); also used as --data "
                         "when --data is not given")

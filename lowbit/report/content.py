@@ -82,7 +82,7 @@ def collect(float_path: str | os.PathLike, quant_path: str | os.PathLike, data, 
                                 speed=measure_speed)
     content = ReportContent(f"lowbit report: {Path(quant_path).name}", str(float_path), str(quant_path), plan, verify,
                             sensitivity, budget=budget, sweep=sweep, all_but=all_but)
-    if plan.mode == "static" and dataset is not None and content.sensitivity is None:
+    if plan.mode in ("static", "dynamic") and dataset is not None and content.sensitivity is None:
         content.sensitivity = layer_sensitivity(float_path, quant_path, data, samples=samples, batch_size=batch_size,
                                                 threads=threads)
     reference = preprocess(ensure_opset(original))

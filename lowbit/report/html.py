@@ -87,8 +87,10 @@ def _sensitivity(content: ReportContent) -> str:
     items = [(t.tensor, t.sqnr_db) for t in ranked]
     chart = svg.bar_chart(items, title="SQNR of each quantized activation vs float (worst first)", unit="dB",
                           threshold=20.0)
+    own = ("that layer's own int8 MatMul adds when fed float inputs" if getattr(content.sensitivity, "mode", "static")
+           == "dynamic" else "this tensor's own Q/DQ adds")
     note = ('<p class="muted">SQNR / cosine: quantized vs float model at this tensor (error accumulated so far); '
-            'own dB: the noise this tensor\'s own Q/DQ adds. Red: below 20 dB.</p>')
+            f'own dB: the noise {own}. Red: below 20 dB.</p>')
     skipped = [[t.tensor, t.skipped] for t in content.sensitivity.tensors if t.skipped]
     extra = _table(["skipped tensor", "why"], skipped) if skipped else ""
     return chart + note + _table(*sensitivity_rows(content.sensitivity)) + extra

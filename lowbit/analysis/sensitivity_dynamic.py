@@ -1,0 +1,235 @@
+"""Per-layer sensitivity of a dynamic int8 model: each quantized layer's output vs the float one.
+
+A dynamic model has no stored activation quantizers to read: each quantized MatMul/Gemm became
+DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul (and an embedding Gather an int8 Gather
+times per-row scales), ending in the float node's own output name. So the tensors compared are
+the outputs of the quantized layers, named alike in both models:
+
+- `sqnr_db` / `cosine`: the quantized model's layer output vs the float model's (error
+  accumulated up to and including this layer);
+- `local_sqnr_db` ("own"): the layer's quantized subgraph, copied out of the quantized model, fed
+  the *float* model's input of that layer, vs the float layer: what quantizing this layer alone
+  costs. The copies run inside the float model, next to the layer they shadow, so one extra pass
+  measures every layer.
+
+The float model is pre-processed and outlier-split exactly as `quantize_onnx` did (the stored plan
+says which FFN channels were split off), so layer names and inputs match. Both models stream
+through `ActivationStream` (memory-bounded chunks, unoptimized sessions: ONNX Runtime evaluates
+the ONNX ops as the spec defines them); a float-model value waits only until its quantized partner
+arrives, and only running sums are kept.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+
+from lowbit.analysis.sensitivity import SensitivityReport, TensorSensitivity, _Sums
+from lowbit.errors import LowbitError
+from lowbit.onnx.calib_data import CalibrationData
+from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStream
+from lowbit.onnx.io import load_model
+from lowbit.onnx.planner import node_names
+from lowbit.onnx.preprocess import preprocess
+from lowbit.onnx.qdq import ensure_opset
+from lowbit.plan import QuantPlan
+from lowbit.progress import progress
+
+OWN_SUFFIX = "__lowbit_own"  # the float model's copy of a layer's quantized subgraph
+
+
+def dynamic_sensitivity(float_path: str | os.PathLike, quant_path: str | os.PathLike, quant: onnx.ModelProto,
+                        plan: QuantPlan, data, *, samples: int | None = None, batch_size: int = 16,
+                        threads: int | None = None,
+                        memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB) -> SensitivityReport:
+    """SQNR/cosine of every quantized layer output of the dynamic model `quant` vs the float model
+    (see the module docstring); `plan` is the plan stored in `quant`."""
+    original = load_model(float_path)
+    reference = _reference_model(original, plan)
+    layers = _layers(plan, reference, quant)
+    measured = [t for t in layers if not t.skipped]
+    if not measured:
+        raise LowbitError(f"no quantized layer of {quant_path} matches a node of {float_path}; "
+                          "pass the float model it was quantized from")
+    dataset = CalibrationData(data, original, samples=samples, what="analysis data")
+    notes: list[str] = []
+    own = _add_own_copies(reference, quant, [t.nodes[0] for t in measured], notes)
+    outputs = [t.tensor for t in measured]
+    ref_stream = ActivationStream(reference, outputs + list(own.values()), memory_budget_mb=memory_budget_mb,
+                                  threads=threads)
+    quant_stream = ActivationStream(quant, outputs, memory_budget_mb=memory_budget_mb, threads=threads)
+    sums = {t.tensor: _Sums() for t in measured}
+    seen = 0
+    total = -(-dataset.num_samples // dataset.feed_batch_size(batch_size))
+    with progress(total=total, desc="analyzing", unit="batch") as bar:
+        for batch in dataset.batches(batch_size):
+            partners = _Partners(ref_stream.chunks(batch), own, sums)
+            for found in quant_stream.chunks(batch):
+                for name, got in found.items():
+                    ref = partners.take(name)
+                    if _is_float(ref) and _is_float(got):
+                        sums[name].add_error(ref, got)
+                del found
+            partners.finish()
+            seen += next(iter(batch.values())).shape[0] if batch else 0
+            bar.update(1)
+    for t in measured:
+        sums[t.tensor].result(t)
+    return SensitivityReport(str(float_path), str(quant_path), seen, layers, notes, mode="dynamic")
+
+
+class _Partners:
+    """The float model's side of one batch: layer outputs held until their partners (the quantized
+    model's output, the own copy's output) have read them, then dropped. The float stream is
+    advanced only as far as the quantized one needs, so few values wait at a time."""
+
+    def __init__(self, chunks: Iterator[dict[str, np.ndarray]], own: dict[str, str], sums: dict[str, _Sums]):
+        self.chunks = chunks
+        self.own_of = {copy: tensor for tensor, copy in own.items()}
+        self.uses = {tensor: 1 + (tensor in own) for tensor in sums}
+        self.sums = sums
+        self.held: dict[str, np.ndarray] = {}
+
+    def take(self, name: str) -> np.ndarray:
+        """The float model's value of `name`, running the float model further if needed."""
+        while name not in self.held:
+            self._receive(next(self.chunks))
+        return self._use(name)
+
+    def finish(self) -> None:
+        """Run the rest of the float model: own copies of the last layers."""
+        for chunk in self.chunks:
+            self._receive(chunk)
+        self.held.clear()
+
+    def _use(self, name: str) -> np.ndarray:
+        value = self.held[name]
+        self.uses[name] -= 1
+        if not self.uses[name]:
+            del self.held[name]
+        return value
+
+    def _receive(self, chunk: dict[str, np.ndarray]) -> None:
+        self.held.update((n, v) for n, v in chunk.items() if n not in self.own_of)
+        for copy in [n for n in chunk if n in self.own_of]:
+            tensor = self.own_of[copy]  # a copy runs right after its layer, whose value is held by now
+            ref = self._use(tensor)
+            if _is_float(ref) and _is_float(chunk[copy]):
+                self.sums[tensor].add_own(ref, chunk[copy])
+
+
+def _reference_model(original: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    """The float model as `quantize_onnx` saw it just before writing: pre-processed, nodes named,
+    and the stored FFN outlier channels split into their float branches."""
+    model = preprocess(ensure_opset(original))
+    node_names(model)
+    stored = {site["node"]: site["channels"]
+              for site in (plan.settings.get("algorithms") or {}).get("outlier_split", [])}
+    if stored:
+        from lowbit.onnx.outlier_split import apply_split, split_sites
+
+        sites = split_sites(model, set(stored))
+        for site in sites:
+            site.channels = stored[site.down]
+        model = apply_split(model, sites)
+    return model
+
+
+def _layers(plan: QuantPlan, reference: onnx.ModelProto, quant: onnx.ModelProto) -> list[TensorSensitivity]:
+    """One row per quantized layer, named by its output tensor; unmatched layers are skipped."""
+    nodes = {n.name: n for n in reference.graph.node}
+    produced = {o for n in quant.graph.node for o in n.output}
+    rows = []
+    for name in dict.fromkeys(node for e in plan.quantized("weight") for node in e.nodes):
+        node = nodes.get(name)
+        row = TensorSensitivity(node.output[0] if node is not None else name, [name])
+        if node is None:
+            row.skipped = "no node of this name in the float model (pass the float model it was quantized from)"
+        elif node.output[0] not in produced:
+            row.skipped = "its output is not computed by the quantized model"
+        rows.append(row)
+    return rows
+
+
+def _add_own_copies(reference: onnx.ModelProto, quant: onnx.ModelProto, layer_names: list[str],
+                    notes: list[str]) -> dict[str, str]:
+    """Copy each layer's quantized subgraph into `reference`, right after the float layer and fed
+    by the same float inputs; returns {layer output: copy's output}."""
+    graph = reference.graph
+    known = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+    producer = {o: n for n in quant.graph.node for o in n.output}
+    order = {id(n): i for i, n in enumerate(quant.graph.node)}
+    quant_inits = {t.name: t for t in quant.graph.initializer}
+    position = {n.name: i for i, n in enumerate(graph.node)}
+    inserted: dict[int, list[onnx.NodeProto]] = {}
+    own: dict[str, str] = {}
+    copied: set[str] = set()  # a DynamicQuantizeLinear shared by Q/K/V is copied once, after the first
+    for name in sorted(layer_names, key=position.__getitem__):
+        layer = graph.node[position[name]]
+        output = layer.output[0]
+        found = _slice(output, producer, order, quant_inits, known)
+        if found is None:
+            notes.append(f"{name}: its quantized subgraph reads tensors the float model lacks; own dB not measured")
+            continue
+        nodes, initializers = found
+        rename = {t: f"{t}{OWN_SUFFIX}" for n in nodes for t in n.output}
+        rename.update({t: f"{t}{OWN_SUFFIX}" for t in initializers})
+        for node in nodes:
+            if node.output[0] in copied:
+                continue
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = f"{node.name}{OWN_SUFFIX}"
+            copy.input[:] = [rename.get(t, t) for t in node.input]
+            copy.output[:] = [rename[t] for t in node.output]
+            inserted.setdefault(position[name], []).append(copy)
+            copied.add(node.output[0])
+        for tensor in initializers:
+            if tensor in copied:
+                continue
+            copy = onnx.TensorProto()
+            copy.CopyFrom(quant_inits[tensor])
+            copy.name = rename[tensor]
+            graph.initializer.append(copy)
+            copied.add(tensor)
+        own[output] = rename[output]
+    ordered = []
+    for i, node in enumerate(graph.node):
+        ordered.append(node)
+        ordered.extend(inserted.get(i, []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    return own
+
+
+def _slice(output: str, producer: dict, order: dict[int, int], quant_inits: dict, known: set[str]
+           ) -> tuple[list[onnx.NodeProto], list[str]] | None:
+    """The quantized model's nodes computing `output` from tensors the float model also has (the
+    layer's inputs), in graph order, and the initializers they read; None when it reads others."""
+    nodes: dict[int, onnx.NodeProto] = {}
+    initializers: list[str] = []
+    pending = [output]
+    while pending:
+        node = producer.get(pending.pop())
+        if node is None:
+            return None  # a graph input of the quantized model that the float model does not have
+        if id(node) in nodes:
+            continue
+        nodes[id(node)] = node
+        for name in node.input:
+            if not name:
+                continue
+            if name in quant_inits:
+                if name not in initializers:
+                    initializers.append(name)
+            elif name not in known:
+                pending.append(name)
+            # else: a float-model tensor (the layer's input): the copy reads the float one
+    return sorted(nodes.values(), key=lambda n: order[id(n)]), initializers
+
+
+def _is_float(value) -> bool:
+    return value.dtype.kind == "f"
