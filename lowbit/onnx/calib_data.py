@@ -57,12 +57,14 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSignature]:
 class CalibrationData:
     """Validated samples for a model, iterable in batches.
 
-    `samples` limits how many samples are used (the first N)."""
+    `model`: the model, or just its `model_inputs` (all that is kept, so a caller can free the
+    model). `samples` limits how many samples are used (the first N)."""
 
-    def __init__(self, source: str | os.PathLike | dict[str, np.ndarray], model: onnx.ModelProto,
-                 *, samples: int | None = None, what: str = "calibration data") -> None:
+    def __init__(self, source: str | os.PathLike | dict[str, np.ndarray],
+                 model: onnx.ModelProto | list[InputSignature], *, samples: int | None = None,
+                 what: str = "calibration data") -> None:
         self.what = what
-        self.signatures = model_inputs(model)
+        self.signatures = model_inputs(model) if isinstance(model, onnx.ModelProto) else list(model)
         self._parts = [self._validated(arrays, label) for label, arrays in _read_sources(source, what)]
         self._parts = [p for p in self._parts if _count(p)]
         total = sum(_count(p) for p in self._parts)

@@ -28,10 +28,16 @@ log = logging.getLogger(__name__)
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
 
 
-def preprocess(model: onnx.ModelProto, *, symbolic_shapes: bool = True, optimize: bool = True) -> onnx.ModelProto:
-    """Return a new, shape-annotated and optimized copy of `model` (the input is left untouched)."""
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
+def preprocess(model: onnx.ModelProto, *, symbolic_shapes: bool = True, optimize: bool = True,
+               copy: bool = True) -> onnx.ModelProto:
+    """Return a shape-annotated and optimized version of `model`.
+
+    copy=True (default): `model` is left untouched. copy=False: the caller hands `model` over and
+    will not use it again, so it is changed in place instead of copied (one model less in memory)."""
+    result = model
+    if copy:
+        result = onnx.ModelProto()
+        result.CopyFrom(model)
     _drop_initializers_from_inputs(result)
     result = infer_shapes(result, symbolic=symbolic_shapes)
     if optimize:

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from lowbit.errors import LowbitError
-from lowbit.onnx.calib_data import CalibrationData
+from lowbit.onnx.calib_data import CalibrationData, model_inputs
 from lowbit.onnx.cpu import has_amx_int8
 from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
 from lowbit.onnx.planner import ACTIVATION_SPEC, StaticPlanner, node_names, plan_dynamic
@@ -104,10 +104,13 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
     if calib_memory_mb is not None and calib_memory_mb <= 0:
         raise LowbitError(f"calibration memory budget must be positive, got {calib_memory_mb} MB")
     original = load_model(model_path)
-    model = preprocess(ensure_opset(original))
+    inputs = model_inputs(original)  # all the data checks need; the loaded model is not kept
+    # The loaded model is ours (read from disk): preprocess may consume it instead of copying it.
+    model = preprocess(ensure_opset(original), copy=False)
+    del original
     node_names(model)
-    calib_data = CalibrationData(calib, original, samples=samples) if calib is not None else None
-    eval_set = (CalibrationData(eval_data, original, what="evaluation data") if eval_data is not None
+    calib_data = CalibrationData(calib, inputs, samples=samples) if calib is not None else None
+    eval_set = (CalibrationData(eval_data, inputs, what="evaluation data") if eval_data is not None
                 else calib_data)
     calibration_seconds = 0.0
     warnings: list[str] = []
