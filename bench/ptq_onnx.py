@@ -5,7 +5,11 @@ Same models, inputs, machine and run for every row (the tasks come from bench/or
     sentence embeddings vs fp32; static and dynamic int8, lowbit and ONNX Runtime;
   - ResNet-18-style CNN on 224x224 digits: top-1 agreement with fp32, accuracy, speedup;
   - MobileNetV2-style depthwise CNN on 32x32 digits: accuracy drop, per-channel and per-tensor
-    (with cross-layer equalization / bias correction for lowbit).
+    (with cross-layer equalization / bias correction for lowbit), for two trainings of the same
+    net: "mobilenetv2" (default recipe, well-conditioned) and "mobilenetv2-highlr" (5x the peak
+    learning rate, nothing else changed: dead ReLU6 units make the folded depthwise ranges span
+    100-100000x, and per-tensor int8 fails unless the weights are equalized; see
+    lowbit/zoo/mobilenet.py).
 Every quantizer runs in its own subprocess, which reports its build time, calibration time and
 peak resident memory (VmHWM of that process: model, calibration and writing together; '+N' is
 the part above the process's footprint after imports).
@@ -15,7 +19,8 @@ median of the repeats; speedup = fp32 median / variant median.
 On a machine shared with other work the ratios are noisy; re-run on a quiet machine for
 publishable numbers.
 
-    python bench/ptq_onnx.py                       # all three models
+    python bench/ptq_onnx.py                       # all models
+    python bench/ptq_onnx.py --models mobilenetv2,mobilenetv2-highlr
     python bench/ptq_onnx.py --models minilm --repeats 5
 """
 
@@ -145,7 +150,11 @@ def task_for(name: str, args) -> base.Task:
     if name == "mobilenetv2":
         from lowbit.zoo.mobilenet import mobilenet_digits_onnx
         return base.digits_task("MobileNetV2-style (digits 32x32)", mobilenet_digits_onnx(args.artifacts)[0], 32, 64)
-    raise SystemExit(f"unknown model {name!r}; use minilm, resnet18 or mobilenetv2")
+    if name == "mobilenetv2-highlr":
+        from lowbit.zoo.mobilenet import mobilenet_digits_onnx
+        path, _ = mobilenet_digits_onnx(args.artifacts, recipe="high-lr")
+        return base.digits_task("MobileNetV2-style, high-lr training (digits 32x32)", path, 32, 64)
+    raise SystemExit(f"unknown model {name!r}; use minilm, resnet18, mobilenetv2 or mobilenetv2-highlr")
 
 
 def run_model(name: str, args) -> tuple[base.Task, list[dict]]:
@@ -215,7 +224,7 @@ def _num(value, digits: int = 1) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="minilm,resnet18,mobilenetv2")
+    parser.add_argument("--models", default="minilm,resnet18,mobilenetv2,mobilenetv2-highlr")
     parser.add_argument("--artifacts", type=Path, default=ARTIFACTS)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sentences", type=int, default=64, help="MiniLM evaluation/timing batch (x128 tokens)")

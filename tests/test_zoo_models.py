@@ -6,10 +6,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from lowbit.errors import LowbitError
 from lowbit.onnx.io import load_model
 from lowbit.zoo import minilm
-from lowbit.zoo.mobilenet import MobileNetV2
+from lowbit.zoo.mobilenet import MobileNetV2, depthwise_range_spread, train_mobilenet_digits
 from lowbit.zoo.mobilenet import export_onnx as export_mobilenet
 from lowbit.zoo.resnet import BasicBlock, ResNet18
 from lowbit.zoo.resnet import export_onnx as export_resnet
@@ -66,6 +68,45 @@ def test_mobilenet_has_depthwise_relu6_inverted_residuals_and_exports(tmp_path):
     assert len(clips) == 2 * 9 - 1 + 2               # expand+depthwise (first block has no expand), stem, head
     assert sum(n.op_type == "Add" for n in graph.node) == 4  # residual connections where shapes match
 
+
+def test_depthwise_range_spread_matches_torch_bn_fold():
+    """Spread = max/min of per-channel max|w| of the BN-folded depthwise weights (torch's fuser as reference)."""
+    torch.manual_seed(0)
+    model = MobileNetV2().eval()
+    depthwise = [m for m in model.modules() if isinstance(m, torch.nn.Sequential) and len(m) == 3
+                 and isinstance(m[0], torch.nn.Conv2d) and m[0].groups > 1]
+    for block in depthwise:
+        block[1].running_var.uniform_(0.5, 2.0)
+    depthwise[2][1].running_var[7] = 1e-12      # a dead channel: its input was always zero
+    expected = []
+    for conv, bn, _ in depthwise:
+        folded, _ = fuse_conv_bn_weights(conv.weight, None, bn.running_mean, bn.running_var, bn.eps,
+                                         bn.weight, bn.bias)
+        ranges = folded.detach().abs().flatten(1).amax(1).numpy()
+        expected.append(ranges.max() / ranges.min())
+    spreads = depthwise_range_spread(model)
+    np.testing.assert_allclose(spreads, expected, rtol=1e-5)
+    assert spreads[2] > 100 and max(spreads[:2] + spreads[3:]) < 50    # 1/sqrt(eps) ~ 316x on channel 7
+
+
+def test_mobilenet_rejects_an_unknown_recipe():
+    with pytest.raises(LowbitError, match="unknown MobileNetV2 training recipe 'fast'"):
+        train_mobilenet_digits(recipe="fast")
+
+
+@pytest.mark.slow
+def test_high_lr_recipe_kills_units_and_spreads_depthwise_ranges():
+    """Four epochs of the high-lr recipe (~20 s): some depthwise channel sees only zeros (BN
+    variance ~0), so its folded weights dwarf the rest. Twelve epochs (the zoo model) reach 10^5x."""
+    model, info = train_mobilenet_digits(epochs=4, recipe="high-lr")
+    assert info["recipe"] == "high-lr" and info["depthwise_range_spread"] == depthwise_range_spread(model)
+    worst = int(np.argmax(info["depthwise_range_spread"]))
+    assert info["depthwise_range_spread"][worst] > 100
+    conv, bn, _ = [m for m in model.modules() if isinstance(m, torch.nn.Sequential) and len(m) == 3
+                   and isinstance(m[0], torch.nn.Conv2d) and m[0].groups > 1][worst]
+    folded = (conv.weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps))[:, None, None, None]).detach()
+    widest = int(folded.abs().flatten(1).amax(1).argmax())
+    assert bn.running_var[widest] < 1e-3 < float(bn.running_var.median())   # the mechanism: a dead input
 
 def test_digits_as_rgb_scales_and_upsamples():
     images = torch.zeros(2, 1, 8, 8)
