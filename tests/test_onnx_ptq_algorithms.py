@@ -176,3 +176,23 @@ def test_cli_flags_reach_the_quantizer(tmp_path, capsys):
     settings = read_plan(out).settings
     assert settings["algorithms"]["equalized_chains"] and settings["algorithms"]["bias_corrected"]
     assert settings["calibration_runs_per_batch"] > 1
+
+
+def test_per_tensor_warns_when_channel_ranges_are_far_apart(tmp_path):
+    """The high-lr MobileNetV2 failure in miniature: one conv channel 1000x narrower than the rest."""
+    from _onnx_quant_models import image_calib, small_cnn
+    from lowbit.onnx.quantize import quantize_onnx
+
+    model = onnx.load(str(small_cnn(tmp_path / "cnn.onnx")))
+    weight = next(t for t in model.graph.initializer if t.name == "conv.0.weight")
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values[0] *= 1e-3
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    source = tmp_path / "narrow.onnx"
+    onnx.save(model, str(source))
+    calib = image_calib(tmp_path / "c.npz", n=16)
+    warned = quantize_onnx(source, tmp_path / "t.onnx", calib=calib, per_channel=False, verify=False).warnings
+    assert any("per-channel ranges more than 100x apart" in w and "/conv/conv.0/Conv" in w for w in warned)
+    for options in ({"per_channel": True}, {"per_channel": False, "equalize": True}):
+        quiet = quantize_onnx(source, tmp_path / "q.onnx", calib=calib, verify=False, **options).warnings
+        assert not any("ranges more than" in w for w in quiet)

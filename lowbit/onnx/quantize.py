@@ -144,6 +144,8 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
                                          memory_budget_mb=calib_memory_mb or DEFAULT_MEMORY_BUDGET_MB)
         calibration_seconds += stats.seconds
         plan = planner.build(stats)
+        if not per_channel and not equalize:
+            warnings += _per_tensor_range_warning(model, plan)
         if bias_correction:
             from lowbit.onnx.equalize import correct_biases
 
@@ -218,6 +220,43 @@ def split_ffn_outliers(model: onnx.ModelProto, exclude, calib_data: CalibrationD
     split = apply_split(model, sites)
     summary = [{"node": s.down, "channels": s.channels, "float_branch": s.float_branch} for s in sites if s.channels]
     return split, summary, time.perf_counter() - started
+
+
+# Per-tensor int8 gives the narrowest channel of a weight about 127 / spread levels; past this
+# spread most of that channel rounds to zero (folded BatchNorm after dead units does this to
+# depthwise convs: bench/ptq_onnx.py mobilenetv2-highlr reaches 153,761x and per-tensor falls to chance).
+PER_TENSOR_SPREAD_WARNING = 100.0
+
+
+def _per_tensor_range_warning(model: onnx.ModelProto, plan: QuantPlan) -> list[str]:
+    """One warning when some weights' per-channel ranges are too far apart for one scale."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from lowbit.onnx.registry import weight_axis
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    spreads = {}
+    for entry in plan.quantized("weight"):
+        node = nodes.get(entry.nodes[0]) if entry.nodes else None
+        if node is None or entry.tensor not in initializers:
+            continue
+        values = numpy_helper.to_array(initializers[entry.tensor])
+        if values.ndim < 2:
+            continue
+        axis = weight_axis(node, values.ndim)
+        peaks = np.abs(np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)).max(axis=1)
+        live = peaks[peaks > 0]
+        if live.size > 1:
+            spreads[node.name] = float(live.max() / live.min())
+    wide = {name: spread for name, spread in spreads.items() if spread > PER_TENSOR_SPREAD_WARNING}
+    if not wide:
+        return []
+    worst = max(wide, key=wide.get)
+    return [f"{len(wide)} weight(s) have per-channel ranges more than {PER_TENSOR_SPREAD_WARNING:g}x apart (worst "
+            f"{worst}: {wide[worst]:,.0f}x), so one per-tensor scale rounds most of their narrow channels to zero; "
+            "drop --per-tensor (per-channel weights) or add --equalize"]
 
 
 def smooth_layernorm_matmuls(model: onnx.ModelProto, planner, calib_data: CalibrationData, alpha,
