@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from lowbit.onnx.qdq import _drop_unused_initializers
+
 # Element-wise ops an activation chain may consist of (other inputs must be scalar constants).
 _POINTWISE = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", "Pow", "Gelu"}
 # Channels whose peak exceeds this multiple of the `_REFERENCE_RANK`-th largest peak are outliers.
@@ -52,10 +54,7 @@ def split_sites(model: onnx.ModelProto, candidates: set[str]) -> list[SplitSite]
     """FFNs whose down projection is in `candidates` and whose chain maps 0 to 0."""
     init = {t.name: t for t in model.graph.initializer}
     made_by = {o: n for n in model.graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(model.graph)
     outputs = {o.name for o in model.graph.output}
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     sites = []
@@ -132,10 +131,7 @@ def apply_split(model: onnx.ModelProto, sites: list[SplitSite]) -> onnx.ModelPro
     graph = out.graph
     init = {t.name: t for t in graph.initializer}
     nodes = {n.name: n for n in graph.node}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     inserted: dict[str, list[onnx.NodeProto]] = {}
     for site in sites:
         if not site.channels:
@@ -175,7 +171,7 @@ def apply_split(model: onnx.ModelProto, sites: list[SplitSite]) -> onnx.ModelPro
         # Join after the down projection's bias Add when it has one, so ORT still fuses that bias
         # into its int8 MatMul kernel.
         joined = down
-        bias_reader = [r for r in readers.get(down.output[0], [])]
+        bias_reader = readers.get(down.output[0], [])
         if len(bias_reader) == 1 and bias_reader[0].op_type == "Add" and _bias(bias_reader[0], init) is not None:
             joined = bias_reader[0]
         y = joined.output[0]
@@ -191,8 +187,17 @@ def apply_split(model: onnx.ModelProto, sites: list[SplitSite]) -> onnx.ModelPro
         ordered += inserted.get(node.name, [])
     del graph.node[:]
     graph.node.extend(ordered)
-    _drop_unused(graph)
+    _drop_unused_initializers(graph)
     return out
+
+
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
 
 
 def _matrix(init: dict, name: str) -> bool:
@@ -252,10 +257,3 @@ def _zeroed(values: np.ndarray, channels: np.ndarray, *, axis: int) -> np.ndarra
 def _replace_input(graph: onnx.GraphProto, node: onnx.NodeProto, position: int, tensor: onnx.TensorProto) -> None:
     graph.initializer.append(tensor)
     node.input[position] = tensor.name
-
-
-def _drop_unused(graph: onnx.GraphProto) -> None:
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
