@@ -17,6 +17,10 @@ from typing import Any, Literal
 
 from lowbit.errors import SpecError
 
+# The weight-only algorithms every front end offers (ONNX weight-only, Hugging Face models, the
+# CLI); the math lives in `lowbit.algorithms` (rtn.py, gptq.py, awq.py).
+WEIGHT_ALGORITHMS = ("rtn", "gptq", "awq")
+
 DTypeKind = Literal["int", "binary", "ternary", "float"]
 
 

@@ -12,8 +12,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from _onnx_quant_models import image_calib, outlier_cnn, tiny_encoder, token_calib
-from lowbit.analysis.budget import _fallback_units, search_precision
-from lowbit.analysis.budget_weights import search_weight_precision
+from lowbit.search.budget import _fallback_units, search_precision
+from lowbit.search.budget_weights import search_weight_precision
 from lowbit.analysis.macs import layer_macs
 from lowbit.cli import main
 from lowbit.errors import LowbitError
@@ -80,8 +80,8 @@ def test_impossible_budget_saves_best_model_and_says_so(outlier, capsys):
     assert result.metric == "user evaluate" and read_plan(out).settings["budget"]["met"] is False
 
     cli_out = outlier["root"] / "cli.onnx"
-    assert main(["quantize", str(outlier["float"]), "-o", str(cli_out), "--calib", str(outlier["calib"]),
-                 "--per-tensor", "--batch-size", "8", "--max-drop", "0.002", "--no-speed", "--json"]) == 0
+    assert main(["quantize", str(outlier["float"]), "-o", str(cli_out), "--mode", "static", "--calib",
+                 str(outlier["calib"]), "--per-tensor", "--batch-size", "8", "--max-drop", "0.002", "--no-speed", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["met"] is True and data["excluded"] == [OUTLIER_LAYER] and cli_out.exists()
 

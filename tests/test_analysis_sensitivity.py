@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 from _onnx_quant_models import image_calib, outlier_cnn, small_cnn, tiny_encoder, token_calib
 from lowbit.analysis.sensitivity import layer_sensitivity
-from lowbit.analysis.sweep import quantize_only_sweep
+from lowbit.search.sweep import quantize_only_sweep
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.onnx.quantize import quantize_onnx

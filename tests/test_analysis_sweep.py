@@ -8,9 +8,9 @@ import json
 import onnx
 import pytest
 
-import lowbit.analysis.sweep as sweep_module
+import lowbit.onnx.pipeline as pipeline_module
 from _onnx_quant_models import image_calib, outlier_cnn, tiny_encoder, token_calib
-from lowbit.analysis.sweep import all_but_sweep, layer_sweeps, quantize_only_sweep
+from lowbit.search.sweep import all_but_sweep, layer_sweeps, quantize_only_sweep
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import CalibrationData
@@ -81,8 +81,8 @@ def test_solo_variant_matches_quantize_onnx_with_every_other_node_excluded(fragi
 
 def test_both_sweeps_share_one_calibration(fragile, monkeypatch):
     calls = []
-    real = sweep_module.collect_activation_stats
-    monkeypatch.setattr(sweep_module, "collect_activation_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = pipeline_module.collect_activation_stats
+    monkeypatch.setattr(pipeline_module, "collect_activation_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
     reports = layer_sweeps(fragile["float"], fragile["quant"], ("solo", "all-but"), calib=fragile["calib"],
                            batch_size=8)
     assert len(calls) == 1

@@ -146,7 +146,7 @@ def test_dynamic_without_calibration_does_not_split(tmp_path):
 def test_sweeps_replay_the_stored_split(tmp_path, mode):
     """The all-but sweep rebuilds the model as stored (split included), so its fully quantized
     variant scores exactly like the written model."""
-    from lowbit.analysis.sweep import all_but_sweep
+    from lowbit.search.sweep import all_but_sweep
 
     source = _ffn(tmp_path, nn.GELU())
     calib = {"x": _inputs(64, seed=2)}
@@ -160,7 +160,7 @@ def test_sweeps_replay_the_stored_split(tmp_path, mode):
 
 
 def test_budget_search_starts_from_the_split_model(tmp_path):
-    from lowbit.analysis.budget import search_precision
+    from lowbit.search.budget import search_precision
 
     source = _ffn(tmp_path, nn.GELU())
     result = search_precision(source, tmp_path / "b.onnx", calib={"x": _inputs(64, seed=2)}, max_drop=0.5,

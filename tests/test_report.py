@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from _onnx_quant_models import image_calib, outlier_cnn
-from lowbit.analysis.budget import Layer
+from lowbit.search.budget import Layer
 from lowbit.cli import main
 from lowbit.onnx.quantize import quantize_onnx, read_plan
 from lowbit.report import collect
@@ -29,7 +29,7 @@ def reports(tmp_path_factory):
     float_path = outlier_cnn(root / "outlier.onnx")
     calib = image_calib(root / "calib.npz", n=16)
     quant = root / "q.onnx"
-    assert main(["quantize", str(float_path), "-o", str(quant), "--calib", str(calib), "--per-tensor",
+    assert main(["quantize", str(float_path), "-o", str(quant), "--mode", "static", "--calib", str(calib), "--per-tensor",
                  "--batch-size", "8", "--max-drop", "0.002", "--report", str(root / "budget")]) == 0
     assert main(["analyze", str(float_path), str(quant), "--data", str(calib), "--report", str(root / "analyze")]) == 0
     return {"root": root, "float": float_path, "quant": quant, "calib": calib}
@@ -228,7 +228,7 @@ def test_report_renders_in_headless_chromium(reports, tmp_path):
 def test_budget_table_names_each_layers_fallback_precision():
     """With a fallback ladder (int8 -> int16 -> float, or weight-only int4 -> int8), the table says
     which step each layer ended at, not just "float"."""
-    from lowbit.analysis.budget import BudgetResult
+    from lowbit.search.budget import BudgetResult
 
     budget = BudgetResult.__new__(BudgetResult)
     budget.metric, budget.excluded, budget.start = "cosine", ["b", "c"], "int4"

@@ -9,6 +9,7 @@ from lowbit.algorithms.gptq import GPTQResult, gptq_quantize
 from lowbit.algorithms.hessian import HessianAccumulator
 from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.algorithms.weight_layout import QuantizedWeight
+from lowbit.spec import WEIGHT_ALGORITHMS
 
-__all__ = ["AWQResult", "GPTQResult", "HessianAccumulator", "QuantizedWeight", "awq_quantize", "clip_search",
+__all__ = ["AWQResult", "GPTQResult", "HessianAccumulator", "QuantizedWeight", "WEIGHT_ALGORITHMS", "awq_quantize", "clip_search",
            "gptq_quantize", "output_error", "rtn_quantize", "search_awq_scales"]

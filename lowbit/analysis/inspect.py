@@ -17,7 +17,7 @@ from typing import Any
 from lowbit.analysis.graph_precision import NodePrecision, SizeRow, initializer_sizes, node_precisions
 from lowbit.errors import LowbitError
 from lowbit.onnx.io import load_model, model_size_bytes
-from lowbit.onnx.stored_plan import restore_plan_qparams
+from lowbit.onnx.stored_plan import StoredSettings, restore_plan_qparams
 from lowbit.plan import PLAN_METADATA_KEY, VERSION_METADATA_KEY, QuantPlan
 
 _FLOATS = ("float", "fp16", "bf16")
@@ -85,10 +85,11 @@ class InspectReport:
             return [line]
         plan = self.plan
         lines = [f"quantized by lowbit {self.lowbit_version or '?'}: mode {plan.mode}"]
-        settings = {k: v for k, v in plan.settings.items() if k != "algorithms" and v not in (None, [], {})}
+        stored = StoredSettings.of(plan)
+        settings = {k: v for k, v in stored.other.items() if v not in (None, [], {})}
         if settings:
             lines.append("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
-        algorithms = {k: v for k, v in plan.settings.get("algorithms", {}).items() if v}
+        algorithms = {k: v for k, v in stored.algorithms.items() if v}
         lines.append("algorithms: " + (", ".join(f"{k} ({len(v) if isinstance(v, list) else v})"
                                                  for k, v in algorithms.items()) or "none"))
         lines.append("plan: " + ", ".join(f"{v} {k}" for k, v in plan.summary().items()))

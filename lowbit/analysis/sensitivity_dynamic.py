@@ -27,14 +27,13 @@ from collections.abc import Iterator
 import numpy as np
 import onnx
 
-from lowbit.analysis.sensitivity import SensitivityReport, TensorSensitivity, _Sums
+from lowbit.analysis.sensitivity_report import SensitivityReport, Sums, TensorSensitivity
 from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStream
 from lowbit.onnx.io import load_model
-from lowbit.onnx.planner import node_names
-from lowbit.onnx.preprocess import preprocess
-from lowbit.onnx.qdq import ensure_opset
+from lowbit.onnx.pipeline import reference_model
+from lowbit.onnx.stored_plan import StoredSettings
 from lowbit.plan import QuantPlan
 from lowbit.progress import progress
 
@@ -48,7 +47,7 @@ def dynamic_sensitivity(float_path: str | os.PathLike, quant_path: str | os.Path
     """SQNR/cosine of every quantized layer output of the dynamic model `quant` vs the float model
     (see the module docstring); `plan` is the plan stored in `quant`."""
     original = load_model(float_path)
-    reference = _reference_model(original, plan)
+    reference = reference_model(original, StoredSettings.of(plan).records)
     layers = _layers(plan, reference, quant)
     measured = [t for t in layers if not t.skipped]
     if not measured:
@@ -61,7 +60,7 @@ def dynamic_sensitivity(float_path: str | os.PathLike, quant_path: str | os.Path
     ref_stream = ActivationStream(reference, outputs + list(own.values()), memory_budget_mb=memory_budget_mb,
                                   threads=threads)
     quant_stream = ActivationStream(quant, outputs, memory_budget_mb=memory_budget_mb, threads=threads)
-    sums = {t.tensor: _Sums() for t in measured}
+    sums = {t.tensor: Sums() for t in measured}
     seen = 0
     total = -(-dataset.num_samples // dataset.feed_batch_size(batch_size))
     with progress(total=total, desc="analyzing", unit="batch") as bar:
@@ -86,7 +85,7 @@ class _Partners:
     model's output, the own copy's output) have read them, then dropped. The float stream is
     advanced only as far as the quantized one needs, so few values wait at a time."""
 
-    def __init__(self, chunks: Iterator[dict[str, np.ndarray]], own: dict[str, str], sums: dict[str, _Sums]):
+    def __init__(self, chunks: Iterator[dict[str, np.ndarray]], own: dict[str, str], sums: dict[str, Sums]):
         self.chunks = chunks
         self.own_of = {copy: tensor for tensor, copy in own.items()}
         self.uses = {tensor: 1 + (tensor in own) for tensor in sums}
@@ -119,23 +118,6 @@ class _Partners:
             ref = self._use(tensor)
             if _is_float(ref) and _is_float(chunk[copy]):
                 self.sums[tensor].add_own(ref, chunk[copy])
-
-
-def _reference_model(original: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
-    """The float model as `quantize_onnx` saw it just before writing: pre-processed, nodes named,
-    and the stored FFN outlier channels split into their float branches."""
-    model = preprocess(ensure_opset(original))
-    node_names(model)
-    stored = {site["node"]: site["channels"]
-              for site in (plan.settings.get("algorithms") or {}).get("outlier_split", [])}
-    if stored:
-        from lowbit.onnx.outlier_split import apply_split, split_sites
-
-        sites = split_sites(model, set(stored))
-        for site in sites:
-            site.channels = stored[site.down]
-        model = apply_split(model, sites)
-    return model
 
 
 def _layers(plan: QuantPlan, reference: onnx.ModelProto, quant: onnx.ModelProto) -> list[TensorSensitivity]:

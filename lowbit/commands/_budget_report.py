@@ -17,20 +17,23 @@ from lowbit.errors import LowbitError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("accuracy budget and report (ONNX models, --mode static or weight-only)")
     group.add_argument("--max-drop", type=float,
-                       help="search per-layer precision so the model stays within this drop of the float model "
-                            "(0.005 = 0.5%% cosine, or 0.5 points of top-1 agreement); falls the most sensitive "
-                            "layers back along --fallback")
+                       help="--mode auto: the accuracy budget the fastest candidate must meet (default: 0.01 = 1 "
+                            "point of top-1 agreement for classifiers, else 0.003 cosine); --mode static or "
+                            "weight-only: search per-layer precision so the model stays within this drop of the "
+                            "float model (0.005 = 0.5%% cosine, or 0.5 points of top-1 agreement), falling the most "
+                            "sensitive layers back along --fallback")
     group.add_argument("--fallback", metavar="STEPS",
                        help="comma-separated precisions a layer may fall back to, cheapest first; each fallen-back "
                             "layer gets the cheapest one that meets --max-drop. --mode static: float (default) or "
                             "int16,float (16-bit Q/DQ, opset 21: more accurate than int8 and half the weight size "
                             "of float, but ONNX Runtime's CPU runs it as float math plus rounding, so slower than "
                             "float there). --mode weight-only: int8,float (default), int8 or float")
-    group.add_argument("--metric", choices=("cosine", "top1"), default="cosine",
+    group.add_argument("--metric", choices=("cosine", "top1"), default=None,
                        help="what --max-drop limits: output cosine, or top-1 agreement with the float model "
-                            "(default: cosine)")
+                            "(default: cosine; --mode auto: top1 when the model outputs class scores)")
     group.add_argument("--time-limit", type=float, default=600.0,
-                       help="seconds the budget search may take; the best model so far is saved (default: 600)")
+                       help="seconds the budget search (or --mode auto) may take; the best model so far is saved "
+                            "(default: 600)")
     group.add_argument("--report", metavar="DIR",
                        help="write report.html (self-contained, with plots) and report.md into DIR")
 
@@ -41,18 +44,18 @@ def run_budget(args: argparse.Namespace) -> int:
                           "with --mode static (and --calib) or --mode weight-only")
     if args.bias_correction:
         raise LowbitError("--max-drop cannot be combined with --bias-correction yet; drop one of the two")
-    common = dict(eval_data=args.eval_data, max_drop=args.max_drop, metric=args.metric, time_limit=args.time_limit,
+    common = dict(eval_data=args.eval_data, max_drop=args.max_drop, metric=args.metric or "cosine", time_limit=args.time_limit,
                   exclude=tuple(args.exclude), samples=args.samples, batch_size=args.batch_size,
                   threads=args.threads, measure_speed=not args.no_speed, fallback=args.fallback)
     if args.mode == "weight-only":
-        from lowbit.analysis.budget_weights import search_weight_precision
+        from lowbit.search.budget_weights import search_weight_precision
 
         result = search_weight_precision(
             args.model, args.output, calib=args.calib, bits=args.weight_bits, group_size=args.group_size,
             algo=args.algo, symmetric=args.symmetric, act_order=args.act_order, weight_format=args.weight_format,
             accuracy_level=args.accuracy_level, **common)
     else:
-        from lowbit.analysis.budget import search_precision
+        from lowbit.search.budget import search_precision
 
         result = search_precision(
             args.model, args.output, calib=args.calib, calib_method=args.calib_method,

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                                batch_size=args.batch_size, threads=args.threads)
     sweeps = {}
     if args.sweep:
-        from lowbit.analysis.sweep import KINDS, layer_sweeps
+        from lowbit.search.sweep import KINDS, layer_sweeps
 
         sweeps = layer_sweeps(args.float_model, args.quant_model, KINDS if args.sweep == "both" else (args.sweep,),
                               calib=args.calib or data, eval_data=data, samples=args.samples,

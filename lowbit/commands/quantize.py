@@ -12,10 +12,11 @@ import argparse
 import json
 import os
 
-MODES = ("static", "dynamic", "fp16", "weight-only")
-WEIGHT_ALGORITHMS = ("rtn", "gptq", "awq")
+from lowbit.calibration.observer import CALIBRATION_METHODS
+from lowbit.onnx.config import MODES
+from lowbit.spec import WEIGHT_ALGORITHMS
+
 ALGORITHMS = WEIGHT_ALGORITHMS + ("smoothquant",)  # smoothquant: W8A8 of a Hugging Face model (--mode static)
-CALIB_METHODS = ("auto", "minmax", "percentile", "entropy", "mse")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,12 +26,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("model", help="float ONNX model, or Hugging Face model directory, to quantize (never modified)")
     parser.add_argument("-o", "--output", required=True,
                         help="path of the quantized model to write (a new directory for a Hugging Face model)")
-    parser.add_argument("--mode", choices=MODES, default="static",
-                        help="static: calibrated int8 activations (needs --calib); dynamic: int8 weights, "
-                             "activations quantized at run time; fp16: half precision; weight-only: low-bit weights, "
-                             "float activations (default: static)")
+    parser.add_argument("--mode", choices=MODES, default=None,
+                        help="auto: try static / hybrid / dynamic / fp16 / weight-only candidates built from one "
+                             "calibration and keep the fastest within --max-drop (needs --calib); static: calibrated "
+                             "int8 activations (needs --calib); dynamic: int8 weights, activations quantized at run "
+                             "time; fp16: half precision; weight-only: low-bit weights, float activations (default: "
+                             "auto with --calib, else static)")
     parser.add_argument("--calib", help=".npz keyed by input name with samples on axis 0, or a folder of them")
-    parser.add_argument("--calib-method", choices=CALIB_METHODS, default="auto",
+    parser.add_argument("--calib-method", choices=CALIBRATION_METHODS, default="auto",
                         help="how activation ranges are chosen from the statistics (default: auto)")
     parser.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="NODE_OR_OP",
@@ -89,6 +92,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.mode = resolve_mode(args)
     if _is_hf_model_dir(args.model):
         from lowbit.commands._quantize_hf import run_hf
 
@@ -99,25 +103,22 @@ def run(args: argparse.Namespace) -> int:
         flag = "--algo smoothquant" if args.algo == "smoothquant" else "--smooth-groups"
         raise LowbitError(f"{flag} is for Hugging Face model directories; for an ONNX model use --mode static, "
                           "where SmoothQuant is on by default for LayerNorm-fed MatMuls (tune it with --smooth-alpha)")
-    if args.max_drop is not None:
+    if args.max_drop is not None and args.mode != "auto":
         from lowbit.commands._budget_report import run_budget
 
         return run_budget(args)
     from lowbit.onnx.quantize import quantize_onnx
 
-    result = quantize_onnx(
-        args.model, args.output, mode=args.mode, calib=args.calib, calib_method=args.calib_method,
-        per_channel=not args.per_tensor, exclude=tuple(args.exclude), samples=args.samples,
-        batch_size=args.batch_size, eval_data=args.eval_data, measure_speed=not args.no_speed,
-        threads=args.threads, smooth=args.smooth if args.mode == "static" else None,
-        smooth_alpha=args.smooth_alpha, equalize=args.equalize, bias_correction=args.bias_correction,
-        calib_memory_mb=args.calib_memory_mb, outlier_split=args.outlier_split, **_weight_only_options(args))
+    result = quantize_onnx(args.model, args.output, config_from_args(args), calib=args.calib,
+                           eval_data=args.eval_data, samples=args.samples, batch_size=args.batch_size,
+                           measure_speed=not args.no_speed, threads=args.threads)
     if args.json:
         print(json.dumps({
             "output": str(result.output_path), "mode": args.mode, "plan": result.plan.summary(),
             "unsupported_ops": result.plan.unsupported_ops,
             "report": None if result.report is None else result.report.to_dict(),
             "calibration_seconds": result.calibration_seconds, "warnings": result.warnings,
+            **({} if result.auto is None else {"auto": result.auto.to_dict()}),
         }, indent=2))
     else:
         print(result.summary())
@@ -128,13 +129,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weight_only_options(args: argparse.Namespace) -> dict:
-    """The --mode weight-only flags for an ONNX model (see `lowbit.onnx.weight_only`)."""
-    if args.mode != "weight-only":
-        return {}
-    return {"weight_bits": args.weight_bits, "group_size": args.group_size, "algo": args.algo,
-            "act_order": args.act_order, "symmetric": args.symmetric, "weight_format": args.weight_format,
-            "accuracy_level": args.accuracy_level}
+def resolve_mode(args: argparse.Namespace) -> str:
+    """--mode as given; without it auto when calibration data is given (ONNX models), else static.
+    Flags that name one static recipe (--equalize, --bias-correction, --smooth, --fallback) mean static."""
+    if args.mode is not None:
+        return args.mode
+    static_recipe = args.equalize or args.bias_correction or args.smooth or args.fallback is not None
+    return "auto" if args.calib is not None and not static_recipe and not _is_hf_model_dir(args.model) else "static"
+
+
+def config_from_args(args: argparse.Namespace):
+    """The `lowbit.onnx.config` config of the flags (each mode takes the flags it knows)."""
+    from lowbit.onnx.config import config_for_mode
+
+    options = dict(calib_method=args.calib_method, per_channel=not args.per_tensor, exclude=tuple(args.exclude),
+                   smooth=args.smooth if args.mode == "static" else None, smooth_alpha=args.smooth_alpha, equalize=args.equalize,
+                   bias_correction=args.bias_correction, calib_memory_mb=args.calib_memory_mb,
+                   outlier_split=args.outlier_split)
+    if args.mode == "weight-only":
+        options.update(bits=args.weight_bits, group_size=args.group_size, algo=args.algo, act_order=args.act_order,
+                       symmetric=args.symmetric, weight_format=args.weight_format,
+                       accuracy_level=args.accuracy_level)
+    if args.mode == "auto":
+        options.update(max_drop=args.max_drop, metric=args.metric or "auto", time_limit=args.time_limit,
+                       measure_speed=not args.no_speed, per_channel=False if args.per_tensor else None)
+    return config_for_mode(args.mode, **options)
 
 
 def _is_hf_model_dir(path: str) -> bool:

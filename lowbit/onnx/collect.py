@@ -30,7 +30,7 @@ import ctypes
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -67,6 +67,14 @@ class ActivationStats:
     seconds: float = 0.0
     runs_per_batch: int = 1  # chunks each batch was split into
     peak_output_bytes: int = 0  # largest set of exposed activations held at once
+    # The streaming statistics themselves, so other range methods come from the same pass.
+    observers: ObserverSet | None = field(default=None, repr=False, compare=False)
+
+    def with_method(self, method: str, spec: QuantSpec) -> ActivationStats:
+        """The same statistics with ranges chosen by `method` (no second calibration pass)."""
+        if self.observers is None:
+            raise ValueError("these statistics kept no observers")
+        return replace(self, ranges=_ranges(self.observers, list(self.ranges), method, spec))
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -128,7 +136,7 @@ def collect_activation_stats(model: onnx.ModelProto, tensors: list[str], data: C
     wanted = [t for t in tensors if t not in non_float and t not in mask_like]
     ranges = _ranges(observers, wanted, method, spec)
     return ActivationStats(ranges, mask_like, non_float, batches, samples, time.perf_counter() - started,
-                           stream.runs_per_batch, stream.peak_bytes)
+                           stream.runs_per_batch, stream.peak_bytes, observers)
 
 
 @dataclass

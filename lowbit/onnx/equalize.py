@@ -137,9 +137,9 @@ def equalize_model(model: onnx.ModelProto, *, skip: set[str] = frozenset()) -> t
                 activation.CopyFrom(replacement)
                 report.relu6_replaced.append(activation.name)
         report.chains.append([conv.name for conv, _ in chain])
-    from lowbit.onnx.qdq import _drop_unused_initializers
+    from lowbit.onnx.qdq import drop_unused_initializers
 
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return out, report
 
 
@@ -169,27 +169,35 @@ def channel_means(model: onnx.ModelProto, tensors: list[str], data: CalibrationD
     return {name: sums[name] / counts[name] for name in sums}
 
 
-def correct_biases(model: onnx.ModelProto, plan: QuantPlan, data: CalibrationData, *, batch_size: int = 16,
-                   threads: int | None = None) -> list[str]:
+def conv_bias_targets(model: onnx.ModelProto, plan: QuantPlan) -> list[onnx.NodeProto]:
+    """The int8 Convs of `plan` whose float bias is theirs alone (a shared bias is left as is)."""
+    weights = {e.tensor for e in plan.quantized("weight")}
+    biases = {e.tensor for e in plan.quantized("bias")}
+    inits = {t.name for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in set(node.input):
+            readers[name] = readers.get(name, 0) + 1
+    return [node for node in model.graph.node
+            if node.op_type == "Conv" and len(node.input) >= 3 and node.input[1] in weights
+            and node.input[2] in biases and node.input[2] in inits and readers.get(node.input[2]) == 1]
+
+
+def correct_biases(model: onnx.ModelProto, plan: QuantPlan, data: CalibrationData | None, *, batch_size: int = 16,
+                   threads: int | None = None, means: dict[str, np.ndarray] | None = None) -> list[str]:
     """Rewrite (in place) the float bias of every int8 Conv so its output mean matches float.
 
     Returns the corrected node names. Must run after planning (the weight scales are needed) and
-    before writing (the writer quantizes the corrected bias)."""
+    before writing (the writer quantizes the corrected bias). `means`: the Conv inputs' channel
+    means measured earlier (`channel_means`); otherwise they are measured on `data` now."""
     inits = {t.name: t for t in model.graph.initializer}
-    nodes = {n.name: n for n in model.graph.node}
     weights = {e.tensor: e for e in plan.quantized("weight")}
-    biases = {e.tensor for e in plan.quantized("bias")}
-    targets = []
-    for name, node in nodes.items():
-        if node.op_type != "Conv" or node.input[1] not in weights or len(node.input) < 3 \
-                or node.input[2] not in biases or node.input[2] not in inits \
-                or sum(node.input[2] in n.input for n in model.graph.node) != 1:  # shared bias: leave it
-            continue
-        targets.append(node)
+    targets = conv_bias_targets(model, plan)
     if not targets:
         return []
-    means = channel_means(model, list(dict.fromkeys(n.input[0] for n in targets)), data, batch_size=batch_size,
-                          threads=threads)
+    if means is None:
+        means = channel_means(model, list(dict.fromkeys(n.input[0] for n in targets)), data, batch_size=batch_size,
+                              threads=threads)
     corrected = []
     for node in targets:
         entry = weights[node.input[1]]
@@ -203,4 +211,4 @@ def correct_biases(model: onnx.ModelProto, plan: QuantPlan, data: CalibrationDat
     return corrected
 
 
-__all__ = ["EqualizationReport", "channel_means", "correct_biases", "equalize_model", "find_chains"]
+__all__ = ["EqualizationReport", "channel_means", "conv_bias_targets", "correct_biases", "equalize_model", "find_chains"]

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lowbit.onnx.qdq import _drop_unused_initializers
+from lowbit.onnx.qdq import drop_unused_initializers
 
 # Element-wise ops an activation chain may consist of (other inputs must be scalar constants).
 _POINTWISE = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", "Pow", "Gelu"}
@@ -187,7 +187,7 @@ def apply_split(model: onnx.ModelProto, sites: list[SplitSite]) -> onnx.ModelPro
         ordered += inserted.get(node.name, [])
     del graph.node[:]
     graph.node.extend(ordered)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return out
 
 

@@ -195,3 +195,7 @@ def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_OPSET) -> onnx.Model
     except Exception as exc:  # the converter raises bare RuntimeErrors/ValueErrors
         raise LowbitError(f"cannot upgrade the model from opset {current} to {minimum} ({str(exc)[:200]}); "
                           f"re-export it with opset {minimum} or newer") from None
+
+
+# Public name for the rewrites that prune what they replaced (smooth, outlier_split, equalize, ...).
+drop_unused_initializers = _drop_unused_initializers

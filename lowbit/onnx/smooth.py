@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 from lowbit.algorithms.smoothquant import (DEFAULT_ALPHA, smooth_activation_producer, smooth_weights,
                                            smoothing_scales)
 from lowbit.onnx.calib_data import CalibrationData
-from lowbit.onnx.qdq import _drop_unused_initializers
+from lowbit.onnx.qdq import drop_unused_initializers
 
 # Consumers that read only X's shape, not its values: they do not block folding into LayerNorm.
 _SHAPE_READERS = ("Shape", "Size")
@@ -154,7 +154,7 @@ def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup], absmax: d
             node.input[0] = smoothed_x
         inserted.append((x, helper.make_node("Mul", [x, inverse], [smoothed_x], name=f"{x}_SmoothMul")))
     _insert_after(graph, inserted)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     return out
 
 

@@ -155,3 +155,8 @@ def _looks_like_class_scores(ref: np.ndarray) -> bool:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+# Public names for the searches and analyses that score candidates the same way.
+cosine_per_sample = _cosine_per_sample
+looks_like_class_scores = _looks_like_class_scores

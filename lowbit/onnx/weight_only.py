@@ -21,7 +21,8 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from lowbit.algorithms import HessianAccumulator, QuantizedWeight, awq_quantize, gptq_quantize, rtn_quantize
+from lowbit.algorithms import (WEIGHT_ALGORITHMS, HessianAccumulator, QuantizedWeight, awq_quantize, gptq_quantize,
+                               rtn_quantize)
 from lowbit.errors import LowbitError
 from lowbit.onnx.blockwise import (DQ_BITS, DQ_OPSET, FORMATS, MATMULNBITS_BITS, MS_DOMAIN, WeightSite,
                                    blocked_dq_nodes, matmulnbits_node, storage_bits)
@@ -31,7 +32,7 @@ from lowbit.onnx.session import make_session
 from lowbit.plan import PlanEntry, QuantPlan
 from lowbit.spec import QuantSpec, per_channel, per_group
 
-ALGORITHMS = ("rtn", "gptq", "awq")
+ALGORITHMS = WEIGHT_ALGORITHMS
 NEEDS_CALIBRATION = ("gptq", "awq")
 # Consumers that read only a tensor's shape: they do not stop an AWQ scale from folding into LayerNorm.
 _SHAPE_READERS = ("Shape", "Size")

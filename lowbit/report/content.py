@@ -19,19 +19,17 @@ import onnx
 from onnx import numpy_helper
 
 from lowbit.analysis.sensitivity import SensitivityReport, layer_sensitivity
-from lowbit.analysis.sweep import SweepReport
 from lowbit.calibration.observer import ObserverSet
 from lowbit.numerics import QParams, expand_to, fake_quantize
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.collect import with_outputs
 from lowbit.onnx.io import load_model
-from lowbit.onnx.planner import node_names
-from lowbit.onnx.preprocess import preprocess
-from lowbit.onnx.qdq import ensure_opset
-from lowbit.onnx.quantize import read_plan
+from lowbit.onnx.pipeline import prepare_model
 from lowbit.onnx.session import make_session
+from lowbit.onnx.stored_plan import read_plan
 from lowbit.onnx.verify import VerifyReport, compare_models
 from lowbit.plan import PlanEntry, QuantPlan
+from lowbit.search.sweep import SweepReport
 
 BINS = 80
 
@@ -62,7 +60,7 @@ class ReportContent:
     sensitivity: SensitivityReport | None = None
     histograms: list[TensorHistogram] = field(default_factory=list)
     not_drawn: dict[str, str] = field(default_factory=dict)  # tensor -> why no histogram
-    budget: object | None = None  # lowbit.analysis.budget.BudgetResult
+    budget: object | None = None  # lowbit.search.budget.BudgetResult
     sweep: SweepReport | None = None  # quantize only this layer
     all_but: SweepReport | None = None  # all but this layer
     notes: list[str] = field(default_factory=list)
@@ -85,8 +83,7 @@ def collect(float_path: str | os.PathLike, quant_path: str | os.PathLike, data, 
     if plan.mode in ("static", "dynamic") and dataset is not None and content.sensitivity is None:
         content.sensitivity = layer_sensitivity(float_path, quant_path, data, samples=samples, batch_size=batch_size,
                                                 threads=threads)
-    reference = preprocess(ensure_opset(original))
-    node_names(reference)
+    reference = prepare_model(original)
     quant = load_model(quant_path)
     _weight_histograms(content, reference, quant)
     if plan.mode == "static" and dataset is not None:

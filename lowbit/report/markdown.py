@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lowbit.analysis.sensitivity import SensitivityReport
-from lowbit.analysis.sweep import SweepReport
+from lowbit.search.sweep import SweepReport
 from lowbit.onnx.verify import VerifyReport
 from lowbit.plan import QuantPlan
 from lowbit.report.content import ReportContent

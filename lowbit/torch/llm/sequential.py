@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.algorithms import HessianAccumulator, QuantizedWeight, clip_search, gptq_quantize, rtn_quantize
+from lowbit.algorithms import (WEIGHT_ALGORITHMS, HessianAccumulator, QuantizedWeight, clip_search, gptq_quantize,
+                               rtn_quantize)
 from lowbit.algorithms.awq import search_awq_scales
 from lowbit.algorithms.weight_layout import weight_spec
 from lowbit.errors import LowbitError
@@ -41,7 +42,7 @@ from lowbit.torch.llm.architectures import ArchitectureMap, architecture_for, fi
 from lowbit.torch.llm.linears import find_linears, in_features, set_weight_matrix, weight_matrix
 from lowbit.torch.llm.scaling import divide_output, producer_width
 
-ALGORITHMS = ("rtn", "gptq", "awq")
+ALGORITHMS = WEIGHT_ALGORITHMS
 
 
 @dataclass

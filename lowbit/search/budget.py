@@ -54,16 +54,14 @@ import onnx
 
 from lowbit.analysis.macs import layer_macs
 from lowbit.errors import LowbitError
-from lowbit.onnx.calib_data import CalibrationData
-from lowbit.onnx.collect import ActivationStats, collect_activation_stats
-from lowbit.onnx.cpu import has_amx_int8
-from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
-from lowbit.onnx.planner import ACTIVATION_SPEC, INT16_OPSET, StaticPlanner, node_names, widen_to_int16
-from lowbit.onnx.preprocess import preprocess
-from lowbit.onnx.qdq import ensure_opset, write_qdq
-from lowbit.onnx.quantize import CALIB_METHODS, attach_plan, smooth_layernorm_matmuls, split_ffn_outliers
+from lowbit.onnx.calib_data import CalibrationData, model_inputs
+from lowbit.onnx.collect import ActivationStats
+from lowbit.onnx.config import StaticConfig
+from lowbit.onnx.io import load_model, save_model
+from lowbit.onnx.pipeline import Candidate, StaticPipeline, prepare_model, write_candidate
+from lowbit.onnx.planner import INT16_OPSET
 from lowbit.onnx.session import make_session
-from lowbit.onnx.verify import VerifyReport, _cosine_per_sample, _looks_like_class_scores, compare_models, time_pair
+from lowbit.onnx.verify import VerifyReport, compare_models, cosine_per_sample, looks_like_class_scores, time_pair
 from lowbit.plan import QuantPlan
 from lowbit.progress import progress
 
@@ -163,7 +161,7 @@ class CandidateScorer:
         self.names = [o.name for o in self.float_session.get_outputs()]
         self.expected = [self.float_session.run(self.names, b) for b in self.batches]
         self.measure_speed = measure_speed
-        if metric == "top1" and evaluate is None and not any(_looks_like_class_scores(o) for o in self.expected[0]):
+        if metric == "top1" and evaluate is None and not any(looks_like_class_scores(o) for o in self.expected[0]):
             raise LowbitError("--metric top1 needs an output of shape (batch, classes); this model has none, "
                               "use --metric cosine")
         self.float_score = float(evaluate(str(float_path))) if evaluate is not None else 1.0
@@ -173,9 +171,9 @@ class CandidateScorer:
         for batch, expected in zip(self.batches, self.expected):
             for i, (ref, got) in enumerate(zip(expected, session.run(self.names, batch))):
                 ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-                if ref.dtype.kind != "f" or ref.size == 0 or (metric == "top1" and not _looks_like_class_scores(ref)):
+                if ref.dtype.kind != "f" or ref.size == 0 or (metric == "top1" and not looks_like_class_scores(ref)):
                     continue
-                value = (ref.argmax(-1) == got.argmax(-1)) if metric == "top1" else _cosine_per_sample(ref, got)
+                value = (ref.argmax(-1) == got.argmax(-1)) if metric == "top1" else cosine_per_sample(ref, got)
                 per_output.setdefault(i, []).append(np.asarray(value, np.float64))
         return min((float(np.concatenate(v).mean()) for v in per_output.values()), default=1.0)
 
@@ -227,58 +225,34 @@ def search_precision(float_path: str | os.PathLike, out_path: str | os.PathLike,
     float_path, out_path = Path(float_path), Path(out_path)
     check_budget(metric, max_drop, time_limit)
     ladder = parse_fallback(fallback)
-    if calib_method not in CALIB_METHODS:
-        raise LowbitError(f"unknown calibration method {calib_method!r}; use one of {', '.join(CALIB_METHODS)}")
     if calib is None:
         raise LowbitError("the accuracy-budget search calibrates static int8; pass --calib CALIB.npz")
+    config = StaticConfig(calib_method=calib_method, per_channel=per_channel, exclude=tuple(exclude), smooth=smooth,
+                          smooth_alpha=smooth_alpha, equalize=equalize, outlier_split=outlier_split)
+    config.validate(has_calibration=True)
     original = load_model(float_path)
-    model = preprocess(ensure_opset(original))
-    if "int16" in ladder:
-        model = _at_int16_opset(model)
-    node_names(model)
-    calib_data = CalibrationData(calib, original, samples=samples)
-    eval_set = CalibrationData(eval_data, original, what="evaluation data") if eval_data is not None else calib_data
-    algorithms: dict = {}
-    if outlier_split is not False:
-        model, split, _ = split_ffn_outliers(model, exclude, calib_data, batch_size, threads)
-        if split:
-            algorithms["outlier_split"] = split
-            exclude = (*exclude, *(name for site in split for name in site["float_branch"]))
-    if equalize:
-        from lowbit.onnx.equalize import equalize_model
-
-        model, eq = equalize_model(model, skip=set(exclude))
-        algorithms.update(equalized_chains=eq.chains, relu6_to_relu=eq.relu6_replaced)
-    planner = StaticPlanner(model, per_channel_weights=per_channel, exclude=exclude)
-    if smooth is None or smooth:
-        model, smoothed, _ = smooth_layernorm_matmuls(model, planner, calib_data, smooth_alpha, batch_size,
-                                                      threads)
-        if smoothed:
-            algorithms["smoothquant"] = smoothed
-            planner = StaticPlanner(model, per_channel_weights=per_channel, exclude=exclude)
-    stats = collect_activation_stats(model, planner.candidates(), calib_data, method=calib_method,
-                                     spec=ACTIVATION_SPEC, batch_size=batch_size, threads=threads)
-    alternative = None if calib_method == "minmax" else collect_activation_stats(
-        model, planner.candidates(), calib_data, method="minmax", spec=ACTIVATION_SPEC, batch_size=batch_size,
-        threads=threads)
-    amx = has_amx_int8()
+    inputs = model_inputs(original)
+    model = _at_int16_opset(original) if "int16" in ladder else prepare_model(original, copy=False)
+    del original
+    calib_data = CalibrationData(calib, inputs, samples=samples)
+    eval_set = CalibrationData(eval_data, inputs, what="evaluation data") if eval_data is not None else calib_data
+    pipeline = StaticPipeline(model, config, calib_data, batch_size=batch_size, threads=threads,
+                              source=float_path.name).calibrate()
+    model = pipeline.model
+    stats = pipeline.stats
+    alternative = None if calib_method == "minmax" else pipeline.stats_for("minmax")
+    active = pipeline.planner.active
     op_types = {n.name: n.op_type for n in model.graph.node}
-    names = [n for n, rule in planner.active.items() if rule.kind == "compute"]
+    names = [n for n, rule in active.items() if rule.kind == "compute"]
     macs = layer_macs(model, names, eval_set.first_batch(1), threads=threads)
     units = _fallback_units(model, names)
     layers = [Layer(n, op_types[n], macs[n], unit=u) for u, members in units.items() for n in members]
-    elementwise = [n for n, rule in planner.active.items() if rule.kind == "elementwise"]
+    elementwise = [n for n, rule in active.items() if rule.kind == "elementwise"]
     state = {"ranges": dict(stats.ranges), "base": []}  # current ranges, extra float nodes
 
     def build(assignment: dict[str, str], ranges: dict | None = None) -> tuple[onnx.ModelProto, QuantPlan]:
-        chosen = ActivationStats(ranges or state["ranges"], stats.mask_like, stats.non_float)
-        to_float = [n for n, level in assignment.items() if level == "float"]
-        plan = StaticPlanner(model, per_channel_weights=per_channel,
-                             exclude=[*exclude, *state["base"], *to_float]).build(chosen)
-        for node in to_float:
-            plan.float_nodes[node] = "fell back to float by the accuracy-budget search"
-        widen_to_int16(plan, model, {n for n, level in assignment.items() if level == "int16"})
-        return write_qdq(model, plan, conv_weights_for_qgemm=amx), plan
+        candidate = pipeline.build(exclude=state["base"], precision=assignment, ranges=ranges or state["ranges"])
+        return candidate.model, candidate.plan
 
     scorer = CandidateScorer(float_path, model, eval_set, metric, evaluate, batch_size, threads, measure_speed)
     deadline = started + time_limit
@@ -312,20 +286,18 @@ def search_precision(float_path: str | os.PathLike, out_path: str | os.PathLike,
     state["ranges"], state["base"] = ranges_of[trials.index(best)], best.base
     quantized, plan = build(best.precision)
     minmax_tensors = sorted(t for t, r in state["ranges"].items() if r is not stats.ranges.get(t))
+    algorithms = plan.settings["algorithms"]
     if minmax_tensors:
         algorithms["minmax_ranges"] = minmax_tensors
     if best.base:
         algorithms["elementwise_float"] = best.base
     to_float = [n for n in best.excluded if best.precision[n] == "float"]
-    plan.settings = {"calib_method": calib_method, "per_channel": per_channel,
-                     "exclude": [*exclude, *best.base, *to_float],
-                     "samples": calib_data.num_samples, "source": float_path.name, "algorithms": algorithms,
-                     "budget": {"metric": metric, "max_drop": max_drop, "met": best.met, "drop": best.drop,
-                                "fallback": list(ladder), "fell_back": best.excluded, "precision": best.precision,
-                                "int8_mac_fraction": best.int8_mac_fraction}}
-    drop_shape_annotations(quantized)
-    attach_plan(quantized, plan)
-    save_model(quantized, out_path, inputs=[float_path])
+    plan.settings["exclude"] = [*exclude, *best.base, *to_float]
+    del plan.settings["calibration_runs_per_batch"]
+    plan.settings["budget"] = {"metric": metric, "max_drop": max_drop, "met": best.met, "drop": best.drop,
+                               "fallback": list(ladder), "fell_back": best.excluded, "precision": best.precision,
+                               "int8_mac_fraction": best.int8_mac_fraction}
+    write_candidate(Candidate(quantized, plan), out_path, inputs=[float_path])
     report = compare_models(float_path, out_path, eval_set, batch_size=batch_size, threads=threads,
                             speed=measure_speed)
     result = BudgetResult(out_path, best.met, "user evaluate" if evaluate else metric, max_drop, scorer.float_score,
@@ -346,9 +318,9 @@ def check_budget(metric: str, max_drop: float, time_limit: float) -> None:
         raise LowbitError(f"--time-limit must be positive seconds, got {time_limit}")
 
 
-def _at_int16_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+def _at_int16_opset(original: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return ensure_opset(model, INT16_OPSET)
+        return prepare_model(original, copy=False, opset=INT16_OPSET)
     except LowbitError:
         raise LowbitError(f"the int16 fallback needs opset {INT16_OPSET} (int16 QuantizeLinear) and this model "
                           f"does not convert to it; re-export at opset {INT16_OPSET} or use --fallback float") from None

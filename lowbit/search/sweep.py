@@ -35,16 +35,16 @@ import numpy as np
 import onnx
 
 from lowbit.errors import LowbitError
-from lowbit.onnx.calib_data import CalibrationData
-from lowbit.onnx.collect import collect_activation_stats
-from lowbit.onnx.cpu import has_amx_int8
+from lowbit.onnx.calib_data import CalibrationData, model_inputs
+from lowbit.onnx.config import StaticConfig
 from lowbit.onnx.io import load_model
-from lowbit.onnx.planner import ACTIVATION_SPEC, StaticPlanner, node_names, plan_dynamic
-from lowbit.onnx.preprocess import preprocess
-from lowbit.onnx.qdq import ensure_opset, write_qdq
-from lowbit.onnx.quantize import read_plan
+from lowbit.onnx.passes.bias_correction import BiasCorrectionRecord
+from lowbit.onnx.passes.outlier_split import OutlierSplitRecord
+from lowbit.onnx.pipeline import StaticPipeline, prepare_model
+from lowbit.onnx.planner import plan_dynamic
 from lowbit.onnx.session import make_session
-from lowbit.onnx.verify import _cosine_per_sample, _looks_like_class_scores
+from lowbit.onnx.stored_plan import StoredSettings, read_plan
+from lowbit.onnx.verify import cosine_per_sample, looks_like_class_scores
 from lowbit.plan import QuantPlan
 from lowbit.progress import progress
 
@@ -209,93 +209,68 @@ class _Variants:
             raise LowbitError(f"{quant_path} was quantized in {plan.mode} mode; the sweeps re-quantize layers in "
                               "static or dynamic int8 mode only")
         original = load_model(float_path)
-        self.model = preprocess(ensure_opset(original))
-        node_names(self.model)  # the names quantize_onnx gives unnamed nodes, so exclusions match
-        self.op_types = {n.name: n.op_type for n in self.model.graph.node}
+        model = prepare_model(original)  # node names as quantize_onnx gives them, so exclusions match
+        self.op_types = {n.name: n.op_type for n in model.graph.node}
         self.layers = [n for n in dict.fromkeys(node for e in plan.quantized("weight") for node in e.nodes)
                        if n in self.op_types]
         if not self.layers:
             raise LowbitError(f"no quantized weight of {quant_path} belongs to a node of {float_path}; pass the "
                               "float model it was quantized from")
-        self.mode = plan.mode
-        self.per_channel = bool(plan.settings.get("per_channel", True))
-        known = set(self.op_types.values()) | set(self.op_types) | {o for n in self.model.graph.node for o in n.output}
-        # The user's exclusions (and a budget search's fallbacks) stay float in every variant.
-        self.exclude = [p for p in plan.settings.get("exclude") or [] if p in known]
+        stored = StoredSettings.of(plan)
+        self.mode = stored.mode
+        self.per_channel = stored.per_channel
+        known = set(self.op_types.values()) | set(self.op_types) | {o for n in model.graph.node for o in n.output}
+        # The user's exclusions (and a budget search's fallbacks) stay float in every variant; the
+        # rewrites are replayed with the exclusions they ran with.
+        self.exclude = [p for p in stored.exclude if p in known]
+        user_exclude = [p for p in stored.user_exclude if p in known]
+        self.added = [p for p in self.exclude if p not in user_exclude]
         self.notes: list[str] = []
-        self._replay_outlier_split(plan)
-        self.stats = None
-        if self.mode == "static":
-            if calib is None:
-                raise LowbitError("the sweeps re-calibrate static int8; pass --calib CALIB.npz (or --data)")
-            data = CalibrationData(calib, original, samples=samples)
-            replayed = self._replay_rewrites(plan, data, batch_size, threads)
-            planner = StaticPlanner(self.model, per_channel_weights=self.per_channel)
-            self.stats = collect_activation_stats(self.model, planner.candidates(), data,
-                                                  method=plan.settings.get("calib_method") or "auto",
-                                                  spec=ACTIVATION_SPEC, batch_size=batch_size, threads=threads)
-            if replayed:  # a rescaled tensor's stored range would not fit a model rescaled otherwise
-                self.stats.ranges.update(_stored_ranges(plan))
-            self.qgemm = has_amx_int8()  # the weight form quantize_onnx picks on this CPU
-
-    def _replay_outlier_split(self, plan: QuantPlan) -> None:
-        """Split the same FFN channels off as the stored model did (quantize_onnx does it first,
-        before any other rewrite); the float branches stay float in every variant."""
-        stored = {site["node"]: site["channels"] for site in (plan.settings.get("algorithms") or {}).get(
-            "outlier_split", [])}
-        if not stored:
+        if self.mode == "dynamic":
+            records = [r for r in stored.records if isinstance(r, OutlierSplitRecord)]
+            config = StaticConfig(exclude=tuple(user_exclude), per_channel=self.per_channel)
+            self.pipeline = StaticPipeline.replay(model, config, records, None, calibrate=False)
+            if self.pipeline.mismatched:
+                self.notes.append(_SPLIT_DIFFERS)
             return
-        from lowbit.onnx.outlier_split import apply_split, split_sites
-
-        sites = split_sites(self.model, set(stored))
-        for site in sites:
-            site.channels = stored[site.down]
-        self.model = apply_split(self.model, sites)
-        self.exclude += [name for site in sites for name in site.float_branch]
-        if len(sites) != len(stored):
-            self.notes.append("the stored model split FFN outlier channels this float model does not have; compare "
-                              "layers with each other rather than with the stored model")
-
-    def _replay_rewrites(self, plan: QuantPlan, data: CalibrationData, batch_size: int, threads: int | None) -> bool:
-        """Apply the stored model's equalization and SmoothQuant to `self.model`; False when they
-        did not come out the same as stored (other calibration data, another float model)."""
-        from lowbit.onnx.quantize import smooth_layernorm_matmuls
-
-        algorithms = plan.settings.get("algorithms") or {}
-        budget = plan.settings.get("budget") or {}
-        added = {*budget.get("fell_back", []), *algorithms.get("elementwise_float", [])}
-        user_exclude = [p for p in self.exclude if p not in added]  # what the rewrites ran with
-        same = True
-        if algorithms.get("equalized_chains"):
-            from lowbit.onnx.equalize import equalize_model
-
-            self.model, eq = equalize_model(self.model, skip=set(user_exclude))
-            same &= eq.chains == algorithms["equalized_chains"]
-        if algorithms.get("smoothquant"):
-            stored = algorithms["smoothquant"]
-            planner = StaticPlanner(self.model, per_channel_weights=self.per_channel, exclude=user_exclude)
-            alphas = {g["activation"]: g["alpha"] for g in stored}
-            self.model, smoothed, _ = smooth_layernorm_matmuls(self.model, planner, data, alphas, batch_size,
-                                                               threads)
-            same &= sorted(g["activation"] for g in smoothed) == sorted(g["activation"] for g in stored)
-        if algorithms.get("bias_corrected"):
+        if calib is None:
+            raise LowbitError("the sweeps re-calibrate static int8; pass --calib CALIB.npz (or --data)")
+        data = CalibrationData(calib, model_inputs(original), samples=samples)
+        config = StaticConfig(exclude=tuple(user_exclude), per_channel=self.per_channel,
+                              calib_method=stored.calib_method)
+        self.pipeline = StaticPipeline.replay(model, config, stored.records, data, batch_size=batch_size,
+                                              threads=threads)
+        mismatched = self.pipeline.mismatched
+        if any(isinstance(r, OutlierSplitRecord) for r in mismatched):
+            self.notes.append(_SPLIT_DIFFERS)
+        rewrites_differ = any(not isinstance(r, OutlierSplitRecord) for r in mismatched)
+        if stored.record(BiasCorrectionRecord) is not None:
             self.notes.append("the stored model's bias correction is not replayed (it depends on which layers are "
                               "int8); compare layers with each other rather than with the stored model")
-        elif not same:
+        elif rewrites_differ:
             self.notes.append("equalization or SmoothQuant of the calibration data given here differs from the "
                               "stored model's; compare layers with each other rather than with the stored model")
-        return same
+        if not rewrites_differ:  # the stored ranges (a budget search's choices included) fit the replayed model
+            self.ranges = {**self.pipeline.stats.ranges, **_stored_ranges(plan)}
+
+    ranges: dict | None = None
 
     def build(self, float_nodes: list[str]) -> tuple[onnx.ModelProto, QuantPlan]:
         """The quantized model with `float_nodes` (and the stored exclusions) kept float."""
-        exclude = [*self.exclude, *float_nodes]
+        exclude = [*self.added, *float_nodes]
         if self.mode == "dynamic":
             from lowbit.onnx.dynamic import write_dynamic
 
-            plan = plan_dynamic(self.model, per_channel_weights=self.per_channel, exclude=exclude)
-            return write_dynamic(self.model, plan), plan
-        plan = StaticPlanner(self.model, per_channel_weights=self.per_channel, exclude=exclude).build(self.stats)
-        return write_qdq(self.model, plan, conv_weights_for_qgemm=self.qgemm), plan
+            model = self.pipeline.model
+            plan = plan_dynamic(model, per_channel_weights=self.per_channel, exclude=[*self.pipeline.exclude,
+                                                                                        *exclude])
+            return write_dynamic(model, plan), plan
+        candidate = self.pipeline.build(exclude=exclude, ranges=self.ranges, bias_correction=False)
+        return candidate.model, candidate.plan
+
+
+_SPLIT_DIFFERS = ("the stored model split FFN outlier channels this float model does not have; compare layers with "
+                  "each other rather than with the stored model")
 
 
 class _Evaluator:
@@ -320,8 +295,8 @@ class _Evaluator:
                 if ref.dtype.kind != "f" or ref.size == 0:
                     continue
                 ref, got = ref.astype(np.float64), got.astype(np.float64)
-                cosines.setdefault(i, []).append(_cosine_per_sample(ref, got))
-                if _looks_like_class_scores(ref):
+                cosines.setdefault(i, []).append(cosine_per_sample(ref, got))
+                if looks_like_class_scores(ref):
                     agree.setdefault(i, []).append(ref.argmax(-1) == got.argmax(-1))
         if not cosines:
             raise LowbitError("the model has no float output to compare; the sweeps measure output cosine")

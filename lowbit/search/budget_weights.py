@@ -26,17 +26,15 @@ import torch
 from onnx import numpy_helper
 
 from lowbit.algorithms import QuantizedWeight, rtn_quantize
-from lowbit.analysis.budget import (METRICS, BudgetResult, CandidateScorer, Layer, Trial, TrialRecorder, best_trial,
+from lowbit.search.budget import (METRICS, BudgetResult, CandidateScorer, Layer, Trial, TrialRecorder, best_trial,
                                     bisect_and_refine, check_budget, outcome_warnings, rank_units)
 from lowbit.analysis.macs import layer_macs
 from lowbit.errors import LowbitError
 from lowbit.onnx.blockwise import WeightSite
-from lowbit.onnx.calib_data import CalibrationData
+from lowbit.onnx.calib_data import CalibrationData, model_inputs
 from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
-from lowbit.onnx.planner import node_names
-from lowbit.onnx.preprocess import preprocess
-from lowbit.onnx.qdq import ensure_opset
-from lowbit.onnx.quantize import attach_plan
+from lowbit.onnx.pipeline import prepare_model
+from lowbit.onnx.stored_plan import attach_plan
 from lowbit.onnx.verify import compare_models
 from lowbit.onnx.weight_only import (NEEDS_CALIBRATION, apply_input_scales, check_options, collect_input_statistics,
                                      find_sites, quantize_sites, rewrite, weight_matrix, weight_only_spec)
@@ -84,10 +82,11 @@ def search_weight_precision(float_path: str | os.PathLike, out_path: str | os.Pa
         raise LowbitError("the accuracy-budget search compares the quantized model with the float one on data; "
                           "pass --eval EVAL.npz (or --calib CALIB.npz)")
     original = load_model(float_path)
-    model = preprocess(ensure_opset(original))
-    node_names(model)
-    calib_data = CalibrationData(calib, original, samples=samples) if calib is not None else None
-    eval_set = CalibrationData(eval_data, original, what="evaluation data") if eval_data is not None else calib_data
+    inputs = model_inputs(original)
+    model = prepare_model(original, copy=False)
+    del original
+    calib_data = CalibrationData(calib, inputs, samples=samples) if calib is not None else None
+    eval_set = CalibrationData(eval_data, inputs, what="evaluation data") if eval_data is not None else calib_data
     sites, kept = find_sites(model, set(exclude))
     if not sites:
         raise LowbitError("no MatMul/Gemm with a constant 2-D float weight was found; weight-only quantization has "

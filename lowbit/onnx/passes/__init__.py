@@ -1,0 +1,62 @@
+"""Static-int8 rewrite passes: each one a module here, run by `lowbit.onnx.pipeline.StaticPipeline`.
+
+A pass is a class with
+- `name`, the `StaticConfig` field that switches it on (`enabled(config, ctx)` may refine that),
+  and `stage`: "graph" (before planning: outlier split, equalization), "planned" (needs the
+  planner's int8 nodes: SmoothQuant) or "built" (needs a built plan: bias correction, run once per
+  candidate on statistics measured once);
+- `apply(ctx) -> Record | None`: measure what it needs on the calibration data, rewrite
+  `ctx.model`, and return a typed record of what it did (None: nothing to do);
+- a `Record` dataclass: `to_settings()` (the JSON stored in the plan under
+  settings["algorithms"]), `from_settings(algorithms)` (None when the stored plan has none), and
+  `replay(model, ctx)`, which redoes the pass on a float model from the record alone, so analysis
+  and the sweeps rebuild exactly the graph that was quantized.
+
+`PASSES` lists them in the order they run. A new pass is a module here (record, apply, replay),
+one field in `StaticConfig` and its algorithm in `lowbit/algorithms/`; the pipeline, the budget
+search, the sweeps and the analyses pick it up from this list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from lowbit.onnx.calib_data import CalibrationData
+
+
+@dataclass
+class PassContext:
+    """What a pass may read and change: the working model, the exclusions so far, the data."""
+
+    model: onnx.ModelProto
+    data: CalibrationData | None
+    exclude: list[str] = field(default_factory=list)
+    batch_size: int = 16
+    threads: int | None = None
+    per_channel: bool = True
+    planner: Any = None  # StaticPlanner of `model`, from stage "planned" on
+    options: Any = None  # the StaticConfig
+    memory_budget_mb: float | None = None
+
+
+def records_from_settings(algorithms: dict) -> list:
+    """The typed records of a stored plan's settings["algorithms"], in pass order."""
+    records = []
+    for rewrite in PASSES:
+        record = rewrite.Record.from_settings(algorithms or {})
+        if record is not None:
+            records.append(record)
+    return records
+
+
+from lowbit.onnx.passes.bias_correction import BiasCorrection  # noqa: E402
+from lowbit.onnx.passes.equalize import Equalize  # noqa: E402
+from lowbit.onnx.passes.outlier_split import OutlierSplit  # noqa: E402
+from lowbit.onnx.passes.smooth import Smooth  # noqa: E402
+
+PASSES = (OutlierSplit, Equalize, Smooth, BiasCorrection)
+
+__all__ = ["BiasCorrection", "Equalize", "OutlierSplit", "PASSES", "PassContext", "Smooth", "records_from_settings"]

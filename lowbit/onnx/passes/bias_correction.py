@@ -1,0 +1,59 @@
+"""Bias correction of int8 Convs (see `lowbit.onnx.equalize.correct_biases`): each bias absorbs
+the output mean shift its weight rounding causes. The input channel means are float-model
+statistics measured once (`measure`); the correction itself depends on which Convs are int8, so it
+runs per built candidate and is not replayed by analysis (a note says so)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from lowbit.onnx.equalize import channel_means, conv_bias_targets, correct_biases
+
+
+@dataclass
+class BiasCorrectionRecord:
+    nodes: list[str]
+    key = "bias_corrected"
+
+    def to_settings(self) -> dict:
+        return {self.key: self.nodes}
+
+    @classmethod
+    def from_settings(cls, algorithms: dict) -> BiasCorrectionRecord | None:
+        stored = algorithms.get(cls.key)
+        return cls(list(stored)) if stored else None
+
+    float_nodes: tuple = ()
+
+    def replay(self, model: onnx.ModelProto, ctx=None) -> tuple[onnx.ModelProto, bool]:
+        return model, False  # depends on the int8 layers of the candidate; see the module docstring
+
+    def rescaled(self, reference: onnx.ModelProto) -> dict[str, str]:
+        return {}
+
+
+class BiasCorrection:
+    name = "bias_correction"
+    stage = "built"
+    Record = BiasCorrectionRecord
+
+    @staticmethod
+    def enabled(config, ctx) -> bool:
+        return bool(getattr(config, "bias_correction", False))
+
+    @staticmethod
+    def measure(ctx) -> dict[str, np.ndarray]:
+        """Channel means of every Conv input the correction may need, once for all candidates."""
+        tensors = list(dict.fromkeys(n.input[0] for n in ctx.model.graph.node if n.op_type == "Conv"))
+        return channel_means(ctx.model, tensors, ctx.data, batch_size=ctx.batch_size, threads=ctx.threads) \
+            if tensors else {}
+
+    @staticmethod
+    def apply_built(model: onnx.ModelProto, plan, means: dict[str, np.ndarray]) -> BiasCorrectionRecord | None:
+        """Correct `model` (a copy the candidate owns) in place for `plan`."""
+        if not conv_bias_targets(model, plan):
+            return None
+        return BiasCorrectionRecord(correct_biases(model, plan, None, means=means))

@@ -1,0 +1,67 @@
+"""Cross-layer equalization of Conv chains (see `lowbit.onnx.equalize`); exact in float except
+that equalized ReLU6 links become ReLU. Needs no statistics: replaying it is re-running it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from lowbit.onnx.equalize import equalize_model
+
+RESCALED = "rescaled per channel by cross-layer equalization"
+
+
+@dataclass
+class EqualizeRecord:
+    chains: list[list[str]]
+    relu6_replaced: list[str]
+
+    def to_settings(self) -> dict:
+        return {"equalized_chains": self.chains, "relu6_to_relu": self.relu6_replaced}
+
+    @classmethod
+    def from_settings(cls, algorithms: dict) -> EqualizeRecord | None:
+        chains = algorithms.get("equalized_chains") or []
+        return cls([list(c) for c in chains], list(algorithms.get("relu6_to_relu") or [])) if chains else None
+
+    float_nodes: tuple = ()
+
+    def replay(self, model: onnx.ModelProto, ctx=None) -> tuple[onnx.ModelProto, bool]:
+        skip = set(ctx.exclude) if ctx is not None else set()
+        model, report = equalize_model(model, skip=skip)
+        return model, report.chains == self.chains
+
+    def rescaled(self, reference: onnx.ModelProto) -> dict[str, str]:
+        """Every link but the last conv's output is scaled (and the ReLU/Clip right after it)."""
+        nodes = {n.name: n for n in reference.graph.node}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in reference.graph.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+        rescaled = {}
+        for chain in self.chains:
+            for conv in chain[:-1]:
+                if conv not in nodes:
+                    continue
+                for out in nodes[conv].output:
+                    rescaled[out] = RESCALED
+                    for reader in readers.get(out, []):
+                        if reader.op_type in ("Relu", "Clip"):
+                            rescaled[reader.output[0]] = RESCALED
+        return rescaled
+
+
+class Equalize:
+    name = "equalize"
+    stage = "graph"
+    Record = EqualizeRecord
+
+    @staticmethod
+    def enabled(config, ctx) -> bool:
+        return bool(getattr(config, "equalize", False))
+
+    @staticmethod
+    def apply(ctx) -> EqualizeRecord | None:
+        ctx.model, report = equalize_model(ctx.model, skip=set(ctx.exclude))
+        return EqualizeRecord(report.chains, report.relu6_replaced)

@@ -1,0 +1,288 @@
+"""The static int8 pipeline, once: prepare the model, run the rewrite passes, calibrate once, then
+build as many candidate models as wanted from that one calibration, and write any of them.
+
+    prepare_model (opset >= 13, pre-process, node names)          every entry point, once
+    StaticPipeline(model, config, data).calibrate()
+        graph passes (outlier split, equalization)   -> typed records
+        planner -> planned passes (SmoothQuant) -> planner of the rewritten model
+        one calibration pass (observers kept: every range method comes from it)
+        statistics of the "built" passes (bias correction's channel means)
+    .build(exclude=, precision=, per_channel=, calib_method=, ranges=, bias_correction=)
+        plan -> built passes on a copy -> QDQ model               per candidate, no model run
+    .write(candidate, path)                                       plan in metadata, atomic save
+
+`quantize_onnx`, the accuracy-budget search, the automatic strategy (`lowbit.search`) and the
+sweeps all use it; `StaticPipeline.replay(model, settings, data)` rebuilds a stored model's
+rewrites from the plan's typed records instead of re-deciding them (analysis and sweeps).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from lowbit.onnx.calib_data import CalibrationData
+from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStats, collect_activation_stats
+from lowbit.onnx.config import StaticConfig
+from lowbit.onnx.cpu import has_amx_int8
+from lowbit.onnx.io import drop_shape_annotations, save_model
+from lowbit.onnx.passes import PASSES, PassContext
+from lowbit.onnx.planner import ACTIVATION_SPEC, StaticPlanner, node_names, widen_to_int16
+from lowbit.onnx.preprocess import preprocess
+from lowbit.onnx.qdq import MIN_OPSET, ensure_opset, write_qdq
+from lowbit.plan import QuantPlan
+
+
+def prepare_model(model: onnx.ModelProto, *, copy: bool = True, opset: int | None = None) -> onnx.ModelProto:
+    """The float model every path quantizes: opset >= 13, pre-processed (shapes, constant folding,
+    Conv+BN fusion), then at `opset` if given, and every node named (plans and --exclude refer to
+    names). copy=False: `model` is handed over and may be consumed."""
+    prepared = preprocess(ensure_opset(model, MIN_OPSET), copy=copy)
+    if opset is not None:
+        prepared = ensure_opset(prepared, opset)
+    node_names(prepared)
+    return prepared
+
+
+@dataclass
+class Candidate:
+    """One quantized model built from the pipeline's calibration, and its plan."""
+
+    model: onnx.ModelProto
+    plan: QuantPlan
+    exclude: list[str] = field(default_factory=list)
+
+
+class StaticPipeline:
+    """See the module docstring. `model` must come from `prepare_model`; it is not modified."""
+
+    def __init__(self, model: onnx.ModelProto, config: StaticConfig, data: CalibrationData, *,
+                 batch_size: int = 16, threads: int | None = None, source: str = "") -> None:
+        self.config = config
+        self.data = data
+        self.source = source
+        self.ctx = PassContext(model, data, list(config.exclude), batch_size, threads, config.per_channel,
+                               options=config, memory_budget_mb=config.calib_memory_mb)
+        self.records: list = []  # typed records of the passes that changed the model, in order
+        self.mismatched: list = []  # replay(): the stored records that did not come out as stored
+        self.stats: ActivationStats | None = None
+        self._stats_by_method: dict[str, ActivationStats] = {}
+        self._built_stats: dict[str, object] = {}
+        self.seconds = 0.0  # measuring and calibrating passes over the data
+        self.planner: StaticPlanner | None = None
+        self.conv_for_qgemm = has_amx_int8()  # on AMX CPUs ORT's GEMM kernels beat its symmetric-conv ones
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The float model after the rewrite passes: what every candidate quantizes."""
+        return self.ctx.model
+
+    @property
+    def exclude(self) -> list[str]:
+        """The user's exclusions plus the nodes a pass must keep float (outlier branches)."""
+        return self.ctx.exclude
+
+    # ------------------------------------------------------------------ passes and calibration
+
+    def run_passes(self, stage: str) -> None:
+        for rewrite in PASSES:
+            if rewrite.stage == stage and rewrite.enabled(self.config, self.ctx):
+                started = time.perf_counter()
+                record = rewrite.apply(self.ctx)
+                self.seconds += time.perf_counter() - started
+                if record is not None:
+                    self.records.append(record)
+
+    def calibrate(self) -> StaticPipeline:
+        """Rewrite passes, planning, one calibration pass and the built passes' statistics."""
+        self.run_passes("graph")
+        self._plan_and_calibrate(run_planned=True)
+        return self
+
+    @classmethod
+    def replay(cls, model: onnx.ModelProto, config: StaticConfig, records: list, data: CalibrationData | None, *,
+               batch_size: int = 16, threads: int | None = None, calibrate: bool = True) -> StaticPipeline:
+        """A pipeline whose rewrites are the stored `records` replayed on `model` (no new
+        decisions); `mismatched` lists those that did not come out as stored. calibrate=False: only
+        the rewritten float model (for analysis references)."""
+        pipeline = cls(model, config, data, batch_size=batch_size, threads=threads)
+        for stage in ("graph", "planned"):
+            for record in records:
+                rewrite = next(p for p in PASSES if isinstance(record, p.Record))
+                if rewrite.stage == stage:
+                    pipeline.ctx.model, same = record.replay(pipeline.ctx.model, pipeline.ctx)
+                    if not same:
+                        pipeline.mismatched.append(record)
+                    pipeline.records.append(record)
+        if calibrate:
+            pipeline._plan_and_calibrate(run_planned=False)
+        return pipeline
+
+    def _plan_and_calibrate(self, *, run_planned: bool) -> None:
+        self.planner = self._planner(self.exclude, self.config.per_channel)
+        if run_planned:
+            self.ctx.planner = self.planner
+            before = self.ctx.model
+            self.run_passes("planned")
+            if self.ctx.model is not before:
+                self.planner = self._planner(self.exclude, self.config.per_channel)
+        self.stats = collect_activation_stats(
+            self.model, self.planner.candidates(), self.data, method=self.config.calib_method, spec=ACTIVATION_SPEC,
+            batch_size=self.ctx.batch_size, threads=self.ctx.threads,
+            memory_budget_mb=self.config.calib_memory_mb or DEFAULT_MEMORY_BUDGET_MB)
+        self.seconds += self.stats.seconds
+        self._stats_by_method[self.config.calib_method] = self.stats
+
+    def _planner(self, exclude, per_channel: bool) -> StaticPlanner:
+        return StaticPlanner(self.model, per_channel_weights=per_channel, exclude=exclude)
+
+    def stats_for(self, method: str) -> ActivationStats:
+        """The calibration's ranges under another range method, from the same observers."""
+        if method not in self._stats_by_method:
+            self._stats_by_method[method] = self.stats.with_method(method, ACTIVATION_SPEC)
+        return self._stats_by_method[method]
+
+    def _built_statistics(self, rewrite) -> object:
+        if rewrite.name not in self._built_stats:
+            started = time.perf_counter()
+            self._built_stats[rewrite.name] = rewrite.measure(self.ctx)
+            self.seconds += time.perf_counter() - started
+        return self._built_stats[rewrite.name]
+
+    # ------------------------------------------------------------------ candidates
+
+    def build(self, *, exclude: list[str] | tuple[str, ...] = (), precision: dict[str, str] | None = None,
+              per_channel: bool | None = None, calib_method: str | None = None,
+              ranges: dict | None = None, bias_correction: bool | None = None,
+              float_reason: str = "fell back to float by the accuracy-budget search") -> Candidate:
+        """A quantized model from the one calibration: `exclude` (more nodes kept float),
+        `precision` (layer -> "float" / "int16"), weight granularity, range method, explicit
+        `ranges` (tensor -> (lo, hi)) and whether to correct biases (None: as configured)."""
+        precision = precision or {}
+        to_float = [n for n, level in precision.items() if level == "float"]
+        chosen = self.stats_for(calib_method or self.config.calib_method)
+        if ranges is not None:
+            chosen = replace(chosen, ranges=ranges)
+        per_channel = self.config.per_channel if per_channel is None else per_channel
+        excluded = [*self.exclude, *exclude, *to_float]
+        plan = self._planner(excluded, per_channel).build(chosen)
+        for node in to_float:
+            plan.float_nodes[node] = float_reason
+        widen_to_int16(plan, self.model, {n for n, level in precision.items() if level == "int16"})
+        model, records = self.model, list(self.records)
+        correct = self.config.bias_correction if bias_correction is None else bias_correction
+        for rewrite in PASSES:
+            if rewrite.stage == "built" and (correct if rewrite.name == "bias_correction" else
+                                             rewrite.enabled(self.config, self.ctx)):
+                if model is self.model:
+                    model = _copy(self.model)
+                record = rewrite.apply_built(model, plan, self._built_statistics(rewrite))
+                if record is not None:
+                    records.append(record)
+        quantized = write_qdq(model, plan, conv_weights_for_qgemm=self.conv_for_qgemm)
+        plan.settings = self.settings(records, per_channel=per_channel, calib_method=calib_method)
+        return Candidate(quantized, plan, excluded)
+
+    def settings(self, records: list | None = None, *, per_channel: bool | None = None,
+                 calib_method: str | None = None) -> dict:
+        """The plan settings of a candidate: what was asked and what each pass did."""
+        algorithms: dict = {}
+        for record in self.records if records is None else records:
+            algorithms.update(record.to_settings())
+        algorithms["conv_weights"] = ("zero point -1 (ONNX Runtime GEMM/AMX kernels)" if self.conv_for_qgemm
+                                      else "symmetric (ONNX Runtime symmetric-conv kernels)")
+        return {"calib_method": calib_method or self.config.calib_method,
+                "per_channel": self.config.per_channel if per_channel is None else per_channel,
+                "exclude": list(self.config.exclude), "samples": self.data.num_samples, "source": self.source,
+                "algorithms": algorithms,
+                "calibration_runs_per_batch": self.stats.runs_per_batch if self.stats is not None else 1}
+
+
+def reference_model(original: onnx.ModelProto, records: list) -> onnx.ModelProto:
+    """The float model as the quantizer saw it just before writing, for analysis: prepared, and the
+    stored outlier split replayed (exact in float, and it renames nothing). Rescaling passes
+    (equalization, SmoothQuant) are not replayed: analysis compares against the float tensors and
+    skips the rescaled ones (`record.rescaled`)."""
+    from lowbit.onnx.passes.outlier_split import OutlierSplitRecord
+
+    model = prepare_model(original)
+    for record in records:
+        if isinstance(record, OutlierSplitRecord):
+            model, _ = record.replay(model)
+    return model
+
+
+def weight_channel_spread(model: onnx.ModelProto, plan: QuantPlan) -> dict[str, float]:
+    """Node -> max / min of its quantized weight's live per-output-channel |w| peaks: how far one
+    per-tensor scale is from fitting the weight's narrowest channel."""
+    from onnx import numpy_helper
+
+    from lowbit.onnx.registry import weight_axis
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    spreads = {}
+    for entry in plan.quantized("weight"):
+        node = nodes.get(entry.nodes[0]) if entry.nodes else None
+        if node is None or entry.tensor not in initializers:
+            continue
+        values = numpy_helper.to_array(initializers[entry.tensor])
+        if values.ndim < 2:
+            continue
+        axis = weight_axis(node, values.ndim)
+        peaks = np.abs(np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)).max(axis=1)
+        live = peaks[peaks > 0]
+        if live.size > 1:
+            spreads[node.name] = float(live.max() / live.min())
+    return spreads
+
+
+def activation_channel_spread(model: onnx.ModelProto, data: CalibrationData, *, batch_size: int = 16,
+                              threads: int | None = None, ops: tuple[str, ...] = ("Conv",)) -> dict[str, float]:
+    """Tensor -> max / median of the per-channel |x| peaks (axis 1) of every activation read by an
+    `ops` node, on one batch of `data`: how much of one int8 scale the typical channel gets. A
+    per-channel rescaling between layers (folded BatchNorm, dead units) shows up here, and
+    cross-layer equalization is what evens it out."""
+    from lowbit.onnx.collect import with_outputs
+    from lowbit.onnx.session import make_session
+
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
+    tensors = list(dict.fromkeys(n.input[0] for n in model.graph.node
+                                 if n.op_type in ops and n.input and n.input[0] not in initializers))
+    if not tensors:
+        return {}
+    produced = [t for t in tensors if t not in inputs]
+    batch = data.first_batch(batch_size)
+    session = make_session(with_outputs(model, produced), threads=threads, optimize=False)
+    values = dict(zip(produced, session.run(produced, batch)))
+    spreads = {}
+    for name in tensors:
+        value = values.get(name, batch.get(name))
+        if value is None or value.dtype.kind != "f" or value.ndim < 3 or value.shape[1] < 2:
+            continue
+        peaks = np.abs(np.moveaxis(np.asarray(value, np.float32), 1, 0).reshape(value.shape[1], -1)).max(axis=1)
+        median = float(np.median(peaks))
+        if median > 0:
+            spreads[name] = float(peaks.max() / median)
+    return spreads
+
+
+def write_candidate(candidate: Candidate, path: str | os.PathLike, *, inputs: list[Path] = ()) -> None:
+    """Store the plan in the model's metadata and save it atomically."""
+    from lowbit.onnx.stored_plan import attach_plan
+
+    drop_shape_annotations(candidate.model)
+    attach_plan(candidate.model, candidate.plan)
+    save_model(candidate.model, Path(path), inputs=list(inputs))
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out

@@ -1,0 +1,1 @@
+"""placeholder while the auto search is written"""
