@@ -57,10 +57,15 @@ def _worker(spec: dict) -> dict:
         from lowbit.onnx.quantize import quantize_onnx
 
         options = {k: v for k, v in spec["options"].items() if k != "with_calib"}
-        result = quantize_onnx(spec["source"], spec["target"], calib=spec.get("calib"), verify=False,
-                               threads=THREADS, **options)
+        from lowbit.onnx.config import config_for_mode
+
+        config = config_for_mode(options.pop("mode"), **options)
+        result = quantize_onnx(spec["source"], spec["target"], config, calib=spec.get("calib"), verify=False,
+                               threads=THREADS)
         info["calib_s"] = result.calibration_seconds
         info["warnings"] = result.warnings
+        if result.auto is not None:
+            info["auto"] = {"winner": result.auto.winner, "seconds": result.auto.seconds}
     else:
         from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
                                               quantize_static)
@@ -121,6 +126,8 @@ def variants(name: str) -> list[tuple[str, str, dict]]:
             ("lowbit dynamic (no data)", "lowbit", {"mode": "dynamic"}),
             # With calibration data, dynamic mode also splits the FFN outlier channels off.
             ("lowbit dynamic + calib", "lowbit", {"mode": "dynamic", "with_calib": True}),
+            # --mode auto (the CLI default with --calib): the fastest candidate within the budget.
+            ("lowbit auto", "lowbit", {"mode": "auto", "with_calib": True}),
         ]
     if name == "resnet18":
         return [
@@ -128,6 +135,7 @@ def variants(name: str) -> list[tuple[str, str, dict]]:
             ("ORT static minmax per-channel uint8-act", "ort",
              {"mode": "static", "per_channel": True, "activation_type": "QUInt8"}),
             ("lowbit static", "lowbit", {"mode": "static"}),
+            ("lowbit auto", "lowbit", {"mode": "auto", "with_calib": True}),
         ]
     return [
         ("ORT static minmax per-channel", "ort", {"mode": "static", "per_channel": True}),
@@ -138,6 +146,8 @@ def variants(name: str) -> list[tuple[str, str, dict]]:
                                                            "equalize": True}),
         ("lowbit static per-tensor + equalize + bias-correction", "lowbit",
          {"mode": "static", "per_channel": False, "equalize": True, "bias_correction": True}),
+        ("lowbit auto", "lowbit", {"mode": "auto", "with_calib": True}),
+        ("lowbit auto per-tensor", "lowbit", {"mode": "auto", "per_channel": False, "with_calib": True}),
     ]
 
 
@@ -209,6 +219,9 @@ def table(task: base.Task, rows: list[dict]) -> str:
                  _num(row.get("calib_s")), _num(row.get("build_s")), _rss(row),
                  f"{row.get('size_mb', 0):.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    for row in rows:
+        if "auto" in row:
+            lines.append(f"\n{row['variant']}: picked \"{row['auto']['winner']}\" (search {row['auto']['seconds']:.1f} s)")
     return "\n".join(lines)
 
 

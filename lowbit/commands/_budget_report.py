@@ -74,14 +74,15 @@ def run_budget(args: argparse.Namespace) -> int:
 
 
 def write_quantize_report(args: argparse.Namespace, result) -> None:
-    """After a plain `lowbit quantize`: the report of the model it wrote."""
-    _write(args, result.report)
+    """After a plain `lowbit quantize`: the report of the model it wrote (with --mode auto's table)."""
+    _write(args, result.report, auto=result.auto)
 
 
-def _write(args: argparse.Namespace, verify, budget=None) -> None:
+def _write(args: argparse.Namespace, verify, budget=None, auto=None) -> None:
     from lowbit.report import build_report
 
     html, md = build_report(args.model, args.output, args.eval_data or args.calib, args.report, verify=verify,
-                            budget=budget, samples=args.samples, batch_size=args.batch_size, threads=args.threads,
+                            budget=budget, auto=auto, samples=args.samples, batch_size=args.batch_size,
+                            threads=args.threads,
                             measure_speed=not args.no_speed)
     print(f"report: {html} and {md}", file=sys.stderr if args.json else sys.stdout)

@@ -64,12 +64,13 @@ class ReportContent:
     sweep: SweepReport | None = None  # quantize only this layer
     all_but: SweepReport | None = None  # all but this layer
     notes: list[str] = field(default_factory=list)
+    auto: object | None = None  # lowbit.search.auto.AutoReport: the candidates --mode auto measured
 
 
 def collect(float_path: str | os.PathLike, quant_path: str | os.PathLike, data, *, verify: VerifyReport | None = None,
             sensitivity: SensitivityReport | None = None, budget=None, sweep: SweepReport | None = None,
             all_but: SweepReport | None = None, samples: int | None = None, batch_size: int = 16,
-            threads: int | None = None, measure_speed: bool = True) -> ReportContent:
+            threads: int | None = None, measure_speed: bool = True, auto=None) -> ReportContent:
     """Measure everything the report shows that the caller did not already measure (the sweeps are
     shown when given, never run here: they cost one evaluation per layer)."""
     plan = read_plan(quant_path)
@@ -79,7 +80,7 @@ def collect(float_path: str | os.PathLike, quant_path: str | os.PathLike, data, 
         verify = compare_models(float_path, quant_path, dataset, batch_size=batch_size, threads=threads,
                                 speed=measure_speed)
     content = ReportContent(f"lowbit report: {Path(quant_path).name}", str(float_path), str(quant_path), plan, verify,
-                            sensitivity, budget=budget, sweep=sweep, all_but=all_but)
+                            sensitivity, budget=budget, sweep=sweep, all_but=all_but, auto=auto)
     if plan.mode in ("static", "dynamic") and dataset is not None and content.sensitivity is None:
         content.sensitivity = layer_sensitivity(float_path, quant_path, data, samples=samples, batch_size=batch_size,
                                                 threads=threads)

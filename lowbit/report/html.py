@@ -6,8 +6,8 @@ from html import escape
 
 from lowbit.report import svg
 from lowbit.report.content import ReportContent, TensorHistogram
-from lowbit.report.markdown import (budget_rows, fidelity_rows, overview_rows, plan_rows, sensitivity_rows,
-                                    sweep_rows, sweep_summary)
+from lowbit.report.markdown import (auto_rows, budget_rows, fidelity_rows, overview_rows, plan_rows,
+                                    sensitivity_rows, sweep_rows, sweep_summary)
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#222;padding:0 16px}
@@ -54,6 +54,10 @@ def render_html(content: ReportContent) -> str:
                               _table(*fidelity_rows(content.verify))))
     if content.budget is not None:
         parts.append(_section("budget", "Accuracy budget search", _budget(content)))
+    if content.auto is not None:
+        parts.append(_section("auto", "Automatic strategy (--mode auto)",
+                              f'<div class="ok">kept {escape(content.auto.winner)}: {escape(content.auto.reason)}</div>'
+                              + _table(*auto_rows(content.auto))))
     parts.append(_section("plan", "Plan", _table(*plan_rows(content.plan))))
     if content.sensitivity is not None:
         parts.append(_section("sensitivity", "Per-layer sensitivity", _sensitivity(content)))

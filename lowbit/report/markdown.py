@@ -85,6 +85,14 @@ def budget_rows(budget) -> Rows:
     return ["layer (most sensitive first)", "op", "MACs", f"fallback gain ({budget.metric})", "kept as"], rows
 
 
+def auto_rows(auto) -> Rows:
+    """--mode auto: every candidate it measured, the kept one marked."""
+    rows = [[("* " if t.name == auto.winner else "") + t.name, _opt(None if t.top1 is None else 100 * t.top1, ".1f"),
+             f"{t.cosine:.5f}", _opt(t.speedup, ".2f", "not timed (over budget)" if not t.met else "-"),
+             _mb(t.size_bytes), "yes" if t.met else "no"] for t in auto.trials]
+    return ["candidate (* kept)", "top-1 agree %", "cosine", "speedup", "size", "within budget"], rows
+
+
 def sweep_rows(sweep: SweepReport) -> Rows:
     """One row per measured layer, in the sweep's ranking order."""
     if sweep.kind == "all-but":
@@ -135,6 +143,9 @@ def render_markdown(content: ReportContent, top: int = 20) -> str:
                 f"{'Met' if b.met else '**NOT met**'}: {b.metric} drop {b.drop:.5f} (max {b.max_drop:g}), "
                 f"{len(b.trials)} candidates in {b.seconds:.1f} s; fell back from {_start(b)}: "
                 f"{', '.join(f'{n} ({_precision(b, n)})' for n in b.excluded) or 'none'}.", "", _md_table(*budget_rows(b)), ""]
+    if content.auto is not None:
+        out += ["## Automatic strategy (--mode auto)", "", f"Kept **{content.auto.winner}**: {content.auto.reason}.",
+                "", _md_table(*auto_rows(content.auto)), ""]
     if content.sensitivity is not None:
         header, rows = sensitivity_rows(content.sensitivity)
         out += [f"## Per-layer sensitivity (worst {min(top, len(rows))} of {len(rows)})", "",

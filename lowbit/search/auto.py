@@ -1,1 +1,416 @@
-"""placeholder while the auto search is written"""
+"""`--mode auto`: pick the quantization strategy that works on this model and this CPU.
+
+    one StaticPipeline calibration (outlier split, SmoothQuant, observers for every range method)
+    -> statistics decide which candidates are worth a trial:
+         weight channel-range spread, activation channel spread   -> equalization (+ bias correction)
+         Convs with biases and per-tensor or depthwise weights     -> bias correction
+         MatMul inputs whose min/max range is far past their 99.99th percentile -> hybrid (those
+           MatMuls dynamic int8, the rest static)
+         MatMul/Gemm weights holding most parameters               -> dynamic, weight-only int8/int4
+    -> each candidate: built from the one calibration (no model run), scored on the evaluation
+       data against float outputs computed once; the candidates within the budget are timed
+       against the float model (interleaved, same session options, median: `verify.time_pair`)
+    -> the fastest within budget wins (a candidate within 3% of the fastest but more accurate beats
+       it: that is timing noise); none within budget: the most accurate, said plainly.
+
+Only equalization needs a second calibration (it rescales activations per channel, so ranges of
+the unequalized graph do not carry over); it runs only when the statistics say it can matter.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from lowbit.onnx.config import DEFAULT_MAX_DROP, AutoConfig, DynamicConfig, Fp16Config, StaticConfig, WeightOnlyConfig
+from lowbit.onnx.dynamic import write_dynamic
+from lowbit.onnx.equalize import find_chains
+from lowbit.onnx.pipeline import StaticPipeline, activation_channel_spread, weight_channel_spread
+from lowbit.onnx.planner import plan_dynamic
+from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
+from lowbit.onnx.session import make_session
+from lowbit.onnx.verify import cosine_per_sample, looks_like_class_scores, time_pair
+from lowbit.plan import QuantPlan
+
+# A MatMul input whose min/max range is this many times its 99.99th-percentile range is
+# outlier-heavy: one static scale wastes most int8 levels on a few values; dynamic int8 re-scales
+# each batch and static int8 of the other layers is unaffected.
+OUTLIER_RANGE_RATIO = 4.0
+WEIGHT_SPREAD = 100.0  # per-tensor weights: as in `onnx.quantize.PER_TENSOR_SPREAD_WARNING`
+ACTIVATION_SPREAD = 8.0  # activation channel peak / median channel peak: as in `onnx.quantize`
+SPEED_NOISE = 0.03  # timings this close are a tie; the more accurate candidate wins it
+TIMING_REPEATS = 10
+
+
+@dataclass
+class Trial:
+    """One candidate: what it is, how close it stays to float, how fast and big it is."""
+
+    name: str
+    cosine: float
+    top1: float | None
+    drop: float
+    met: bool
+    speedup: float | None = None
+    size_bytes: int = 0
+    seconds: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class AutoReport:
+    metric: str
+    max_drop: float
+    trials: list[Trial]
+    winner: str
+    reason: str
+    seconds: float
+    calibrations: int
+    skipped: list[str] = field(default_factory=list)  # candidates the statistics ruled out, and why
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "max_drop": self.max_drop, "winner": self.winner, "reason": self.reason,
+                "seconds": self.seconds, "calibrations": self.calibrations, "skipped": self.skipped,
+                "candidates": [asdict(t) for t in self.trials]}
+
+    def table(self) -> str:
+        budget = (f"top-1 agreement drop <= {100 * self.max_drop:g} pt" if self.metric == "top1"
+                  else f"cosine drop <= {self.max_drop:g}")
+        lines = [f"auto: {len(self.trials)} candidates from {self.calibrations} calibration(s) in "
+                 f"{self.seconds:.1f} s; budget {budget}",
+                 f"  {'candidate':<52} {'top-1':>7} {'cosine':>8} {'speed':>7} {'size':>9}"]
+        for t in self.trials:
+            mark = "*" if t.name == self.winner else (" " if t.met else "x")
+            top1 = "-" if t.top1 is None else f"{100 * t.top1:.1f}%"
+            speed = "-" if t.speedup is None else f"{t.speedup:.2f}x"
+            lines.append(f"{mark} {t.name:<52} {top1:>7} {t.cosine:>8.5f} {speed:>7} {_mb(t.size_bytes):>9}"
+                         + (f"  {t.note}" if t.note else ""))
+        lines.append("  (* kept, x over budget: not timed; speed = float latency / candidate latency, same run)")
+        lines.extend(f"  skipped {s}" for s in self.skipped)
+        lines.append(f"why: {self.reason}")
+        return "\n".join(lines)
+
+
+class _Scorer:
+    """Float outputs computed once; each candidate scored on them and timed against float."""
+
+    def __init__(self, reference: onnx.ModelProto, run: RunInputs, metric: str) -> None:
+        self.threads = run.threads
+        self.float_session = make_session(reference, threads=run.threads)
+        self.names = [o.name for o in self.float_session.get_outputs()]
+        self.batches = list(run.eval_set.batches(run.batch_size))
+        self.expected = [self.float_session.run(self.names, b) for b in self.batches]
+        self.classifier = any(looks_like_class_scores(np.asarray(o)) for o in self.expected[0])
+        self.metric = ("top1" if self.classifier else "cosine") if metric == "auto" else metric
+
+    def fidelity(self, session) -> tuple[float, float | None]:
+        """(worst output's mean per-sample cosine, top-1 agreement of the first class-score output)."""
+        cosines: dict[int, list[np.ndarray]] = {}
+        agree: dict[int, list[np.ndarray]] = {}
+        for batch, expected in zip(self.batches, self.expected):
+            for i, (ref, got) in enumerate(zip(expected, session.run(self.names, batch))):
+                ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+                if ref.dtype.kind != "f" or ref.size == 0:
+                    continue
+                cosines.setdefault(i, []).append(cosine_per_sample(ref, got))
+                if looks_like_class_scores(ref):
+                    agree.setdefault(i, []).append(ref.argmax(-1) == got.argmax(-1))
+        cosine = min((float(np.concatenate(v).mean()) for v in cosines.values()), default=1.0)
+        top1 = next((float(np.concatenate(v).mean()) for v in agree.values()), None)
+        return cosine, top1
+
+    def speedup(self, session) -> float:
+        t_float, t_quant = time_pair(self.float_session, session, self.batches[0], warmup=2, repeats=TIMING_REPEATS)
+        return t_float / t_quant if t_quant > 0 else float("inf")
+
+
+def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) -> Handled:
+    """The `AutoConfig` handler of `quantize_onnx` (see the module docstring)."""
+    started = time.perf_counter()
+    deadline = started + config.time_limit
+    scorer = _Scorer(model, run, config.metric)
+    max_drop = config.max_drop if config.max_drop is not None else DEFAULT_MAX_DROP[scorer.metric]
+    per_channel_options = [False] if config.per_channel is False else [True, False]
+    static_config = StaticConfig(calib_method=config.calib_method, per_channel=per_channel_options[0],
+                                 exclude=config.exclude, calib_memory_mb=config.calib_memory_mb)
+    pipeline = StaticPipeline(model, static_config, run.calib, batch_size=run.batch_size, threads=run.threads,
+                              source=run.model_path.name).calibrate()
+    search = _Search(scorer, max_drop, run, config, deadline)
+    skipped: list[str] = []
+    profile = _profile(pipeline)
+
+    static_built = []
+    for per_channel in per_channel_options:
+        static_built.append(search.add(_granularity_name(per_channel),
+                                       lambda pc=per_channel: pipeline.build(per_channel=pc)))
+    best_static = max(zip(per_channel_options, static_built), key=lambda pair: _fidelity_key(pair[1]))[0]
+    if config.calib_method != "minmax":
+        search.add(f"{_granularity_name(best_static)}, min/max ranges",
+                   lambda: pipeline.build(per_channel=best_static, calib_method="minmax"))
+
+    if profile["bias_correctable"]:
+        search.add(f"{_granularity_name(best_static)} + bias correction",
+                   lambda: pipeline.build(per_channel=best_static, bias_correction=True))
+    else:
+        skipped.append("bias correction: no Conv with its own bias here")
+
+    worth, why = _equalization_worth(pipeline, profile, run)
+    if worth:
+        eq_config = StaticConfig(calib_method=config.calib_method, per_channel=True, exclude=config.exclude,
+                                 equalize=True, calib_memory_mb=config.calib_memory_mb)
+        equalized = StaticPipeline(model, eq_config, run.calib, batch_size=run.batch_size, threads=run.threads,
+                                   source=run.model_path.name).calibrate()
+        search.calibrations += 1
+        for per_channel in per_channel_options:
+            search.add(f"{_granularity_name(per_channel)} + equalization",
+                       lambda pc=per_channel: equalized.build(per_channel=pc), note=why)
+        if profile["bias_correctable"]:
+            search.add(f"{_granularity_name(per_channel_options[-1])} + equalization + bias correction",
+                       lambda: equalized.build(per_channel=per_channel_options[-1], bias_correction=True))
+    else:
+        skipped.append(f"equalization: {why}")
+
+    if profile["matmuls"]:
+        heavy = _outlier_heavy_matmuls(pipeline)
+        if heavy and len(heavy) < len(profile["matmuls"]) or heavy and profile["convs"]:
+            search.add(f"hybrid: {len(heavy)} outlier-heavy MatMul(s) dynamic, rest static",
+                       lambda: _hybrid(pipeline, heavy, best_static))
+        else:
+            skipped.append("hybrid (outlier-heavy MatMuls dynamic): "
+                           + ("no MatMul input is outlier-heavy" if not heavy else "that is every MatMul: "
+                              "the dynamic candidate covers it"))
+        if profile["convs"]:
+            search.add("hybrid: static Convs, every MatMul/Gemm dynamic",
+                       lambda: _hybrid(pipeline, profile["matmuls"], best_static))
+        search.add("dynamic int8", lambda: _dynamic(pipeline))
+    else:
+        skipped.append("dynamic and hybrid: no MatMul/Gemm with a constant weight")
+    if profile["matmul_heavy"]:
+        for bits in (8, 4):
+            wo = WeightOnlyConfig(bits=bits, group_size=32 if bits == 4 else -1, algo="rtn", exclude=config.exclude)
+            wo.validate(has_calibration=False)
+            search.add(f"weight-only int{bits} (MatMulNBits, RTN)",
+                       lambda wo=wo: _handled(run_weight_only(model, wo, run)))
+    else:
+        skipped.append("weight-only: MatMul/Gemm weights hold under half of the parameters")
+    search.add("fp16", lambda: _handled(run_fp16(model, Fp16Config(exclude=config.exclude), run)))
+
+    winner, reason = search.choose()
+    trial = next(t for t in search.trials if t.name == winner)
+    candidate = search.built[winner]
+    report = AutoReport(scorer.metric, max_drop, search.trials, winner, reason, time.perf_counter() - started,
+                        search.calibrations, skipped)
+    plan = candidate.plan
+    plan.settings = {**plan.settings, "auto": {"winner": winner, "reason": reason, "metric": scorer.metric,
+                                               "max_drop": max_drop, "met": trial.met,
+                                               "candidates": [asdict(t) for t in search.trials]}}
+    warnings = [] if trial.met else [
+        f"no candidate met the budget ({scorer.metric} drop <= {max_drop:g}); saved the most accurate one "
+        f"({winner}); loosen --max-drop, or let `--mode static --max-drop {max_drop:g}` fall the most sensitive "
+        "layers back to float"]
+    if search.timed_out:
+        warnings.append(f"the time limit of {config.time_limit:g} s ran out; the best candidate so far is saved")
+    if all(t.speedup is not None and t.speedup < 1.0 for t in search.trials if t.met) and trial.met:
+        warnings.append(f"every candidate within the budget is SLOWER than float on this CPU (best {winner} at "
+                        f"{trial.speedup:.2f}x); keep the float model where speed matters")
+    return Handled(candidate.model, plan, pipeline.seconds, warnings, auto=report, float_model=pipeline.model)
+
+
+@dataclass
+class _Built:
+    model: onnx.ModelProto
+    plan: QuantPlan
+
+
+class _Search:
+    def __init__(self, scorer: _Scorer, max_drop: float, run: RunInputs, config: AutoConfig, deadline: float):
+        self.scorer, self.max_drop, self.run, self.config, self.deadline = scorer, max_drop, run, config, deadline
+        self.trials: list[Trial] = []
+        self.built: dict[str, _Built] = {}
+        self.calibrations = 1
+        self.timed_out = False
+
+    def add(self, name: str, build, note: str = "") -> Trial | None:
+        if time.perf_counter() > self.deadline and self.trials:
+            self.timed_out = True
+            return None
+        t0 = time.perf_counter()
+        candidate = build()
+        session = make_session(candidate.model, threads=self.run.threads)
+        cosine, top1 = self.scorer.fidelity(session)
+        score = top1 if self.scorer.metric == "top1" and top1 is not None else cosine
+        float_score = 1.0
+        drop = float_score - score
+        trial = Trial(name, cosine, top1, drop, drop <= self.max_drop + 1e-12,
+                      size_bytes=candidate.model.ByteSize(), note=note)
+        if trial.met and self.config.measure_speed and self.run.measure_speed:
+            trial.speedup = self.scorer.speedup(session)
+        trial.seconds = time.perf_counter() - t0
+        self.trials.append(trial)
+        self.built[name] = _Built(candidate.model, candidate.plan)
+        return trial
+
+    def choose(self) -> tuple[str, str]:
+        met = [t for t in self.trials if t.met]
+        if not met:
+            best = max(self.trials, key=_fidelity_key)
+            return best.name, (f"no candidate stayed within the budget; {best.name} came closest "
+                               f"({self._score_text(best)})")
+        timed = [t for t in met if t.speedup is not None]
+        if not timed:
+            best = max(met, key=lambda t: (-t.size_bytes, _fidelity_key(t)))
+            return best.name, f"speed not measured (--no-speed): the smallest of the {len(met)} within the budget"
+        fastest = max(t.speedup for t in timed)
+        ties = [t for t in timed if t.speedup >= fastest * (1 - SPEED_NOISE)]
+        best = max(ties, key=_fidelity_key)
+        others = f" of the {len(met)} candidates within the budget" if len(met) > 1 else ", the only candidate " \
+            "within the budget"
+        tie = (f" (tied within {100 * SPEED_NOISE:g}% with {', '.join(t.name for t in ties if t is not best)}; "
+               "more accurate)") if len(ties) > 1 else ""
+        over = len(self.trials) - len(met)
+        return best.name, (f"fastest ({best.speedup:.2f}x float){others}{tie}, {self._score_text(best)}"
+                           + (f"; {over} candidate(s) were over budget" if over else ""))
+
+    def _score_text(self, trial: Trial) -> str:
+        if self.scorer.metric == "top1" and trial.top1 is not None:
+            return f"top-1 agreement {100 * trial.top1:.1f}% (drop {100 * trial.drop:.1f} pt <= {100 * self.max_drop:g})"
+        return f"cosine {trial.cosine:.5f} (drop {trial.drop:.4f}, budget {self.max_drop:g})"
+
+
+def _fidelity_key(trial: Trial | None) -> tuple:
+    if trial is None:
+        return (-1.0, -1.0)
+    return (trial.top1 if trial.top1 is not None else 0.0, trial.cosine)
+
+
+def _granularity_name(per_channel: bool) -> str:
+    return "static int8, per-channel weights" if per_channel else "static int8, per-tensor weights"
+
+
+def _handled(done: Handled) -> _Built:
+    return _Built(done.model, done.plan)
+
+
+def _profile(pipeline: StaticPipeline) -> dict:
+    """What the candidates depend on: the compute mix and where the parameters are."""
+    model = pipeline.model
+    initializers = {t.name: t for t in model.graph.initializer}
+    active = pipeline.planner.active
+    convs, matmuls = [], []
+    params = {"conv": 0, "matmul": 0}
+    for node in model.graph.node:
+        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+        if weight is None:
+            continue
+        size = int(np.prod(weight.dims))
+        if node.op_type in ("Conv", "ConvTranspose"):
+            params["conv"] += size
+            if node.name in active:
+                convs.append(node)
+        elif node.op_type in ("MatMul", "Gemm") and len(weight.dims) == 2:
+            params["matmul"] += size
+            if not {node.name, node.op_type, *node.output} & set(pipeline.exclude):
+                matmuls.append(node.name)
+    depthwise = any(next((a.i for a in n.attribute if a.name == "group"), 1) > 1 for n in convs)
+    biased = any(len(n.input) > 2 and n.input[2] in initializers for n in convs)
+    return {"convs": [n.name for n in convs], "matmuls": matmuls, "depthwise": depthwise,
+            "bias_correctable": biased and (depthwise or not pipeline.config.per_channel),
+            "matmul_heavy": params["matmul"] > params["conv"]}
+
+
+def _equalization_worth(pipeline: StaticPipeline, profile: dict, run: RunInputs) -> tuple[bool, str]:
+    """Equalization is tried when some Conv chain can be equalized and either a weight's channel
+    ranges or a Conv input's channel peaks are far apart (measured)."""
+    if not profile["convs"]:
+        return False, "no Conv"
+    if not find_chains(pipeline.model, set(pipeline.exclude)):
+        return False, "no Conv -> Conv chain it could rebalance"
+    plan = pipeline.build(per_channel=False).plan
+    spread = max(weight_channel_spread(pipeline.model, plan).values(), default=1.0)
+    act = max(activation_channel_spread(pipeline.model, run.calib, batch_size=min(4, run.batch_size),
+                                        threads=run.threads).values(), default=1.0)
+    if spread > WEIGHT_SPREAD or act > ACTIVATION_SPREAD:
+        return True, f"measured: weight channel spread {spread:,.0f}x, activation channel spread {act:,.0f}x"
+    return False, (f"channels already balanced (weight spread {spread:,.0f}x <= {WEIGHT_SPREAD:g}, activation "
+                   f"spread {act:.1f}x <= {ACTIVATION_SPREAD:g})")
+
+
+def _outlier_heavy_matmuls(pipeline: StaticPipeline) -> list[str]:
+    """MatMuls (in the static plan) whose activation input's min/max range is far past its
+    99.99th-percentile range."""
+    minmax, percentile = pipeline.stats_for("minmax").ranges, pipeline.stats_for("percentile").ranges
+    heavy = []
+    for node in pipeline.model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or node.name not in pipeline.planner.active:
+            continue
+        tensor = node.input[0]
+        if tensor not in minmax or tensor not in percentile:
+            continue
+        full = float(np.max(minmax[tensor][1]) - np.min(minmax[tensor][0]))
+        core = float(np.max(percentile[tensor][1]) - np.min(percentile[tensor][0]))
+        if core > 0 and full / core > OUTLIER_RANGE_RATIO:
+            heavy.append(node.name)
+    return heavy
+
+
+def _dynamic_part(pipeline: StaticPipeline, matmuls: list[str]) -> QuantPlan:
+    keep = set(matmuls)
+    others = [n.name for n in pipeline.model.graph.node if n.name not in keep]
+    return plan_dynamic(pipeline.model, per_channel_weights=True, exclude=others)
+
+
+def _hybrid(pipeline: StaticPipeline, matmuls: list[str], per_channel: bool) -> _Built:
+    """Static int8 everywhere but `matmuls`, which become dynamic int8."""
+    static = pipeline.build(per_channel=per_channel, exclude=matmuls,
+                            float_reason="dynamic int8 (hybrid: its input is outlier-heavy)")
+    dynamic = _dynamic_part(pipeline, matmuls)
+    # Both writers name their tensors after the activation they quantize ("x_quantized"): rename
+    # the static side's clashing names first.
+    float_names = _names(pipeline.model)
+    _rename(static.model, (_names(write_dynamic(pipeline.model, dynamic)) - float_names) & _names(static.model))
+    model = write_dynamic(static.model, dynamic)
+    plan = static.plan
+    for entry in dynamic.quantized():
+        plan.add(entry)
+    for name in matmuls:
+        plan.float_nodes.pop(name, None)
+    plan.settings["dynamic_nodes"] = list(matmuls)
+    return _Built(model, plan)
+
+
+def _names(model: onnx.ModelProto) -> set[str]:
+    graph = model.graph
+    return {o for n in graph.node for o in n.output} | {t.name for t in graph.initializer} | {n.name for n in graph.node}
+
+
+def _rename(model: onnx.ModelProto, names: set[str]) -> None:
+    """Give the tensors and nodes called `names` a "_static" suffix (graph outputs keep theirs)."""
+    outputs = {o.name for o in model.graph.output}
+    mapping = {n: f"{n}_static" for n in names if n not in outputs}
+    for node in model.graph.node:
+        node.name = mapping.get(node.name, node.name)
+        for i, name in enumerate(node.input):
+            node.input[i] = mapping.get(name, name)
+        for i, name in enumerate(node.output):
+            node.output[i] = mapping.get(name, name)
+    for tensor in model.graph.initializer:
+        tensor.name = mapping.get(tensor.name, tensor.name)
+
+
+def _dynamic(pipeline: StaticPipeline) -> _Built:
+    config = DynamicConfig(exclude=pipeline.config.exclude)
+    plan = plan_dynamic(pipeline.model, per_channel_weights=True, exclude=pipeline.exclude)
+    model = write_dynamic(pipeline.model, plan)
+    algorithms: dict = {}
+    for record in pipeline.records:
+        algorithms.update(record.to_settings())
+    plan.settings = {"calib_method": None, "per_channel": True, "exclude": list(config.exclude),
+                     "samples": pipeline.data.num_samples, "source": pipeline.source, "algorithms": algorithms}
+    return _Built(model, plan)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"

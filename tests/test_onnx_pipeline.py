@@ -1,0 +1,113 @@
+"""One static pipeline: one calibration serves every candidate, the passes' typed records replay,
+and no copy of the sequence (or a private helper imported across modules) remains in lowbit/."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from _onnx_quant_models import image_calib, small_cnn, tiny_encoder, token_calib
+from lowbit.onnx.calib_data import CalibrationData, model_inputs
+from lowbit.onnx.collect import collect_activation_stats
+from lowbit.onnx.config import StaticConfig
+from lowbit.onnx.passes import records_from_settings
+from lowbit.onnx.passes.equalize import EqualizeRecord
+from lowbit.onnx.pipeline import StaticPipeline, prepare_model
+from lowbit.onnx.planner import ACTIVATION_SPEC
+from lowbit.onnx.quantize import quantize_onnx, read_plan
+
+ROOT = Path(__file__).resolve().parents[1] / "lowbit"
+
+
+def _weights(path_or_model) -> dict[str, np.ndarray]:
+    model = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _pipeline(model_path: Path, calib: Path, **options) -> StaticPipeline:
+    original = onnx.load(str(model_path))
+    data = CalibrationData(str(calib), model_inputs(original))
+    return StaticPipeline(prepare_model(original), StaticConfig(**options), data, batch_size=8).calibrate()
+
+
+def test_candidates_from_one_calibration_equal_separate_runs(tmp_path):
+    """build(per_channel=False / exclude=...) from one calibration == a full quantize_onnx run each."""
+    model, calib = small_cnn(tmp_path / "m.onnx"), image_calib(tmp_path / "c.npz", n=16)
+    pipeline = _pipeline(model, calib)
+    for options in ({"per_channel": False}, {"exclude": ["/head/Gemm"]}, {"calib_method": "minmax"}):
+        separate = quantize_onnx(model, tmp_path / "q.onnx", StaticConfig(**options), calib=calib, batch_size=8,
+                                 verify=False)
+        built = pipeline.build(per_channel=options.get("per_channel"), exclude=options.get("exclude", ()),
+                               calib_method=options.get("calib_method"))
+        assert built.plan.summary() == separate.plan.summary()
+        expected, got = _weights(separate.output_path), _weights(built.model)
+        assert expected.keys() == got.keys() and all(np.array_equal(expected[k], got[k]) for k in expected)
+
+
+def test_other_range_methods_come_from_the_same_observers(tmp_path):
+    model, calib = small_cnn(tmp_path / "m.onnx"), image_calib(tmp_path / "c.npz", n=16)
+    pipeline = _pipeline(model, calib)
+    fresh = collect_activation_stats(pipeline.model, pipeline.planner.candidates(), pipeline.data, method="minmax",
+                                     spec=ACTIVATION_SPEC, batch_size=8)
+    reused = pipeline.stats_for("minmax")
+    assert reused.ranges.keys() == fresh.ranges.keys()
+    for name, (lo, hi) in fresh.ranges.items():  # running min/max: independent of how it was reached
+        assert np.array_equal(reused.ranges[name][0], lo) and np.array_equal(reused.ranges[name][1], hi)
+
+
+def test_stored_records_replay_the_rewrites(tmp_path):
+    """Equalization and SmoothQuant read back as typed records and replayed on the float model give
+    the stored model's rewritten weights."""
+    cnn, images = small_cnn(tmp_path / "m.onnx"), image_calib(tmp_path / "c.npz", n=16)
+    stored = quantize_onnx(cnn, tmp_path / "eq.onnx", StaticConfig(equalize=True, per_channel=False), calib=images,
+                           batch_size=8, verify=False)
+    records = records_from_settings(stored.plan.settings["algorithms"])
+    assert [type(r) for r in records] == [EqualizeRecord] and records[0].chains
+    enc, tokens = tiny_encoder(tmp_path / "e.onnx"), token_calib(tmp_path / "t.npz")
+    smoothed = quantize_onnx(enc, tmp_path / "sm.onnx", StaticConfig(), calib=tokens, batch_size=8, verify=False)
+    for path, source, data in ((tmp_path / "eq.onnx", cnn, images), (tmp_path / "sm.onnx", enc, tokens)):
+        plan = read_plan(path)
+        original = onnx.load(str(source))
+        config = StaticConfig(per_channel=plan.settings["per_channel"])
+        replayed = StaticPipeline.replay(prepare_model(original), config,
+                                         records_from_settings(plan.settings["algorithms"]),
+                                         CalibrationData(str(data), model_inputs(original)), batch_size=8)
+        assert not replayed.mismatched
+        rebuilt = _weights(replayed.build().model)
+        written = _weights(path)
+        assert rebuilt.keys() == written.keys()
+        assert all(np.array_equal(rebuilt[k], written[k]) for k in written)
+    assert smoothed.plan.settings["algorithms"]["smoothquant"]
+
+
+def _sources() -> dict[Path, ast.Module]:
+    return {p: ast.parse(p.read_text()) for p in ROOT.rglob("*.py")}
+
+
+def test_the_preparation_sequence_lives_in_one_place():
+    offenders = [str(p.relative_to(ROOT)) for p, tree in _sources().items() if p.name != "pipeline.py"
+                 and any(isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", "")) == "preprocess"
+                         for n in ast.walk(tree))]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("package", ["onnx/quantize.py", "onnx/pipeline.py", "onnx/passes", "onnx/config.py",
+                                     "onnx/stored_plan.py", "onnx/smooth.py", "onnx/outlier_split.py",
+                                     "onnx/equalize.py", "search", "analysis", "commands", "report"])
+def test_no_private_name_crosses_modules(package):
+    """Shared helpers are public in the module that owns them (checked on the modules this redesign
+    owns; `onnx/dynamic.py` and `onnx/weight_only.py` still import `qdq._drop_unused_initializers`)."""
+    target = ROOT / package
+    files = [target] if target.is_file() else list(target.rglob("*.py"))
+    crossing = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lowbit"):
+                crossing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                             if a.name.startswith("_") and not a.name.startswith("__")]
+    assert crossing == []
