@@ -80,9 +80,9 @@ def test_config_and_keyword_forms_write_the_same_model(tmp_path):
         quantize_onnx(model, tmp_path / "c.onnx", StaticConfig(), mode="static", calib=calib)
 
 
-def test_import_lowbit_is_light_and_exports_the_entry_points():
-    code = ("import sys, lowbit; heavy = [m for m in ('onnxruntime', 'torch', 'onnx') if m in sys.modules]; "
-            "print(heavy)")
+def test_import_lowbit_and_the_cli_parser_are_light_and_export_the_entry_points():
+    code = ("import sys, lowbit; from lowbit.cli import build_parser; build_parser(); "
+            "heavy = [m for m in ('onnxruntime', 'torch', 'onnx') if m in sys.modules]; print(heavy)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"
     from lowbit.onnx.quantize import quantize_onnx as entry

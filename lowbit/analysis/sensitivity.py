@@ -26,10 +26,8 @@ rounding).
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import onnx

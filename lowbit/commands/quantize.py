@@ -43,23 +43,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--eval", dest="eval_data", help=".npz to compare the models on (default: the calibration data)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime threads for calibration and timing (default: all cores)")
     parser.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
-    parser.add_argument("--smooth", dest="smooth", action="store_true", default=None,
-                        help="SmoothQuant scale migration into LayerNorm-fed MatMuls (default: on when present)")
-    parser.add_argument("--no-smooth", dest="smooth", action="store_false", help="turn SmoothQuant off")
-    parser.add_argument("--smooth-alpha", type=float, default=0.5,
-                        help="SmoothQuant migration strength in [0, 1] (default: 0.5)")
+    from lowbit.onnx.passes import PASSES
+
+    for rewrite in PASSES:  # --no-outlier-split, --equalize, --smooth/--no-smooth/--smooth-alpha, --bias-correction
+        rewrite.add_arguments(parser)
     parser.add_argument("--smooth-groups", metavar="GROUPS",
                         help="Hugging Face models, --algo smoothquant: comma-separated scale groups to smooth: norm "
                              "(pre-norm -> q/k/v and gate/up), linear (v_proj -> o_proj when v_proj is as wide as "
                              "o_proj's input, i.e. no grouped-query attention, and up_proj -> down_proj), or all; "
                              "each is exact in float, folded into weights the checkpoint stores (default: norm,linear)")
-    parser.add_argument("--equalize", action="store_true",
-                        help="cross-layer equalization of Conv chains (helps per-tensor int8 on depthwise nets)")
-    parser.add_argument("--bias-correction", action="store_true",
-                        help="correct Conv biases for the output mean shift caused by weight rounding")
-    parser.add_argument("--no-outlier-split", dest="outlier_split", action="store_false", default=None,
-                        help="keep transformer FFN outlier channels in the int8 path (by default, when calibration "
-                             "data is given, they move to a thin float branch, exact in float)")
     parser.add_argument("--calib-memory-mb", type=float,
                         help="bound the activations ONNX Runtime holds at once while calibrating (default: 256; "
                              "inf for unbounded, which is faster on small models and needs more memory)")
@@ -134,18 +126,20 @@ def resolve_mode(args: argparse.Namespace) -> str:
     Flags that name one static recipe (--equalize, --bias-correction, --smooth, --fallback) mean static."""
     if args.mode is not None:
         return args.mode
-    static_recipe = args.equalize or args.bias_correction or args.smooth or args.fallback is not None
+    from lowbit.onnx.passes import PASSES
+
+    static_recipe = any(getattr(args, p.name) for p in PASSES if p.static_only) or args.fallback is not None
     return "auto" if args.calib is not None and not static_recipe and not _is_hf_model_dir(args.model) else "static"
 
 
 def config_from_args(args: argparse.Namespace):
     """The `lowbit.onnx.config` config of the flags (each mode takes the flags it knows)."""
     from lowbit.onnx.config import config_for_mode
+    from lowbit.onnx.passes import PASSES
 
-    options = dict(calib_method=args.calib_method, per_channel=not args.per_tensor, exclude=tuple(args.exclude),
-                   smooth=args.smooth if args.mode == "static" else None, smooth_alpha=args.smooth_alpha, equalize=args.equalize,
-                   bias_correction=args.bias_correction, calib_memory_mb=args.calib_memory_mb,
-                   outlier_split=args.outlier_split)
+    options = {field: getattr(args, field) for rewrite in PASSES for field in rewrite.options}
+    options.update(calib_method=args.calib_method, per_channel=not args.per_tensor, exclude=tuple(args.exclude),
+                   calib_memory_mb=args.calib_memory_mb)
     if args.mode == "weight-only":
         options.update(bits=args.weight_bits, group_size=args.group_size, algo=args.algo, act_order=args.act_order,
                        symmetric=args.symmetric, weight_format=args.weight_format,

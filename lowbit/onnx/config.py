@@ -196,7 +196,10 @@ def config_for_mode(mode: str, **options: Any) -> QuantConfig:
     (the CLI and the old keyword API pass every flag)."""
     if mode not in CONFIGS:
         raise LowbitError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    if mode != "static" and any(options.get(k) for k in ("equalize", "bias_correction", "smooth")):
+    from lowbit.onnx.passes import PASSES  # the static rewrite passes and their switches
+
+    static_only = [p for p in PASSES if p.static_only and options.get(p.name)]
+    if mode != "static" and static_only:
         hint = ("--mode auto tries them itself when the statistics say they can help; " if mode == "auto" else "")
         raise LowbitError(f"--smooth, --equalize and --bias-correction need calibration; {hint}use them with "
                           "--mode static")

@@ -1,8 +1,10 @@
 """Static-int8 rewrite passes: each one a module here, run by `lowbit.onnx.pipeline.StaticPipeline`.
 
-A pass is a class with
+A pass is a class, named `PASS` in its module (the package finds it there), with
 - `name`, the `StaticConfig` field that switches it on (`enabled(config, ctx)` may refine that),
-  and `stage`: "graph" (before planning: outlier split, equalization), "planned" (needs the
+  `options` (its `StaticConfig` fields, which are also its command-line dests), `add_arguments(parser)`
+  (its `lowbit quantize` flags), `static_only` (its flags make sense only in static mode), `order`
+  within its stage, and `stage`: "graph" (before planning: outlier split, equalization), "planned" (needs the
   planner's int8 nodes: SmoothQuant) or "built" (needs a built plan: bias correction, run once per
   candidate on statistics measured once);
 - `apply(ctx) -> Record | None`: measure what it needs on the calibration data, rewrite
@@ -12,19 +14,21 @@ A pass is a class with
   `replay(model, ctx)`, which redoes the pass on a float model from the record alone, so analysis
   and the sweeps rebuild exactly the graph that was quantized.
 
-`PASSES` lists them in the order they run. A new pass is a module here (record, apply, replay),
-one field in `StaticConfig` and its algorithm in `lowbit/algorithms/`; the pipeline, the budget
-search, the sweeps and the analyses pick it up from this list.
+`PASSES` lists them in the order they run. A new pass is a module here (record, apply, replay,
+flags), one field in `StaticConfig` and its algorithm in `lowbit/algorithms/`: three files. The
+pipeline, the CLI, the budget search, --mode auto's candidates, the sweeps and the analyses pick it
+up from this list.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
+if TYPE_CHECKING:  # the pass modules import their graph code lazily: the CLI reads their flags at start-up
+    import onnx
 
-from lowbit.onnx.calib_data import CalibrationData
+    from lowbit.onnx.calib_data import CalibrationData
 
 
 @dataclass
@@ -52,11 +56,16 @@ def records_from_settings(algorithms: dict) -> list:
     return records
 
 
-from lowbit.onnx.passes.bias_correction import BiasCorrection  # noqa: E402
-from lowbit.onnx.passes.equalize import Equalize  # noqa: E402
-from lowbit.onnx.passes.outlier_split import OutlierSplit  # noqa: E402
-from lowbit.onnx.passes.smooth import Smooth  # noqa: E402
+def _discover() -> tuple:
+    """Every module of this package that defines `PASS`, in run order (stage, then `order`)."""
+    import importlib
+    import pkgutil
 
-PASSES = (OutlierSplit, Equalize, Smooth, BiasCorrection)
+    stages = ("graph", "planned", "built")
+    found = [importlib.import_module(f"{__name__}.{m.name}").PASS for m in pkgutil.iter_modules(__path__)]
+    return tuple(sorted(found, key=lambda p: (stages.index(p.stage), p.order)))
 
-__all__ = ["BiasCorrection", "Equalize", "OutlierSplit", "PASSES", "PassContext", "Smooth", "records_from_settings"]
+
+PASSES = _discover()
+
+__all__ = ["PASSES", "PassContext", "records_from_settings"]

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import onnx
+from typing import TYPE_CHECKING
 
-from lowbit.onnx.equalize import channel_means, conv_bias_targets, correct_biases
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
 
 
 @dataclass
@@ -39,6 +41,14 @@ class BiasCorrection:
     name = "bias_correction"
     stage = "built"
     Record = BiasCorrectionRecord
+    options = ('bias_correction',)
+    static_only = True
+    order = 0
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.add_argument("--bias-correction", action="store_true",
+                            help="correct Conv biases for the output mean shift caused by weight rounding")
 
     @staticmethod
     def enabled(config, ctx) -> bool:
@@ -47,6 +57,8 @@ class BiasCorrection:
     @staticmethod
     def measure(ctx) -> dict[str, np.ndarray]:
         """Channel means of every Conv input the correction may need, once for all candidates."""
+        from lowbit.onnx.equalize import channel_means
+
         tensors = list(dict.fromkeys(n.input[0] for n in ctx.model.graph.node if n.op_type == "Conv"))
         return channel_means(ctx.model, tensors, ctx.data, batch_size=ctx.batch_size, threads=ctx.threads) \
             if tensors else {}
@@ -54,6 +66,11 @@ class BiasCorrection:
     @staticmethod
     def apply_built(model: onnx.ModelProto, plan, means: dict[str, np.ndarray]) -> BiasCorrectionRecord | None:
         """Correct `model` (a copy the candidate owns) in place for `plan`."""
+        from lowbit.onnx.equalize import conv_bias_targets, correct_biases
+
         if not conv_bias_targets(model, plan):
             return None
         return BiasCorrectionRecord(correct_biases(model, plan, None, means=means))
+
+
+PASS = BiasCorrection

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import onnx
+from typing import TYPE_CHECKING
 
-from lowbit.onnx.equalize import equalize_model
+if TYPE_CHECKING:
+    import onnx
+
 
 RESCALED = "rescaled per channel by cross-layer equalization"
 
@@ -28,6 +30,8 @@ class EqualizeRecord:
     float_nodes: tuple = ()
 
     def replay(self, model: onnx.ModelProto, ctx=None) -> tuple[onnx.ModelProto, bool]:
+        from lowbit.onnx.equalize import equalize_model
+
         skip = set(ctx.exclude) if ctx is not None else set()
         model, report = equalize_model(model, skip=skip)
         return model, report.chains == self.chains
@@ -56,6 +60,14 @@ class Equalize:
     name = "equalize"
     stage = "graph"
     Record = EqualizeRecord
+    options = ('equalize',)
+    static_only = True
+    order = 1
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.add_argument("--equalize", action="store_true",
+                            help="cross-layer equalization of Conv chains (helps per-tensor int8 on depthwise nets)")
 
     @staticmethod
     def enabled(config, ctx) -> bool:
@@ -63,5 +75,10 @@ class Equalize:
 
     @staticmethod
     def apply(ctx) -> EqualizeRecord | None:
+        from lowbit.onnx.equalize import equalize_model
+
         ctx.model, report = equalize_model(ctx.model, skip=set(ctx.exclude))
         return EqualizeRecord(report.chains, report.relu6_replaced)
+
+
+PASS = Equalize

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import onnx
+from typing import TYPE_CHECKING
 
-from lowbit.onnx.outlier_split import apply_split, outlier_channels, split_sites
-from lowbit.onnx.smooth import channel_absmax
+if TYPE_CHECKING:
+    import onnx
+
 
 
 @dataclass
@@ -38,6 +39,8 @@ class OutlierSplitRecord:
 
     def replay(self, model: onnx.ModelProto, ctx=None) -> tuple[onnx.ModelProto, bool]:
         """The same channels split off `model`; False when this model lacks some stored site."""
+        from lowbit.onnx.outlier_split import apply_split, split_sites
+
         stored = {s.node: s.channels for s in self.sites}
         sites = split_sites(model, set(stored))
         for site in sites:
@@ -55,6 +58,15 @@ class OutlierSplit:
     name = "outlier_split"
     stage = "graph"
     Record = OutlierSplitRecord
+    options = ('outlier_split',)
+    static_only = False
+    order = 0
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.add_argument("--no-outlier-split", dest="outlier_split", action="store_false", default=None,
+                            help="keep transformer FFN outlier channels in the int8 path (by default, when "
+                                 "calibration data is given, they move to a thin float branch, exact in float)")
 
     @staticmethod
     def enabled(config, ctx) -> bool:
@@ -62,6 +74,9 @@ class OutlierSplit:
 
     @staticmethod
     def apply(ctx) -> OutlierSplitRecord | None:
+        from lowbit.onnx.outlier_split import apply_split, outlier_channels, split_sites
+        from lowbit.onnx.smooth import channel_absmax
+
         skipped = set(ctx.exclude)
         candidates = {n.name for n in ctx.model.graph.node
                       if n.op_type == "MatMul" and not ({n.name, n.op_type, *n.output} & skipped)}
@@ -78,3 +93,6 @@ class OutlierSplit:
             return None
         ctx.exclude += record.float_nodes
         return record
+
+
+PASS = OutlierSplit

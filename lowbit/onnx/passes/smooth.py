@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import onnx
+from typing import TYPE_CHECKING
 
-from lowbit.onnx.smooth import apply_smoothing, channel_absmax, smoothing_groups
+if TYPE_CHECKING:
+    import onnx
+
 
 
 @dataclass
@@ -40,6 +42,8 @@ class SmoothRecord:
 
 
 def _smooth(model: onnx.ModelProto, planner, ctx, alpha) -> tuple[onnx.ModelProto, list[dict]]:
+    from lowbit.onnx.smooth import apply_smoothing, channel_absmax, smoothing_groups
+
     groups = smoothing_groups(model, set(planner.active), alpha=alpha)
     if not groups:
         return model, []
@@ -54,6 +58,17 @@ class Smooth:
     name = "smooth"
     stage = "planned"
     Record = SmoothRecord
+    options = ('smooth', 'smooth_alpha')
+    static_only = True
+    order = 0
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.add_argument("--smooth", dest="smooth", action="store_true", default=None,
+                            help="SmoothQuant scale migration into LayerNorm-fed MatMuls (default: on when present)")
+        parser.add_argument("--no-smooth", dest="smooth", action="store_false", help="turn SmoothQuant off")
+        parser.add_argument("--smooth-alpha", type=float, default=0.5,
+                            help="SmoothQuant migration strength in [0, 1] (default: 0.5)")
 
     @staticmethod
     def enabled(config, ctx) -> bool:
@@ -63,3 +78,6 @@ class Smooth:
     def apply(ctx) -> SmoothRecord | None:
         ctx.model, groups = _smooth(ctx.model, ctx.planner, ctx, ctx.options.smooth_alpha)
         return SmoothRecord(groups) if groups else None
+
+
+PASS = Smooth

@@ -1,0 +1,108 @@
+"""--mode auto (issue 11): candidates from one calibration, pruned by measured statistics, the
+fastest within the budget kept; and the explicit modes saying what is off and how to fix it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from _tiny_models import conv_bn_relu_onnx
+from lowbit.cli import main
+from lowbit.onnx.config import AutoConfig, StaticConfig
+from lowbit.onnx.quantize import quantize_onnx, read_plan
+from lowbit.onnx.session import make_session
+from lowbit.search.auto import Trial, _Search
+from lowbit.zoo.depthwise import DepthwiseNet, export_depthwise, rescale_channels
+
+
+@pytest.fixture(scope="module")
+def rescaled(tmp_path_factory):
+    """A depthwise net whose activation channels span e^6 (function-preserving rescale), its data."""
+    root = tmp_path_factory.mktemp("auto")
+    torch.manual_seed(0)
+    net = DepthwiseNet()
+    x = torch.randn(8, 3, 16, 16)
+    with torch.no_grad():
+        before = net(x)
+        rescale_channels(net)
+        assert torch.allclose(net(x), before, atol=1e-5)  # the float function is unchanged
+    path = export_depthwise(net, root / "dw.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(root / "calib.npz", input=rng.standard_normal((32, 3, 16, 16)).astype(np.float32))
+    np.savez(root / "eval.npz", input=rng.standard_normal((64, 3, 16, 16)).astype(np.float32))
+    return {"root": root, "float": path, "calib": root / "calib.npz", "eval": root / "eval.npz"}
+
+
+def _cosine_vs_float(float_path, quant_path, data_path) -> float:
+    """Mean per-sample cosine of the logits, computed here with ONNX Runtime and NumPy only."""
+    x = np.load(data_path)["input"]
+    ref = make_session(onnx.load(str(float_path))).run(None, {"input": x})[0].astype(np.float64)
+    got = make_session(onnx.load(str(quant_path))).run(None, {"input": x})[0].astype(np.float64)
+    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+    return float(cos.mean())
+
+
+@pytest.mark.slow
+def test_auto_measures_equalization_and_keeps_a_model_within_budget(rescaled):
+    out = rescaled["root"] / "auto.onnx"
+    result = quantize_onnx(rescaled["float"], out, AutoConfig(metric="cosine", max_drop=0.01),
+                           calib=rescaled["calib"], eval_data=rescaled["eval"], batch_size=16)
+    auto = result.auto
+    names = [t.name for t in auto.trials]
+    assert any("equalization" in n for n in names)  # the activation spread made it worth a trial
+    assert auto.calibrations == 2 and not any("equalization" in s for s in auto.skipped)
+    kept = next(t for t in auto.trials if t.name == auto.winner)
+    assert kept.met and read_plan(out).settings["auto"]["winner"] == auto.winner
+    # The kept model's fidelity, measured independently, is the one the search recorded.
+    assert _cosine_vs_float(rescaled["float"], out, rescaled["eval"]) == pytest.approx(kept.cosine, abs=1e-6)
+    assert 1 - kept.cosine <= 0.01
+    explicit = quantize_onnx(rescaled["float"], rescaled["root"] / "pt.onnx", StaticConfig(per_channel=False),
+                             calib=rescaled["calib"], eval_data=rescaled["eval"], batch_size=16, measure_speed=False)
+    assert _cosine_vs_float(rescaled["float"], out, rescaled["eval"]) > \
+        _cosine_vs_float(rescaled["float"], explicit.output_path, rescaled["eval"])
+    # The explicit per-tensor run is far off and says why, with the fix.
+    assert any("far from float" in w and "--equalize" in w for w in explicit.warnings)
+
+
+def test_cli_default_with_calib_is_auto_and_per_tensor_restricts_it(rescaled, capsys):
+    out = rescaled["root"] / "cli.onnx"
+    assert main(["quantize", str(rescaled["float"]), "-o", str(out), "--calib", str(rescaled["calib"]),
+                 "--per-tensor", "--no-speed", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    static = [c["name"] for c in data["auto"]["candidates"] if c["name"].startswith("static")]
+    assert static and all("per-tensor" in n for n in static)
+    assert data["auto"]["winner"] in [c["name"] for c in data["auto"]["candidates"]]
+    assert main(["quantize", str(rescaled["float"]), "-o", str(rescaled["root"] / "x.onnx")]) == 2
+    assert "needs calibration data" in capsys.readouterr().err
+
+
+def test_dynamic_mode_on_a_conv_only_model_says_so(tmp_path):
+    path = tmp_path / "conv.onnx"
+    onnx.save(conv_bn_relu_onnx(), str(path))
+    np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32))
+    result = quantize_onnx(path, tmp_path / "d.onnx", mode="dynamic", eval_data=tmp_path / "x.npz",
+                           measure_speed=False)
+    assert any("found nothing to quantize" in w and "--mode static" in w for w in result.warnings)
+
+
+def _trial(name, drop, speedup, top1=None):
+    return Trial(name, 1 - drop, top1, drop, drop <= 0.01, speedup)
+
+
+def test_choice_is_the_fastest_within_budget_and_ties_go_to_accuracy():
+    search = _Search.__new__(_Search)
+    search.max_drop = 0.01
+    search.scorer = type("S", (), {"metric": "cosine"})()
+    search.trials = [_trial("a", 0.001, 1.50), _trial("b", 0.005, 2.00), _trial("c", 0.002, 1.97),
+                     _trial("d", 0.2, None)]
+    name, reason = search.choose()
+    assert name == "c" and "tied" in reason and "1 candidate(s) were over budget" in reason  # b vs c: 1.5% apart
+    search.trials = [_trial("a", 0.001, 1.50), _trial("b", 0.005, 2.00)]
+    assert search.choose()[0] == "b"
+    search.trials = [_trial("a", 0.3, None), _trial("b", 0.05, None)]
+    name, reason = search.choose()
+    assert name == "b" and "no candidate stayed within the budget" in reason
