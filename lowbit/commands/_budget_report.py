@@ -55,12 +55,10 @@ def run_budget(args: argparse.Namespace) -> int:
             algo=args.algo, symmetric=args.symmetric, act_order=args.act_order, weight_format=args.weight_format,
             accuracy_level=args.accuracy_level, **common)
     else:
+        from lowbit.commands.quantize import config_from_args
         from lowbit.search.budget import search_precision
 
-        result = search_precision(
-            args.model, args.output, calib=args.calib, calib_method=args.calib_method,
-            per_channel=not args.per_tensor, smooth=args.smooth, smooth_alpha=args.smooth_alpha,
-            equalize=args.equalize, outlier_split=args.outlier_split, **common)
+        result = search_precision(args.model, args.output, calib=args.calib, config=config_from_args(args), **common)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

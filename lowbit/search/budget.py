@@ -215,21 +215,28 @@ def search_precision(float_path: str | os.PathLike, out_path: str | os.PathLike,
                      threads: int | None = None, smooth: bool | None = None, smooth_alpha: float | dict = 0.5,
                      equalize: bool = False, measure_speed: bool = True,
                      fallback: str | tuple[str, ...] | list[str] = DEFAULT_FALLBACK,
-                     outlier_split: bool | None = None) -> BudgetResult:
+                     outlier_split: bool | None = None, config: StaticConfig | None = None) -> BudgetResult:
     """Static int8 quantization of `float_path` with per-layer fallback chosen so the model stays
     within `max_drop` of the float model (see the module docstring). `fallback`: the precisions a
     layer may fall back to, e.g. ("int16", "float"); each fallen-back layer gets the cheapest one
     that meets the budget. `evaluate(path) -> score` (higher is better) replaces `metric`. Always
-    writes the best candidate to `out_path`; `result.met` says whether the budget was met."""
+    writes the best candidate to `out_path`; `result.met` says whether the budget was met. `config`:
+    the static recipe as a `StaticConfig` (the CLI passes one, so every rewrite pass reaches the
+    search); it replaces calib_method, per_channel, exclude, smooth, smooth_alpha, equalize and
+    outlier_split."""
     started = time.perf_counter()
     float_path, out_path = Path(float_path), Path(out_path)
     check_budget(metric, max_drop, time_limit)
     ladder = parse_fallback(fallback)
     if calib is None:
         raise LowbitError("the accuracy-budget search calibrates static int8; pass --calib CALIB.npz")
-    config = StaticConfig(calib_method=calib_method, per_channel=per_channel, exclude=tuple(exclude), smooth=smooth,
-                          smooth_alpha=smooth_alpha, equalize=equalize, outlier_split=outlier_split)
+    if config is None:
+        config = StaticConfig(calib_method=calib_method, per_channel=per_channel, exclude=tuple(exclude),
+                              smooth=smooth, smooth_alpha=smooth_alpha, equalize=equalize, outlier_split=outlier_split)
+    if config.bias_correction:
+        raise LowbitError("--max-drop cannot be combined with --bias-correction yet; drop one of the two")
     config.validate(has_calibration=True)
+    calib_method, per_channel, exclude = config.calib_method, config.per_channel, config.exclude
     original = load_model(float_path)
     inputs = model_inputs(original)
     model = _at_int16_opset(original) if "int16" in ladder else prepare_model(original, copy=False)
