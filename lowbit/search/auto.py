@@ -6,7 +6,9 @@
          Convs with biases and per-tensor or depthwise weights     -> bias correction
          MatMul inputs whose min/max range is far past their 99.99th percentile -> hybrid (those
            MatMuls dynamic int8, the rest static)
-         MatMul/Gemm weights holding most parameters               -> dynamic, weight-only int8/int4
+         MatMul/Gemm with constant weights                         -> dynamic int8
+         ... holding most parameters, activations of a few rows   -> weight-only int8/int4 (MatMulNBits)
+         a CPU with fp16 arithmetic (avx512_fp16, amx_fp16)         -> fp16
     -> each candidate: built from the one calibration (no model run), scored on the evaluation
        data against float outputs computed once; the candidates within the budget are timed
        against the float model (interleaved, same session options, median: `verify.time_pair`)
@@ -26,6 +28,7 @@ import numpy as np
 import onnx
 
 from lowbit.onnx.config import DEFAULT_MAX_DROP, AutoConfig, DynamicConfig, Fp16Config, StaticConfig, WeightOnlyConfig
+from lowbit.onnx.cpu import cpu_flags
 from lowbit.onnx.dynamic import write_dynamic
 from lowbit.onnx.equalize import find_chains
 from lowbit.onnx.pipeline import StaticPipeline, activation_channel_spread, weight_channel_spread
@@ -42,7 +45,12 @@ OUTLIER_RANGE_RATIO = 4.0
 WEIGHT_SPREAD = 100.0  # per-tensor weights: as in `onnx.quantize.PER_TENSOR_SPREAD_WARNING`
 ACTIVATION_SPREAD = 8.0  # activation channel peak / median channel peak: as in `onnx.quantize`
 SPEED_NOISE = 0.03  # timings this close are a tie; the more accurate candidate wins it
-TIMING_REPEATS = 10
+TIMING_REPEATS = 6  # per candidate; the kept model is timed again (10 repeats) by the final verification
+# Weight-only kernels (MatMulNBits) dequantize weights and compute in float: they win when the
+# activations are a few rows (token-by-token decoding), not on a batch of full sequences.
+WEIGHT_ONLY_MAX_ROWS = 64
+# CPU features with fp16 arithmetic; without them ONNX Runtime runs fp16 models through casts.
+FP16_FLAGS = frozenset({"avx512_fp16", "amx_fp16"})
 
 
 @dataclass
@@ -188,7 +196,11 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
         search.add("dynamic int8", lambda: _dynamic(pipeline))
     else:
         skipped.append("dynamic and hybrid: no MatMul/Gemm with a constant weight")
-    if profile["matmul_heavy"]:
+    rows = _rows_per_call(scorer.batches[0])
+    if profile["matmul_heavy"] and rows > WEIGHT_ONLY_MAX_ROWS:
+        skipped.append(f"weight-only: {rows} activation rows per MatMul call; at that size int8 compute beats "
+                       "float compute on dequantized weights (weight-only pays off at small batch)")
+    elif profile["matmul_heavy"]:
         for bits in (8, 4):
             wo = WeightOnlyConfig(bits=bits, group_size=32 if bits == 4 else -1, algo="rtn", exclude=config.exclude)
             wo.validate(has_calibration=False)
@@ -196,7 +208,10 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
                        lambda wo=wo: _handled(run_weight_only(model, wo, run)))
     else:
         skipped.append("weight-only: MatMul/Gemm weights hold under half of the parameters")
-    search.add("fp16", lambda: _handled(run_fp16(model, Fp16Config(exclude=config.exclude), run)))
+    if FP16_FLAGS & cpu_flags():
+        search.add("fp16", lambda: _handled(run_fp16(model, Fp16Config(exclude=config.exclude), run)))
+    else:
+        skipped.append("fp16: this CPU has no native fp16 arithmetic (ONNX Runtime would cast around float kernels)")
 
     winner, reason = search.choose()
     trial = next(t for t in search.trials if t.name == winner)
@@ -410,6 +425,14 @@ def _dynamic(pipeline: StaticPipeline) -> _Built:
     plan.settings = {"calib_method": None, "per_channel": True, "exclude": list(config.exclude),
                      "samples": pipeline.data.num_samples, "source": pipeline.source, "algorithms": algorithms}
     return _Built(model, plan)
+
+
+def _rows_per_call(batch: dict[str, np.ndarray]) -> int:
+    """Activation rows a MatMul sees per call: batch x sequence for token inputs, batch otherwise."""
+    first = next(iter(batch.values()))
+    if first.dtype.kind in "iu":
+        return int(np.prod(first.shape))
+    return int(first.shape[0]) if first.ndim else 1
 
 
 def _mb(n: int) -> str:
