@@ -49,6 +49,18 @@ def prepare_model(model: onnx.ModelProto, *, copy: bool = True, opset: int | Non
     return prepared
 
 
+def run_passes(ctx: PassContext, config, stage: str) -> tuple[list, float]:
+    """Apply the passes of `stage` that `config` enables to `ctx.model`: their records and the
+    seconds they took (static mode runs every stage; dynamic mode the "graph" one)."""
+    started, records = time.perf_counter(), []
+    for rewrite in PASSES:
+        if rewrite.stage == stage and rewrite.enabled(config, ctx):
+            record = rewrite.apply(ctx)
+            if record is not None:
+                records.append(record)
+    return records, time.perf_counter() - started
+
+
 @dataclass
 class Candidate:
     """One quantized model built from the pipeline's calibration, and its plan."""
@@ -90,13 +102,9 @@ class StaticPipeline:
     # ------------------------------------------------------------------ passes and calibration
 
     def run_passes(self, stage: str) -> None:
-        for rewrite in PASSES:
-            if rewrite.stage == stage and rewrite.enabled(self.config, self.ctx):
-                started = time.perf_counter()
-                record = rewrite.apply(self.ctx)
-                self.seconds += time.perf_counter() - started
-                if record is not None:
-                    self.records.append(record)
+        records, seconds = run_passes(self.ctx, self.config, stage)
+        self.records += records
+        self.seconds += seconds
 
     def calibrate(self) -> StaticPipeline:
         """Rewrite passes, planning, one calibration pass and the built passes' statistics."""

@@ -29,7 +29,8 @@ from lowbit.onnx.calib_data import CalibrationData, model_inputs
 from lowbit.onnx.config import (CONFIGS, AutoConfig, DynamicConfig, Fp16Config, QuantConfig, StaticConfig,
                                 WeightOnlyConfig, config_for_mode)
 from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
-from lowbit.onnx.pipeline import StaticPipeline, activation_channel_spread, prepare_model, weight_channel_spread
+from lowbit.onnx.pipeline import (StaticPipeline, activation_channel_spread, prepare_model, run_passes,
+                                  weight_channel_spread)
 from lowbit.onnx.planner import plan_dynamic
 from lowbit.onnx.stored_plan import attach_plan, read_plan
 from lowbit.onnx.verify import VerifyReport, compare_models
@@ -169,7 +170,7 @@ def run_dynamic(model: onnx.ModelProto, config: DynamicConfig, run: RunInputs) -
 
     ctx = PassContext(model, run.calib, list(config.exclude), run.batch_size, run.threads, config.per_channel,
                       options=config)
-    records, seconds = graph_passes(ctx, config)
+    records, seconds = run_passes(ctx, config, "graph")
     plan = plan_dynamic(ctx.model, per_channel_weights=config.per_channel, exclude=ctx.exclude)
     quantized = write_dynamic(ctx.model, plan)
     algorithms: dict = {}
@@ -179,19 +180,6 @@ def run_dynamic(model: onnx.ModelProto, config: DynamicConfig, run: RunInputs) -
                      "algorithms": algorithms}
     warnings = [] if plan.quantized("weight") else [nothing_dynamic_warning(ctx.model)]
     return Handled(quantized, plan, seconds, warnings)
-
-
-def graph_passes(ctx, config) -> tuple[list, float]:
-    """The "graph" rewrite passes a config enables (outlier split for dynamic int8)."""
-    from lowbit.onnx.passes import PASSES
-
-    started, records = time.perf_counter(), []
-    for rewrite in PASSES:
-        if rewrite.stage == "graph" and rewrite.enabled(config, ctx):
-            record = rewrite.apply(ctx)
-            if record is not None:
-                records.append(record)
-    return records, time.perf_counter() - started
 
 
 def run_weight_only(model: onnx.ModelProto, config: WeightOnlyConfig, run: RunInputs) -> Handled:
