@@ -1,6 +1,7 @@
 """A depthwise CNN whose activation channels are rescaled per channel by exp(U(-3, 3)), function-
-preservingly: each Conv's output channel c is multiplied by s_c (weights and bias), and the next
-Conv divides its input channel c by s_c (a depthwise Conv: its own channel c; a dense one: column c).
+preservingly: each Conv's output channel c that feeds another Conv is multiplied by s_c (weights
+and bias), and that Conv divides its input channel c by s_c (a depthwise Conv: its own channel c; a
+dense one: column c).
 ReLU commutes with a positive scale, so the float function is unchanged while the activation
 channels span up to e^6 ~ 400x: the spread BatchNorm folding produces in the wild (issue 11)."""
 
@@ -47,10 +48,11 @@ def fold_batchnorm(net: DepthwiseNet) -> DepthwiseNet:
 
 
 @torch.no_grad()
-def rescale_channels(net: DepthwiseNet, *, seed: int = 0, spread: float = 3.0) -> DepthwiseNet:
-    """Multiply each Conv's output channels by exp(U(-spread, spread)) and undo it in the next layer."""
+def rescale_channels(net: DepthwiseNet, *, seed: int = 0, spread: float = 3.0, head: bool = False) -> DepthwiseNet:
+    """Multiply each Conv's output channels by exp(U(-spread, spread)) and undo it in the next Conv
+    (as BatchNorm folding does between Convs); `head` also rescales the last Conv -> Linear link."""
     generator = np.random.default_rng(seed)
-    layers = list(net.convs) + [net.head]
+    layers = list(net.convs) + ([net.head] if head else [])
     for conv, reader in zip(layers[:-1], layers[1:]):
         scale = torch.tensor(np.exp(generator.uniform(-spread, spread, conv.out_channels)), dtype=torch.float32)
         conv.weight.mul_(scale[:, None, None, None])
