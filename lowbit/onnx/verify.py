@@ -18,12 +18,14 @@ every lowbit speed figure uses) on the first batch. Benches reuse `compare_model
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lowbit.onnx.calib_data import CalibrationData
+from lowbit.errors import LowbitError
+from lowbit.onnx.calib_data import Batch, CalibrationData
 from lowbit.onnx.io import load_model, model_size_bytes
 from lowbit.onnx.session import default_threads, make_session
 from lowbit.onnx.timing import time_models
@@ -205,11 +207,27 @@ class OutputErrors:
         return float((ref[:n] == labels[:n]).mean()), float((got[:n] == labels[:n]).mean())
 
 
-def calls_per_run(data: CalibrationData, batch_size: int) -> int | None:
-    """How many calls each run of `data.batches(batch_size)` stacks on axis 0, or None when every
-    run is one call fed as given (a model without a batch axis, or a fixed batch of 1)."""
-    size = data.feed_batch_size(batch_size)
-    return None if size == 1 else size
+def batches_with_calls(data: CalibrationData, batch_size: int) -> Iterator[tuple[Batch, int | None]]:
+    """`data.batches(batch_size)`, each with the number of calls it stacks on axis 0, or None when
+    every run is one call fed as given (a model without a batch axis, or a batch of 1)."""
+    stacked = data.feed_batch_size(batch_size) != 1
+    for batch in data.batches(batch_size):
+        yield batch, (_rows(batch) if stacked else None)
+
+
+def label_accuracy(runs: list[list[np.ndarray]], calls: list[int | None], labels: np.ndarray) -> float:
+    """Accuracy against `labels` of the first output giving one score per class for every call.
+    `runs`: per run, the model's outputs; `calls`: per run, as `batches_with_calls` yields them."""
+    for i in range(len(runs[0]) if runs else 0):
+        errors = OutputErrors(str(i))
+        for outputs, count in zip(runs, calls):
+            if np.asarray(outputs[i]).dtype.kind == "f" and np.asarray(outputs[i]).size:
+                errors.add(outputs[i], outputs[i], count)
+        accuracy = errors.label_accuracy(labels) if errors.calls else None
+        if accuracy is not None:
+            return accuracy[0]
+    raise LowbitError("the evaluation data holds labels but no model output gives one score per class for every "
+                      "call (with more classes than the largest label); use --metric cosine, or drop the labels")
 
 
 def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike, data: CalibrationData, *,
@@ -221,10 +239,8 @@ def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike,
     quant_session = make_session(load_model(quant_path), threads=threads)
     names = [o.name for o in float_session.get_outputs()]
     errors = {n: OutputErrors(n) for n in names}
-    stacked = calls_per_run(data, batch_size)
     calls = 0
-    for batch in data.batches(batch_size):
-        run_calls = None if stacked is None else _rows(batch)
+    for batch, run_calls in batches_with_calls(data, batch_size):
         reference = float_session.run(names, batch)
         candidate = quant_session.run(names, batch)
         for name, ref, got in zip(names, reference, candidate):
@@ -239,11 +255,11 @@ def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike,
     if labels is not None:
         _add_label_accuracy(report, errors, labels[:calls])
     if speed:
-        batch = data.first_batch(batch_size)
+        batch, timed_calls = next(batches_with_calls(data, batch_size))
         timing = time_models([float_session, quant_session], batch, warmup=warmup, repeats=repeats)
         report.latency_float_ms, report.latency_quant_ms = timing.medians_ms
         report.timing_method = timing.method()
-        report.timed_calls = _rows(batch) if stacked is not None else 1
+        report.timed_calls = timed_calls or 1
     return report
 
 
