@@ -70,7 +70,8 @@ class CalibrationData:
         self.signatures = model_inputs(model) if isinstance(model, onnx.ModelProto) else list(model)
         self._parts = [self._validated(arrays, label) for label, arrays in _read_sources(source, what)]
         self._parts = [p for p in self._parts if _count(p)]
-        self._labels = [self._parts[i].pop(LABELS) for i in range(len(self._parts)) if LABELS in self._parts[i]]
+        inputs = {s.name for s in self.signatures}
+        self._labels = [part.pop(LABELS) for part in self._parts if LABELS in part and LABELS not in inputs]
         total = sum(_count(p) for p in self._parts)
         if samples is not None:
             if samples < 1:
