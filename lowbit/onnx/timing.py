@@ -4,12 +4,15 @@
 Method: every model runs in a session with the same options (`lowbit.onnx.session`: spin-waiting
 off, the stated number of intra-op threads, one inter-op thread), in this one process, on the same
 feed. Each is run once untimed (first-run allocations) and `warmup` more times; then `repeats`
-rounds in which every model runs once, timed alone, the order alternating round by round (A B, B A,
-...) so clock boost, thermal drift and background load hit all alike. A model's latency is the
-median of its timed runs; a speedup is the ratio of medians. With spin-waiting on (ONNX Runtime's
-default) the threads of the session that just ran keep spinning and slow the next session's run,
-most for models of many tiny ops: measured, a GRU-like model looked much faster quantized than an
-independent timing finds (bench/timing_check.py, BENCHMARKS.md).
+rounds in which every model takes a turn, the order alternating round by round (A B, B A, ...) so
+clock boost, thermal drift and background load hit all alike. A turn is one untimed run, then one
+timed run of the same model: the untimed run brings the model's weights, kernels and buffers back
+into the caches the other model just used, so the timed run measures the warm, back-to-back
+latency a model serving requests has, the latency a process timing that model alone measures.
+(Timed cold, right after the other model, a GRU of many tiny ops measured 0.5-0.9 ms instead of
+0.16 ms, 1 thread; see BENCHMARKS.md "Timing agreement".) A model's latency is the median of its
+timed runs; a speedup is the ratio of medians. Spin-waiting stays off: with ONNX Runtime's default
+the threads of the session that just ran keep spinning and slow the next session's run.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ class Timing:
         threads = "ONNX Runtime's default intra-op threads" if self.threads is None else \
             f"{self.threads} intra-op thread{'s' if self.threads != 1 else ''}"
         return (f"{threads}, 1 inter-op, spin-waiting off; median of {self.repeats} timed runs per model after "
-                f"{self.warmup} warm-up, interleaved in one process (order alternating)")
+                f"{self.warmup} warm-up, interleaved in one process (order alternating, each timed run after an "
+                "untimed one of the same model)")
 
     def to_dict(self) -> dict:
         return {"medians_ms": self.medians_ms, "speedup": self.speedup, "threads": self.threads,
@@ -86,6 +90,7 @@ def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray], *, thr
     for round_ in range(repeats):
         order = range(len(sessions)) if round_ % 2 == 0 else reversed(range(len(sessions)))
         for i in order:
+            sessions[i].run(None, feed)  # warms the caches the other model used
             start = time.perf_counter()
             sessions[i].run(None, feed)
             latencies[i].append(1000 * (time.perf_counter() - start))

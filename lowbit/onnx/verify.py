@@ -33,6 +33,7 @@ from lowbit.onnx.timing import time_models
 # A call yielding fewer numbers than this gets its cosine across calls: the cosine of a 1-, 2- or
 # 3-vector barely moves with the error (1.0 exactly for one number of the same sign).
 MIN_VALUES_PER_CALL = 8
+TIMING_WARMUP, TIMING_REPEATS = 2, 10  # the quantize table's timing (`lowbit bench` defaults to more repeats)
 
 
 @dataclass
@@ -232,7 +233,7 @@ def label_accuracy(runs: list[list[np.ndarray]], calls: list[int | None], labels
 
 def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike, data: CalibrationData, *,
                    batch_size: int = 16, threads: int | None = None, speed: bool = True,
-                   warmup: int = 2, repeats: int = 10) -> VerifyReport:
+                   warmup: int = TIMING_WARMUP, repeats: int = TIMING_REPEATS) -> VerifyReport:
     """Run `data` through both models and measure fidelity, size and (optionally) speed."""
     threads = threads or default_threads()
     float_session = make_session(load_model(float_path), threads=threads)
