@@ -199,3 +199,32 @@ def test_bench_and_quantize_table_state_the_same_method(tmp_path):
     assert f"timing: {report.timing_method}" in report.table() and bench.to_dict()["threads"] == 1
     with pytest.raises(LowbitError):
         bench_models([path, path, path])
+
+
+# ----------------------------------------------------------------------------- found by bench/timing_check.py
+
+
+def test_a_bias_shared_by_two_gemms_gets_one_int32_copy_each(tmp_path):
+    """An unrolled RNN reuses one bias in every step's Gemm; each step has its own input scale, so its
+    int32 bias differs (it was written twice under one name: an invalid model)."""
+    from lowbit.onnx.quantize import quantize_onnx
+
+    rng = np.random.default_rng(0)
+    weight, bias = rng.standard_normal((8, 8)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "b"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Mul", ["r", "ten"], ["big"]), helper.make_node("Gemm", ["big", "W", "b"], ["y"])],
+        "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b"),
+         numpy_helper.from_array(np.float32(10.0), "ten")])
+    path = tmp_path / "f.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = rng.standard_normal((32, 8)).astype(np.float32)
+    result = quantize_onnx(path, tmp_path / "q.onnx", calib={"x": x}, eval_data={"x": x}, measure_speed=False)
+    quant = onnx.load(tmp_path / "q.onnx")
+    names = [n.name for n in quant.graph.node]
+    assert len(names) == len(set(names))
+    bias_inputs = [n.input[2] for n in quant.graph.node if n.op_type == "Gemm"]
+    assert len(set(bias_inputs)) == 2 and all(b.endswith("_dequantized") for b in bias_inputs)
+    assert result.report.outputs[0].cosine_min > 0.999
