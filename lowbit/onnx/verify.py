@@ -159,7 +159,7 @@ class OutputErrors:
             # An output that does not carry the stacked calls on axis 0: the run counts as one unit.
             ref, got, per_call_view = ref.reshape(1, *ref.shape), got.reshape(1, *got.shape), False
         self.calls += calls
-        self.values_per_call = int(np.prod(ref.shape[1:], dtype=np.int64))
+        self.values_per_call = ref.size // calls
         diff = ref - got
         self.dot += float((ref * got).sum())
         self.ref_sq += float((ref * ref).sum())
