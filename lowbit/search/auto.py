@@ -35,7 +35,7 @@ from lowbit.onnx.pipeline import StaticPipeline, activation_channel_spread, weig
 from lowbit.onnx.planner import plan_dynamic
 from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
 from lowbit.onnx.session import make_session
-from lowbit.onnx.verify import cosine_per_sample, looks_like_class_scores, time_pair
+from lowbit.onnx.verify import OutputErrors, batches_with_calls, label_accuracy, looks_like_class_scores, time_pair
 from lowbit.plan import QuantPlan
 
 # A MatMul input whose min/max range is this many times its 99.99th-percentile range is
@@ -66,6 +66,7 @@ class Trial:
     size_bytes: int = 0
     seconds: float = 0.0
     note: str = ""
+    accuracy: float | None = None  # against the evaluation labels, when the data holds them
 
 
 @dataclass
@@ -85,17 +86,20 @@ class AutoReport:
                 "candidates": [asdict(t) for t in self.trials]}
 
     def table(self) -> str:
-        budget = (f"top-1 agreement drop <= {100 * self.max_drop:g} pt" if self.metric == "top1"
-                  else f"cosine drop <= {self.max_drop:g}")
+        labeled = any(t.accuracy is not None for t in self.trials)
+        budget = (f"{'label accuracy' if labeled else 'top-1 agreement'} drop <= {100 * self.max_drop:g} pt"
+                  if self.metric == "top1" else f"cosine drop <= {self.max_drop:g}")
         lines = [f"auto: {len(self.trials)} candidates from {self.calibrations} calibration(s) in "
                  f"{self.seconds:.1f} s; budget {budget}",
-                 f"  {'candidate':<52} {'top-1':>7} {'cosine':>8} {'speed':>7} {'size':>9}"]
+                 f"  {'candidate':<52} {'top-1':>7} {'cosine':>8} {'speed':>7} {'size':>9}"
+                 + (f" {'accuracy':>9}" if labeled else "")]
         for t in self.trials:
             mark = "*" if t.name == self.winner else (" " if t.met else "x")
             top1 = "-" if t.top1 is None else f"{100 * t.top1:.1f}%"
             speed = "-" if t.speedup is None else f"{t.speedup:.2f}x"
+            accuracy = "" if not labeled else f" {'-' if t.accuracy is None else f'{100 * t.accuracy:.2f}%':>9}"
             lines.append(f"{mark} {t.name:<52} {top1:>7} {t.cosine:>8.5f} {speed:>7} {_mb(t.size_bytes):>9}"
-                         + (f"  {t.note}" if t.note else ""))
+                         + accuracy + (f"  {t.note}" if t.note else ""))
         lines.append("  (* kept, x over budget: not timed; speed = float latency / candidate latency, same run)")
         lines.extend(f"  skipped {s}" for s in self.skipped)
         lines.append(f"why: {self.reason}")
@@ -103,32 +107,41 @@ class AutoReport:
 
 
 class _Scorer:
-    """Float outputs computed once; each candidate scored on them and timed against float."""
+    """Float outputs computed once; each candidate scored on them with the quantize table's
+    metrics (`verify.OutputErrors`: every output shape, counted in calls) and timed against float.
+    With a `labels` array in the evaluation data, "top1" is accuracy against the labels."""
 
     def __init__(self, reference: onnx.ModelProto, run: RunInputs, metric: str) -> None:
         self.threads = run.threads
         self.float_session = make_session(reference, threads=run.threads)
         self.names = [o.name for o in self.float_session.get_outputs()]
-        self.batches = list(run.eval_set.batches(run.batch_size))
+        batches = list(batches_with_calls(run.eval_set, run.batch_size))
+        self.batches, self.calls = [b for b, _ in batches], [c for _, c in batches]
         self.expected = [self.float_session.run(self.names, b) for b in self.batches]
         self.classifier = any(looks_like_class_scores(np.asarray(o)) for o in self.expected[0])
         self.metric = ("top1" if self.classifier else "cosine") if metric == "auto" else metric
+        labels = run.eval_set.labels if self.metric == "top1" else None
+        self.labels = labels
+        self.float_accuracy = label_accuracy(self.expected, self.calls, labels) if labels is not None else None
 
-    def fidelity(self, session) -> tuple[float, float | None]:
-        """(worst output's mean per-sample cosine, top-1 agreement of the first class-score output)."""
-        cosines: dict[int, list[np.ndarray]] = {}
-        agree: dict[int, list[np.ndarray]] = {}
-        for batch, expected in zip(self.batches, self.expected):
-            for i, (ref, got) in enumerate(zip(expected, session.run(self.names, batch))):
-                ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-                if ref.dtype.kind != "f" or ref.size == 0:
-                    continue
-                cosines.setdefault(i, []).append(cosine_per_sample(ref, got))
-                if looks_like_class_scores(ref):
-                    agree.setdefault(i, []).append(ref.argmax(-1) == got.argmax(-1))
-        cosine = min((float(np.concatenate(v).mean()) for v in cosines.values()), default=1.0)
-        top1 = next((float(np.concatenate(v).mean()) for v in agree.values()), None)
-        return cosine, top1
+    def fidelity(self, session) -> tuple[float, float | None, float | None]:
+        """(worst output's mean cosine, top-1 agreement with float, accuracy against the labels)."""
+        runs = [session.run(self.names, b) for b in self.batches]
+        errors: dict[int, OutputErrors] = {}
+        for outputs, expected, calls in zip(runs, self.expected, self.calls):
+            for i, (ref, got) in enumerate(zip(expected, outputs)):
+                if np.asarray(ref).dtype.kind == "f" and np.asarray(ref).size:
+                    errors.setdefault(i, OutputErrors(self.names[i])).add(ref, got, calls)
+        results = [e.result() for e in errors.values()]
+        cosine = min((r.cosine_mean for r in results), default=1.0)
+        top1 = next((r.top1_agreement for r in results if r.top1_agreement is not None), None)
+        accuracy = label_accuracy(runs, self.calls, self.labels) if self.labels is not None else None
+        return cosine, top1, accuracy
+
+    def drop(self, cosine: float, top1: float | None, accuracy: float | None) -> float:
+        if accuracy is not None:
+            return self.float_accuracy - accuracy
+        return 1.0 - (top1 if self.metric == "top1" and top1 is not None else cosine)
 
     def speedup(self, session) -> float:
         t_float, t_quant = time_pair(self.float_session, session, self.batches[0], warmup=2, repeats=TIMING_REPEATS)
@@ -255,12 +268,10 @@ class _Search:
         t0 = time.perf_counter()
         candidate = build()
         session = make_session(candidate.model, threads=self.run.threads)
-        cosine, top1 = self.scorer.fidelity(session)
-        score = top1 if self.scorer.metric == "top1" and top1 is not None else cosine
-        float_score = 1.0
-        drop = float_score - score
+        cosine, top1, accuracy = self.scorer.fidelity(session)
+        drop = self.scorer.drop(cosine, top1, accuracy)
         trial = Trial(name, cosine, top1, drop, drop <= self.max_drop + 1e-12,
-                      size_bytes=candidate.model.ByteSize(), note=note)
+                      size_bytes=candidate.model.ByteSize(), note=note, accuracy=accuracy)
         if trial.met and self.config.measure_speed and self.run.measure_speed:
             trial.speedup = self.scorer.speedup(session)
         trial.seconds = time.perf_counter() - t0
@@ -290,6 +301,9 @@ class _Search:
                            + (f"; {over} candidate(s) were over budget" if over else ""))
 
     def _score_text(self, trial: Trial) -> str:
+        if trial.accuracy is not None:
+            return (f"label accuracy {100 * trial.accuracy:.1f}% (drop {100 * trial.drop:.1f} pt <= "
+                    f"{100 * self.max_drop:g})")
         if self.scorer.metric == "top1" and trial.top1 is not None:
             return f"top-1 agreement {100 * trial.top1:.1f}% (drop {100 * trial.drop:.1f} pt <= {100 * self.max_drop:g})"
         return f"cosine {trial.cosine:.5f} (drop {trial.drop:.4f}, budget {self.max_drop:g})"
@@ -297,8 +311,8 @@ class _Search:
 
 def _fidelity_key(trial: Trial | None) -> tuple:
     if trial is None:
-        return (-1.0, -1.0)
-    return (trial.top1 if trial.top1 is not None else 0.0, trial.cosine)
+        return (-1.0, -1.0, -1.0)
+    return (-trial.drop, trial.top1 if trial.top1 is not None else 0.0, trial.cosine)
 
 
 def _granularity_name(per_channel: bool) -> str:

@@ -44,7 +44,7 @@ from lowbit.onnx.pipeline import StaticPipeline, prepare_model
 from lowbit.onnx.planner import plan_dynamic
 from lowbit.onnx.session import make_session
 from lowbit.onnx.stored_plan import StoredSettings, read_plan
-from lowbit.onnx.verify import cosine_per_sample, looks_like_class_scores
+from lowbit.onnx.verify import cosine_per_row, looks_like_class_scores
 from lowbit.plan import QuantPlan
 from lowbit.progress import progress
 
@@ -295,7 +295,7 @@ class _Evaluator:
                 if ref.dtype.kind != "f" or ref.size == 0:
                     continue
                 ref, got = ref.astype(np.float64), got.astype(np.float64)
-                cosines.setdefault(i, []).append(cosine_per_sample(ref, got))
+                cosines.setdefault(i, []).append(cosine_per_row(ref, got))
                 if looks_like_class_scores(ref):
                     agree.setdefault(i, []).append(ref.argmax(-1) == got.argmax(-1))
         if not cosines:
