@@ -9,7 +9,9 @@ Each row is one `quantize_onnx` call with only --calib/--eval (plus --per-tensor
 says so); accuracy on the 450 held-out digits; speedup is the one `quantize_onnx` measured in the
 same run (fp32 and quantized interleaved, 2 threads, median of 10).
 
-    python bench/auto_strategy.py [--models depthwise-rescaled,mobilenetv2-highlr]
+  - minilm: all-MiniLM-L6-v2, --mode auto against the explicit static run (wall time of both).
+
+    python bench/auto_strategy.py [--models depthwise-rescaled,mobilenetv2-highlr,minilm]
 """
 
 from __future__ import annotations
@@ -74,6 +76,30 @@ def rows_for(name: str, source: Path, size: int, workdir: Path) -> list[str]:
     return lines
 
 
+def minilm_rows(workdir: Path, artifacts: Path) -> list[str]:
+    """MiniLM-L6-v2: --mode auto against the explicit static run, wall time of each in one process."""
+    from lowbit.onnx.config import AutoConfig, StaticConfig
+    from lowbit.onnx.quantize import quantize_onnx
+    from lowbit.zoo import minilm
+
+    fp32 = minilm.minilm_onnx(artifacts)
+    tokenizer = minilm.load_tokenizer()
+    np.savez(workdir / "eval.npz", **minilm.text_batch(64, tokenizer=tokenizer))
+    np.savez(workdir / "calib.npz", **minilm.text_batch(64, skip=64, tokenizer=tokenizer))
+    lines = ["### MiniLM-L6-v2 (64 sentences x 128 tokens; calibration on 64 others)", "",
+             "| run | output cosine | speedup | wall s | kept |", "|---|---|---|---|---|"]
+    for label, config in (("auto (default)", AutoConfig()), ("static (explicit)", StaticConfig())):
+        started = time.perf_counter()
+        result = quantize_onnx(fp32, workdir / f"minilm_{label.split()[0]}.onnx", config, calib=workdir / "calib.npz",
+                               eval_data=workdir / "eval.npz", threads=THREADS, batch_size=16)
+        worst = min(o.cosine_mean for o in result.report.outputs)
+        lines.append(f"| {label} | {worst:.5f} | {result.report.speedup:.2f}x | {time.perf_counter() - started:.1f} | "
+                     f"{result.auto.winner if result.auto is not None else '-'} |")
+        if result.auto is not None:
+            print(result.auto.table(), file=sys.stderr)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="depthwise-rescaled,mobilenetv2-highlr")
@@ -93,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
 
                 source, _ = mobilenet_digits_onnx(args.artifacts, recipe="high-lr")
                 out += rows_for(name, source, 32, Path(tmp)) + [""]
+            elif name == "minilm":
+                out += minilm_rows(Path(tmp), args.artifacts) + [""]
             else:
                 raise SystemExit(f"unknown model {name!r}")
     out.append(f"load average at end {os.getloadavg()[0]:.1f}")
