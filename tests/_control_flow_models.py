@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-HIDDEN = 8
+HIDDEN = 32
 SAMPLES = 64
 OPSET = 17
 
@@ -101,3 +101,47 @@ def vad_calls(calls: int = 24, *, sr: int = 16000, batch: int = 1, seed: int = 1
                   + rng.standard_normal((batch, SAMPLES)).astype(np.float32) * 0.05 for _ in range(calls)])
     state = rng.standard_normal((calls, 2, batch, HIDDEN)).astype(np.float32) * 0.5
     return {"x": x.astype(np.float32), "state": state, "sr": np.full(calls, sr, np.int64)}
+
+
+def loop_mlp(path: Path, *, kind: str = "Loop", steps: int = 3, seed: int = 0) -> Path:
+    """A recurrence h <- Relu(h @ W + b) run `steps` times inside a Loop (trip count input) or a
+    Scan (over the rows of `xs`, added to h each step); W and b are outer initializers."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((16, 16)) * 0.3).astype(np.float32)
+    b = (rng.standard_normal(16) * 0.1).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")]
+    mk = helper.make_node
+    if kind == "Loop":
+        body = helper.make_graph(
+            [mk("MatMul", ["h_in", "W"], ["mm"], name="body_mm"), mk("Add", ["mm", "b"], ["pre"], name="body_add"),
+             mk("Relu", ["pre"], ["h_out"], name="body_relu"), mk("Identity", ["cond_in"], ["cond_out"], name="body_cond")],
+            "loop_body",
+            [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["batch", 16])],
+            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["batch", 16])])
+        inits += [numpy_helper.from_array(np.array(steps, np.int64), "trips"),
+                  numpy_helper.from_array(np.array(True), "go")]
+        nodes = [mk("Loop", ["trips", "go", "h0"], ["h"], name="loop", body=body)]
+        inputs = [helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["batch", 16])]
+        result = helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", 16])
+    else:
+        body = helper.make_graph(
+            [mk("Add", ["h_in", "x_t"], ["mixed"], name="body_mix"),
+             mk("MatMul", ["mixed", "W"], ["mm"], name="body_mm"), mk("Add", ["mm", "b"], ["pre"], name="body_add"),
+             mk("Relu", ["pre"], ["h_out"], name="body_relu")],
+            "scan_body",
+            [helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [1, 16]),
+             helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [1, 16])],
+            [helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, 16])])
+        nodes = [mk("Scan", ["h0", "xs"], ["h"], name="scan", body=body, num_scan_inputs=1)]
+        inputs = [helper.make_tensor_value_info("h0", TensorProto.FLOAT, [1, 16]),
+                  helper.make_tensor_value_info("xs", TensorProto.FLOAT, [steps, 1, 16])]
+        result = helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 16])
+    graph = helper.make_graph(nodes, kind.lower(), inputs, [result], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path

@@ -28,10 +28,10 @@ def test_leading_call_axis_yields_one_batch_per_call(vad):
     batches = list(data.batches(16))
     assert data.num_samples == 5 and data.feed_batch_size(16) == 1 and len(batches) == 5
     for i, batch in enumerate(batches):
-        assert batch["x"].shape == (2, 64) and batch["state"].shape == (2, 2, 8) and batch["sr"].shape == ()
+        assert batch["x"].shape == (2, 64) and batch["state"].shape == (2, 2, 32) and batch["sr"].shape == ()
         np.testing.assert_array_equal(batch["state"], calls["state"][i])
     session = ort.InferenceSession(str(vad))
-    assert session.run(None, batches[0])[1].shape == (2, 2, 8)  # the model accepts each call as is
+    assert session.run(None, batches[0])[1].shape == (2, 2, 32)  # the model accepts each call as is
 
 
 def test_batch_free_arrays_join_a_call_sequence(vad):

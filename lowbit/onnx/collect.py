@@ -41,6 +41,7 @@ from lowbit.calibration import ObserverSet
 from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import Batch, CalibrationData
 from lowbit.onnx.session import make_session
+from lowbit.onnx.subgraphs import defined_in, expose, has_subgraphs, node_reads
 from lowbit.progress import progress
 from lowbit.spec import QuantSpec
 
@@ -150,6 +151,12 @@ class ActivationStream:
 
     def __init__(self, model: onnx.ModelProto, tensors: list[str], *,
                  memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB, threads: int | None = None) -> None:
+        # Tensors inside If/Loop/Scan bodies are routed out as extra outputs (see subgraphs.expose);
+        # chunks name them as the body does. An untaken branch yields an empty stand-in: dropped.
+        self.aliases: dict[str, str] = {}
+        if has_subgraphs(model) and not set(tensors) <= defined_in(model.graph):
+            model, self.aliases = expose(model, tensors)
+            tensors = list(self.aliases)
         self.model = model
         self.threads = threads
         self.budget = budget_bytes(memory_budget_mb)
@@ -169,6 +176,14 @@ class ActivationStream:
         self.peak_bytes = 0
 
     def chunks(self, batch: Batch) -> Iterator[dict[str, np.ndarray]]:
+        if not self.aliases:
+            yield from self._chunks(batch)
+            return
+        for found in self._chunks(batch):
+            yield {self.aliases.get(name, name): value for name, value in found.items()
+                   if value.size or name not in self.aliases or name == self.aliases[name]}
+
+    def _chunks(self, batch: Batch) -> Iterator[dict[str, np.ndarray]]:
         first = {t: batch[t] for t in self.fed}
         if math.isinf(self.budget):
             yield from self._unbounded(batch, first)
@@ -222,7 +237,7 @@ class ActivationStream:
             end = max(self._position[t] for t in group) + 1
             begin = start if self._cuttable else 0
             made = {o for n in nodes[begin:end] for o in n.output}
-            read = dict.fromkeys(i for n in nodes[begin:end] for i in n.input if i and i not in made)
+            read = dict.fromkeys(i for n in nodes[begin:end] for i in node_reads(n) if i not in made)
             segments.append(_Segment(begin, end, [i for i in read if i not in initializers], []))
             start = max(start, end)
         # Each segment exposes its group plus what later segments read from it.
@@ -247,7 +262,7 @@ class ActivationStream:
         """A session for the segment's nodes; boundary inputs are typed from the values fed."""
         graph = self.model.graph
         nodes = graph.node[segment.start:segment.end]
-        used = {i for n in nodes for i in n.input} | set(segment.outputs)
+        used = {i for n in nodes for i in node_reads(n)} | set(segment.outputs)
         inputs = []
         for name in segment.inputs:
             value = batch[name] if name in batch else live[name]
@@ -358,5 +373,7 @@ def _looks_like_mask(value: np.ndarray) -> bool:
 
 
 def _ranges(observers: ObserverSet, names: list[str], method: str, spec: QuantSpec) -> dict:
+    if not len(observers):
+        return {}  # nothing quantizable was observed: the planner keeps those nodes float
     all_ranges = observers.ranges(method, spec)
     return {n: all_ranges[n] for n in names if n in all_ranges}

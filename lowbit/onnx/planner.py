@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from lowbit.errors import LowbitError
 from lowbit.numerics import QParams, choose_qparams, qparams_for
 from lowbit.onnx.collect import ActivationStats
+from lowbit.onnx.recurrent import int8_lstm_ok
 from lowbit.onnx.registry import OpRule, node_matches, rule_for, weight_axis
 from lowbit.plan import PlanEntry, QuantPlan
 from lowbit.spec import PER_TENSOR, QuantSpec, per_channel
@@ -81,21 +82,32 @@ class GraphIndex:
 
 
 def node_names(model: onnx.ModelProto) -> None:
-    """Give every unnamed node a unique name, so plans and --exclude can refer to it."""
-    seen = {n.name for n in model.graph.node if n.name}
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            candidate = f"{node.op_type}_{i}"
+    """Give every unnamed or twice-named node (control-flow bodies included) a unique name, so
+    plans and --exclude can refer to it."""
+    seen: set[str] = set()
+    counter = 0
+    for node in all_nodes(model.graph):
+        if not node.name or node.name in seen:
+            candidate = node.name or f"{node.op_type}_{counter}"
             while candidate in seen:
                 candidate += "_"
             node.name = candidate
-            seen.add(candidate)
+        seen.add(node.name)
+        counter += 1
+
+
+def all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from all_nodes(sub)
 
 
 def check_exclude(model: onnx.ModelProto, exclude: set[str]) -> None:
     """Every --exclude pattern must name a node, an op type or a tensor of the model."""
     known: set[str] = set()
-    for node in model.graph.node:
+    for node in all_nodes(model.graph):
         known |= {node.name, node.op_type, *node.output}
     unknown = sorted(set(exclude) - known)
     if unknown:
@@ -121,6 +133,9 @@ def classify_nodes(index: GraphIndex, exclude: set[str]) -> tuple[dict[str, OpRu
             continue  # no float math (shape arithmetic on int64 tensors, ...)
         elif rule.kind == "compute" and not _compute_ok(node, rule, index):
             float_nodes[node.name] = "weight is not a constant 2-D+ tensor"
+        elif rule.kind == "weights" and not (int8_lstm_ok(node) and all(
+                index.is_constant(n) for n in node.input[1:3])):
+            float_nodes[node.name] = "needs constant W and R and the default layout for int8 weights"
         else:
             active[node.name] = rule
     return active, float_nodes, sorted(unsupported)
@@ -167,7 +182,7 @@ def _int8_source(index: GraphIndex, active: dict[str, OpRule], name: str) -> str
         if rule.kind in ("passthrough", "fold"):
             name, seen = producer.input[0], seen + 1
             continue
-        if producer.op_type in ("MatMul", "Gemm"):
+        if producer.op_type in ("MatMul", "Gemm") or rule.kind == "weights":
             return f"{producer.op_type} {producer.name!r} (float output)"
         return None
     return None
@@ -201,7 +216,7 @@ class StaticPlanner:
         """Every activation tensor a quantizable node reads or writes (calibrate them all)."""
         names: list[str] = []
         for node in self.model.graph.node:
-            if node.name not in self.active:
+            if node.name not in self.active or self.active[node.name].kind == "weights":
                 continue
             for name in list(node.input) + list(node.output):
                 if name and not self.index.is_constant(name) and self.index.is_float(name):
@@ -254,6 +269,12 @@ class StaticPlanner:
         constants: dict[str, list[onnx.NodeProto]] = {}  # constant inputs of elementwise ops
         for node in self.model.graph.node:
             rule = active.get(node.name)
+            if rule is not None and rule.kind == "weights":  # int8 weights only, activations float
+                for i in (rule.weight_input, *rule.more_weights):
+                    name = node.input[i] if len(node.input) > i else ""
+                    if index.is_constant(name) and index.is_float(name):
+                        weights.setdefault(name, []).append(node)
+                continue
             if rule is None or rule.kind not in ("compute", "elementwise"):
                 continue
             for i, name in enumerate(node.input):
@@ -454,6 +475,12 @@ def plan_dynamic(model: onnx.ModelProto, *, per_channel_weights: bool = True,
             spec = QuantSpec("int8", granularity=per_channel(0))
             plan.add(PlanEntry(table, "weight", spec=spec, qparams=qparams_for(index.constant(table), spec, table),
                                nodes=[node.name], reason="embedding table: int8 rows, per-row scales"))
+            continue
+        if active[node.name].kind == "weights":  # LSTM: int8 W and R (DynamicQuantizeLSTM)
+            for name in node.input[1:3]:
+                spec = QuantSpec("int8", granularity=per_channel(1)) if per_channel_weights else WEIGHT_SPEC
+                plan.add(PlanEntry(name, "weight", spec=spec, qparams=qparams_for(index.constant(name), spec, name),
+                                   nodes=[node.name]))
             continue
         if node.op_type not in ("MatMul", "Gemm"):
             if active[node.name].kind == "compute":

@@ -23,6 +23,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from lowbit.onnx.subgraphs import hoist_shared_initializers
+
 log = logging.getLogger(__name__)
 
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
@@ -42,6 +44,8 @@ def preprocess(model: onnx.ModelProto, *, symbolic_shapes: bool = True, optimize
     result = infer_shapes(result, symbolic=symbolic_shapes)
     if optimize:
         result = optimize_basic(result)
+        # The optimizer copies an outer constant into each If/Loop body reading it: one copy again.
+        hoist_shared_initializers(result.graph)
         result = infer_shapes(result, symbolic=symbolic_shapes)
     return result
 
