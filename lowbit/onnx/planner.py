@@ -188,6 +188,64 @@ def _int8_source(index: GraphIndex, active: dict[str, OpRule], name: str) -> str
     return None
 
 
+# Parts of one tensor whose observed ranges are this far apart cannot share an int8 scale: the
+# narrow part gets fewer than 256 / ratio levels (a detector's class probabilities, 0-1, next to
+# box coordinates in pixels, 0-320: at most one level). Such a Concat stays float (each input keeps
+# its own scale) and so does the producer of a tensor whose slices differ that much.
+MIXED_RANGE_RATIO = 16.0
+_SLICING_OPS = ("Slice", "Split", "Gather")
+
+
+def mixed_range_nodes(index: GraphIndex, active: dict[str, OpRule], stats: ActivationStats) -> dict[str, str]:
+    """Active nodes to keep float because one int8 scale would cover parts with far-apart ranges:
+    Concats of such inputs, and producers of a tensor whose slices (Slice/Split/Gather) are such parts."""
+    def width(name: str) -> float | None:
+        if name not in stats.ranges:
+            return None
+        lo, hi = stats.ranges[name]
+        return float(np.max(hi) - np.min(lo))
+
+    def spread(names: list[str]) -> tuple[float, str, str] | None:
+        widths = {n: w for n in names if (w := width(n)) is not None and w > 0}
+        if len(widths) < 2:
+            return None
+        wide, narrow = max(widths, key=widths.get), min(widths, key=widths.get)
+        return widths[wide] / widths[narrow], wide, narrow
+
+    found: dict[str, str] = {}
+    for node in index.model.graph.node:
+        rule = active.get(node.name)
+        if rule is None:
+            continue
+        if node.op_type == "Concat":
+            parts = [n for n in node.input if n and not index.is_constant(n)]
+            what = "inputs"
+        elif rule.kind in ("compute", "elementwise") and node.output:
+            parts = _slices_of(index, node.output[0])
+            what = "output's slices"
+        else:
+            continue
+        measured = spread(parts)
+        if measured is not None and measured[0] > MIXED_RANGE_RATIO:
+            ratio, wide, narrow = measured
+            found[node.name] = (f"its {what} span ranges {ratio:,.0f}x apart ({wide!r} vs {narrow!r}); one int8 "
+                                "scale would flatten the narrow one, kept float so each part keeps its own scale")
+    return found
+
+
+def _slices_of(index: GraphIndex, name: str, depth: int = 0) -> list[str]:
+    """Outputs of the Slice/Split/Gather nodes reading `name`, also through reshapes/transposes
+    (which share its quantization)."""
+    found: list[str] = []
+    for consumer in index.consumers.get(name, []):
+        rule = rule_for(consumer)
+        if consumer.op_type in _SLICING_OPS:
+            found += [o for o in consumer.output if o]
+        elif rule is not None and rule.kind == "passthrough" and depth < 8:
+            found += _slices_of(index, consumer.output[0], depth + 1)
+    return found
+
+
 def _compute_ok(node: onnx.NodeProto, rule: OpRule, index: GraphIndex) -> bool:
     if node.op_type == "MatMul":
         return True  # two activations are fine (QLinearMatMul)
@@ -229,6 +287,12 @@ class StaticPlanner:
         tainted = stats.mask_like | stats.non_float
         active = dict(self.active)
         float_nodes = dict(self.float_nodes)
+        mixed = mixed_range_nodes(self.index, active, stats)
+        if mixed:
+            for name, reason in mixed.items():
+                active.pop(name)
+                float_nodes[name] = reason
+            float_nodes.update(prune_isolated_elementwise(self.index, active))
         while True:
             wanted, shares, weights, constants = self._decide(active)
             unobserved = {t for t in wanted if t not in stats.ranges and t not in shares}
