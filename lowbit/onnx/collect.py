@@ -114,9 +114,15 @@ def collect_activation_stats(model: onnx.ModelProto, tensors: list[str], data: C
                         non_float.add(name)
                         continue
                     value = value.astype(np.float32, copy=False)
-                    if name not in mask_like and value.size and _looks_like_mask(value):
+                    if name in mask_like or not value.size:
+                        float_values[name] = value
+                        continue
+                    lo, hi = float(value.min()), float(value.max())  # NaN and inf propagate here
+                    if _looks_like_mask_range(lo, hi):
                         mask_like.add(name)
-                    float_values[name] = value if name in mask_like else observed_sample(value)
+                        float_values[name] = value
+                    else:
+                        float_values[name] = observed_sample(value, lo, hi)
                 observers.update(float_values)
                 del found, float_values  # one chunk of one batch's activations at a time
             batches += 1
@@ -169,6 +175,7 @@ class ActivationStream:
         self._position = position
         self._cuttable = _cuttable(model)
         self._measured: dict[str, int] = {}
+        self._concrete: dict[str, int] = {}  # sizes inferred for the fed input shapes
         self._groups: list[list[str]] | None = None
         self._segments: list[_Segment] = []
         self._whole: ort.InferenceSession | None = None  # unbounded: one session exposing everything
@@ -191,8 +198,13 @@ class ActivationStream:
         sizes = estimate_nbytes(self.model, self.produced, batch)
         # A tensor whose size the shapes cannot tell (dims computed from dynamic input dims) runs in
         # a chunk of its own until measured: counting it as tiny put a whole 736x992 detector's
-        # activations into one first chunk (8 GB).
-        sizes.update({n: max(sizes[n], self.budget) for n in unsized_tensors(self.model, self.produced, batch)})
+        # activations into one first chunk (8 GB). Not in graphs that cannot be cut: there every
+        # chunk reruns the graph from its start (one session each: silero VAD, 2.2 GB, 100 s).
+        if self._cuttable:
+            unsized = unsized_tensors(self.model, self.produced, batch) - set(self._measured)
+            if unsized:
+                sizes.update(self._concrete_sizes(batch, unsized))
+                sizes.update({n: max(sizes[n], self.budget) for n in unsized - set(self._concrete)})
         sizes.update(self._measured)
         groups = pack_by_size(self.produced, sizes, self.budget)
         if groups != self._groups:  # first batch, or measurement changed the packing
@@ -215,9 +227,33 @@ class ActivationStream:
             self._measured.update({t: live[t].nbytes for t in group})
             for name in [n for n in live if last_use.get(n, -1) <= index]:
                 del live[name]
+            large = sum(v.nbytes for v in found.values()) >= TRIM_AFTER_BYTES
             yield found
             del found
-            _return_freed_memory()
+            if large:
+                _return_freed_memory()
+
+    def _concrete_sizes(self, batch: Batch, names: set[str]) -> dict[str, int]:
+        """Sizes of `names` from onnx shape inference on the graph with the fed input shapes
+        (exact where the ops are standard), so the first batch is packed right without guessing."""
+        if not self._concrete:
+            fixed = onnx.ModelProto()
+            fixed.CopyFrom(self.model)
+            del fixed.graph.value_info[:]
+            for value in fixed.graph.input:
+                if value.name in batch and value.type.tensor_type.HasField("shape"):
+                    shape = value.type.tensor_type.shape
+                    del shape.dim[:]
+                    for size in batch[value.name].shape:
+                        shape.dim.add().dim_value = int(size)
+            try:
+                inferred = onnx.shape_inference.infer_shapes(fixed, check_type=False, strict_mode=False)
+            except Exception:  # inference is an estimate only: measurement remains the fallback
+                return {}
+            known = unsized_tensors(inferred, self.produced, batch)
+            self._concrete = {n: size for n, size in estimate_nbytes(inferred, self.produced, batch).items()
+                              if n not in known}
+        return {n: self._concrete[n] for n in names if n in self._concrete}
 
     def _unbounded(self, batch: Batch, first: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         if self._whole is None and self.produced:
@@ -281,6 +317,10 @@ class ActivationStream:
         payload = sub.SerializeToString()
         del sub, part
         return _lean_session(payload, self.threads)
+
+
+# Giving freed memory back costs ~25 ms a call; only chunks this large leave enough behind.
+TRIM_AFTER_BYTES = 16 * 2**20
 
 
 def _return_freed_memory() -> None:
@@ -390,7 +430,10 @@ def pack_by_size(names: list[str], sizes: dict[str, int], budget: float) -> list
 def _looks_like_mask(value: np.ndarray) -> bool:
     """Mask-sized or non-finite values. Two reductions and no temporaries: on a 736x992
     detector the former abs/isfinite passes took 31 s of a 180 s calibration."""
-    lo, hi = float(value.min()), float(value.max())  # NaN and inf propagate into these
+    return _looks_like_mask_range(float(value.min()), float(value.max()))  # NaN and inf propagate
+
+
+def _looks_like_mask_range(lo: float, hi: float) -> bool:
     if math.isfinite(lo) and math.isfinite(hi):
         return max(-lo, hi) >= MASK_MAGNITUDE
     return True
@@ -403,13 +446,15 @@ def _looks_like_mask(value: np.ndarray) -> bool:
 OBSERVED_VALUES_MAX = 2**20
 
 
-def observed_sample(value: np.ndarray) -> np.ndarray:
-    """`value`, or for large finite tensors an evenly strided sample with its extremes."""
+def observed_sample(value: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """`value`, or for large finite tensors an evenly strided sample with its extremes (`lo`,
+    `hi`: the tensor's minimum and maximum when the caller has them)."""
     if value.size <= OBSERVED_VALUES_MAX:
         return value
     flat = value.reshape(-1)
     stride = (flat.size // OBSERVED_VALUES_MAX) | 1  # odd: no aliasing with power-of-two dims
-    return np.concatenate([flat[::stride], [flat.min(), flat.max()]]).astype(np.float32, copy=False)
+    extremes = [flat.min() if lo is None else lo, flat.max() if hi is None else hi]
+    return np.concatenate([flat[::stride], np.asarray(extremes, np.float32)]).astype(np.float32, copy=False)
 
 
 def _ranges(observers: ObserverSet, names: list[str], method: str, spec: QuantSpec) -> dict:
