@@ -297,7 +297,6 @@ def hoist_shared_initializers(graph: onnx.GraphProto) -> int:
     for node in graph.node:
         for sub in subgraphs_of(node):
             saved += hoist_shared_initializers(sub)
-    taken = all_names(graph)
     copies: dict[str, list[tuple[onnx.GraphProto, onnx.TensorProto]]] = {}
     for node in graph.node:
         for sub in subgraphs_of(node):
@@ -320,7 +319,6 @@ def hoist_shared_initializers(graph: onnx.GraphProto) -> int:
             if old != kept.name:
                 _rename_reads(sub, old, kept.name)
         graph.initializer.append(kept)
-        taken.add(kept.name)
         saved += kept.ByteSize() * (len(held) - 1)
     return saved
 
