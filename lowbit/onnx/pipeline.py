@@ -29,6 +29,7 @@ import onnx
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStats, collect_activation_stats
 from lowbit.onnx.config import StaticConfig
+from lowbit.onnx.control_flow import BodyPlanners
 from lowbit.onnx.cpu import has_amx_int8
 from lowbit.onnx.io import drop_shape_annotations, save_model
 from lowbit.onnx.passes import PASSES, PassContext
@@ -139,8 +140,10 @@ class StaticPipeline:
             self.run_passes("planned")
             if self.ctx.model is not before:
                 self.planner = self._planner(self.exclude, self.config.per_channel)
+        bodies = BodyPlanners(self.model, per_channel_weights=self.config.per_channel, exclude=self.exclude)
         self.stats = collect_activation_stats(
-            self.model, self.planner.candidates(), self.data, method=self.config.calib_method, spec=ACTIVATION_SPEC,
+            self.model, self.planner.candidates() + bodies.candidates(), self.data, method=self.config.calib_method,
+            spec=ACTIVATION_SPEC,
             batch_size=self.ctx.batch_size, threads=self.ctx.threads,
             memory_budget_mb=self.config.calib_memory_mb or DEFAULT_MEMORY_BUDGET_MB)
         self.seconds += self.stats.seconds
@@ -193,6 +196,8 @@ class StaticPipeline:
                 if record is not None:
                     records.append(record)
         quantized = write_qdq(model, plan, conv_weights_for_qgemm=self.conv_for_qgemm)
+        bodies = BodyPlanners(model, per_channel_weights=per_channel, exclude=excluded)  # If/Loop/Scan bodies
+        quantized = bodies.write(quantized, plan, chosen, conv_weights_for_qgemm=self.conv_for_qgemm)
         plan.settings = self.settings(records, per_channel=per_channel, calib_method=calib_method)
         return Candidate(quantized, plan, excluded)
 

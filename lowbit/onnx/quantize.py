@@ -28,7 +28,8 @@ from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import CalibrationData, model_inputs
 from lowbit.onnx.config import (CONFIGS, AutoConfig, DynamicConfig, Fp16Config, QuantConfig, StaticConfig,
                                 WeightOnlyConfig, config_for_mode)
-from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
+from lowbit.onnx.control_flow import BodyPlanners
+from lowbit.onnx.io import drop_shape_annotations, load_model, save_model, size_growth_warning
 from lowbit.onnx.pipeline import (StaticPipeline, activation_channel_spread, prepare_model, run_passes,
                                   weight_channel_spread)
 from lowbit.onnx.planner import plan_dynamic
@@ -128,6 +129,7 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
     drop_shape_annotations(done.model)
     _check_runs(done.model)
     save_model(done.model, output_path, inputs=[model_path])
+    warnings += size_growth_warning(model_path, output_path)
     report = None
     if verify and eval_set is not None:
         report = compare_models(model_path, output_path, eval_set, batch_size=batch_size, threads=threads,
@@ -173,6 +175,8 @@ def run_dynamic(model: onnx.ModelProto, config: DynamicConfig, run: RunInputs) -
     records, seconds = run_passes(ctx, config, "graph")
     plan = plan_dynamic(ctx.model, per_channel_weights=config.per_channel, exclude=ctx.exclude)
     quantized = write_dynamic(ctx.model, plan)
+    quantized = BodyPlanners(ctx.model, per_channel_weights=config.per_channel, exclude=ctx.exclude,
+                             mode="dynamic").write(quantized, plan)  # If/Loop/Scan bodies
     algorithms: dict = {}
     for record in records:
         algorithms.update(record.to_settings())
