@@ -251,20 +251,22 @@ def cold_cache_probe(name: str, threads: int, runs: int = 200) -> str:
     first, other = (make_session(onnx.load(p), threads=threads) for p in (fp32, quantized(name, fp32, calib)))
     feed = {k: v[:batch_size] for k, v in evaluation.items()}
 
-    def timed(before: list) -> float:
+    def timed(before: list, block: int = 1) -> float:
         times = []
-        for _ in range(runs):
+        for _ in range(runs // block):
             for session in before:
                 session.run(None, feed)
-            start = time.perf_counter()
-            first.run(None, feed)
-            times.append(1000 * (time.perf_counter() - start))
+            for _ in range(block):
+                start = time.perf_counter()
+                first.run(None, feed)
+                times.append(1000 * (time.perf_counter() - start))
         return float(np.median(times))
 
     timed([first, other])  # warm-up
-    alone, interleaved, settled = timed([]), timed([other]), timed([other, first])
+    alone, interleaved, settled, turns = timed([]), timed([other]), timed([other, first]), timed([other, first], 3)
     return (f"{name} fp32, {threads} thread(s): alone {alone:.3f} ms; right after the int8 model {interleaved:.3f} ms; "
-            f"after the int8 model and an untimed run of its own {settled:.3f} ms")
+            f"after the int8 model and an untimed run of its own {settled:.3f} ms; in turns of 1 untimed + 3 timed "
+            f"(time_models) {turns:.3f} ms")
 
 
 def table(rows: list[dict]) -> str:

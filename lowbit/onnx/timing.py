@@ -9,8 +9,8 @@ background load hit all alike. A turn is one untimed run, then RUNS_PER_TURN tim
 model back to back: the untimed run brings the model's weights, kernels and buffers back into the
 caches the other model just used, so the timed runs measure the warm, back-to-back latency of a
 model serving requests, the latency a process timing that model alone measures. (Timed right after
-the other model, the fp32 session of a GRU of many tiny ops measured 0.53-0.87 ms instead of
-0.17-0.24 ms alone, 1 thread; see BENCHMARKS.md "Timing agreement".) A model's latency is the
+the other model, the fp32 session of a GRU of many tiny ops measured 0.59-0.89 ms, 0.16-0.21 ms
+alone, 0.19-0.38 ms in these turns, 1 thread; see BENCHMARKS.md "Timing agreement".) A model's latency is the
 median of its `repeats` timed runs; a speedup is the ratio of medians. Spin-waiting stays off: with
 ONNX Runtime's default the threads of the session that just ran keep spinning and slow the next
 session's run.
