@@ -79,7 +79,7 @@ def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray], *, thr
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
     threads = threads or default_threads()
-    sessions = [m if isinstance(m, ort.InferenceSession) else make_session(m, threads=threads) for m in models]
+    sessions = [m if hasattr(m, "run") else make_session(m, threads=threads) for m in models]
     stated = {_threads_of(s) for s in sessions}
     if len(stated) != 1:
         raise ValueError(f"sessions timed together must use the same thread count, got {sorted(stated, key=str)}")
@@ -100,7 +100,7 @@ def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray], *, thr
     return Timing(latencies, stated.pop(), warmup, repeats)
 
 
-def _threads_of(session: ort.InferenceSession) -> int | None:
+def _threads_of(session) -> int | None:
     options = session.get_session_options()
     for key, value in SPIN_WAIT_OFF.items():
         try:
