@@ -2,9 +2,13 @@
 
 For group sizes 32 and 128, every MatMul weight of the encoder is quantized by `lowbit quantize
 --mode weight-only` (RTN, GPTQ, AWQ; GPTQ/AWQ calibrated on sentences disjoint from the evaluation
-ones) and written as MatMulNBits (float activations). Extra rows compare the output forms on RTN:
-standard blocked DequantizeLinear (opset 21) and MatMulNBits with accuracy_level 4 (int8
-activations inside the kernel).
+ones) and written as MatMulNBits (float activations), with the embedding tables at the default
+int8 (GatherBlockQuantized). Extra rows, at the last group size: embeddings kept float (lowbit
+before) and at int4; the standard blocked DequantizeLinear form (opset 21, DQ + Gather for the
+embeddings); MatMulNBits with accuracy_level 4 (int8 activations inside the kernel). ONNX
+Runtime's own quantizer (`MatMulNBitsQuantizer`, its default RTN: asymmetric int4, MatMul only,
+then MatMul + Gather) runs side by side when `--ort-python` names a Python with onnxruntime and
+onnx-ir (a bench venv; onnx-ir is not a lowbit dependency).
 
 Per row: mean/min cosine of the sentence embeddings vs fp32 on 64 x 128 tokens of real English
 text, file size, build time, and latency vs fp32 at batch 64 x 128 and 1 x 128, all variants timed
@@ -13,6 +17,7 @@ Runtime threads, median of the repeats; speedup = fp32 median / variant median.
 
     python bench/onnx_weight_only.py
     python bench/onnx_weight_only.py --groups 32 --repeats 5
+    python bench/onnx_weight_only.py --groups 128 --ort-python /work/venvs/recipes-ort/bin/python
 """
 
 from __future__ import annotations
@@ -36,11 +41,45 @@ def variants(groups: list[int]) -> list[tuple[str, dict]]:
     rows = []
     for group in groups:
         for algo in ("rtn", "gptq", "awq"):
-            rows.append((f"int4 g{group} {algo.upper()} MatMulNBits", {"group_size": group, "algo": algo}))
-    first = groups[0]
-    rows.append((f"int4 g{first} RTN blocked DQ (opset 21)", {"group_size": first, "algo": "rtn", "weight_format": "dq"}))
-    rows.append((f"int4 g{first} RTN MatMulNBits accuracy_level 4", {"group_size": first, "algo": "rtn",
-                                                                     "accuracy_level": 4}))
+            rows.append((f"int4 g{group} {algo.upper()} MatMulNBits, emb int8", {"group_size": group, "algo": algo}))
+    last = groups[-1]
+    for algo in ("rtn", "gptq", "awq"):
+        rows.append((f"int4 g{last} {algo.upper()} MatMulNBits, emb float", {"group_size": last, "algo": algo,
+                                                                             "embedding_bits": 0}))
+    for algo in ("gptq", "awq"):
+        rows.append((f"int4 g{last} {algo.upper()} MatMulNBits, emb int4", {"group_size": last, "algo": algo,
+                                                                            "embedding_bits": 4}))
+    rows.append((f"int4 g{last} GPTQ blocked DQ (opset 21), emb int8 DQ+Gather", {"group_size": last, "algo": "gptq",
+                                                                                  "weight_format": "dq"}))
+    rows.append((f"int4 g{last} RTN MatMulNBits accuracy_level 4, emb int8", {"group_size": last, "algo": "rtn",
+                                                                              "accuracy_level": 4}))
+    return rows
+
+
+ORT_QUANTIZER = """
+import sys, onnx
+from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+source, target, block, ops = sys.argv[1], sys.argv[2], int(sys.argv[3]), tuple(sys.argv[4].split(","))
+config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=False, op_types_to_quantize=ops)
+quantizer = MatMulNBitsQuantizer(onnx.load(source), algo_config=config)
+quantizer.process()
+quantizer.model.save_model_to_file(target, False)
+"""
+
+
+def ort_rows(python: str, source: Path, workdir: Path, block: int) -> list[dict]:
+    """ONNX Runtime's MatMulNBitsQuantizer (default RTN config) in another Python, MatMul only
+    and MatMul + Gather."""
+    import subprocess
+
+    rows = []
+    for ops, label in (("MatMul", "emb float"), ("MatMul,Gather", "emb int4")):
+        target = workdir / f"ort_rtn_g{block}_{ops.replace(',', '_')}.onnx"
+        started = time.perf_counter()
+        subprocess.run([python, "-c", ORT_QUANTIZER, str(source), str(target), str(block), ops], check=True)
+        rows.append({"variant": f"ORT MatMulNBitsQuantizer RTN g{block} (asym), {label}", "path": target,
+                     "build_s": time.perf_counter() - started})
+        print(f"built {rows[-1]['variant']} in {rows[-1]['build_s']:.1f} s", flush=True)
     return rows
 
 
@@ -66,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-sentences", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--ort-python", help="a Python with onnxruntime and onnx-ir: adds ONNX Runtime's own "
+                                             "MatMulNBits quantizer rows (RTN, last group size)")
     args = parser.parse_args(argv)
 
     import onnxruntime as ort
@@ -90,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"variant": label, "path": target, "build_s": time.perf_counter() - started,
                      "calib_s": result.calibration_seconds, "warnings": result.warnings})
         print(f"built {label} in {rows[-1]['build_s']:.1f} s", flush=True)
+    if args.ort_python:
+        rows += ort_rows(args.ort_python, task.fp32, workdir, int(args.groups.split(",")[-1]))
 
     reference = base.run_all(base.session(task.fp32), task.evaluation)
     sessions = {}
@@ -108,16 +151,38 @@ def main(argv: list[str] | None = None) -> int:
     shape = "x".join(str(d) for d in task.timing["input_ids"].shape)
     print(f"\n### all-MiniLM-L6-v2 weight-only (eval {shape} tokens; {base.THREADS} ORT threads; "
           f"calibration {args.calibration_sentences} other sentences)\n")
-    print("| variant | cosine mean | cosine min | MB | build s | batch 64x128 ms | speedup | batch 1x128 ms | speedup |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| variant | cosine mean | cosine min | MB | smaller | build s | batch 64x128 ms | speedup "
+          "| batch 1x128 ms | speedup |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    fp32_mb = rows[0]["size_mb"]
     for r in rows:
         print(f"| {r['variant']} | {r['cosine_mean']:.5f} | {r['cosine_min']:.5f} | {r['size_mb']:.1f} | "
-              f"{r.get('build_s', 0):.1f} | {r['batch64_ms']:.1f} | {r['batch64_speedup']:.2f}x | "
-              f"{r['batch1_ms']:.2f} | {r['batch1_speedup']:.2f}x |")
+              f"{fp32_mb / r['size_mb']:.2f}x | {r.get('build_s', 0):.1f} | {r['batch64_ms']:.1f} | "
+              f"{r['batch64_speedup']:.2f}x | {r['batch1_ms']:.2f} | {r['batch1_speedup']:.2f}x |")
+    targets(rows, int(args.groups.split(",")[-1]))
     if args.json:
         args.json.write_text(json.dumps([{k: str(v) if isinstance(v, Path) else v for k, v in r.items()}
                                          for r in rows], indent=2))
     return 0
+
+
+def targets(rows: list[dict], group: int) -> None:
+    """Issue 14: int4 g128 >= 3x smaller than fp32 with GPTQ/AWQ fidelity unchanged, and GPTQ
+    cosine >= ONNX Runtime's MatMulNBits RTN + 0.02."""
+    by = {r["variant"]: r for r in rows}
+    fp32_mb = rows[0]["size_mb"]
+    print("\ntargets:")
+    for algo in ("GPTQ", "AWQ"):
+        small, before = by[f"int4 g{group} {algo} MatMulNBits, emb int8"], by[f"int4 g{group} {algo} MatMulNBits, emb float"]
+        ratio, change = fp32_mb / small["size_mb"], small["cosine_mean"] - before["cosine_mean"]
+        print(f"  [{'met' if ratio >= 3 else 'MISSED'}] {algo} int4 g{group} file {ratio:.2f}x smaller than fp32 (>= 3x)")
+        print(f"  [{'met' if abs(change) <= 0.001 else 'MISSED'}] {algo} cosine with int8 embeddings "
+              f"{small['cosine_mean']:.5f} vs {before['cosine_mean']:.5f} float embeddings ({change:+.5f}; |.| <= 0.001)")
+    ort = by.get(f"ORT MatMulNBitsQuantizer RTN g{group} (asym), emb float")
+    if ort is not None:
+        gptq = by[f"int4 g{group} GPTQ MatMulNBits, emb int8"]["cosine_mean"]
+        print(f"  [{'met' if gptq >= ort['cosine_mean'] + 0.02 else 'MISSED'}] GPTQ cosine {gptq:.5f} >= ORT "
+              f"MatMulNBits RTN {ort['cosine_mean']:.5f} + 0.02")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ al. 2016; DoReFa-Net, Zhou et al. 2016; Bi-Real Net, Liu et al. 2018):
 fewer than 4 bits (`keep_int8="auto"`, the default). They are a few percent of the weights, so
 the packed size grows little (`int8_cost_bytes`). `keep_int8="none"` quantizes every layer at the
 recipe's width (the behaviour before); a list of module names keeps exactly those, for example
-the ones `sensitive_layers` picks from a measured per-layer sensitivity.
+the ones `sensitive_layers` picks from a measured per-layer sensitivity, within a weight budget.
 """
 
 from __future__ import annotations
@@ -110,26 +110,37 @@ def describe_int8_layers(kept: dict[str, str], recipe: Recipe, extra_bytes: int,
 
 
 def sensitive_layers(model: nn.Module, recipe: str | Recipe, batches: list[Any], *, max_drop: float = 0.02,
-                     metric: Any = None) -> dict[str, float]:
-    """{name: score} of the layers whose quantization alone (every other layer float) costs more
-    than `max_drop` of the metric (default: top-1 agreement with the float model), worst first;
-    pass the names to `prepare(..., keep_int8=names)`.
+                     max_weight_share: float = 0.1, metric: Any = None) -> dict[str, float]:
+    """{name: score} of the layers to keep at int8, chosen from measured sensitivity: worst first,
+    the layers whose quantization alone (every other layer float) costs more than `max_drop` of
+    the metric (default: top-1 agreement with the float model), as long as the chosen layers hold
+    at most `max_weight_share` of the quantized weights. Pass the names to
+    `prepare(..., keep_int8=names)`.
 
     Measured by `lowbit.analysis.torch_sensitivity.torch_layer_sensitivity` ("solo" sweep) on a
-    copy prepared with every layer at the recipe's width and calibrated on `batches`."""
+    copy prepared with every layer at the recipe's width and calibrated on `batches`. This is
+    post-training sensitivity: at 1-2 bits nearly every layer fails alone before fine-tuning,
+    hence the budget."""
     from lowbit.analysis.torch_sensitivity import torch_layer_sensitivity
-    from lowbit.torch.qat import prepare
+    from lowbit.torch.qat import prepare, quantized_layers
     from lowbit.torch.ranges import calibrate
 
     if not batches:
         raise LowbitError("sensitive_layers needs at least one batch of model inputs")
+    if not 0.0 <= max_weight_share <= 1.0:
+        raise LowbitError(f"max_weight_share must be in [0, 1], got {max_weight_share}")
     first = batches[0] if isinstance(batches[0], torch.Tensor) else batches[0][0]
     prepared = prepare(model, recipe, first[:2], keep_int8="none")
     calibrate(prepared, batches)
     report = torch_layer_sensitivity(model, prepared, batches, sweeps=("solo",), metric=metric)
     reference = report.float_score if report.float_score is not None else 1.0
-    layers = {name for name, module in prepared.named_modules() if hasattr(module, "weight_quantizer")}
-    scores = {entry.tensor: entry.solo_score for entry in report.tensors
-              if entry.tensor in layers and entry.solo_score is not None
-              and entry.solo_score < reference - max_drop}
-    return dict(sorted(scores.items(), key=lambda item: item[1]))
+    sizes = {name: layer.weight.numel() for name, layer in quantized_layers(prepared).items()}
+    ranked = sorted((entry.solo_score, entry.tensor) for entry in report.tensors
+                    if entry.tensor in sizes and entry.solo_score is not None
+                    and entry.solo_score < reference - max_drop)
+    chosen, budget = {}, max_weight_share * sum(sizes.values())
+    for score, name in ranked:
+        if sizes[name] <= budget:
+            chosen[name] = score
+            budget -= sizes[name]
+    return chosen

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from lowbit.errors import LowbitError, SpecError
 from lowbit.spec import Recipe, get_recipe
@@ -30,6 +30,9 @@ from lowbit.torch.modules import FLOAT_TO_QUANTIZED, QuantAdd, QuantizedLayer
 from lowbit.torch.quantizers import ActivationQuantizer
 from lowbit.torch.points import place_output_quantizers
 from lowbit.torch.residual import insert_quant_adds
+
+_PRESERVED_ATTRIBUTES = "_user_preserved_attributes"  # torch.fx.graph_module's key (torch >= 2.1)
+
 
 class FloatModuleWarning(UserWarning):
     """Some modules of the model stay float (each is listed with its reason)."""
@@ -188,6 +191,9 @@ def prepare(model: nn.Module, recipe: str | Recipe, example_inputs: Any, *,
             raise LowbitError(message + "; pass strict=False to keep them float, or exclude them explicitly")
         warnings.warn(message, FloatModuleWarning, stacklevel=2)
     prepared.lowbit = state
+    if isinstance(prepared, fx.GraphModule):
+        # GraphModule's deepcopy rebuilds the module and keeps only the attributes its meta lists.
+        prepared.meta.setdefault(_PRESERVED_ATTRIBUTES, {})["lowbit"] = state
     return prepared
 
 
