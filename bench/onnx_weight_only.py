@@ -37,22 +37,25 @@ import ort_baseline as base  # noqa: E402  (MiniLM task, sessions, CPU descripti
 ARTIFACTS = Path(__file__).parent / "_artifacts"
 
 
-def variants(groups: list[int]) -> list[tuple[str, dict]]:
-    rows = []
+def variants(groups: list[int]) -> list[tuple[str, dict, str | None]]:
+    """(label, quantize_onnx options, base): a row with a base takes that row's model (embeddings
+    float) and rounds only its embedding tables (`quantize_weight_only` finds no MatMul left), the
+    same model `quantize_onnx(..., embedding_bits=b)` writes, without repeating GPTQ/AWQ."""
+    rows: list[tuple[str, dict, str | None]] = []
     for group in groups:
         for algo in ("rtn", "gptq", "awq"):
-            rows.append((f"int4 g{group} {algo.upper()} MatMulNBits, emb int8", {"group_size": group, "algo": algo}))
+            base = f"int4 g{group} {algo.upper()} MatMulNBits, emb float"
+            rows.append((base, {"group_size": group, "algo": algo, "embedding_bits": 0}, None))
+            rows.append((f"int4 g{group} {algo.upper()} MatMulNBits, emb int8", {"group_size": group, "embedding_bits": 8},
+                         base))
     last = groups[-1]
-    for algo in ("rtn", "gptq", "awq"):
-        rows.append((f"int4 g{last} {algo.upper()} MatMulNBits, emb float", {"group_size": last, "algo": algo,
-                                                                             "embedding_bits": 0}))
     for algo in ("gptq", "awq"):
-        rows.append((f"int4 g{last} {algo.upper()} MatMulNBits, emb int4", {"group_size": last, "algo": algo,
-                                                                            "embedding_bits": 4}))
-    rows.append((f"int4 g{last} GPTQ blocked DQ (opset 21), emb int8 DQ+Gather", {"group_size": last, "algo": "gptq",
-                                                                                  "weight_format": "dq"}))
+        rows.append((f"int4 g{last} {algo.upper()} MatMulNBits, emb int4", {"group_size": last, "embedding_bits": 4},
+                     f"int4 g{last} {algo.upper()} MatMulNBits, emb float"))
+    rows.append((f"int4 g{last} RTN blocked DQ (opset 21), emb int8 DQ+Gather", {"group_size": last, "algo": "rtn",
+                                                                                 "weight_format": "dq"}, None))
     rows.append((f"int4 g{last} RTN MatMulNBits accuracy_level 4, emb int8", {"group_size": last, "algo": "rtn",
-                                                                              "accuracy_level": 4}))
+                                                                              "accuracy_level": 4}, None))
     return rows
 
 
@@ -112,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
     import torch
 
+    import onnx
+
+    from lowbit.onnx.io import save_model
     from lowbit.onnx.quantize import quantize_onnx
+    from lowbit.onnx.weight_only import quantize_weight_only
 
     torch.set_num_threads(base.THREADS)
     print(f"CPU: {base.cpu_model()}; onnxruntime {ort.__version__}; {base.THREADS} threads\n", flush=True)
@@ -123,14 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     np.savez(calib_path, **{k: np.concatenate([b[k] for b in task.calibration]) for k in task.calibration[0]})
 
     rows: list[dict] = [{"variant": "fp32", "path": task.fp32}]
-    for label, options in variants([int(g) for g in args.groups.split(",")]):
-        target = workdir / (label.replace(" ", "_").replace("(", "").replace(")", "") + ".onnx")
+    built: dict[str, dict] = {}
+    for label, options, source in variants([int(g) for g in args.groups.split(",")]):
+        target = workdir / (label.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "") + ".onnx")
         started = time.perf_counter()
-        result = quantize_onnx(task.fp32, target, mode="weight-only", calib=calib_path, verify=False,
-                               threads=base.THREADS, **options)
-        rows.append({"variant": label, "path": target, "build_s": time.perf_counter() - started,
-                     "calib_s": result.calibration_seconds, "warnings": result.warnings})
-        print(f"built {label} in {rows[-1]['build_s']:.1f} s", flush=True)
+        if source is None:
+            result = quantize_onnx(task.fp32, target, mode="weight-only", calib=calib_path, verify=False,
+                                   threads=base.THREADS, **options)
+            extra = {"calib_s": result.calibration_seconds, "warnings": result.warnings}
+        else:
+            done = quantize_weight_only(onnx.load(built[source]["path"]), None, algo="rtn", **options)
+            save_model(done.model, target)
+            extra = {"warnings": done.warnings, "tables": done.plan.settings["weight_only"]["embedding_tables"]}
+        seconds = time.perf_counter() - started + (built[source]["build_s"] if source else 0.0)
+        built[label] = {"variant": label, "path": target, "build_s": seconds, **extra}
+        rows.append(built[label])
+        print(f"built {label} in {seconds:.1f} s", flush=True)
     if args.ort_python:
         rows += ort_rows(args.ort_python, task.fp32, workdir, int(args.groups.split(",")[-1]))
 

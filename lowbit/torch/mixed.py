@@ -36,7 +36,7 @@ KEEP_INT8_MODES = ("auto", "none")
 
 def is_depthwise(module: nn.Module) -> bool:
     """A convolution with one input channel per group and more than one group."""
-    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels
+    return isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and 1 < module.groups == module.in_channels
 
 
 def call_order(model: nn.Module, inputs: tuple[torch.Tensor, ...], kinds: tuple[type, ...]) -> list[str]:
