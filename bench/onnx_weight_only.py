@@ -18,6 +18,7 @@ Runtime threads, median of the repeats; speedup = fp32 median / variant median.
     python bench/onnx_weight_only.py
     python bench/onnx_weight_only.py --groups 32 --repeats 5
     python bench/onnx_weight_only.py --groups 128 --ort-python /work/venvs/recipes-ort/bin/python
+    python bench/onnx_weight_only.py --groups 128 --lookup-only
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-sentences", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--lookup-only", action="store_true",
+                        help="only the embedding-lookup table (GatherBlockQuantized vs DequantizeLinear + Gather)")
     parser.add_argument("--ort-python", help="a Python with onnxruntime and onnx-ir: adds ONNX Runtime's own "
                                              "MatMulNBits quantizer rows (RTN, last group size)")
     args = parser.parse_args(argv)
@@ -124,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(base.THREADS)
     print(f"CPU: {base.cpu_model()}; onnxruntime {ort.__version__}; {base.THREADS} threads\n", flush=True)
     task = base.minilm_task(args.artifacts, args.sentences, args.calibration_sentences)
+    if args.lookup_only:
+        lookup_forms(task.fp32, task.timing["input_ids"], int(args.groups.split(",")[-1]), 5 * args.repeats)
+        return 0
     workdir = args.artifacts / "onnx_weight_only"
     workdir.mkdir(parents=True, exist_ok=True)
     calib_path = workdir / "calibration.npz"
@@ -175,10 +181,64 @@ def main(argv: list[str] | None = None) -> int:
               f"{fp32_mb / r['size_mb']:.2f}x | {r.get('build_s', 0):.1f} | {r['batch64_ms']:.1f} | "
               f"{r['batch64_speedup']:.2f}x | {r['batch1_ms']:.2f} | {r['batch1_speedup']:.2f}x |")
     targets(rows, int(args.groups.split(",")[-1]))
+    lookups = lookup_forms(task.fp32, task.timing["input_ids"], int(args.groups.split(",")[-1]), 5 * args.repeats)
     if args.json:
-        args.json.write_text(json.dumps([{k: str(v) if isinstance(v, Path) else v for k, v in r.items()}
-                                         for r in rows], indent=2))
+        args.json.write_text(json.dumps({"rows": [{k: str(v) if isinstance(v, Path) else v for k, v in r.items()}
+                                                  for r in rows], "lookups": lookups}, indent=2))
     return 0
+
+
+def lookup_forms(fp32: Path, ids: np.ndarray, group: int, repeats: int) -> list[dict]:
+    """The embedding lookup alone, on MiniLM's word table and the evaluation token ids: float
+    Gather vs GatherBlockQuantized vs blocked DequantizeLinear + Gather, int8 and int4 codes;
+    max |ONNX Runtime - NumPy dequantized rows|, and time interleaved in one process."""
+    import onnx
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowbit.algorithms import rtn_quantize
+    from lowbit.onnx.blockwise import WeightSite, blocked_dq_nodes, gather_block_quantized_node
+    from lowbit.onnx.session import make_session
+    from lowbit.onnx.weight_only import find_tables, weight_only_spec
+
+    model = onnx.load(fp32)
+    site = max(find_tables(model, set())[0], key=lambda t: t.out_features)  # the word embeddings
+    table = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == site.weight)
+    rows, columns = table.shape
+
+    def graph(nodes, inits):
+        g = helper.make_graph(nodes, "lookup", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "s", columns])], inits)
+        return helper.make_model(g, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
+                                                                  helper.make_opsetid("com.microsoft", 1)])
+
+    site = WeightSite("embed", "Gather", "table", "ids", columns, rows, transposed=True)
+    forms = {"float Gather": (graph([helper.make_node("Gather", ["table", "ids"], ["out"])],
+                                    [numpy_helper.from_array(table, "table")]), table[ids])}
+    for bits in (8, 4):
+        quantized = rtn_quantize(torch.from_numpy(table.copy()), weight_only_spec(bits, group))
+        blocks = np.asarray(quantized.qparams.scale, np.float32).reshape(rows, -1)
+        reference = (np.asarray(quantized.values, np.float32) * np.repeat(blocks, group, axis=1)[:, :columns])[ids]
+        node, inits = gather_block_quantized_node(site, quantized, bits=bits, block_size=group, output="out")
+        forms[f"GatherBlockQuantized int{bits}"] = (graph([node], inits), reference)
+        dq, inits = blocked_dq_nodes(site, quantized, bits=bits, block_size=group)
+        forms[f"DequantizeLinear int{bits} + Gather"] = (
+            graph([dq, helper.make_node("Gather", [dq.output[0], "ids"], ["out"])], inits), reference)
+    sessions, rows_out = {}, []
+    for name, (lookup, reference) in forms.items():
+        sessions[name] = make_session(lookup, threads=base.THREADS)
+        error = float(np.abs(sessions[name].run(None, {"ids": ids})[0] - reference).max())
+        rows_out.append({"form": name, "mb": lookup.ByteSize() / 1e6, "max_error": error})
+    latency = timed(sessions, {"ids": ids}, repeats)
+    for row in rows_out:
+        row["ms"] = latency[row["form"]]
+    print(f"\n### embedding lookup alone: {rows} x {columns} table, ids {ids.shape[0]}x{ids.shape[1]}, "
+          f"blocks of {group}\n")
+    print("| form | MB | max abs error vs NumPy dequantized rows | ms |")
+    print("|---|---|---|---|")
+    for row in rows_out:
+        print(f"| {row['form']} | {row['mb']:.1f} | {row['max_error']:.2e} | {row['ms']:.2f} |")
+    return rows_out
 
 
 def targets(rows: list[dict], group: int) -> None:
