@@ -375,7 +375,7 @@ def quantize_weight_only(model: onnx.ModelProto, calib: CalibrationData | None, 
                          group_size: int = 32, algo: str = "rtn", symmetric: bool = True, act_order: bool = False,
                          weight_format: str = "matmulnbits", accuracy_level: int = 0,
                          exclude: tuple[str, ...] | list[str] = (), batch_size: int = 16,
-                         threads: int | None = None, embedding_bits: int = 0) -> WeightOnlyResult:
+                         threads: int | None = None, embedding_bits: int = 8) -> WeightOnlyResult:
     """Quantize the weights of `model` (pre-processed float ONNX) and return the rewritten model
     with its plan (the caller stores it and saves). `embedding_bits` 4 or 8 also rounds the
     embedding tables (Gather), 0 keeps them float."""
