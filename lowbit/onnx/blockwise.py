@@ -134,8 +134,8 @@ def gather_block_quantized_node(site: WeightSite, quantized: QuantizedWeight, *,
 
     Codes are stored as MatMulNBits stores them: unsigned, shifted by 2^(bits-1) for signed
     grids, 4-bit codes packed two per uint8 byte (low nibble first) along the row. ONNX Runtime's
-    uint8 path is several times faster than its INT4-tensor path (measured: 28 vs 135-214 ms for
-    8,192 rows of 384), and needs an even row length for 4 bits."""
+    uint8 path was several times faster than its INT4-tensor path (8,192 random rows of 384), and
+    needs an even row length for 4 bits."""
     rows, columns = site.out_features, site.in_features
     k_blocks = math.ceil(columns / block_size)
     signed = quantized.qparams.spec.dtype_info.signed
