@@ -73,6 +73,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     weights.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
                          help="ONNX models, MatMulNBits: 0 keeps float activations (default); 4 lets ONNX Runtime "
                               "quantize activations to int8 inside the kernel")
+    weights.add_argument("--embedding-bits", type=int, choices=(0, 4, 8), default=8,
+                         help="ONNX models: bits of the embedding tables (Gather), blocks of --group-size; 0 keeps "
+                              "them float (default: 8)")
     weights.add_argument("--calib-text", help="Hugging Face models: a UTF-8 text file of representative text for calibration")
     weights.add_argument("--seq-len", type=int, default=512,
                          help="Hugging Face models: tokens per calibration sample (default: 512)")
@@ -143,7 +146,7 @@ def config_from_args(args: argparse.Namespace):
     if args.mode == "weight-only":
         options.update(bits=args.weight_bits, group_size=args.group_size, algo=args.algo, act_order=args.act_order,
                        symmetric=args.symmetric, weight_format=args.weight_format,
-                       accuracy_level=args.accuracy_level)
+                       accuracy_level=args.accuracy_level, embedding_bits=args.embedding_bits)
     if args.mode == "auto":
         options.update(max_drop=args.max_drop, metric=args.metric or "auto", time_limit=args.time_limit,
                        measure_speed=not args.no_speed, per_channel=False if args.per_tensor else None)

@@ -105,13 +105,14 @@ class WeightOnlyConfig(_Config):
     act_order: bool = False
     weight_format: str = "matmulnbits"
     accuracy_level: int = 0
+    embedding_bits: int = 8  # embedding tables (Gather): 8 or 4 bits, 0 keeps them float
 
     def validate(self, *, has_calibration: bool) -> None:
         from lowbit.onnx.weight_only import check_options  # imports torch: only for this mode
 
         check_options(bits=self.bits, group_size=self.group_size, algo=self.algo, has_calibration=has_calibration,
                       symmetric=self.symmetric, act_order=self.act_order, weight_format=self.weight_format,
-                      accuracy_level=self.accuracy_level)
+                      accuracy_level=self.accuracy_level, embedding_bits=self.embedding_bits)
 
 
 @dataclass

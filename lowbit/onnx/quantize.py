@@ -192,7 +192,8 @@ def run_weight_only(model: onnx.ModelProto, config: WeightOnlyConfig, run: RunIn
     done = quantize_weight_only(model, run.calib, bits=config.bits, group_size=config.group_size, algo=config.algo,
                                 symmetric=config.symmetric, act_order=config.act_order,
                                 weight_format=config.weight_format, accuracy_level=config.accuracy_level,
-                                exclude=config.exclude, batch_size=run.batch_size, threads=run.threads)
+                                exclude=config.exclude, batch_size=run.batch_size, threads=run.threads,
+                                embedding_bits=config.embedding_bits)
     done.plan.settings = {**done.plan.settings, **_common_settings(config, run), "calib_method": None,
                           "per_channel": True}
     return Handled(done.model, done.plan, done.calibration_seconds, list(done.warnings))
