@@ -97,16 +97,6 @@ def lowbit_report(output: str) -> dict:
             "unsupported_ops": data.get("unsupported_ops"), "samples": report.get("samples")}
 
 
-def evaluate(model: corpus.FieldModel, path: Path, items: list) -> tuple[list, list[dict]]:
-    """Task outputs of the package pipeline run with the ONNX model at `path`, and the feeds it made."""
-    pipeline = model.make_pipeline(model.path(WORKDIR))  # built once on fp32 (labels, metadata)
-    runner = corpus.Runner(corpus.open_session(path))
-    runner.recording = []
-    model.attach(pipeline, runner)
-    outputs = [model.apply(pipeline, item) for item in items]
-    return outputs, runner.recording
-
-
 def time_models(paths: dict[str, Path], feeds: list[dict], repeats: int) -> dict[str, float]:
     """Median seconds per pass over `feeds` for each model, interleaved round-robin in this process."""
     sessions = {name: corpus.open_session(path) for name, path in paths.items()}
@@ -150,20 +140,13 @@ def bench_model(model: corpus.FieldModel, args) -> dict:
     row["size_mb"] = source.stat().st_size / 1e6
 
     calib_items = model.make_items("calib", model.calib_count)
-    _, calib_feeds = evaluate(model, source, calib_items)
-    step = max(1, math.ceil(len(calib_feeds) / args.max_calib_calls))
-    calib_feeds = calib_feeds[::step]
-    if calib_dir.exists():
-        for old in calib_dir.glob("*.npz"):
-            old.unlink()
-    calib_dir.mkdir(exist_ok=True)
-    for i, feed in enumerate(calib_feeds):
-        np.savez(calib_dir / f"{i:05d}.npz", **feed)
+    _, calib_feeds = corpus.run_pipeline(model, source, WORKDIR, calib_items)
+    calib_feeds = corpus.write_calls(calib_feeds, calib_dir, args.max_calib_calls)
     shapes = sorted({tuple(tuple(v.shape) for v in feed.values()) for feed in calib_feeds})
     row["calib"] = {"items": len(calib_items), "calls": len(calib_feeds), "shapes": [str(s) for s in shapes[:3]]}
 
     eval_items = model.make_items("eval", model.eval_count)
-    reference, eval_feeds = evaluate(model, source, eval_items)
+    reference, eval_feeds = corpus.run_pipeline(model, source, WORKDIR, eval_items)
     row["eval"] = {"items": len(eval_items), "calls": len(eval_feeds)}
     if model.truth:
         row["fp32_truth"] = model.truth(eval_items, reference)
@@ -186,7 +169,7 @@ def bench_model(model: corpus.FieldModel, args) -> dict:
             continue
         entry["size_mb"] = output.stat().st_size / 1e6
         try:
-            candidate, _ = evaluate(model, output, eval_items)
+            candidate, _ = corpus.run_pipeline(model, output, WORKDIR, eval_items)
             entry["score"] = model.score(reference, candidate)
             written[tool] = output
         except Exception as exc:

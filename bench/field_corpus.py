@@ -104,6 +104,30 @@ class FieldModel:
         return meta.get("License-Expression") or (meta.get("License") or "").split("\n")[0][:30] or "?"
 
 
+def run_pipeline(model: FieldModel, path: Path, workdir: Path, items: list) -> tuple[list, list[dict]]:
+    """Task outputs of the package pipeline run with the ONNX model at `path`, and the feeds it made.
+    The pipeline is built on the fp32 model (labels and metadata come from there)."""
+    pipeline = model.make_pipeline(model.path(workdir))
+    runner = Runner(open_session(path))
+    runner.recording = []
+    model.attach(pipeline, runner)
+    outputs = [model.apply(pipeline, item) for item in items]
+    return outputs, runner.recording
+
+
+def write_calls(feeds: list[dict], folder: Path, max_calls: int) -> list[dict]:
+    """Save at most `max_calls` evenly spaced calls as folder/00000.npz...: one .npz per call, keyed by
+    input name, arrays exactly as fed (the form `lowbit quantize --calib FOLDER` reads). Returns them."""
+    step = max(1, -(-len(feeds) // max_calls))
+    feeds = feeds[::step]
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.npz"):
+        old.unlink()
+    for i, feed in enumerate(feeds):
+        np.savez(folder / f"{i:05d}.npz", **feed)
+    return feeds
+
+
 # ---------------------------------------------------------------- task metrics
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -42,7 +42,7 @@ def quantize_ort(model: Path, calls: list[dict], output: Path, *, per_channel: b
         try:
             quant_pre_process(str(model), str(source))
         except Exception as exc:  # the recipe's optional step; fall back to the model as shipped
-            print(f"quant_pre_process failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            print(f"quant_pre_process failed ({type(exc).__name__}: {(str(exc).splitlines() or [repr(exc)])[0][:200]}); "
                   "quantizing the model as shipped", file=sys.stderr)
             source = model
         quantize_static(str(source), str(output), Reader(), per_channel=per_channel)
