@@ -32,7 +32,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -47,23 +46,28 @@ TOOLS = ("lowbit", "ort", "ort-per-channel", "nncf")
 
 
 def run_child_measured(command: list[str], timeout: float, log: Path) -> dict:
-    """Run `command` with its output in `log`; reap it with os.wait4 to read its own peak RSS."""
+    """Run `command` with its output in `log`: wall seconds and its peak RSS.
+
+    The peak comes from GNU time (%M), which forks the command from its own small process: a child
+    forked straight from this (large) process would count this process's pages in its ru_maxrss."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    peak_file = log.with_suffix(".peak")
     start = time.perf_counter()
     with open(log, "w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-        killer = threading.Timer(timeout, process.kill)
-        killer.start()
+        process = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(peak_file), *command],
+                                   stdout=sink, stderr=subprocess.STDOUT, env=env)
         try:
-            _, status, usage = os.wait4(process.pid, 0)
-        finally:
-            killer.cancel()
-    process.returncode = os.waitstatus_to_exitcode(status)
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
     output = log.read_text(errors="replace")
     if process.returncode == -9:
         output += f"\nkilled after the {timeout:.0f} s timeout"
-    return {"rc": process.returncode, "seconds": time.perf_counter() - start,
-            "peak_rss_mb": usage.ru_maxrss / 1024, "output": output}
+    lines = peak_file.read_text().split() if peak_file.exists() else []
+    peak_kb = float(lines[-1]) if lines and lines[-1].isdigit() else float("nan")
+    return {"rc": process.returncode, "seconds": time.perf_counter() - start, "peak_rss_mb": peak_kb / 1024,
+            "output": output}
 
 
 def quantize_command(tool: str, model: corpus.FieldModel, source: Path, calib: Path, output: Path) -> list[str]:

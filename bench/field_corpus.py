@@ -442,7 +442,7 @@ CORPUS: list[FieldModel] = [
     FieldModel("nudenet-320n", "object detection (YOLOv8n)", "nudenet", "nudenet/320n.onnx",
                "box recall (IoU>=0.5, score>=0.2)",
                _nudenet_items, _nudenet_pipeline, _set("onnx_session"), _nudenet_apply, match_detections,
-               calib_count=16, eval_count=32),
+               calib_count=16, eval_count=96),
     FieldModel("silero-vad", "speech (VAD, If + LSTM)", "silero-vad", "silero_vad/data/silero_vad.onnx",
                "frame decision agreement",
                _speech_items, _silero_pipeline, _set("session"), _silero_apply,
