@@ -36,7 +36,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import field_corpus as corpus  # noqa: E402
