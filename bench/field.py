@@ -6,7 +6,7 @@ For each model of bench/field_corpus.py:
   1. the package's own pipeline runs its fp32 model on calibration items (rendered text, the
      scikit-learn photos, espeak-ng speech, English sentences); the feeds it makes are saved as a
      folder of per-call .npz files (at most --max-calib-calls, evenly spaced);
-  2. each quantizer runs in a child process on that folder: wall time and peak RSS (wait4);
+  2. each quantizer runs in a child process on that folder: wall time and peak RSS (GNU time %M);
        lowbit:  python -m lowbit quantize MODEL -o OUT --calib DIR --threads 1 --json
        ORT:     quant_pre_process + quantize_static (QDQ defaults), per-tensor and per-channel
        NNCF:    nncf.quantize (PERFORMANCE; MIXED + TRANSFORMER for transformers)
