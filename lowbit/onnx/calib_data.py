@@ -1,7 +1,9 @@
 """Calibration and evaluation inputs for an ONNX model, validated up front, batched lazily.
 
 Format: an `.npz` whose keys are the model's input names, each array holding the samples on its
-first axis (or a folder of such files, read in name order). Every problem is found before any
+first axis (or a folder of such files, read in name order). Evaluation data may also hold
+`labels`: one integer class id per sample (shape (N,)), used for accuracy; a model input that is
+itself named `labels` keeps that key as its input. Every problem is found before any
 work starts and named in one sentence: missing or extra keys, wrong shapes or dtypes, NaN, no
 samples. Arrays are memory-mapped where NumPy allows and batches are sliced on demand, so a large
 calibration set is never all in memory at once.
@@ -22,6 +24,7 @@ from onnx import helper
 from lowbit.errors import CalibrationError, LowbitError
 
 Batch = dict[str, np.ndarray]
+LABELS = "labels"  # the evaluation key for class ids (unless the model has an input of that name)
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ class CalibrationData:
         self.signatures = model_inputs(model) if isinstance(model, onnx.ModelProto) else list(model)
         self._parts = [self._validated(arrays, label) for label, arrays in _read_sources(source, what)]
         self._parts = [p for p in self._parts if _count(p)]
+        inputs = {s.name for s in self.signatures}
+        self._labels = [part.pop(LABELS) for part in self._parts if LABELS in part and LABELS not in inputs]
         total = sum(_count(p) for p in self._parts)
         if samples is not None:
             if samples < 1:
@@ -79,6 +84,10 @@ class CalibrationData:
 
     def _validated(self, arrays: dict[str, np.ndarray], label: str) -> Batch:
         expected = {s.name for s in self.signatures}
+        labels = None
+        if LABELS in arrays and LABELS not in expected:
+            arrays = dict(arrays)
+            labels = arrays.pop(LABELS)
         missing = sorted(expected - set(arrays))
         extra = sorted(set(arrays) - expected)
         if missing or extra:
@@ -96,7 +105,20 @@ class CalibrationData:
         checked = {}
         for sig in self.signatures:
             checked[sig.name] = self._checked_array(sig, arrays[sig.name], label)
+        if labels is not None:
+            checked[LABELS] = _checked_labels(labels, next(iter(counts.values())), label)
         return checked
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Class ids of the samples in order (the first `num_samples`), or None when the data has none
+        (every file of a folder must then carry them)."""
+        if not self._labels:
+            return None
+        if len(self._labels) != len(self._parts):
+            raise CalibrationError(f"only some of the {self.what} files hold a 'labels' array; give labels in "
+                                   "every file or in none")
+        return np.concatenate([np.asarray(part, np.int64) for part in self._labels])[:self.num_samples]
 
     def _checked_array(self, sig: InputSignature, array: np.ndarray, label: str) -> np.ndarray:
         if array.dtype.kind != sig.dtype.kind and not (array.dtype.kind in "iu" and sig.dtype.kind in "iu"):
@@ -159,6 +181,16 @@ class CalibrationData:
 
     def first_batch(self, batch_size: int) -> Batch:
         return next(self.batches(batch_size))
+
+
+def _checked_labels(labels: np.ndarray, samples: int, label: str) -> np.ndarray:
+    if labels.dtype.kind not in "iu" or labels.shape != (samples,):
+        raise CalibrationError(f"{label} key 'labels' has shape {labels.shape} and dtype {labels.dtype}; it must "
+                               f"hold one integer class id per sample, shape ({samples},), e.g. "
+                               "labels=y.astype(np.int64)")
+    if labels.size and labels.min() < 0:
+        raise CalibrationError(f"{label} key 'labels' holds negative class ids; class ids start at 0")
+    return labels
 
 
 def _count(part: Batch) -> int:

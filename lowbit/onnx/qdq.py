@@ -64,14 +64,18 @@ def write_qdq(model: onnx.ModelProto, plan: QuantPlan, *, conv_weights_for_qgemm
         _dequantized_constant(entry.tensor, q, qparams, _axis(entry), new_inits, head_nodes)
         _rewire(nodes_by_name, entry, f"{entry.tensor}_dequantized")
 
+    written: set[str] = set()
     for entry in plan.quantized("bias"):
         act, weight = entry.scale_of
         scale = (scales[act] * scales[weight]).astype(np.float32)
         values = numpy_helper.to_array(initializers[entry.tensor]).astype(np.float64)
         q = np.clip(np.rint(values / scale.astype(np.float64)), _INT32.min, _INT32.max).astype(np.int32)
         qp = QParams(None, scale, np.zeros(scale.shape, np.int32))  # type: ignore[arg-type]
-        _dequantized_constant(entry.tensor, q, qp, 0 if scale.ndim else None, new_inits, head_nodes)
-        _rewire(nodes_by_name, entry, f"{entry.tensor}_dequantized")
+        # A bias shared by layers with different input scales (an unrolled RNN's Gemms) gets one int32 copy each.
+        name = entry.tensor if entry.tensor not in written else f"{entry.tensor}_for_{entry.nodes[0]}"
+        written.add(entry.tensor)
+        _dequantized_constant(name, q, qp, 0 if scale.ndim else None, new_inits, head_nodes)
+        _rewire(nodes_by_name, entry, f"{name}_dequantized")
 
     ordered = list(head_nodes)
     for node in graph.node:
