@@ -53,8 +53,9 @@ def run_child_measured(command: list[str], timeout: float, log: Path) -> dict:
     peak_file = log.with_suffix(".peak")
     start = time.perf_counter()
     with open(log, "w") as sink:
+        # cwd: ORT's quant_pre_process and NNCF leave temporary files in the working directory.
         process = subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(peak_file), *command],
-                                   stdout=sink, stderr=subprocess.STDOUT, env=env)
+                                   stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=log.parent)
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
