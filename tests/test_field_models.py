@@ -68,9 +68,6 @@ def test_silero_vad_speech_decisions_survive_int8(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="lowbit writes an invalid model: the unrolled LSTM's 20 Gemms share one bias "
-                   "initializer and each gets a DequantizeLinear of the same name ('two nodes with same node name "
-                   "(lstm_bwd.cell.bias_ih_DequantizeLinear)')")
 def test_captcha_crnn_strings_survive_int8(tmp_path):
     pytest.importorskip("captcha_whisperer")
     score = quantize_and_score("captcha-crnn", tmp_path, calib_items=16, eval_items=32, max_calls=16)
