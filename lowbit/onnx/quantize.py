@@ -19,8 +19,9 @@ import onnx
 
 from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import CalibrationData, model_inputs
+from lowbit.onnx.control_flow import BodyPlanners
 from lowbit.onnx.cpu import has_amx_int8
-from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
+from lowbit.onnx.io import drop_shape_annotations, load_model, save_model, size_growth_warning
 from lowbit.onnx.planner import ACTIVATION_SPEC, StaticPlanner, node_names, plan_dynamic
 from lowbit.onnx.preprocess import preprocess
 from lowbit.onnx.qdq import ensure_opset, write_qdq
@@ -64,7 +65,7 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
                   equalize: bool = False, bias_correction: bool = False,
                   calib_memory_mb: float | None = None, weight_bits: int = 4, group_size: int = 32,
                   algo: str = "rtn", act_order: bool = False, symmetric: bool = True,
-                  weight_format: str = "matmulnbits", accuracy_level: int = 0,
+                  weight_format: str = "matmulnbits", accuracy_level: int = 0, embedding_bits: int = 8,
                   outlier_split: bool | None = None) -> QuantizeResult:
     """Quantize the ONNX model at `model_path` and write it to `output_path`.
 
@@ -89,7 +90,8 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
     input features, activations float; `algo` "rtn", "gptq" (with `act_order`) or "awq" (both
     need `calib`); `weight_format` "matmulnbits" (ONNX Runtime's fused kernel) or "dq" (standard
     blocked DequantizeLinear, opset 21); `accuracy_level` 4 lets MatMulNBits quantize activations
-    to int8 inside the kernel. See `lowbit.onnx.weight_only`."""
+    to int8 inside the kernel; `embedding_bits` 8 or 4 also rounds the embedding tables (Gather;
+    0 keeps them float). See `lowbit.onnx.weight_only`."""
     started = time.perf_counter()
     model_path, output_path = Path(model_path), Path(output_path)
     _check_arguments(model_path, output_path, mode, calib, calib_method, batch_size)
@@ -98,7 +100,7 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
 
         check_options(bits=weight_bits, group_size=group_size, algo=algo, has_calibration=calib is not None,
                       symmetric=symmetric, act_order=act_order, weight_format=weight_format,
-                      accuracy_level=accuracy_level)
+                      accuracy_level=accuracy_level, embedding_bits=embedding_bits)
     if mode != "static" and (equalize or bias_correction or smooth):
         raise LowbitError("--smooth, --equalize and --bias-correction need calibration; use them with --mode static")
     if calib_memory_mb is not None and calib_memory_mb <= 0:
@@ -139,7 +141,9 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
             if smoothed:
                 algorithms["smoothquant"] = smoothed
                 planner = StaticPlanner(model, per_channel_weights=per_channel, exclude=exclude)
-        stats = collect_activation_stats(model, planner.candidates(), calib_data, method=calib_method,
+        bodies = BodyPlanners(model, per_channel_weights=per_channel, exclude=exclude)  # If/Loop/Scan
+        stats = collect_activation_stats(model, planner.candidates() + bodies.candidates(), calib_data,
+                                         method=calib_method,
                                          spec=ACTIVATION_SPEC, batch_size=batch_size, threads=threads,
                                          memory_budget_mb=calib_memory_mb or DEFAULT_MEMORY_BUDGET_MB)
         calibration_seconds += stats.seconds
@@ -158,18 +162,21 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
         algorithms["conv_weights"] = ("zero point -1 (ONNX Runtime GEMM/AMX kernels)" if conv_for_qgemm
                                       else "symmetric (ONNX Runtime symmetric-conv kernels)")
         quantized = write_qdq(model, plan, conv_weights_for_qgemm=conv_for_qgemm)
+        quantized = bodies.write(quantized, plan, stats, conv_weights_for_qgemm=conv_for_qgemm)
     elif mode == "dynamic":
         from lowbit.onnx.dynamic import write_dynamic
 
         plan = plan_dynamic(model, per_channel_weights=per_channel, exclude=exclude)
         quantized = write_dynamic(model, plan)
+        quantized = BodyPlanners(model, per_channel_weights=per_channel, exclude=exclude,
+                                 mode="dynamic").write(quantized, plan)
     elif mode == "weight-only":
         from lowbit.onnx.weight_only import quantize_weight_only
 
         done = quantize_weight_only(model, calib_data, bits=weight_bits, group_size=group_size, algo=algo,
                                     symmetric=symmetric, act_order=act_order, weight_format=weight_format,
                                     accuracy_level=accuracy_level, exclude=exclude, batch_size=batch_size,
-                                    threads=threads)
+                                    threads=threads, embedding_bits=embedding_bits)
         plan, quantized, calibration_seconds = done.plan, done.model, done.calibration_seconds
         warnings += done.warnings
     else:
@@ -191,6 +198,7 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
     drop_shape_annotations(quantized)
     _check_runs(quantized)
     save_model(quantized, output_path, inputs=[model_path])
+    warnings += size_growth_warning(model_path, output_path)
     report = None
     if verify and eval_set is not None:
         report = compare_models(model_path, output_path, eval_set, batch_size=batch_size, threads=threads,
