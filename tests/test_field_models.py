@@ -56,9 +56,6 @@ def test_detection_metric_matches_by_label_and_iou():
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="speech needs espeak-ng (apt-get install espeak-ng)")
-@pytest.mark.xfail(strict=True, reason="issue 12 items 2-3 (helper 'control'): per-call calibration files with the "
-                   "RNN state batched on axis 1 and a scalar sample rate are rejected ('arrays disagree on the "
-                   "number of samples'), and the If-wrapped network is never calibrated")
 @pytest.mark.parametrize("name", ["silero-vad", "silero-vad-op15"])
 def test_silero_vad_speech_decisions_survive_int8(name, tmp_path):
     pytest.importorskip("silero_vad")
