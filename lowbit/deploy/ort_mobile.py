@@ -1,0 +1,92 @@
+"""ONNX Runtime Mobile: the QDQ model in ORT format (.ort), converted by onnxruntime's own tool.
+
+`onnxruntime.tools.convert_onnx_models_to_ort` applies ORT's fixed graph optimizations for ARM
+(no x86-only NCHWc layout) and serializes the result; the file loads in a full or a minimal
+(mobile) ORT build. Any model ONNX Runtime runs converts, so every lowbit precision is native
+here: static int8, weight-only int8/int4, blocked weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from lowbit.deploy.qdq_graph import QDQGraph
+
+NAME = "ORT Mobile"
+SUFFIX = ".ort"
+EXTRA = None  # onnxruntime is a core dependency
+PRECISIONS = "every precision ONNX Runtime runs (static int8, weight-only int8/int4)"
+
+
+def check(graph: QDQGraph) -> None:
+    """Every graph ONNX Runtime runs is fine."""
+
+
+def write(graph: QDQGraph, onnx_model: onnx.ModelProto, example: dict[str, np.ndarray], path: Path,
+          *, as_float: bool = False) -> None:
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    model = onnx.ModelProto()
+    model.CopyFrom(float_onnx(onnx_model, graph) if as_float else onnx_model)
+    del model.metadata_props[:]  # lowbit's plan and recipe: for tools, not for the device
+    with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as scratch:
+        source = Path(scratch) / "model.onnx"
+        onnx.save_model(model, source)
+        with contextlib.redirect_stdout(io.StringIO()):  # the tool prints one line per step
+            convert_onnx_models_to_ort(source, Path(scratch), optimization_styles=[OptimizationStyle.Fixed],
+                                       target_platform="arm")
+        Path(path).write_bytes((Path(scratch) / "model.ort").read_bytes())
+
+
+def load(path: Path, threads: int, input_names: list[str]):
+    """An InferenceSession on the .ort file (already has `run(None, feed)`)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def float_onnx(model: onnx.ModelProto, graph: QDQGraph) -> onnx.ModelProto:
+    """The same network in float: weights dequantized, activation Q -> DQ pairs removed."""
+    from onnx import helper, numpy_helper
+
+    quantize_ops = {"QuantizeLinear", "DequantizeLinear"}
+    nodes = [n for n in model.graph.node if n.op_type not in quantize_ops]
+    nodes += [helper.make_node("Identity", op.inputs, op.outputs) for op in graph.ops if op.op_type == "FakeQuant"]
+    tensors = {name: w.dequantized() for name, w in graph.weights.items()}
+    tensors.update({name: value for name, value in graph.constants.items() if name not in tensors})
+    used = {i for n in nodes for i in n.input}
+    initializers = [numpy_helper.from_array(value, name) for name, value in tensors.items() if name in used]
+    float_graph = helper.make_graph(_topological(nodes), model.graph.name, list(model.graph.input),
+                                    list(model.graph.output), initializers)
+    result = helper.make_model(float_graph, opset_imports=list(model.opset_import))
+    result.ir_version = model.ir_version
+    return result
+
+
+def _topological(nodes: list) -> list:
+    produced_by = {out: n for n in nodes for out in n.output}
+    done, ordered = set(), []
+
+    def visit(node) -> None:
+        if id(node) in done:
+            return
+        done.add(id(node))
+        for name in node.input:
+            if name in produced_by:
+                visit(produced_by[name])
+        ordered.append(node)
+
+    for node in nodes:
+        visit(node)
+    return ordered
