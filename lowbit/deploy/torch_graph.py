@@ -65,8 +65,15 @@ class QDQModule(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         env: dict[str, torch.Tensor] = dict(zip(self.graph.inputs, inputs))
+        # Quantized activations are kept as integers and dequantized once per consumer, the
+        # layout the PT2E converters expect (a dq shared by two consumers makes XNNPACK's
+        # partitioner see a dependency cycle around residual Adds).
+        quantized: dict[str, tuple[torch.Tensor, Grid]] = {}
 
         def value(name: str) -> torch.Tensor:
+            if name in quantized:
+                q, grid = quantized[name]
+                return _dequantize(q, grid, None)
             if name in env:
                 return env[name]
             tensor = getattr(self, self._buffer_of[name])
@@ -77,10 +84,13 @@ class QDQModule(nn.Module):
         for op in self.graph.ops:
             if op.op_type == "FakeQuant":
                 x = value(op.inputs[0])
-                env[op.outputs[0]] = x if self.weight_form == "plain" else fake_quant_activation(x, op.grid)
+                if self.weight_form == "plain":
+                    env[op.outputs[0]] = x
+                else:
+                    quantized[op.outputs[0]] = (_quantize(x, op.grid, None), op.grid)
             else:
                 env[op.outputs[0]] = run_op(op, value, self.graph)
-        return tuple(env[name] for name in self.graph.outputs)
+        return tuple(value(name) for name in self.graph.outputs)
 
     def _weight(self, buffer: str, weight: QuantizedWeight, transpose: bool) -> torch.Tensor:
         tensor = getattr(self, buffer)
@@ -101,10 +111,6 @@ def _weight_tensor(weight: QuantizedWeight, form: WeightForm, transpose: bool) -
     values = weight.values if form == "int" else weight.dequantized()
     tensor = torch.from_numpy(np.ascontiguousarray(values.T if transpose else values))
     return tensor.to(torch.int8) if form == "int" else tensor
-
-
-def fake_quant_activation(x: torch.Tensor, grid: Grid) -> torch.Tensor:
-    return _dequantize(_quantize(x, grid, None), grid, None)
 
 
 ChannelParams = tuple[torch.Tensor, torch.Tensor, int]  # scale, zero point, axis
