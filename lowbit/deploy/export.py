@@ -223,3 +223,31 @@ def compare_outputs(model: Any, graph: Any, runner: Any, feeds: list[dict[str, n
     samples = sum(next(iter(f.values())).shape[0] for f in feeds)
     return {"samples": samples, "top1_agreement": min(agreements) if agreements else None,
             "max_abs_error": worst, "output_step": step_used, "max_error_steps": max(worst_steps, 0.0)}
+
+
+def export_mobile(model: Any, example_inputs: Any, path: str | Path, *, check_data: Any = None,
+                  batch: int = 1, threads: int = 1, repeats: int = 20, measure_speed: bool = True) -> DeployReport:
+    """QAT path: a prepared, calibrated PyTorch model (eval mode) -> .ort / .pte / .tflite.
+
+    The model goes through `lowbit.torch.export_onnx` (QDQ ONNX with its parity check against
+    PyTorch), then through `export_model`, so the mobile file carries the QAT model's own scales.
+    `check_data` (tensor or tuple of tensors, samples on axis 0) feeds both parity checks."""
+    import torch
+
+    from lowbit.torch.export import export_onnx
+    from lowbit.torch.qat import as_input_tuple
+
+    target = target_for(path)
+    sentence = missing_extra(target)
+    if sentence:  # before the ONNX export: fail in a second, not after it
+        raise LowbitError(sentence)
+    with tempfile.TemporaryDirectory(prefix="lowbit-export-") as scratch:
+        onnx_path = Path(scratch) / "model.onnx"
+        export_onnx(model, example_inputs, onnx_path, check_data=check_data, check_fusion=False)
+        data = None
+        if check_data is not None:
+            tensors = as_input_tuple(check_data, "parity check inputs")
+            names = ["input"] if len(tensors) == 1 else [f"input_{i}" for i in range(len(tensors))]
+            data = {name: torch.as_tensor(t).detach().numpy() for name, t in zip(names, tensors)}
+        return export_model(onnx_path, path, data=data, samples=len(next(iter(data.values()))) if data else 256,
+                            batch=batch, threads=threads, repeats=repeats, measure_speed=measure_speed)
