@@ -129,8 +129,15 @@ def test_litert_file_is_int8_with_lowbits_scales(quantized, tmp_path):
 
 def test_cli_export_prints_parity_size_and_latency(quantized, tmp_path, capsys):
     model_path, data = quantized
-    out = tmp_path / "cli.ort"
-    assert main(["export", str(model_path), "-o", str(out), "--data", str(data), "--repeats", "3"]) == 0
+    out, float_out = tmp_path / "cli.ort", tmp_path / "cli_float.ort"
+    assert main(["export", str(model_path), "-o", str(out), "--data", str(data), "--repeats", "3",
+                 "--float-output", str(float_out)]) == 0
     text = capsys.readouterr().out
     assert "top-1 agreement 100.00%" in text and "smaller" in text and "latency" in text
-    assert out.is_file() and [p.name for p in tmp_path.iterdir()] == ["cli.ort"]  # no staging left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.ort", "cli_float.ort"]  # no staging left behind
+    # the float export is the same network without quantization: close to, not equal to, the int8 file
+    x = np.load(data)["image"][:8]
+    float_logits = ort.InferenceSession(str(float_out), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    reference = ort_reference(model_path, x)
+    assert (float_logits.argmax(1) == reference.argmax(1)).mean() >= 0.75
+    assert not np.array_equal(float_logits, reference)

@@ -27,6 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="runtime threads for parity and timing (default: 1)")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per model (default: 20)")
     parser.add_argument("--no-speed", action="store_true", help="skip the latency measurement")
+    parser.add_argument("--float-output", metavar="PATH",
+                        help="also keep the target's float export of the same network (for ratios on a device)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
@@ -35,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from lowbit.deploy.export import export_model
 
     report = export_model(args.model, args.output, data=args.data, samples=args.samples, batch=args.batch,
-                          threads=args.threads, repeats=args.repeats, measure_speed=not args.no_speed)
+                          threads=args.threads, repeats=args.repeats, measure_speed=not args.no_speed,
+                          float_output=args.float_output)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.describe())
     return 0

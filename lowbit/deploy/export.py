@@ -105,11 +105,13 @@ def missing_extra(target: ModuleType) -> str | None:
 
 
 def export_model(model_path: str | Path, output: str | Path, *, data: Any = None, samples: int = 256,
-                 batch: int = 1, threads: int = 1, repeats: int = 20, measure_speed: bool = True) -> DeployReport:
+                 batch: int = 1, threads: int = 1, repeats: int = 20, measure_speed: bool = True,
+                 float_output: str | Path | None = None) -> DeployReport:
     """Convert the lowbit QDQ model at `model_path` to `output` (.ort / .pte / .tflite) and verify it.
 
     data: parity inputs, an .npz (or a dict of arrays) keyed by input name, samples on axis 0; by
-    default `SYNTHETIC_SAMPLES` standard-normal samples. The output has a fixed batch of `batch`."""
+    default `SYNTHETIC_SAMPLES` standard-normal samples. The output has a fixed batch of `batch`.
+    float_output: also keep the target's float export there (the reference for on-device ratios)."""
     from lowbit.deploy.qdq_graph import read_qdq_graph
     from lowbit.onnx.io import load_model
 
@@ -119,6 +121,11 @@ def export_model(model_path: str | Path, output: str | Path, *, data: Any = None
     if sentence:
         raise LowbitError(sentence)
     _check_output(model_path, output)
+    if float_output is not None:
+        float_output = Path(float_output)
+        _check_output(model_path, float_output)
+        if float_output.resolve() == output.resolve() or target_for(float_output) is not target:
+            raise LowbitError(f"--float-output {float_output} must be another {target.SUFFIX} file than the output")
     if batch < 1 or threads < 1 or repeats < 1:
         raise LowbitError("--batch, --threads and --repeats must be at least 1")
     model = load_model(model_path)
@@ -147,6 +154,8 @@ def export_model(model_path: str | Path, output: str | Path, *, data: Any = None
                               latency_ms=latency, float_latency_ms=float_latency, threads=threads, batch=batch,
                               repeats=repeats, data=data_label)
         staged.replace(output)
+        if float_output is not None:
+            float_path.replace(float_output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
