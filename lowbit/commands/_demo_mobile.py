@@ -41,11 +41,12 @@ def format_mobile_section(section: dict[str, Any]) -> str:
         body.append([r["target"], r["file"], f"{100 * r['top1_agreement']:.2f}%", f"{r['max_error_steps']:.2f} steps",
                      f"{r['file_bytes']:,}", f"{r['size_ratio']:.2f}x", f"{r['latency_ms']:.2f}",
                      f"{r['float_latency_ms']:.2f}", f"{r['speedup']:.2f}x"])
-    widths = [max(len(row[i]) for row in [header] + body if not (len(row) > 3 and row[3] == "" and i > 2))
+    # An install row spans the numeric columns; it does not widen them.
+    widths = [max(len(row[i]) for row in [header] + body if i < 2 or not row[2].startswith("not installed"))
               for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        if cells[3] == "" and cells[2].startswith("not installed"):
+        if cells[2].startswith("not installed"):
             return "  ".join([cells[0].ljust(widths[0]), cells[1].ljust(widths[1]), cells[2]])
         return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
@@ -67,9 +68,10 @@ def interpret_mobile(section: dict[str, Any]) -> str:
     sentences = []
     if done:
         parity = "all match" if all(r["passed"] for r in done) else "NOT all match"
+        low, high = min(r["size_ratio"] for r in done), max(r["size_ratio"] for r in done)
+        ratio = f"{low:.1f}x" if f"{low:.1f}" == f"{high:.1f}" else f"{low:.1f}-{high:.1f}x"
         sentences.append(f"Exported to {', '.join(r['target'] for r in done)}, the int8 files {parity} ONNX Runtime "
-                         f"(worst {max(r['max_error_steps'] for r in done):.2f} output steps) and are "
-                         f"{min(r['size_ratio'] for r in done):.1f}-{max(r['size_ratio'] for r in done):.1f}x smaller "
+                         f"(worst {max(r['max_error_steps'] for r in done):.2f} output steps) and are {ratio} smaller "
                          "than each runtime's float export.")
     if missing:
         sentences.append(f"{' and '.join(r['target'] for r in missing)} rows need "
