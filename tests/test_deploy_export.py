@@ -141,3 +141,32 @@ def test_cli_export_prints_parity_size_and_latency(quantized, tmp_path, capsys):
     reference = ort_reference(model_path, x)
     assert (float_logits.argmax(1) == reference.argmax(1)).mean() >= 0.75
     assert not np.array_equal(float_logits, reference)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_weight_only_goes_to_ort_and_its_float_export_matches_matmulnbits(tmp_path, bits):
+    import torch
+
+    from _onnx_quant_models import export
+    from lowbit.deploy.ort_mobile import float_onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10))
+    fp32 = export(net, (torch.randn(1, 64),), tmp_path / "mlp.onnx", ["x"], {"x": {0: "batch"}, "out": {0: "batch"}})
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32))
+    packed = tmp_path / f"w{bits}.onnx"
+    assert main(["quantize", str(fp32), "-o", str(packed), "--mode", "weight-only", "--weight-bits", str(bits),
+                 "--algo", "rtn", "--group-size", "16", "--calib", str(tmp_path / "calib.npz"), "--no-speed"]) == 0
+    model = onnx.load(packed)
+    assert any(n.op_type == "MatMulNBits" for n in model.graph.node)
+    # the float export unpacks MatMulNBits to the very weights ONNX Runtime's kernel multiplies with
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    unpacked = ort.InferenceSession(float_onnx(model, read_qdq_graph(model)).SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(unpacked, ort_reference_named(packed, "x", x), rtol=1e-4, atol=1e-5)
+    report = export_model(packed, tmp_path / "w.ort", repeats=2)
+    assert report.passed and report.precision == "weight-only" and report.max_abs_error == 0.0
+
+
+def ort_reference_named(model: Path, name: str, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]

@@ -34,6 +34,10 @@ PRECISIONS = "static int8, and int8 weight-only as LiteRT's dynamic-range kernel
 
 
 def check(graph: QDQGraph) -> None:
+    if graph.packed_ops:
+        raise LowbitError("the model is weight-only quantized with ONNX Runtime's MatMulNBits op; LiteRT runs static "
+                          "int8 QDQ models and int8 weight-only DequantizeLinear weights, so quantize with --mode "
+                          "static, or export this model to .ort")
     if graph.precision == "weight-only" and graph.weight_bits > 8:
         raise LowbitError("LiteRT runs static int8 and int8 weight-only (dynamic-range) models; this one has "
                           f"{graph.weight_bits}-bit weights")

@@ -27,6 +27,9 @@ from lowbit.errors import LowbitError
 SUPPORTED_OPS = ("Conv", "Gemm", "MatMul", "Relu", "Clip", "Add", "Mul", "Sigmoid", "HardSwish", "MaxPool",
                  "AveragePool", "GlobalAveragePool", "Flatten", "Reshape", "Concat", "Softmax")
 _INT4 = {TensorProto.INT4: (-8, 7), TensorProto.UINT4: (0, 15)}
+# ONNX Runtime's packed weight-only MatMul (lowbit's --mode weight-only output): kept opaque, only
+# ONNX Runtime (Mobile) runs it.
+PACKED_OP = "MatMulNBits"
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,12 @@ class QDQGraph:
 
     @property
     def weight_bits(self) -> int:
-        return max(w.grid.bits for w in self.weights.values())
+        packed = [op.attrs.get("bits", 4) for op in self.ops if op.op_type == PACKED_OP]
+        return max([w.grid.bits for w in self.weights.values()] + packed)
+
+    @property
+    def packed_ops(self) -> list[Op]:
+        return [op for op in self.ops if op.op_type == PACKED_OP]
 
     def compute_ops(self) -> list[Op]:
         return [op for op in self.ops if op.op_type != "FakeQuant"]
@@ -112,7 +120,7 @@ def read_qdq_graph(model: onnx.ModelProto, source: str = "the model") -> QDQGrap
     def resolve(name: str) -> str:
         return alias.get(name, name)
 
-    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in nodes):
+    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear", PACKED_OP) for n in nodes):
         raise LowbitError(f"{source} is a float model (no QuantizeLinear/DequantizeLinear nodes); quantize it "
                           "first with `lowbit quantize` (or export a QAT model) and export the quantized file")
 
@@ -173,7 +181,7 @@ def read_qdq_graph(model: onnx.ModelProto, source: str = "the model") -> QDQGrap
             consumed_q.add(node.output[0])
             ops.append(Op("FakeQuant", name, [resolve(node.input[0])], [dq.output[0]], grid=grid))
             continue
-        if node.op_type not in SUPPORTED_OPS:
+        if node.op_type not in SUPPORTED_OPS and node.op_type != PACKED_OP:
             raise LowbitError(f"{source} uses the {node.op_type} op ({name}), which export does not convert; "
                               f"supported ops: {', '.join(SUPPORTED_OPS)}")
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
