@@ -2,7 +2,8 @@
 
 Three sections, run offline in well under a minute on two CPU cores:
 1. weight-only quantization in PyTorch, fp16 down to binary (this module);
-2. static int8 on ONNX Runtime: fidelity, file size and measured latency vs fp32 (`_demo_runtime`);
+2. static int8 on ONNX Runtime: fidelity, file size and measured latency vs fp32 (`_demo_runtime`),
+   then that model exported to ORT Mobile, ExecuTorch and LiteRT, one row each (`_demo_mobile`);
 3. PTQ vs quantization-aware training at 2 and 1 bits, measured on ONNX Runtime (`_demo_qat`).
 Every size is measured on really packed weights (plus scales, zero points and float32 biases),
 every accuracy on the 450 held-out test images, so the report is a small, honest picture of what
