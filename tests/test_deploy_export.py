@@ -170,3 +170,29 @@ def test_weight_only_goes_to_ort_and_its_float_export_matches_matmulnbits(tmp_pa
 
 def ort_reference_named(model: Path, name: str, x: np.ndarray) -> np.ndarray:
     return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+
+
+@pytest.mark.slow
+def test_int8_weight_only_goes_to_litert_dynamic_range(tmp_path):
+    pytest.importorskip("litert_torch", reason="needs lowbit[litert]")
+    from ai_edge_litert.interpreter import Interpreter
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weights = {"w1": rng.integers(-127, 128, (32, 64)).astype(np.int8),
+               "w2": rng.integers(-127, 128, (10, 32)).astype(np.int8)}
+    nodes = [helper.make_node("DequantizeLinear", ["w1", "s1"], ["d1"], axis=0),
+             helper.make_node("Gemm", ["x", "d1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("DequantizeLinear", ["w2", "s2"], ["d2"], axis=0),
+             helper.make_node("Gemm", ["r", "d2"], ["y"], transB=1)]
+    inits = [numpy_helper.from_array(v, k) for k, v in weights.items()]
+    inits += [numpy_helper.from_array(np.full(32, 0.01, np.float32), "s1"),
+              numpy_helper.from_array(np.full(10, 0.02, np.float32), "s2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "wo.onnx")
+    report = export_model(tmp_path / "wo.onnx", tmp_path / "wo.tflite", repeats=2)
+    assert report.precision == "weight-only" and report.passed, report.describe()
+    interpreter = Interpreter(model_path=str(tmp_path / "wo.tflite"))
+    stored = sorted(tuple(t["shape"]) for t in interpreter.get_tensor_details() if t["dtype"] == np.int8)
+    assert stored == [(10, 32), (32, 64)]  # both weights stay int8: LiteRT's dynamic-range kernels

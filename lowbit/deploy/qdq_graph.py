@@ -141,7 +141,7 @@ def read_qdq_graph(model: onnx.ModelProto, source: str = "the model") -> QDQGrap
         zp_name = resolve(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         zero_point = raw[zp_name] if zp_name else np.zeros_like(scale, dtype=np.int32)
         zp_type = raw_types.get(zp_name, stored_type) if zp_name else stored_type
-        qmin, qmax = _range_of(zp_type, zero_point.dtype)
+        qmin, qmax = _range_of(zp_type)
         axis = None
         if scale.ndim:
             axis = attrs.get("axis", 1)
@@ -161,7 +161,10 @@ def read_qdq_graph(model: onnx.ModelProto, source: str = "the model") -> QDQGrap
                 else:
                     if grid.axis is not None and grid.axis < 0:
                         grid = Grid(grid.scale, grid.zero_point, grid.qmin, grid.qmax, grid.axis + values.ndim)
-                    weights[node.output[0]] = QuantizedWeight(values.astype(np.int32), grid)
+                    values = values.astype(np.int32)
+                    if (grid.qmin, grid.qmax) == (0, 255):  # the same grid, signed
+                        values, grid = values - 128, Grid(grid.scale, grid.zero_point - 128, -128, 127, grid.axis)
+                    weights[node.output[0]] = QuantizedWeight(values, grid)
             elif source_name not in consumed_q:
                 raise LowbitError(f"{source} dequantizes a computed tensor at {name} without a QuantizeLinear "
                                   "before it; export takes lowbit's QDQ layout (Q -> DQ pairs on activations)")
@@ -202,8 +205,9 @@ def read_qdq_graph(model: onnx.ModelProto, source: str = "the model") -> QDQGrap
     return QDQGraph(inputs, [o.name for o in model.graph.output], ops, constants, weights)
 
 
-def _range_of(onnx_type: int | None, dtype: np.dtype) -> tuple[int, int]:
+def _range_of(onnx_type: int | None) -> tuple[int, int]:
+    """Integer range of the quantized type (ONNX's default without a zero point: uint8)."""
     if onnx_type in _INT4:
         return _INT4[onnx_type]
-    info = np.iinfo(dtype if np.dtype(dtype).kind in "iu" else np.int8)
+    info = np.iinfo(helper.tensor_dtype_to_np_dtype(onnx_type) if onnx_type else np.uint8)
     return int(info.min), int(info.max)

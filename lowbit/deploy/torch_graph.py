@@ -41,7 +41,7 @@ class QDQModule(nn.Module):
         # Layers whose float output is a graph output have no output grid to requantize to, so no
         # integer kernel: their weights go in as the (exact) dequantized floats and run float.
         self.float_weights = {name for op in graph.ops if set(op.outputs) & set(graph.outputs)
-                              for name in op.inputs if name in graph.weights}
+                              for name in op.inputs if name in graph.weights} if graph.precision == "static" else set()
         names = [n for op in graph.ops for n in op.inputs if n]
         for index, name in enumerate(dict.fromkeys(names)):
             if name in graph.weights:
