@@ -50,7 +50,12 @@ def qat_model(teacher: torch.nn.Module, recipe: str, x_train: torch.Tensor, y_tr
 
 
 def build_models(work: Path, epochs: int, seed: int) -> list[tuple[str, Path, Path]]:
-    """(label, QDQ model, test-data .npz) for each benchmarked model."""
+    """(label, QDQ model, test-data .npz) for each benchmarked model; reused when `work` has them."""
+    models = [("MobileNetV2-style, static int8 (quantize_onnx)", work / "mobilenet_int8.onnx", work / "mobilenet_test.npz"),
+              ("MobileNetV2-style, QAT W8A8", work / "mobilenet_w8a8.onnx", work / "mobilenet_test.npz"),
+              ("digits CNN, QAT W4A8", work / "digits_w4a8.onnx", work / "digits_test.npz")]
+    if all(path.is_file() for _, path, _ in models):
+        return models
     raw = load_digits_split()
     x_train, x_test = digits_as_rgb(raw.x_train, IMAGE_SIZE), digits_as_rgb(raw.x_test, IMAGE_SIZE)
     np.savez(work / "mobilenet_test.npz", input=x_test.numpy())
@@ -64,9 +69,7 @@ def build_models(work: Path, epochs: int, seed: int) -> list[tuple[str, Path, Pa
         qat_model(mobilenet, "w8a8", x_train, raw.y_train, x_test, work / "mobilenet_w8a8.onnx", epochs, seed)
         cnn, _ = train_digits_cnn(epochs=15, seed=seed)
         qat_model(cnn, "w4a8", raw.x_train, raw.y_train, raw.x_test, work / "digits_w4a8.onnx", epochs, seed)
-    return [("MobileNetV2-style, static int8 (quantize_onnx)", work / "mobilenet_int8.onnx", work / "mobilenet_test.npz"),
-            ("MobileNetV2-style, QAT W8A8", work / "mobilenet_w8a8.onnx", work / "mobilenet_test.npz"),
-            ("digits CNN, QAT W4A8", work / "digits_w4a8.onnx", work / "digits_test.npz")]
+    return models
 
 
 def main() -> int:
@@ -76,13 +79,16 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
     parser.add_argument("--repeats", type=int, default=50, help="timed runs per file (default 50)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path(__file__).parent / "_artifacts" / "mobile",
+                        help="where the trained and quantized models are kept (reused by the next run)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args()
 
     rows = []
+    args.work.mkdir(parents=True, exist_ok=True)
+    models = build_models(args.work, args.qat_epochs, args.seed)
     with tempfile.TemporaryDirectory(prefix="lowbit-mobile-") as tmp:
         work = Path(tmp)
-        models = build_models(work, args.qat_epochs, args.seed)
         for suffix in TARGETS:
             sentence = missing_extra(target_for(f"x{suffix}"))
             if sentence:

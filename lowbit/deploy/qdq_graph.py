@@ -112,7 +112,8 @@ def read_qdq_graph(model: onnx.ModelProto, source: str = "the model") -> QDQGrap
     for node in model.graph.node:
         if node.op_type == "Constant":
             raw[node.output[0]] = numpy_helper.to_array(helper.get_attribute_value(node.attribute[0]))
-        elif node.op_type == "Identity":
+        elif node.op_type == "Identity" or (node.op_type == "Cast" and _casts_to_float(node)):
+            # lowbit's QAT export casts float activations to float around residual Adds: no-ops
             alias[node.output[0]] = alias.get(node.input[0], node.input[0])
         else:
             nodes.append(node)
@@ -203,6 +204,10 @@ def read_qdq_graph(model: onnx.ModelProto, source: str = "the model") -> QDQGrap
         dims = value.type.tensor_type.shape.dim
         inputs[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     return QDQGraph(inputs, [o.name for o in model.graph.output], ops, constants, weights)
+
+
+def _casts_to_float(node: onnx.NodeProto) -> bool:
+    return any(a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute)
 
 
 def _range_of(onnx_type: int | None) -> tuple[int, int]:
