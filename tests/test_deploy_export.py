@@ -196,3 +196,24 @@ def test_int8_weight_only_goes_to_litert_dynamic_range(tmp_path):
     interpreter = Interpreter(model_path=str(tmp_path / "wo.tflite"))
     stored = sorted(tuple(t["shape"]) for t in interpreter.get_tensor_details() if t["dtype"] == np.int8)
     assert stored == [(10, 32), (32, 64)]  # both weights stay int8: LiteRT's dynamic-range kernels
+
+
+def test_qat_model_goes_to_mobile_through_export_onnx(tmp_path):
+    import torch
+
+    from lowbit.torch import calibrate, export_mobile, prepare
+    from lowbit.zoo.digits import DigitsCNN
+
+    torch.manual_seed(0)
+    x = torch.rand(32, 1, 8, 8)
+    model = prepare(DigitsCNN().eval(), "w4a8", x[:2])
+    calibrate(model, [x])
+    model.eval()
+    report = export_mobile(model, x[:2], tmp_path / "qat.ort", check_data=x, repeats=2)
+    assert report.passed and report.samples == 32 and report.max_abs_error == 0.0
+    session = ort.InferenceSession(str(tmp_path / "qat.ort"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        fake_quant = model(x[:4]).numpy()
+    got = session.run(None, {"input": x[:4].numpy()})[0]
+    assert (got.argmax(1) == fake_quant.argmax(1)).all()  # the file computes the QAT model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qat.ort"]  # the intermediate ONNX is gone
