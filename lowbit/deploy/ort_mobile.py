@@ -45,15 +45,10 @@ def write(graph: QDQGraph, onnx_model: onnx.ModelProto, example: dict[str, np.nd
 
 
 def load(path: Path, threads: int, input_names: list[str]):
-    """An InferenceSession on the .ort file (already has `run(None, feed)`)."""
-    import onnxruntime as ort
+    """An InferenceSession on the .ort file (spin-waiting off, `threads` threads)."""
+    from lowbit.onnx.session import make_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return make_session(str(path), threads=threads)
 
 
 def float_onnx(model: onnx.ModelProto, graph: QDQGraph) -> onnx.ModelProto:
