@@ -145,3 +145,13 @@ def test_cli_user_error_is_one_line_and_nonzero(cnn, tmp_path, capsys):
     assert code == 2
     assert err.startswith("lowbit: error:") and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_batch_dimension_declared_as_minus_one_is_free(tmp_path):
+    # PaddlePaddle exports write -1 for a free dimension instead of a name.
+    w = numpy_helper.from_array(np.ones((2, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])], [w])
+    data = CalibrationData({"x": np.arange(10, dtype=np.float32).reshape(5, 2)}, helper.make_model(graph))
+    assert [b["x"].shape for b in data.batches(4)] == [(4, 2), (1, 2)]

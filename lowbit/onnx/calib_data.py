@@ -62,7 +62,9 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSignature]:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
         shape = None
         if tensor_type.HasField("shape"):
-            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+            # PaddlePaddle and other exporters declare free dimensions as -1 (or 0) instead of a name.
+            shape = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                          for d in tensor_type.shape.dim)
         signatures.append(InputSignature(value.name, dtype, shape))
     return signatures
 
