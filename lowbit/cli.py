@@ -16,7 +16,7 @@ import sys
 from lowbit import __version__
 from lowbit.errors import LowbitError
 
-COMMANDS: list[str] = ["demo", "quantize", "inspect", "bench", "analyze"]
+COMMANDS: list[str] = ["demo", "quantize", "inspect", "bench", "analyze", "export"]
 
 EXIT_USER_ERROR = 2  # as argparse uses for usage errors
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention

@@ -223,3 +223,16 @@ def test_qat_sentence_says_when_training_did_not_help():
 def test_qat_epochs_must_be_positive(capsys):
     assert cli.main(["demo", "--fast", "--qat-epochs", "0"]) == cli.EXIT_USER_ERROR
     assert "--qat-epochs must be at least 1" in capsys.readouterr().err
+
+
+def test_mobile_rows_match_onnx_runtime_or_name_the_extra(demo):
+    result, _ = demo
+    rows = result["mobile"]["rows"]
+    assert [row["file"] for row in rows] == [".ort", ".pte", ".tflite"]
+    assert "install" not in rows[0]  # ORT Mobile needs nothing beyond onnxruntime
+    for row in rows:
+        if "install" in row:
+            assert row["install"].startswith("pip install 'lowbit[")
+            continue
+        assert row["passed"] and row["samples"] == result["onnx_runtime"]["batch"]
+        assert row["file_bytes"] < row["float_file_bytes"] and row["latency_ms"] > 0

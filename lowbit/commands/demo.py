@@ -2,7 +2,8 @@
 
 Three sections, run offline in well under a minute on two CPU cores:
 1. weight-only quantization in PyTorch, fp16 down to binary (this module);
-2. static int8 on ONNX Runtime: fidelity, file size and measured latency vs fp32 (`_demo_runtime`);
+2. static int8 on ONNX Runtime: fidelity, file size and measured latency vs fp32 (`_demo_runtime`),
+   then that model exported to ORT Mobile, ExecuTorch and LiteRT, one row each (`_demo_mobile`);
 3. PTQ vs quantization-aware training at 2 and 1 bits, measured on ONNX Runtime (`_demo_qat`).
 Every size is measured on really packed weights (plus scales, zero points and float32 biases),
 every accuracy on the 450 held-out test images, so the report is a small, honest picture of what
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
 def run_demo(epochs: int = DEFAULT_EPOCHS, qat_epochs: int = DEFAULT_QAT_EPOCHS, seed: int = 0) -> dict[str, Any]:
     """Train, fold BatchNorm, run the three sections; returns plain data (JSON-ready)."""
     # Imported here so that `lowbit --help` does not pay for loading torch.
+    from lowbit.commands._demo_mobile import run_mobile_section
     from lowbit.commands._demo_qat import run_qat_section
     from lowbit.commands._demo_runtime import run_onnx_section
     from lowbit.progress import progress
@@ -133,6 +135,9 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, qat_epochs: int = DEFAULT_QAT_EPOCHS,
         # Everything the runtime sections write (ONNX files, calibration .npz) lives and dies here.
         with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as tmp:
             onnx_runtime = run_onnx_section(model, data, Path(tmp))
+            # The files the ONNX Runtime section wrote: its int8 QDQ model and the test images.
+            mobile = run_mobile_section(Path(tmp) / "digits_int8.onnx", Path(tmp) / "test.npz",
+                                        onnx_runtime["batch"], Path(tmp))
             qat = run_qat_section(trained, data, Path(tmp), epochs=qat_epochs, seed=seed)
     return {
         "data": {"name": "sklearn digits 8x8", "train": len(data.x_train), "test": len(data.x_test)},
@@ -141,6 +146,7 @@ def run_demo(epochs: int = DEFAULT_EPOCHS, qat_epochs: int = DEFAULT_QAT_EPOCHS,
         "training": train_metrics,
         "rows": [asdict(row) for row in rows],
         "onnx_runtime": onnx_runtime,
+        "mobile": mobile,
         "qat": qat,
     }
 
@@ -160,6 +166,7 @@ def _weight_sqnr_db(original: Any, quantized: Any) -> float:
 
 def format_report(result: dict[str, Any]) -> str:
     """The three sections and a short interpretation, as printed by `lowbit demo`."""
+    from lowbit.commands._demo_mobile import format_mobile_section, interpret_mobile
     from lowbit.commands._demo_qat import format_qat_section, interpret_qat
     from lowbit.commands._demo_runtime import format_onnx_section, interpret_onnx
 
@@ -179,6 +186,8 @@ def format_report(result: dict[str, Any]) -> str:
         "",
         format_onnx_section(result["onnx_runtime"]),
         "",
+        format_mobile_section(result["mobile"]),
+        "",
         format_qat_section(result["qat"], fp32_accuracy),
         "",
         "What the numbers say",
@@ -186,6 +195,7 @@ def format_report(result: dict[str, Any]) -> str:
         # One paragraph per section, each generated from that section's numbers.
         interpret(result["rows"], result["data"]["test"]),
         interpret_onnx(result["onnx_runtime"]),
+        interpret_mobile(result["mobile"]),
         interpret_qat(result["qat"], fp32_accuracy),
     ]
     if "wall_seconds" in result:

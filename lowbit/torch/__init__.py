@@ -22,6 +22,7 @@ _EXPORTS = {
     "calibrate": "lowbit.torch.ranges",
     "export_onnx": "lowbit.torch.export",
     "ExportResult": "lowbit.torch.export",
+    "export_mobile": "lowbit.deploy.export",  # .ort / .pte / .tflite, via export_onnx
     "ParityWarning": "lowbit.torch.export",
     "model_nbytes": "lowbit.torch.export",
     "check_parity": "lowbit.torch.parity",

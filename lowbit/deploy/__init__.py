@@ -1,0 +1,1 @@
+"""Deploy lowbit's quantized models to mobile and edge runtimes with lowbit's own scales."""

@@ -1,0 +1,121 @@
+"""ONNX Runtime Mobile: the QDQ model in ORT format (.ort), converted by onnxruntime's own tool.
+
+`onnxruntime.tools.convert_onnx_models_to_ort` applies ORT's fixed graph optimizations for ARM
+(no x86-only NCHWc layout) and serializes the result; the file loads in a full or a minimal
+(mobile) ORT build. Any model ONNX Runtime runs converts, so every lowbit precision is native
+here: static int8, weight-only int8/int4, blocked weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from lowbit.deploy.qdq_graph import PACKED_OP, QDQGraph
+
+NAME = "ORT Mobile"
+SUFFIX = ".ort"
+EXTRA = None  # onnxruntime is a core dependency
+PRECISIONS = "every precision ONNX Runtime runs (static int8, weight-only int8/int4)"
+
+
+def check(graph: QDQGraph) -> None:
+    """Every graph ONNX Runtime runs is fine."""
+
+
+def write(graph: QDQGraph, onnx_model: onnx.ModelProto, example: dict[str, np.ndarray], path: Path,
+          *, as_float: bool = False) -> None:
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    model = onnx.ModelProto()
+    model.CopyFrom(float_onnx(onnx_model, graph) if as_float else onnx_model)
+    del model.metadata_props[:]  # lowbit's plan and recipe: for tools, not for the device
+    with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as scratch:
+        source = Path(scratch) / "model.onnx"
+        onnx.save_model(model, source)
+        with contextlib.redirect_stdout(io.StringIO()):  # the tool prints one line per step
+            convert_onnx_models_to_ort(source, Path(scratch), optimization_styles=[OptimizationStyle.Fixed],
+                                       target_platform="arm")
+        Path(path).write_bytes((Path(scratch) / "model.ort").read_bytes())
+
+
+def load(path: Path, threads: int, input_names: list[str]):
+    """An InferenceSession on the .ort file (spin-waiting off, `threads` threads)."""
+    from lowbit.onnx.session import make_session
+
+    return make_session(str(path), threads=threads)
+
+
+def float_onnx(model: onnx.ModelProto, graph: QDQGraph) -> onnx.ModelProto:
+    """The same network in float: weights dequantized, activation Q -> DQ pairs removed."""
+    from onnx import helper, numpy_helper
+
+    quantize_ops = {"QuantizeLinear", "DequantizeLinear", PACKED_OP}
+    nodes = [n for n in model.graph.node if n.op_type not in quantize_ops]
+    nodes += [helper.make_node("Identity", op.inputs, op.outputs) for op in graph.ops if op.op_type == "FakeQuant"]
+    tensors = {name: w.dequantized() for name, w in graph.weights.items()}
+    for op in graph.packed_ops:  # MatMulNBits -> MatMul (+ Add) on the dequantized weight
+        weight = f"{op.outputs[0]}_float_weight"
+        tensors[weight] = unpack_matmul_nbits(op, graph.constants).T.copy()
+        has_bias = len(op.inputs) > 5 and op.inputs[5]
+        product = f"{op.outputs[0]}_product" if has_bias else op.outputs[0]
+        nodes.append(helper.make_node("MatMul", [op.inputs[0], weight], [product]))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, op.inputs[5]], [op.outputs[0]]))
+    tensors.update({name: value for name, value in graph.constants.items() if name not in tensors})
+    used = {i for n in nodes for i in n.input}
+    initializers = [numpy_helper.from_array(value, name) for name, value in tensors.items() if name in used]
+    float_graph = helper.make_graph(_topological(nodes), model.graph.name, list(model.graph.input),
+                                    list(model.graph.output), initializers)
+    result = helper.make_model(float_graph, opset_imports=list(model.opset_import))
+    result.ir_version = model.ir_version
+    return result
+
+
+def unpack_matmul_nbits(op, constants: dict[str, np.ndarray]) -> np.ndarray:
+    """The float [N, K] weight of a MatMulNBits node (ONNX Runtime's contrib-op layout: blocks of
+    `block_size` along K, values packed low bits first, default zero point 2^(bits-1))."""
+    bits, block, n, k = (op.attrs.get("bits", 4), op.attrs["block_size"], op.attrs["N"], op.attrs["K"])
+    packed = constants[op.inputs[1]].reshape(n, -1)
+    values = _unpack(packed, bits)[:, :k].astype(np.float32)
+    blocks = -(-k // block)
+    scales = constants[op.inputs[2]].reshape(n, blocks).astype(np.float32)
+    zero_name = op.inputs[3] if len(op.inputs) > 3 else ""
+    if not zero_name:
+        zeros = np.full((n, blocks), 2 ** (bits - 1), np.float32)
+    elif constants[zero_name].dtype == np.uint8:
+        zeros = _unpack(constants[zero_name].reshape(n, -1), bits)[:, :blocks].astype(np.float32)
+    else:
+        zeros = constants[zero_name].reshape(n, blocks).astype(np.float32)
+    index = np.arange(k) // block
+    return ((values - zeros[:, index]) * scales[:, index]).astype(np.float32)
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    values = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return values.reshape(packed.shape[0], -1)
+
+
+def _topological(nodes: list) -> list:
+    produced_by = {out: n for n in nodes for out in n.output}
+    done, ordered = set(), []
+
+    def visit(node) -> None:
+        if id(node) in done:
+            return
+        done.add(id(node))
+        for name in node.input:
+            if name in produced_by:
+                visit(produced_by[name])
+        ordered.append(node)
+
+    for node in nodes:
+        visit(node)
+    return ordered
