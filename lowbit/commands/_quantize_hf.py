@@ -37,7 +37,7 @@ def run_hf(args: argparse.Namespace) -> int:
     result = quantize_pretrained(
         args.model, args.output, bits=args.weight_bits, group_size=args.group_size, algorithm=args.algo,
         calib_text=args.calib_text, symmetric=args.symmetric, act_order=args.act_order, samples=args.samples,
-        seq_len=args.seq_len)
+        seq_len=args.seq_len, trust_remote_code=args.trust_remote_code)
     if args.json:
         print(json.dumps({
             "output": str(result.output_dir), "mode": "weight-only", "algorithm": args.algo,
@@ -61,6 +61,6 @@ def _run_w8a8(args: argparse.Namespace) -> int:
     result = smoothquant_pretrained(
         args.model, args.output, calib_text=args.calib_text, alpha=args.smooth_alpha,
         smooth=args.smooth is not False, smooth_groups=DEFAULT_SMOOTH_GROUPS if groups is None else groups,
-        samples=args.samples, seq_len=args.seq_len)
+        samples=args.samples, seq_len=args.seq_len, trust_remote_code=args.trust_remote_code)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0

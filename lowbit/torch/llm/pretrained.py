@@ -30,8 +30,8 @@ from lowbit.torch.llm.architectures import architecture_for, find_blocks
 from lowbit.torch.llm.calib_text import load_tokenizer
 from lowbit.torch.llm.compressed_checkpoint import check_exportable, write_checkpoint
 from lowbit.torch.llm.hf_io import (check_paths, check_sample_options, copy_tokenizer, fidelity, load_config,
-                                    load_model, main_output, model_outputs, read_text, text_batches, weight_bytes,
-                                    write_atomically)
+                                    load_model, main_output, model_outputs, read_text, seq_len_for, text_batches,
+                                    weight_bytes, write_atomically)
 from lowbit.torch.llm.linears import find_linears, in_features, is_conv1d
 from lowbit.torch.llm.scaling import ScaledActivation
 from lowbit.torch.llm.sequential import ALGORITHMS, LLMQuantization, quantize_llm
@@ -91,29 +91,33 @@ def weight_only_spec(bits: int, group_size: int | None, symmetric: bool = True) 
 def quantize_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, bits: int = 4,
                         group_size: int | None = 128, algorithm: str = "gptq", calib_text: str | os.PathLike | None = None,
                         symmetric: bool = True, act_order: bool = False, samples: int | None = None,
-                        seq_len: int = 512, device: str | torch.device | None = None) -> PretrainedQuantization:
+                        seq_len: int | None = None, trust_remote_code: bool = False,
+                        device: str | torch.device | None = None) -> PretrainedQuantization:
     """Weight-only quantize the Hugging Face model in `model_dir` and write a compressed-tensors
     checkpoint (loadable by `transformers.AutoModel*.from_pretrained`) to the new `out_dir`.
 
     `calib_text` (a UTF-8 text file) is needed for GPTQ and AWQ; with RTN it is optional and only
     used to measure fidelity. `samples` caps the calibration rows (default: all the text gives, at
-    most 128), each `seq_len` tokens long. See the module docstring."""
+    most 128), each `seq_len` tokens long (default: min(512, the model's positions)).
+    `trust_remote_code` allows a model folder whose config.json needs its own Python code.
+    See the module docstring."""
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_paths(model_dir, out_dir)
     if algorithm not in ALGORITHMS:
         raise LowbitError(f"unknown weight algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
     spec = weight_only_spec(bits, group_size, symmetric)
-    config = load_config(model_dir)
+    config = load_config(model_dir, trust_remote_code)
+    seq_len = seq_len_for(config, seq_len)
     text = _read_text(calib_text, algorithm)
     check_sample_options(config if text is not None else None, samples, seq_len)  # positions matter with text only
-    tokenizer = load_tokenizer(model_dir) if text is not None else None
+    tokenizer = load_tokenizer(model_dir, trust_remote_code) if text is not None else None
     calib_batches, eval_batches, eval_source, used = [], [], "none", 0
     if text is not None:
         cut = text_batches(tokenizer, text, seq_len=seq_len, samples=samples)
         calib_batches, eval_batches, eval_source, used = cut.calibration, cut.evaluation, cut.eval_source, cut.samples
 
-    model = load_model(model_dir, config)
+    model = load_model(model_dir, config, trust_remote_code)
     blocks_name, blocks = find_blocks(model, architecture_for(model, need_scale_groups=algorithm == "awq"))
     _check_expressible(model, blocks, spec, algorithm)
 

@@ -42,8 +42,8 @@ from lowbit.torch.llm.architectures import (ARCHITECTURES, ProducerKind, ScaleGr
                                             model_type)
 from lowbit.torch.llm.calib_text import load_tokenizer
 from lowbit.torch.llm.hf_io import (check_paths, check_sample_options, copy_tokenizer, fidelity, load_config,
-                                    load_model, model_outputs, read_text, text_batches, weight_bytes,
-                                    write_atomically)
+                                    load_model, model_outputs, read_text, seq_len_for, text_batches,
+                                    weight_bytes, write_atomically)
 from lowbit.torch.llm.linears import find_linears, is_conv1d
 from lowbit.torch.llm.smoothquant import SmoothQuantResult, smooth_quantize_w8a8, smoothable_groups
 from lowbit.torch.llm.w8a8_checkpoint import FORMAT, write_w8a8_checkpoint
@@ -112,7 +112,7 @@ class PretrainedW8A8:
 def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                            calib_text: str | os.PathLike | None, alpha: float = DEFAULT_ALPHA, smooth: bool = True,
                            smooth_groups: str | Iterable[str] = DEFAULT_SMOOTH_GROUPS,
-                           samples: int | None = None, seq_len: int = 512,
+                           samples: int | None = None, seq_len: int | None = None, trust_remote_code: bool = False,
                            device: str | torch.device | None = None) -> PretrainedW8A8:
     """SmoothQuant W8A8 the Hugging Face model in `model_dir` and write a compressed-tensors
     `int-quantized` checkpoint (loadable by `transformers.AutoModel*.from_pretrained`) to the new
@@ -127,7 +127,8 @@ def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathL
     if not 0.0 <= alpha <= 1.0:
         raise LowbitError(f"SmoothQuant alpha must be between 0 and 1, got {alpha}; 0.5 is the usual choice")
     groups = parse_smooth_groups(smooth_groups) if smooth else ()
-    config = load_config(model_dir)
+    config = load_config(model_dir, trust_remote_code)
+    seq_len = seq_len_for(config, seq_len)
     if smooth and config.model_type not in ARCHITECTURES:
         raise LowbitError(f"lowbit has no SmoothQuant mapping for model type {config.model_type!r} (known: "
                           f"{', '.join(sorted(ARCHITECTURES))}); add an ArchitectureMap to "
@@ -137,10 +138,10 @@ def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathL
                           "few pages of representative text")
     check_sample_options(config, samples, seq_len)
     text = read_text(calib_text)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
     cut = text_batches(tokenizer, text, seq_len=seq_len, samples=samples)
 
-    model = load_model(model_dir, config)
+    model = load_model(model_dir, config, trust_remote_code)
     blocks_name, blocks = find_blocks(model, architecture_for(model, need_scale_groups=False))
     _check_expressible(model, blocks)
     planned = _plan_smoothing(model, groups) if groups else []
