@@ -87,7 +87,8 @@ class PretrainedW8A8:
         r = self.result
         smoothing = f"SmoothQuant alpha {r.alpha}, {'+'.join(r.groups)} groups" if r.smoothing else "no smoothing"
         counts = ", ".join(f"{kind} {list(self.smoothed_kinds.values()).count(kind)}" for kind in r.groups)
-        lines = [f"wrote {self.output_dir} (compressed-tensors {FORMAT}: int8 per-channel weights, static per-tensor "
+        inputs = "dynamic per-token" if r.activations == "dynamic" else "static per-tensor"
+        lines = [f"wrote {self.output_dir} (compressed-tensors {FORMAT}: int8 per-channel weights, {inputs} "
                  f"int8 inputs, {smoothing})",
                  f"  quantized linears : {len(r.weights)}, smoothed groups: {len(r.smoothing)}"
                  + (f" ({counts})" if r.smoothing else "") + f", calibration samples: {self.calibration_samples}",
@@ -100,7 +101,8 @@ class PretrainedW8A8:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"output": str(self.output_dir), "format": FORMAT, "mode": "static", "algorithm": self.algorithm,
+        return {"output": str(self.output_dir), "format": FORMAT, "mode": self.result.activations,
+                "algorithm": self.algorithm,
                 "alpha": self.result.alpha if self.result.smoothing else None,
                 "smooth_groups": list(self.result.groups), "quantized_linears": len(self.result.weights),
                 "smoothed": sorted(self.result.smoothing),
@@ -113,13 +115,15 @@ def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathL
                            calib_text: str | os.PathLike | None, alpha: float = DEFAULT_ALPHA, smooth: bool = True,
                            smooth_groups: str | Iterable[str] = DEFAULT_SMOOTH_GROUPS,
                            samples: int | None = None, seq_len: int | None = None, trust_remote_code: bool = False,
-                           device: str | torch.device | None = None) -> PretrainedW8A8:
+                           activations: str = "static", device: str | torch.device | None = None) -> PretrainedW8A8:
     """SmoothQuant W8A8 the Hugging Face model in `model_dir` and write a compressed-tensors
     `int-quantized` checkpoint (loadable by `transformers.AutoModel*.from_pretrained`) to the new
     `out_dir`. `calib_text` is a UTF-8 text file of representative text; `samples` caps the
     calibration rows (default: all the text gives, at most 128), each `seq_len` tokens long;
     `smooth_groups` picks the scale groups ("norm", "linear" or "all", a sequence or a comma-separated
-    string; default norm and linear); `smooth=False` quantizes without smoothing; `device` runs
+    string; default norm and linear); `smooth=False` quantizes without smoothing; `activations`
+    "static" (per-tensor input scales from calibration) or "dynamic" (per-token scales at run
+    time, compressed-tensors' W8A8 dynamic scheme); `device` runs
     calibration there (default: where the model loads, the CPU). See the module docstring."""
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -150,7 +154,8 @@ def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathL
         model.to(device)
 
     reference = model_outputs(model, cut.evaluation)
-    result = smooth_quantize_w8a8(model, cut.calibration, alpha, smooth=bool(groups), kinds=groups)
+    result = smooth_quantize_w8a8(model, cut.calibration, alpha, smooth=bool(groups), kinds=groups,
+                                  activations=activations)
     cosine, sqnr = fidelity(reference, model_outputs(model, cut.evaluation))
 
     def write(directory: Path) -> None:
