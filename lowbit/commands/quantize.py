@@ -82,6 +82,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     weights.add_argument("--seq-len", type=int,
                          help="Hugging Face models: tokens per calibration sample (default: min(512, the model's "
                               "positions))")
+    weights.add_argument("--low-memory", dest="low_memory", action="store_true", default=None,
+                         help="Hugging Face models: read, quantize, write and free one block at a time from the "
+                              "safetensors shards, for checkpoints bigger than memory (default: on when the weights "
+                              "exceed half the available memory); fidelity is then not measured")
     weights.add_argument("--trust-remote-code", action="store_true",
                          help="Hugging Face models: allow a model folder whose config.json needs its own Python "
                               "code (auto_map); that code runs, so only for folders you trust")

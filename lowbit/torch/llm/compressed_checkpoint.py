@@ -110,9 +110,10 @@ def compressed_tensors(layer: QuantizedLinear, dtype: torch.dtype) -> dict[str, 
     return tensors
 
 
-def quantization_config(result: LLMQuantization, blocks_name: str) -> dict:
-    """config.json's `quantization_config` for the linears `result` quantized inside `blocks_name`."""
-    spec = next(iter(result.layers.values())).qparams.spec
+def quantization_config(result: LLMQuantization, blocks_name: str, names: Iterable[str] | None = None) -> dict:
+    """config.json's `quantization_config` for the linears `result` quantized inside `blocks_name`
+    (`names`: those linears' full names, by default the keys of `result.layers`)."""
+    spec = result.spec
     strategy, group_size = _strategy(spec)
     weights = {"num_bits": spec.bits, "type": "int", "symmetric": spec.symmetric, "strategy": strategy,
                "group_size": group_size, "dynamic": False, "actorder": None, "block_structure": None,
@@ -124,7 +125,8 @@ def quantization_config(result: LLMQuantization, blocks_name: str) -> dict:
         "version": FORMAT_VERSION,
         "format": FORMAT,
         "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": targets(result.layers, blocks_name), "weights": weights,
+        "config_groups": {"group_0": {"targets": targets(result.layers if names is None else names, blocks_name),
+                                      "weights": weights,
                                       "input_activations": None, "output_activations": None, "format": FORMAT}},
         "ignore": [],
         "kv_cache_scheme": None,

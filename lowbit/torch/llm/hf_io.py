@@ -263,6 +263,17 @@ def write_atomically(out_dir: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def weight_bytes(directory: Path) -> int:
     """Bytes of the weight files directly in `directory`."""
     return sum(path.stat().st_size for path in directory.iterdir() if path.suffix in WEIGHT_SUFFIXES and path.is_file())
