@@ -211,12 +211,12 @@ def _streamed(model, model_dir: Path, out_dir: Path, blocks_name: str, n_blocks:
               algorithm: str, calibration, tokenizer, options: dict) -> LLMQuantization:
     """Quantize the weightless `model` block by block from `model_dir`'s shards into `out_dir`."""
     reader = ShardReader(model_dir)
-    if calibration is not None:
-        materialize_outside_blocks(model, blocks_name, reader)  # the text reaches block 0 through them
+    # The calibration text reaches block 0 through the embeddings; they are freed right after.
+    loaded = materialize_outside_blocks(model, blocks_name, reader) if calibration is not None else []
     done: list[LLMQuantization] = []
 
     def write(directory: Path) -> None:
-        store = ShardStore(reader, directory, blocks_name, n_blocks)
+        store = ShardStore(reader, directory, blocks_name, n_blocks, calibration_only=loaded)
         done.append(quantize_llm(model, spec, algorithm, calibration, store=store, **options))
         store.copy_rest()
         store.finish(model_dir, done[0])

@@ -110,8 +110,10 @@ class ShardStore:
     """A `sequential.BlockStore` that reads blocks from `reader` and writes each quantized block
     to its own safetensors shard in `directory`, then frees it."""
 
-    def __init__(self, reader: ShardReader, directory: Path, blocks_name: str, n_blocks: int) -> None:
+    def __init__(self, reader: ShardReader, directory: Path, blocks_name: str, n_blocks: int,
+                 calibration_only: list[nn.Module] | None = None) -> None:
         self.reader = reader
+        self.calibration_only = calibration_only or []  # freed once block 0's inputs are captured
         self.directory = directory
         self.blocks_name = blocks_name
         self.n_files = n_blocks + 1
@@ -120,6 +122,9 @@ class ShardStore:
         self.bytes_written = 0
 
     def load(self, index: int, block: nn.Module) -> None:
+        for module in self.calibration_only:  # the embeddings have done their work by now
+            module.to("meta")
+        self.calibration_only = []
         prefix = f"{self.blocks_name}.{index}."
         assign(block, self.reader.read([prefix + name for name, _ in block.named_parameters()]), prefix)
 
@@ -164,16 +169,25 @@ class ShardStore:
             (self.directory / generation.name).write_text(generation.read_text())
 
 
-def materialize_outside_blocks(model: nn.Module, blocks_name: str, reader: ShardReader) -> None:
-    """Load every parameter outside the blocks (what runs before block 0: embeddings, and the
-    rest, which is small next to the blocks) so calibration text can reach the first block."""
+def materialize_outside_blocks(model: nn.Module, blocks_name: str, reader: ShardReader) -> list[nn.Module]:
+    """Load the parameters outside the blocks but the output head (what runs before block 0:
+    embeddings, and small norms) so calibration text can reach the first block. Returns the
+    modules loaded, to be freed once the first block's inputs are captured."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_names = {prefix for prefix, module in model.named_modules(remove_duplicate=False) if module is head}
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and head is not None and embeddings.weight is head.weight:
+        head_names = set()  # tied: the head's weight is the input embeddings', which calibration needs
     outside = [name for name, _ in model.named_parameters(remove_duplicate=False)
-               if not name.startswith(blocks_name + ".")]
+               if not name.startswith(blocks_name + ".") and name.rpartition(".")[0] not in head_names]
     present = [name for name in outside if name in reader.files]
     tensors = reader.read(present)
+    owners = []
     for name in present:
         owner_name, _, leaf = name.rpartition(".")
-        model.get_submodule(owner_name)._parameters[leaf] = nn.Parameter(tensors[name], requires_grad=False)
+        owners.append(model.get_submodule(owner_name))
+        owners[-1]._parameters[leaf] = nn.Parameter(tensors[name], requires_grad=False)
+    return owners
 
 
 __all__ = ["ShardReader", "ShardStore", "assign", "empty_weights", "materialize_outside_blocks", "skeleton"]
