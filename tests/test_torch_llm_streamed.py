@@ -109,3 +109,22 @@ def test_cli_low_memory_flag(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["cosine"] is None and report["output_weight_bytes"] < report["input_weight_bytes"]
     assert load(tmp_path / "out", "llama").model.layers[2].mlp.up_proj.quantization_scheme is not None
+
+
+def test_shard_reader_matches_safetensors_and_names_damaged_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from lowbit.errors import LowbitError
+
+    tensors = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(7, dtype=torch.int64),
+               "c": torch.randn(2, 2, 2), "d": torch.zeros(0, 4, dtype=torch.float16)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    read = streamed.ShardReader(tmp_path).read(list(tensors))
+    for name, tensor in tensors.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor)
+    with pytest.raises(LowbitError, match="no tensor 'missing'"):
+        streamed.ShardReader(tmp_path).read(["missing"])
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-8])
+    with pytest.raises(LowbitError, match="truncated"):
+        streamed.ShardReader(tmp_path).read(list(tensors))

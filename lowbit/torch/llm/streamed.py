@@ -3,7 +3,8 @@
 The model is built without weights (parameters on the meta device; buffers such as rotary
 frequencies are real, they are computed from the config). `quantize_llm` then walks the blocks
 with a `ShardStore`: just before a block is quantized its weights are read from the input's
-safetensors shards (one tensor at a time, through `safe_open`); right after, its quantized
+safetensors shards (each tensor read from its offset straight into memory of its own, so no
+mapping of the multi-GB shard lingers in resident memory); right after, its quantized
 tensors are written to an output shard of their own and the block goes back to the meta device.
 The tensors outside the blocks (embeddings, final norm, head) are copied one at a time.
 
@@ -68,21 +69,19 @@ class ShardReader:
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {name: model_dir / file for name, file in weight_map.items()}
         else:
-            from safetensors import safe_open
-
             self.files = {}
             for path in sorted(model_dir.glob("*.safetensors")):
-                with safe_open(path, "pt") as handle:
-                    self.files.update({name: path for name in handle.keys()})
+                with open(path, "rb") as handle:
+                    header, _ = _header(handle, path)
+                self.files.update({name: path for name in header if name != "__metadata__"})
         for path in set(self.files.values()):
             if path.resolve().parent != model_dir.resolve() or not path.is_file():
                 raise LowbitError(f"{model_dir / INDEX} names {path.name}, which is not a file in that folder; "
                                   "fix the index or re-save the checkpoint")
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, each file opened once and closed again (its pages unmapped)."""
-        from safetensors import safe_open
-
+        """The named tensors, each read straight from its file into memory of its own (no
+        mapping of the file stays behind, so resident memory holds exactly these tensors)."""
         missing = [name for name in names if name not in self.files]
         if missing:
             raise LowbitError(f"the checkpoint has no tensor {missing[0]!r}, which the model built from config.json "
@@ -92,10 +91,43 @@ class ShardReader:
             by_file[self.files[name]].append(name)
         tensors = {}
         for path, in_file in by_file.items():
-            with safe_open(path, "pt") as handle:
+            with open(path, "rb") as handle:
+                header, start = _header(handle, path)
                 for name in in_file:
-                    tensors[name] = handle.get_tensor(name).clone()  # own memory, not the file's mapping
+                    tensors[name] = _read_tensor(handle, start, header[name], path, name)
         return tensors
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def _header(handle, path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (8-byte little-endian length, then JSON) and where data starts."""
+    try:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+    except (ValueError, UnicodeDecodeError):
+        raise LowbitError(f"{path} is not a safetensors file (its header does not parse); re-save the checkpoint "
+                          "with safe_serialization=True") from None
+    return header, 8 + length
+
+
+def _read_tensor(handle, start: int, entry: dict[str, Any], path: Path, name: str) -> torch.Tensor:
+    dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+    begin, end = entry["data_offsets"]
+    if dtype is None:
+        raise LowbitError(f"{name} in {path.name} has dtype {entry.get('dtype')}, which lowbit does not read; "
+                          "save the weights as float32, float16 or bfloat16")
+    tensor = torch.empty(entry["shape"], dtype=dtype)
+    if tensor.numel() * tensor.element_size() != end - begin:
+        raise LowbitError(f"{name} in {path.name} has {end - begin} bytes for shape {entry['shape']}; the file is "
+                          "damaged, re-save the checkpoint")
+    handle.seek(start + begin)
+    if end > begin and handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
+        raise LowbitError(f"{path.name} ends before the data of {name}; the file is truncated, re-save the checkpoint")
+    return tensor
 
 
 def assign(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
