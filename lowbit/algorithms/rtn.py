@@ -7,7 +7,8 @@ is rounded to its nearest grid point. No calibration data is used. Layout: see `
 
 from __future__ import annotations
 
-from lowbit.algorithms.weight_layout import QuantizedWeight, as_weight_matrix, quantized_from_qparams, weight_qparams_for
+from lowbit.algorithms.weight_layout import (QuantizedWeight, as_weight_matrix, quantized_from_qparams,
+                                             weight_qparams_for)
 from lowbit.spec import QuantSpec
 
 

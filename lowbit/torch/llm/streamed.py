@@ -17,6 +17,8 @@ is not measured on this path.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import json
 from collections import defaultdict
@@ -154,9 +156,11 @@ class ShardStore:
         self.bytes_written = 0
 
     def load(self, index: int, block: nn.Module) -> None:
-        for module in self.calibration_only:  # the embeddings have done their work by now
-            module.to("meta")
-        self.calibration_only = []
+        if self.calibration_only:  # the embeddings have done their work by now
+            for module in self.calibration_only:
+                module.to("meta")
+            self.calibration_only = []
+            release_freed_memory()
         prefix = f"{self.blocks_name}.{index}."
         assign(block, self.reader.read([prefix + name for name, _ in block.named_parameters()]), prefix)
 
@@ -173,7 +177,7 @@ class ShardStore:
                 tensors[f"{prefix}{name[:-len('weight')]}{suffix}"] = value
         self._write(tensors, index + 1)
         block.to("meta")
-        gc.collect()
+        release_freed_memory()
 
     def copy_rest(self) -> None:
         """Copy the tensors outside the blocks (embeddings, final norm, head) into the last shard."""
@@ -201,6 +205,17 @@ class ShardStore:
             (self.directory / generation.name).write_text(generation.read_text())
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS. glibc raises its mmap threshold
+    after large frees, so a block's many mid-sized temporaries land on the heap, and without
+    `malloc_trim` resident memory would keep the high-water mark of every block's work."""
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def materialize_outside_blocks(model: nn.Module, blocks_name: str, reader: ShardReader) -> list[nn.Module]:
     """Load the parameters outside the blocks but the output head (what runs before block 0:
     embeddings, and small norms) so calibration text can reach the first block. Returns the
@@ -222,4 +237,5 @@ def materialize_outside_blocks(model: nn.Module, blocks_name: str, reader: Shard
     return owners
 
 
-__all__ = ["ShardReader", "ShardStore", "assign", "empty_weights", "materialize_outside_blocks", "skeleton"]
+__all__ = ["ShardReader", "ShardStore", "assign", "empty_weights", "materialize_outside_blocks",
+           "release_freed_memory", "skeleton"]
