@@ -1,16 +1,17 @@
 """`lowbit bench`: latency and throughput of one or two ONNX models on this CPU, in one run.
 
 Both models get the same inputs (generated from the declared input shapes, or the first batch of
-`--data`), are warmed up, then timed interleaved run by run, alternating which goes first, so
-clock boost, thermal drift and background load hit both alike; the ratio of medians is the
-speedup. The CPU's int8 features are reported next to the numbers, so a slower int8 model is
+`--data`) and are timed by `lowbit.onnx.timing.time_models`, the method behind every lowbit speed
+figure (the quantize table too): same session options (spin-waiting off, the stated thread count),
+warmed up, then interleaved run by run in one process, alternating which goes first, so clock
+boost, thermal drift and background load hit both alike; the ratio of medians is the speedup.
+The CPU's int8 features are reported next to the numbers, so a slower int8 model is
 explained rather than mysterious.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from lowbit.analysis.feeds import synthetic_feed
 from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import CalibrationData, model_inputs
 from lowbit.onnx.io import load_model, model_size_bytes
-from lowbit.onnx.session import make_session
+from lowbit.onnx.session import default_threads, make_session
+from lowbit.onnx.timing import time_models
 
 
 @dataclass
@@ -58,6 +60,7 @@ class BenchReport:
     inputs: dict[str, str]
     cpu: CpuInfo
     notes: list[str] = field(default_factory=list)
+    method: str = ""  # how it was timed (threads, spin-waiting, repeats), from `Timing.method`
 
     @property
     def speedup(self) -> float | None:
@@ -68,14 +71,15 @@ class BenchReport:
 
     def to_dict(self) -> dict:
         return {"models": [m.to_dict() for m in self.models], "speedup": self.speedup, "threads": self.threads,
-                "warmup": self.warmup, "inputs": self.inputs, "cpu": self.cpu.to_dict(), "notes": self.notes}
+                "inter_op_threads": 1, "spin_waiting": False, "warmup": self.warmup,
+                "repeats": len(self.models[0].latencies_ms), "method": self.method, "inputs": self.inputs,
+                "cpu": self.cpu.to_dict(), "notes": self.notes}
 
     def text(self) -> str:
         lines = [self.cpu.line()]
-        threads = self.threads or f"ONNX Runtime default ({os.cpu_count()} cores)"
         shown = ", ".join(f"{k} {v}" for k, v in self.inputs.items())
-        lines.append(f"threads: {threads}; warm-up {self.warmup}, repeats {len(self.models[0].latencies_ms)}; "
-                     f"inputs: {shown}")
+        lines.append(f"timing: {self.method}")
+        lines.append(f"inputs: {shown}")
         width = max(12, *(len(Path(m.path).name) for m in self.models))
         lines.append(f"{'model':<{width}} {'size':>10} {'median ms':>10} {'p90 ms':>9} {'samples/s':>11}")
         for m in self.models:
@@ -86,7 +90,7 @@ class BenchReport:
             first, second = (Path(m.path).name for m in self.models)
             verdict = "faster" if self.speedup >= 1 else "SLOWER"
             lines.append(f"{second} vs {first}: {self.speedup:.2f}x {verdict} (ratio of medians, interleaved "
-                         "in the same run)")
+                         f"in the same run, {self.threads} threads)")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -110,24 +114,17 @@ def bench_models(paths: list[str | os.PathLike], *, shapes: dict[str, tuple[int,
         feed = synthetic_feed(models[0], shapes, seed=seed)
     for path, model in zip(paths[1:], models[1:]):
         _check_same_inputs(paths[0], models[0], path, model)
+    threads = threads or default_threads()
     sessions = [make_session(m, threads=threads) for m in models]
     for path, session in zip(paths, sessions):
         _first_run(path, session, feed)
-    for _ in range(warmup):
-        for session in sessions:
-            session.run(None, feed)
-    latencies: list[list[float]] = [[] for _ in sessions]
-    for r in range(repeats):
-        order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
-        for i in order:
-            start = time.perf_counter()
-            sessions[i].run(None, feed)
-            latencies[i].append(1000 * (time.perf_counter() - start))
+    timing = time_models(sessions, feed, warmup=warmup, repeats=repeats)
+    latencies = timing.latencies_ms
     first = next(iter(feed.values()), np.zeros(1))
     batch = int(first.shape[0]) if first.ndim else 1
     timings = [ModelTiming(str(p), model_size_bytes(p), lat, batch) for p, lat in zip(paths, latencies)]
     inputs = {k: f"{'x'.join(map(str, v.shape)) or 'scalar'} {v.dtype}" for k, v in feed.items()}
-    report = BenchReport(timings, threads, warmup, inputs, cpu_info())
+    report = BenchReport(timings, threads, warmup, inputs, cpu_info(), method=timing.method())
     if report.speedup is not None and report.speedup < 1:
         report.notes.append("the second model is slower; see the CPU line above for what int8 can gain here "
                             "(on small models the Q/DQ and layout overhead can outweigh faster int8 kernels)")

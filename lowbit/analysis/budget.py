@@ -63,7 +63,8 @@ from lowbit.onnx.preprocess import preprocess
 from lowbit.onnx.qdq import ensure_opset, write_qdq
 from lowbit.onnx.quantize import CALIB_METHODS, attach_plan, smooth_layernorm_matmuls, split_ffn_outliers
 from lowbit.onnx.session import make_session
-from lowbit.onnx.verify import VerifyReport, _cosine_per_sample, _looks_like_class_scores, compare_models, time_pair
+from lowbit.onnx.verify import (OutputErrors, VerifyReport, _looks_like_class_scores, batches_with_calls,
+                                compare_models, label_accuracy, time_pair)
 from lowbit.plan import QuantPlan
 from lowbit.progress import progress
 
@@ -159,25 +160,34 @@ class CandidateScorer:
                  measure_speed: bool) -> None:
         self.metric, self.evaluate, self.threads = metric, evaluate, threads
         self.float_session = make_session(reference, threads=threads)
-        self.batches = list(data.batches(batch_size))
+        runs = list(batches_with_calls(data, batch_size))
+        self.batches, self.calls = [b for b, _ in runs], [c for _, c in runs]
         self.names = [o.name for o in self.float_session.get_outputs()]
         self.expected = [self.float_session.run(self.names, b) for b in self.batches]
         self.measure_speed = measure_speed
+        # --metric top1 with labels in the data: accuracy against them, not agreement with float.
+        self.labels = data.labels if metric == "top1" and evaluate is None else None
+        self.metric_name = "user evaluate" if evaluate else metric + (" (label accuracy)" if self.labels is not None
+                                                                    else "")
         if metric == "top1" and evaluate is None and not any(_looks_like_class_scores(o) for o in self.expected[0]):
             raise LowbitError("--metric top1 needs an output of shape (batch, classes); this model has none, "
                               "use --metric cosine")
         self.float_score = float(evaluate(str(float_path))) if evaluate is not None else 1.0
+        if self.labels is not None:
+            self.float_score = label_accuracy(self.expected, self.calls, self.labels)
 
     def builtin(self, session, metric: str) -> float:
-        per_output: dict[int, list[np.ndarray]] = {}
-        for batch, expected in zip(self.batches, self.expected):
+        if self.labels is not None:
+            return label_accuracy([session.run(self.names, b) for b in self.batches], self.calls, self.labels)
+        errors: dict[int, OutputErrors] = {}  # the quantize table's metrics: they see every output shape
+        for batch, calls, expected in zip(self.batches, self.calls, self.expected):
             for i, (ref, got) in enumerate(zip(expected, session.run(self.names, batch))):
-                ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
-                if ref.dtype.kind != "f" or ref.size == 0 or (metric == "top1" and not _looks_like_class_scores(ref)):
-                    continue
-                value = (ref.argmax(-1) == got.argmax(-1)) if metric == "top1" else _cosine_per_sample(ref, got)
-                per_output.setdefault(i, []).append(np.asarray(value, np.float64))
-        return min((float(np.concatenate(v).mean()) for v in per_output.values()), default=1.0)
+                if np.asarray(ref).dtype.kind == "f" and np.asarray(ref).size:
+                    errors.setdefault(i, OutputErrors(self.names[i])).add(ref, got, calls)
+        results = [e.result() for e in errors.values()]
+        if metric == "top1":
+            return min((r.top1_agreement for r in results if r.top1_agreement is not None), default=1.0)
+        return min((r.cosine_mean for r in results), default=1.0)
 
     def score(self, model: onnx.ModelProto, timed: bool = False) -> tuple[float, float | None]:
         """(score, speedup vs float or None). Timing triples a candidate's cost, so the search
@@ -328,7 +338,7 @@ def search_precision(float_path: str | os.PathLike, out_path: str | os.PathLike,
     save_model(quantized, out_path, inputs=[float_path])
     report = compare_models(float_path, out_path, eval_set, batch_size=batch_size, threads=threads,
                             speed=measure_speed)
-    result = BudgetResult(out_path, best.met, "user evaluate" if evaluate else metric, max_drop, scorer.float_score,
+    result = BudgetResult(out_path, best.met, scorer.metric_name, max_drop, scorer.float_score,
                           best.score, best.drop, best.excluded, best.int8_mac_fraction, layers, trials,
                           time.perf_counter() - started, ranking_seconds, time_limit,
                           time.perf_counter() > deadline, plan, report, precision=dict(best.precision),

@@ -145,7 +145,7 @@ def search_weight_precision(float_path: str | os.PathLike, out_path: str | os.Pa
     save_model(quantized, out_path, inputs=[float_path])
     report = compare_models(float_path, out_path, eval_set, batch_size=batch_size, threads=threads,
                             speed=measure_speed)
-    result = BudgetResult(out_path, best.met, "user evaluate" if evaluate else metric, max_drop, scorer.float_score,
+    result = BudgetResult(out_path, best.met, scorer.metric_name, max_drop, scorer.float_score,
                           best.score, best.drop, best.excluded, best.int8_mac_fraction, layers, record.trials,
                           time.perf_counter() - started, ranking_seconds, time_limit,
                           time.perf_counter() > deadline, plan, report, precision=dict(best.precision),

@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "float there). --mode weight-only: int8,float (default), int8 or float")
     group.add_argument("--metric", choices=("cosine", "top1"), default="cosine",
                        help="what --max-drop limits: output cosine, or top-1 agreement with the float model "
+                            "(accuracy against the labels when the evaluation .npz holds a 'labels' array) "
                             "(default: cosine)")
     group.add_argument("--time-limit", type=float, default=600.0,
                        help="seconds the budget search may take; the best model so far is saved (default: 600)")

@@ -1,5 +1,7 @@
 """`lowbit bench MODEL.onnx [OTHER.onnx]`: latency, throughput and their ratio, measured in one run.
 
+Both models are timed by the same function as the quantize table (lowbit.onnx.timing.time_models):
+same session options, spin-waiting off, interleaved in one process, median of the repeats.
 Inputs are generated from the models' declared input shapes (set symbolic dims with --shape) or
 taken from --data. The CPU's int8 features are printed with the numbers, with what they mean.
 """
@@ -19,7 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="shape of an input with symbolic dims, e.g. input_ids=1x128 (repeatable)")
     parser.add_argument("--data", help=".npz keyed by input name; its first batch is the timed input")
     parser.add_argument("--batch-size", type=int, default=1, help="samples per run taken from --data (default: 1)")
-    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads, the same for both models (default: every core "
+                        "this process may use); spin-waiting is off, inter-op threads 1")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default: 5)")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per model (default: 30)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -1,10 +1,22 @@
 """Calibration and evaluation inputs for an ONNX model, validated up front, batched lazily.
 
 Format: an `.npz` whose keys are the model's input names, each array holding the samples on its
-first axis (or a folder of such files, read in name order). Every problem is found before any
+first axis (or a folder of such files, read in name order). Evaluation data may also hold
+`labels`: one integer class id per sample (shape (N,)), used for accuracy; a model input that is
+itself named `labels` keeps that key as its input. Every problem is found before any
 work starts and named in one sentence: missing or extra keys, wrong shapes or dtypes, NaN, no
 samples. Arrays are memory-mapped where NumPy allows and batches are sliced on demand, so a large
 calibration set is never all in memory at once.
+
+Inputs that cannot be batched on axis 0 (RNN state [layers, batch, hidden], a scalar sample
+rate) come as a *sequence of calls*, told apart by comparing each array's rank with the model's
+declared input rank (see `part_layout`):
+- call axis: an array with one axis more than the model input holds one complete input per call
+  on its first axis ((calls, *input shape)); a 0-d array for a 0-d input is the same in every call,
+  and an array of the model's own rank contributes one sample (batch of 1) per call;
+- one call: a file whose arrays all have the model's ranks but disagree on axis 0, or hold a 0-d
+  input, is a single call (a folder of per-call .npz files is a call sequence).
+Each call is fed as one batch, and counts as one sample.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from onnx import helper
 from lowbit.errors import CalibrationError, LowbitError
 
 Batch = dict[str, np.ndarray]
+LABELS = "labels"  # the evaluation key for class ids (unless the model has an input of that name)
 
 
 @dataclass(frozen=True)
@@ -65,8 +78,12 @@ class CalibrationData:
                  what: str = "calibration data") -> None:
         self.what = what
         self.signatures = model_inputs(model) if isinstance(model, onnx.ModelProto) else list(model)
-        self._parts = [self._validated(arrays, label) for label, arrays in _read_sources(source, what)]
-        self._parts = [p for p in self._parts if _count(p)]
+        parts = [self._validated(arrays, label) for label, arrays in _read_sources(source, what)]
+        parts = [(p, calls) for p, calls in parts if _count(p)]
+        self._parts = [p for p, _ in parts]
+        self._calls = [calls for _, calls in parts]  # per part: one call per entry on axis 0
+        inputs = {s.name for s in self.signatures}
+        self._labels = [part.pop(LABELS) for part in self._parts if LABELS in part and LABELS not in inputs]
         total = sum(_count(p) for p in self._parts)
         if samples is not None:
             if samples < 1:
@@ -77,8 +94,13 @@ class CalibrationData:
                                    "provide at least one sample per input")
         self.num_samples = total
 
-    def _validated(self, arrays: dict[str, np.ndarray], label: str) -> Batch:
+    def _validated(self, arrays: dict[str, np.ndarray], label: str) -> tuple[Batch, bool]:
+        """The part's arrays checked and laid out, and whether axis 0 counts calls (not samples)."""
         expected = {s.name for s in self.signatures}
+        labels = None
+        if LABELS in arrays and LABELS not in expected:
+            arrays = dict(arrays)
+            labels = arrays.pop(LABELS)
         missing = sorted(expected - set(arrays))
         extra = sorted(set(arrays) - expected)
         if missing or extra:
@@ -89,14 +111,35 @@ class CalibrationData:
                 problems.append(f"unexpected key(s) {extra}")
             raise CalibrationError(f"{label} has {' and '.join(problems)}; its keys must be exactly the "
                                    f"model's input names {sorted(expected)}")
+        layout = part_layout(self.signatures, arrays)
+        if layout == "one call":
+            arrays = {name: arr[None] for name, arr in arrays.items()}
+        elif layout == "calls":
+            arrays = _with_call_axis(self.signatures, arrays)
         counts = {name: (arr.shape[0] if arr.ndim else None) for name, arr in arrays.items()}
         if len(set(counts.values())) != 1 or None in counts.values():
-            raise CalibrationError(f"{label} arrays disagree on the number of samples (axis 0: {counts}); "
-                                   "give every input the same number of samples on the first axis")
+            raise CalibrationError(
+                f"{label} arrays disagree on the number of samples (axis 0: {counts}); give every input the "
+                "same number of samples on the first axis, or, for inputs not batched on axis 0 (RNN state, "
+                "scalars), one complete model input per call with a leading call axis (shape (calls, "
+                "*input shape)) or one .npz per call in a folder")
         checked = {}
         for sig in self.signatures:
             checked[sig.name] = self._checked_array(sig, arrays[sig.name], label)
-        return checked
+        if labels is not None:
+            checked[LABELS] = _checked_labels(labels, next(iter(counts.values())), label)
+        return checked, layout != "samples"
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Class ids of the samples in order (the first `num_samples`), or None when the data has none
+        (every file of a folder must then carry them)."""
+        if not self._labels:
+            return None
+        if len(self._labels) != len(self._parts):
+            raise CalibrationError(f"only some of the {self.what} files hold a 'labels' array; give labels in "
+                                   "every file or in none")
+        return np.concatenate([np.asarray(part, np.int64) for part in self._labels])[:self.num_samples]
 
     def _checked_array(self, sig: InputSignature, array: np.ndarray, label: str) -> np.ndarray:
         if array.dtype.kind != sig.dtype.kind and not (array.dtype.kind in "iu" and sig.dtype.kind in "iu"):
@@ -121,32 +164,44 @@ class CalibrationData:
         return array
 
     def feed_batch_size(self, requested: int) -> int:
-        """The batch size the model accepts: the request, or a fixed batch dim the model declares."""
-        return self._batch_layout(requested)[0]
+        """The batch size the model accepts: the request, or a fixed batch dim the model declares
+        (1 for call sequences: each call is one run)."""
+        return 1 if any(self._calls) else self._batch_layout(requested)[0]
 
     def _batch_layout(self, requested: int) -> tuple[int, bool]:
-        """(batch size, whether the model fixes it)."""
-        for sig in self.signatures:
-            if not sig.shape:
+        """(batch size, whether the model fixes it) for the parts with samples on axis 0."""
+        for part, calls in zip(self._parts, self._calls):
+            if calls:
                 continue
-            sample_rank = self._parts[0][sig.name].ndim - 1
-            if len(sig.shape) == sample_rank:  # no batch axis: one sample per run
-                return 1, True
-            if sig.shape[0] is not None:
-                return sig.shape[0], True
+            for sig in self.signatures:
+                if not sig.shape:
+                    continue
+                sample_rank = part[sig.name].ndim - 1
+                if len(sig.shape) == sample_rank:  # no batch axis: one sample per run
+                    return 1, True
+                if sig.shape[0] is not None:
+                    return sig.shape[0], True
+            break
         return max(1, requested), False
 
     def batches(self, batch_size: int = 32) -> Iterator[Batch]:
-        """Batches in model-ready form (dtype cast, batch axis as the model declares it)."""
+        """Batches in model-ready form (dtype cast, batch axis as the model declares it); a call
+        sequence yields one batch per call."""
         size, fixed = self._batch_layout(batch_size)
         left = self.num_samples
-        for part in self._parts:
+        for part, calls in zip(self._parts, self._calls):
             n = min(_count(part), left)
-            for start in range(0, n, size):
-                stop = min(start + size, n)
-                if fixed and stop - start != size:
-                    break  # a fixed batch dim cannot take a short last batch
-                yield {sig.name: self._as_model_input(sig, part[sig.name][start:stop]) for sig in self.signatures}
+            if calls:
+                for call in range(n):
+                    yield {sig.name: np.array(part[sig.name][call], dtype=sig.dtype, order="C")
+                           for sig in self.signatures}
+            else:
+                for start in range(0, n, size):
+                    stop = min(start + size, n)
+                    if fixed and stop - start != size:
+                        break  # a fixed batch dim cannot take a short last batch
+                    yield {sig.name: self._as_model_input(sig, part[sig.name][start:stop])
+                           for sig in self.signatures}
             left -= n
             if left <= 0:
                 return
@@ -159,6 +214,54 @@ class CalibrationData:
 
     def first_batch(self, batch_size: int) -> Batch:
         return next(self.batches(batch_size))
+
+
+def part_layout(signatures: list[InputSignature], arrays: dict[str, np.ndarray]) -> str:
+    """How one file's arrays map to model calls, from array ranks against declared input ranks:
+    "calls" (some array has one axis more than its input: a leading call axis), "one call" (all
+    arrays have their input's rank, yet they disagree on axis 0 or hold a 0-d input: the file is
+    one call), or "samples" (samples on axis 0, the plain format). Inputs of unknown rank follow
+    the others."""
+    extra_axis = same_rank = 0
+    scalar_input = False
+    for sig in signatures:
+        if sig.shape is None or sig.name not in arrays:
+            continue
+        rank = np.ndim(arrays[sig.name])
+        extra_axis += rank == len(sig.shape) + 1
+        same_rank += rank == len(sig.shape)
+        scalar_input |= rank == 0 and len(sig.shape) == 0
+    if extra_axis:
+        return "calls"
+    counts = {np.shape(a)[0] if np.ndim(a) else None for a in arrays.values()}
+    if same_rank and same_rank == sum(s.shape is not None for s in signatures) and (scalar_input or len(counts) > 1):
+        return "one call"
+    return "samples"
+
+
+def _with_call_axis(signatures: list[InputSignature], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Arrays of a call sequence, each with a leading call axis: an array of its input's rank is
+    one sample per call (batch of 1), a 0-d array is repeated in every call (views, no copies)."""
+    ranks = {s.name: len(s.shape) for s in signatures if s.shape is not None}
+    calls = max((a.shape[0] for n, a in arrays.items() if n in ranks and a.ndim == ranks[n] + 1), default=1)
+    laid_out = {}
+    for name, array in arrays.items():
+        if name in ranks and array.ndim == ranks[name] == 0:
+            array = np.broadcast_to(array, (calls,))
+        elif name in ranks and array.ndim == ranks[name]:
+            array = array[:, None]
+        laid_out[name] = array
+    return laid_out
+
+
+def _checked_labels(labels: np.ndarray, samples: int, label: str) -> np.ndarray:
+    if labels.dtype.kind not in "iu" or labels.shape != (samples,):
+        raise CalibrationError(f"{label} key 'labels' has shape {labels.shape} and dtype {labels.dtype}; it must "
+                               f"hold one integer class id per sample, shape ({samples},), e.g. "
+                               "labels=y.astype(np.int64)")
+    if labels.size and labels.min() < 0:
+        raise CalibrationError(f"{label} key 'labels' holds negative class ids; class ids start at 0")
+    return labels
 
 
 def _count(part: Batch) -> int:

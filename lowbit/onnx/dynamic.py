@@ -18,7 +18,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.numerics import quantize
-from lowbit.onnx.qdq import _drop_unused_initializers
+from lowbit.onnx.qdq import drop_unused_initializers
+from lowbit.onnx.recurrent import write_int8_lstms
 from lowbit.plan import QuantPlan
 
 
@@ -28,8 +29,9 @@ def write_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     out.CopyFrom(model)
     graph = out.graph
     initializers = {t.name: t for t in graph.initializer}
-    weights = {node: e for e in plan.quantized("weight") for node in e.nodes}
     new_inits: list[onnx.TensorProto] = []
+    lstm_weights = write_int8_lstms(out, plan.quantized("weight"), new_inits)  # DynamicQuantizeLSTM
+    weights = {node: e for e in plan.quantized("weight") if e.tensor not in lstm_weights for node in e.nodes}
     quantized_inputs: dict[str, tuple[str, str, str]] = {}
     ordered: list[onnx.NodeProto] = []
     for node in graph.node:
@@ -88,7 +90,7 @@ def write_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
             ordered.append(helper.make_node("Add", [scaled, bias], [y], name=f"{base}_BiasAdd"))
     del graph.node[:]
     graph.node.extend(ordered)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     graph.initializer.extend(new_inits)
     return out
 

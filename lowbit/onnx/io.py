@@ -157,3 +157,13 @@ def _same_file(a: Path, b: Path) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:200]
+
+
+def size_growth_warning(source: PathLike, written: PathLike) -> list[str]:
+    """One warning when the written model is bigger than its input, saying why."""
+    before, after = Path(source).stat().st_size, Path(written).stat().st_size
+    if after <= before:
+        return []
+    return [f"the written model is {after / before - 1:.0%} bigger than its input ({before / 1e6:.3f} -> "
+            f"{after / 1e6:.3f} MB): its weights are too small for int8 to save more than the added scales, "
+            "zero points and stored plan take; keep the float model if size is what matters"]

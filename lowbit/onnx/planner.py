@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from lowbit.errors import LowbitError
 from lowbit.numerics import QParams, choose_qparams, qparams_for
 from lowbit.onnx.collect import ActivationStats
+from lowbit.onnx.recurrent import int8_lstm_ok
 from lowbit.onnx.registry import OpRule, node_matches, rule_for, weight_axis
 from lowbit.plan import PlanEntry, QuantPlan
 from lowbit.spec import PER_TENSOR, QuantSpec, per_channel
@@ -81,21 +82,32 @@ class GraphIndex:
 
 
 def node_names(model: onnx.ModelProto) -> None:
-    """Give every unnamed node a unique name, so plans and --exclude can refer to it."""
-    seen = {n.name for n in model.graph.node if n.name}
-    for i, node in enumerate(model.graph.node):
-        if not node.name:
-            candidate = f"{node.op_type}_{i}"
+    """Give every unnamed or twice-named node (control-flow bodies included) a unique name, so
+    plans and --exclude can refer to it."""
+    seen: set[str] = set()
+    counter = 0
+    for node in all_nodes(model.graph):
+        if not node.name or node.name in seen:
+            candidate = node.name or f"{node.op_type}_{counter}"
             while candidate in seen:
                 candidate += "_"
             node.name = candidate
-            seen.add(candidate)
+        seen.add(node.name)
+        counter += 1
+
+
+def all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from all_nodes(sub)
 
 
 def check_exclude(model: onnx.ModelProto, exclude: set[str]) -> None:
     """Every --exclude pattern must name a node, an op type or a tensor of the model."""
     known: set[str] = set()
-    for node in model.graph.node:
+    for node in all_nodes(model.graph):
         known |= {node.name, node.op_type, *node.output}
     unknown = sorted(set(exclude) - known)
     if unknown:
@@ -121,6 +133,9 @@ def classify_nodes(index: GraphIndex, exclude: set[str]) -> tuple[dict[str, OpRu
             continue  # no float math (shape arithmetic on int64 tensors, ...)
         elif rule.kind == "compute" and not _compute_ok(node, rule, index):
             float_nodes[node.name] = "weight is not a constant 2-D+ tensor"
+        elif rule.kind == "weights" and not (int8_lstm_ok(node) and all(
+                index.is_constant(n) for n in node.input[1:3])):
+            float_nodes[node.name] = "needs constant W and R and the default layout for int8 weights"
         else:
             active[node.name] = rule
     return active, float_nodes, sorted(unsupported)
@@ -167,10 +182,68 @@ def _int8_source(index: GraphIndex, active: dict[str, OpRule], name: str) -> str
         if rule.kind in ("passthrough", "fold"):
             name, seen = producer.input[0], seen + 1
             continue
-        if producer.op_type in ("MatMul", "Gemm"):
+        if producer.op_type in ("MatMul", "Gemm") or rule.kind == "weights":
             return f"{producer.op_type} {producer.name!r} (float output)"
         return None
     return None
+
+
+# Parts of one tensor whose observed ranges are this far apart cannot share an int8 scale: the
+# narrow part gets fewer than 256 / ratio levels (a detector's class probabilities, 0-1, next to
+# box coordinates in pixels, 0-320: at most one level). Such a Concat stays float (each input keeps
+# its own scale) and so does the producer of a tensor whose slices differ that much.
+MIXED_RANGE_RATIO = 16.0
+_SLICING_OPS = ("Slice", "Split", "Gather")
+
+
+def mixed_range_nodes(index: GraphIndex, active: dict[str, OpRule], stats: ActivationStats) -> dict[str, str]:
+    """Active nodes to keep float because one int8 scale would cover parts with far-apart ranges:
+    Concats of such inputs, and producers of a tensor whose slices (Slice/Split/Gather) are such parts."""
+    def width(name: str) -> float | None:
+        if name not in stats.ranges:
+            return None
+        lo, hi = stats.ranges[name]
+        return float(np.max(hi) - np.min(lo))
+
+    def spread(names: list[str]) -> tuple[float, str, str] | None:
+        widths = {n: w for n in names if (w := width(n)) is not None and w > 0}
+        if len(widths) < 2:
+            return None
+        wide, narrow = max(widths, key=widths.get), min(widths, key=widths.get)
+        return widths[wide] / widths[narrow], wide, narrow
+
+    found: dict[str, str] = {}
+    for node in index.model.graph.node:
+        rule = active.get(node.name)
+        if rule is None:
+            continue
+        if node.op_type == "Concat":
+            parts = [n for n in node.input if n and not index.is_constant(n)]
+            what = "inputs"
+        elif rule.kind in ("compute", "elementwise") and node.output:
+            parts = _slices_of(index, node.output[0])
+            what = "output's slices"
+        else:
+            continue
+        measured = spread(parts)
+        if measured is not None and measured[0] > MIXED_RANGE_RATIO:
+            ratio, wide, narrow = measured
+            found[node.name] = (f"its {what} span ranges {ratio:,.0f}x apart ({wide!r} vs {narrow!r}); one int8 "
+                                "scale would flatten the narrow one, kept float so each part keeps its own scale")
+    return found
+
+
+def _slices_of(index: GraphIndex, name: str, depth: int = 0) -> list[str]:
+    """Outputs of the Slice/Split/Gather nodes reading `name`, also through reshapes/transposes
+    (which share its quantization)."""
+    found: list[str] = []
+    for consumer in index.consumers.get(name, []):
+        rule = rule_for(consumer)
+        if consumer.op_type in _SLICING_OPS:
+            found += [o for o in consumer.output if o]
+        elif rule is not None and rule.kind == "passthrough" and depth < 8:
+            found += _slices_of(index, consumer.output[0], depth + 1)
+    return found
 
 
 def _compute_ok(node: onnx.NodeProto, rule: OpRule, index: GraphIndex) -> bool:
@@ -201,7 +274,7 @@ class StaticPlanner:
         """Every activation tensor a quantizable node reads or writes (calibrate them all)."""
         names: list[str] = []
         for node in self.model.graph.node:
-            if node.name not in self.active:
+            if node.name not in self.active or self.active[node.name].kind == "weights":
                 continue
             for name in list(node.input) + list(node.output):
                 if name and not self.index.is_constant(name) and self.index.is_float(name):
@@ -214,6 +287,12 @@ class StaticPlanner:
         tainted = stats.mask_like | stats.non_float
         active = dict(self.active)
         float_nodes = dict(self.float_nodes)
+        mixed = mixed_range_nodes(self.index, active, stats)
+        if mixed:
+            for name, reason in mixed.items():
+                active.pop(name)
+                float_nodes[name] = reason
+            float_nodes.update(prune_isolated_elementwise(self.index, active))
         while True:
             wanted, shares, weights, constants = self._decide(active)
             unobserved = {t for t in wanted if t not in stats.ranges and t not in shares}
@@ -254,6 +333,12 @@ class StaticPlanner:
         constants: dict[str, list[onnx.NodeProto]] = {}  # constant inputs of elementwise ops
         for node in self.model.graph.node:
             rule = active.get(node.name)
+            if rule is not None and rule.kind == "weights":  # int8 weights only, activations float
+                for i in (rule.weight_input, *rule.more_weights):
+                    name = node.input[i] if len(node.input) > i else ""
+                    if index.is_constant(name) and index.is_float(name):
+                        weights.setdefault(name, []).append(node)
+                continue
             if rule is None or rule.kind not in ("compute", "elementwise"):
                 continue
             for i, name in enumerate(node.input):
@@ -454,6 +539,12 @@ def plan_dynamic(model: onnx.ModelProto, *, per_channel_weights: bool = True,
             spec = QuantSpec("int8", granularity=per_channel(0))
             plan.add(PlanEntry(table, "weight", spec=spec, qparams=qparams_for(index.constant(table), spec, table),
                                nodes=[node.name], reason="embedding table: int8 rows, per-row scales"))
+            continue
+        if active[node.name].kind == "weights":  # LSTM: int8 W and R (DynamicQuantizeLSTM)
+            for name in node.input[1:3]:
+                spec = QuantSpec("int8", granularity=per_channel(1)) if per_channel_weights else WEIGHT_SPEC
+                plan.add(PlanEntry(name, "weight", spec=spec, qparams=qparams_for(index.constant(name), spec, name),
+                                   nodes=[node.name]))
             continue
         if node.op_type not in ("MatMul", "Gemm"):
             if active[node.name].kind == "compute":

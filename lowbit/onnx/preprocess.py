@@ -23,6 +23,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from lowbit.onnx.subgraphs import hoist_shared_initializers
+
 log = logging.getLogger(__name__)
 
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
@@ -42,6 +44,8 @@ def preprocess(model: onnx.ModelProto, *, symbolic_shapes: bool = True, optimize
     result = infer_shapes(result, symbolic=symbolic_shapes)
     if optimize:
         result = optimize_basic(result)
+        # The optimizer copies an outer constant into each If/Loop body reading it: one copy again.
+        hoist_shared_initializers(result.graph)
         result = infer_shapes(result, symbolic=symbolic_shapes)
     return result
 
@@ -49,11 +53,9 @@ def preprocess(model: onnx.ModelProto, *, symbolic_shapes: bool = True, optimize
 def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = True) -> onnx.ModelProto:
     """Annotate intermediate tensors with types/shapes; symbolic dims where the graph has them."""
     if symbolic:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
         try:
             with _scratch_working_dir():
-                inferred = SymbolicShapeInference.infer_shapes(model, int_max=2**31 - 1, auto_merge=True)
+                inferred = _symbolic_shapes(model)
             if inferred is not None:
                 return inferred
         except Exception as exc:  # its failures are diverse (sympy, unsupported ops); fall back, say why
@@ -63,6 +65,39 @@ def infer_shapes(model: onnx.ModelProto, *, symbolic: bool = True) -> onnx.Model
     cleared.CopyFrom(model)
     del cleared.graph.value_info[:]
     return onnx.shape_inference.infer_shapes(cleared, check_type=False, strict_mode=False)
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """ONNX Runtime's symbolic shape inference (`SymbolicShapeInference.infer_shapes`, same steps),
+    minus its sympy simplification of Resize output dims: on a PaddleOCR detector with dynamic
+    height/width (six Resizes in an FPN) simplifying the nested floor() expressions took 200 s per
+    pass; without it 2.6 s, the dims the same values in unsimplified form. None when it gives up."""
+    import sympy
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_opset
+
+    class UnsimplifiedResize(SymbolicShapeInference):
+        def _infer_Resize(self, node):  # noqa: N802 (ORT's dispatch name)
+            simplify = sympy.simplify
+            sympy.simplify = _unsimplified
+            try:
+                super()._infer_Resize(node)
+            finally:
+                sympy.simplify = simplify
+
+    opset = get_opset(model)
+    if not opset or opset < 7:
+        return None
+    inference = UnsimplifiedResize(2**31 - 1, True, False, 0)
+    inference._preprocess(model)
+    done = False
+    while inference.run_:
+        done = inference._infer_impl()
+    inference._update_output_from_vi()
+    return inference.out_mp_ if done else None
+
+
+def _unsimplified(expression, *args, **kwargs):
+    return expression
 
 
 @contextlib.contextmanager

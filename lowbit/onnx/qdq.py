@@ -23,6 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lowbit.numerics import QParams, quantize, storage_dtype
+from lowbit.onnx.recurrent import write_int8_lstms
 from lowbit.plan import PlanEntry, QuantPlan
 
 MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (`axis`) starts at 13
@@ -55,7 +56,10 @@ def write_qdq(model: onnx.ModelProto, plan: QuantPlan, *, conv_weights_for_qgemm
         scales[entry.tensor] = np.asarray(entry.qparams.scale, np.float32)
         _quantize_activation(graph, entry, new_inits, head_nodes, after)
 
+    lstm_weights = write_int8_lstms(out, plan.quantized("weight"), new_inits)  # DynamicQuantizeLSTM
     for entry in plan.quantized("weight"):
+        if entry.tensor in lstm_weights:
+            continue
         values = numpy_helper.to_array(initializers[entry.tensor]).astype(np.float32)
         scales[entry.tensor] = np.asarray(entry.qparams.scale, np.float32)
         q, qparams = quantize(values, entry.qparams), entry.qparams
@@ -64,14 +68,18 @@ def write_qdq(model: onnx.ModelProto, plan: QuantPlan, *, conv_weights_for_qgemm
         _dequantized_constant(entry.tensor, q, qparams, _axis(entry), new_inits, head_nodes)
         _rewire(nodes_by_name, entry, f"{entry.tensor}_dequantized")
 
+    written: set[str] = set()
     for entry in plan.quantized("bias"):
         act, weight = entry.scale_of
         scale = (scales[act] * scales[weight]).astype(np.float32)
         values = numpy_helper.to_array(initializers[entry.tensor]).astype(np.float64)
         q = np.clip(np.rint(values / scale.astype(np.float64)), _INT32.min, _INT32.max).astype(np.int32)
         qp = QParams(None, scale, np.zeros(scale.shape, np.int32))  # type: ignore[arg-type]
-        _dequantized_constant(entry.tensor, q, qp, 0 if scale.ndim else None, new_inits, head_nodes)
-        _rewire(nodes_by_name, entry, f"{entry.tensor}_dequantized")
+        # A bias shared by layers with different input scales (an unrolled RNN's Gemms) gets one int32 copy each.
+        name = entry.tensor if entry.tensor not in written else f"{entry.tensor}_for_{entry.nodes[0]}"
+        written.add(entry.tensor)
+        _dequantized_constant(name, q, qp, 0 if scale.ndim else None, new_inits, head_nodes)
+        _rewire(nodes_by_name, entry, f"{name}_dequantized")
 
     ordered = list(head_nodes)
     for node in graph.node:
@@ -80,7 +88,7 @@ def write_qdq(model: onnx.ModelProto, plan: QuantPlan, *, conv_weights_for_qgemm
             ordered.extend(after.get(name, []))
     del graph.node[:]
     graph.node.extend(ordered)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     graph.initializer.extend(new_inits)
     return out
 
@@ -163,7 +171,7 @@ def _rewire(nodes_by_name: dict[str, onnx.NodeProto], entry: PlanEntry, target: 
                 node.input[i] = target
 
 
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+def drop_unused_initializers(graph: onnx.GraphProto) -> None:
     used = _used_names(graph) | {o.name for o in graph.output}
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
@@ -195,3 +203,6 @@ def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_OPSET) -> onnx.Model
     except Exception as exc:  # the converter raises bare RuntimeErrors/ValueErrors
         raise LowbitError(f"cannot upgrade the model from opset {current} to {minimum} ({str(exc)[:200]}); "
                           f"re-export it with opset {minimum} or newer") from None
+
+
+_drop_unused_initializers = drop_unused_initializers  # the older private name, still imported elsewhere

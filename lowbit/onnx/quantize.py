@@ -19,8 +19,9 @@ import onnx
 
 from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import CalibrationData, model_inputs
+from lowbit.onnx.control_flow import BodyPlanners
 from lowbit.onnx.cpu import has_amx_int8
-from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
+from lowbit.onnx.io import drop_shape_annotations, load_model, save_model, size_growth_warning
 from lowbit.onnx.planner import ACTIVATION_SPEC, StaticPlanner, node_names, plan_dynamic
 from lowbit.onnx.preprocess import preprocess
 from lowbit.onnx.qdq import ensure_opset, write_qdq
@@ -139,7 +140,9 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
             if smoothed:
                 algorithms["smoothquant"] = smoothed
                 planner = StaticPlanner(model, per_channel_weights=per_channel, exclude=exclude)
-        stats = collect_activation_stats(model, planner.candidates(), calib_data, method=calib_method,
+        bodies = BodyPlanners(model, per_channel_weights=per_channel, exclude=exclude)  # If/Loop/Scan
+        stats = collect_activation_stats(model, planner.candidates() + bodies.candidates(), calib_data,
+                                         method=calib_method,
                                          spec=ACTIVATION_SPEC, batch_size=batch_size, threads=threads,
                                          memory_budget_mb=calib_memory_mb or DEFAULT_MEMORY_BUDGET_MB)
         calibration_seconds += stats.seconds
@@ -158,11 +161,14 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
         algorithms["conv_weights"] = ("zero point -1 (ONNX Runtime GEMM/AMX kernels)" if conv_for_qgemm
                                       else "symmetric (ONNX Runtime symmetric-conv kernels)")
         quantized = write_qdq(model, plan, conv_weights_for_qgemm=conv_for_qgemm)
+        quantized = bodies.write(quantized, plan, stats, conv_weights_for_qgemm=conv_for_qgemm)
     elif mode == "dynamic":
         from lowbit.onnx.dynamic import write_dynamic
 
         plan = plan_dynamic(model, per_channel_weights=per_channel, exclude=exclude)
         quantized = write_dynamic(model, plan)
+        quantized = BodyPlanners(model, per_channel_weights=per_channel, exclude=exclude,
+                                 mode="dynamic").write(quantized, plan)
     elif mode == "weight-only":
         from lowbit.onnx.weight_only import quantize_weight_only
 
@@ -191,6 +197,7 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
     drop_shape_annotations(quantized)
     _check_runs(quantized)
     save_model(quantized, output_path, inputs=[model_path])
+    warnings += size_growth_warning(model_path, output_path)
     report = None
     if verify and eval_set is not None:
         report = compare_models(model_path, output_path, eval_set, batch_size=batch_size, threads=threads,

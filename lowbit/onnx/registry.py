@@ -9,6 +9,8 @@ Kinds of rule (they mirror the node patterns ONNX Runtime fuses into int8 kernel
 - elementwise: Add, Mul, Concat, average pooling, ... inputs and output get Q/DQ (QLinearAdd, ...);
 - passthrough: shape and data-movement ops (Reshape, Transpose, MaxPool, Resize, ...) do not change
   values, so their output reuses the input's scale and zero point and ORT drops the Q/DQ pair;
+- weights: LSTM: int8 W and R, activations quantized at run time by ONNX Runtime's
+  DynamicQuantizeLSTM (see `lowbit.onnx.recurrent`); GRU and RNN have no int8 kernel and stay float;
 - fold: Relu / Clip right after a quantized node: no Q/DQ between them (the output quantization's
   zero point already clips at 0, and ORT removes the activation);
 - float: ops int8 would break (Softmax, normalizations and their decomposed forms, exp/log);
@@ -26,7 +28,7 @@ from typing import Literal
 
 import onnx
 
-RuleKind = Literal["compute", "elementwise", "passthrough", "fold", "float", "shape"]
+RuleKind = Literal["compute", "elementwise", "passthrough", "fold", "float", "shape", "weights"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class OpRule:
     weight_axis: Callable[[onnx.NodeProto], int] | None = None
     bias_input: int | None = None
     reason: str = ""
+    # Further constant weight inputs with the same per-channel axis (LSTM's recurrence weight R).
+    more_weights: tuple[int, ...] = ()
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -66,6 +70,10 @@ def _matmul_axis(node: onnx.NodeProto) -> int:
     return -1  # B is (..., K, N)
 
 
+def _gates_axis(node: onnx.NodeProto) -> int:
+    return 1  # W / R are (directions, gates x hidden, features): one scale per gate row
+
+
 _COMPUTE = {
     "Conv": OpRule("compute", (0,), 1, _axis0, 2),
     "ConvTranspose": OpRule("compute", (0,), 1, _conv_transpose_axis, 2),
@@ -79,6 +87,7 @@ _PASSTHROUGH = {op: OpRule("passthrough", (0,)) for op in (
     "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "MaxPool", "GlobalMaxPool", "Resize",
     "Identity", "Slice", "Split", "Gather", "Pad", "DepthToSpace", "SpaceToDepth", "Expand", "Tile",
 )}
+_RECURRENT = {"LSTM": OpRule("weights", (), 1, _gates_axis, None, more_weights=(2,))}
 _FOLD = {op: OpRule("fold", (0,)) for op in ("Relu", "Clip")}
 _SENSITIVE = "sensitive op: int8 would break its accuracy"
 _FLOAT = {op: OpRule("float", (), reason=_SENSITIVE) for op in (
@@ -86,15 +95,17 @@ _FLOAT = {op: OpRule("float", (), reason=_SENSITIVE) for op in (
     "GroupNormalization", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "Sub", "Pow",
     "Sqrt", "Div", "Reciprocal", "Exp", "Log", "Erf", "Tanh", "Gelu", "Where", "Neg", "Abs", "Sin", "Cos",
     "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus", "Mish", "Min", "Max", "Sum", "Mean",
-    "TopK", "CumSum", "Einsum", "LSTM", "GRU", "RNN", "Dropout",
+    "TopK", "CumSum", "Einsum", "Dropout",
 )}
+_NO_INT8_KERNEL = "ONNX Runtime has no int8 kernel for it; int8 weights would add a dequantize per call"
+_FLOAT.update({op: OpRule("float", (), reason=_NO_INT8_KERNEL) for op in ("GRU", "RNN")})
 _SHAPE = {op: OpRule("shape", (), reason="computes shapes or indices") for op in (
     "Shape", "Size", "Constant", "ConstantOfShape", "Range", "Cast", "Equal", "Less", "Greater",
     "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "NonZero", "ArgMax", "ArgMin", "OneHot",
     "CastLike", "If", "Loop",
 )}
 
-RULES: dict[str, OpRule] = {**_COMPUTE, **_ELEMENTWISE, **_PASSTHROUGH, **_FOLD, **_FLOAT, **_SHAPE}
+RULES: dict[str, OpRule] = {**_COMPUTE, **_ELEMENTWISE, **_PASSTHROUGH, **_FOLD, **_FLOAT, **_SHAPE, **_RECURRENT}
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 

@@ -1,44 +1,84 @@
 """Measure a quantized ONNX model against its float original on ONNX Runtime.
 
-Fidelity (per output: mean and worst per-sample cosine, max abs error, top-1 agreement when the
-output looks like class scores), size before/after, and speed: both models timed in the same
-process on the same batch, interleaved run by run after a warm-up, median of the repeats, so
-the speedup is a ratio measured under identical conditions. Benches reuse `compare_models`.
+Fidelity is counted in calls: a call is one sample's inputs as the user gave them (one row of the
+evaluation arrays), whether the model runs it alone or stacked with others in a batch. Per output:
+
+- cosine that sees the error whatever the output's shape: per call (the call's whole output as one
+  vector) when a call yields at least MIN_VALUES_PER_CALL numbers, else across calls (all calls'
+  outputs as one vector), because the cosine of one number with another is 1 whatever the error;
+- relative error (||quantized - float|| / ||float|| over every call) and max abs error, always;
+- per-frame cosine for sequence outputs (a call yields frames x features);
+- top-1 agreement for class scores (a call yields one vector of >= 2 scores), and, when the
+  evaluation data holds `labels`, the accuracy of both models against them and the drop.
+
+Size before/after, and speed: both models timed by `lowbit.onnx.timing.time_models` (the method
+every lowbit speed figure uses) on the first batch. Benches reuse `compare_models`.
 """
 
 from __future__ import annotations
 
 import os
-import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lowbit.onnx.calib_data import CalibrationData
-from lowbit.onnx.session import make_session
+from lowbit.errors import LowbitError
+from lowbit.onnx.calib_data import Batch, CalibrationData
 from lowbit.onnx.io import load_model, model_size_bytes
+from lowbit.onnx.session import default_threads, make_session
+from lowbit.onnx.timing import time_models
+
+# A call yielding fewer numbers than this gets its cosine across calls: the cosine of a 1-, 2- or
+# 3-vector barely moves with the error (1.0 exactly for one number of the same sign).
+MIN_VALUES_PER_CALL = 8
+TIMING_WARMUP, TIMING_REPEATS = 2, 10  # the quantize table's timing (`lowbit bench` defaults to more repeats)
 
 
 @dataclass
 class OutputFidelity:
     name: str
-    cosine_mean: float
+    cosine_mean: float  # over calls (basis "per call") or the across-calls cosine (basis "across calls")
     cosine_min: float
     max_abs_error: float
     top1_agreement: float | None = None
+    cosine_basis: str = "per call"
+    cosine_all: float = 1.0  # every call's output as one vector
+    relative_error: float = 0.0  # ||quantized - float|| / ||float|| over every call
+    values_per_call: int = 0
+    frame_cosine_mean: float | None = None  # sequence outputs: per frame (last axis = features)
+    frame_cosine_min: float | None = None
+    frames: int = 0
+    accuracy_float: float | None = None  # against the evaluation labels
+    accuracy_quant: float | None = None
+
+    @property
+    def accuracy_drop(self) -> float | None:
+        """Points of label accuracy lost (float - quantized, as a fraction), or None without labels."""
+        if self.accuracy_float is None or self.accuracy_quant is None:
+            return None
+        return self.accuracy_float - self.accuracy_quant
 
 
 @dataclass
 class VerifyReport:
     outputs: list[OutputFidelity]
-    samples: int
+    calls: int
     size_before: int
     size_after: int
     latency_float_ms: float | None = None
     latency_quant_ms: float | None = None
     threads: int | None = None
     notes: list[str] = field(default_factory=list)
+    timing_method: str | None = None
+    timed_calls: int | None = None  # calls per timed run (the first batch)
+    labeled_calls: int = 0
+
+    @property
+    def samples(self) -> int:
+        """Calls compared (the name older callers use)."""
+        return self.calls
 
     @property
     def speedup(self) -> float | None:
@@ -50,96 +90,202 @@ class VerifyReport:
     def size_ratio(self) -> float:
         return self.size_before / max(1, self.size_after)
 
+    @property
+    def labeled(self) -> OutputFidelity | None:
+        """The output whose label accuracy was measured, if any."""
+        return next((o for o in self.outputs if o.accuracy_quant is not None), None)
+
     def to_dict(self) -> dict:
         data = asdict(self)
+        for out, fidelity in zip(data["outputs"], self.outputs):
+            out["accuracy_drop"] = fidelity.accuracy_drop
         data["speedup"] = self.speedup
         data["size_ratio"] = self.size_ratio
         return data
 
     def table(self) -> str:
         """Plain-text report for the command line."""
-        lines = [f"{'output':<24} {'cosine mean':>11} {'cosine min':>10} {'max abs err':>11} {'top-1 agree':>11}"]
+        lines = [f"{'output':<24} {'values/call':>11} {'cosine mean':>11} {'cosine min':>10} {'basis':<12} "
+                 f"{'rel err':>8} {'max abs err':>11} {'top-1 agree':>11}"]
         for o in self.outputs:
             top1 = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.2f}%"
-            lines.append(f"{o.name[:24]:<24} {o.cosine_mean:>11.5f} {o.cosine_min:>10.5f} "
-                         f"{o.max_abs_error:>11.4g} {top1:>11}")
-        lines.append(f"samples compared: {self.samples}")
+            lines.append(f"{o.name[:24]:<24} {o.values_per_call:>11} {o.cosine_mean:>11.5f} {o.cosine_min:>10.5f} "
+                         f"{o.cosine_basis:<12} {o.relative_error:>8.2e} {o.max_abs_error:>11.4g} {top1:>11}")
+            if o.frame_cosine_mean is not None:
+                lines.append(f"  {o.name[:22]} per frame ({o.frames} frames): cosine mean {o.frame_cosine_mean:.5f}, "
+                             f"min {o.frame_cosine_min:.5f}")
+        lines.append(f"calls compared: {self.calls} (a call = one sample's inputs as given; cosine per call, or "
+                     "across calls for outputs of < 8 values per call)")
+        labeled = self.labeled
+        if labeled is not None:
+            lines.append(f"accuracy vs labels ({labeled.name}, {self.labeled_calls} calls): float "
+                         f"{100 * labeled.accuracy_float:.2f}%, quantized {100 * labeled.accuracy_quant:.2f}% "
+                         f"(drop {100 * labeled.accuracy_drop:.2f} pt)")
         lines.append(f"size: {_mb(self.size_before)} -> {_mb(self.size_after)} ({self.size_ratio:.2f}x smaller)")
         if self.speedup is not None:
-            lines.append(f"latency per batch: float {self.latency_float_ms:.2f} ms, quantized "
+            lines.append(f"latency per run ({self.timed_calls} calls): float {self.latency_float_ms:.2f} ms, quantized "
                          f"{self.latency_quant_ms:.2f} ms -> {self.speedup:.2f}x "
-                         f"({'faster' if self.speedup >= 1 else 'SLOWER'}, {self.threads} threads, same run)")
+                         f"({'faster' if self.speedup >= 1 else 'SLOWER'})")
+            lines.append(f"timing: {self.timing_method}")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
 
+class OutputErrors:
+    """The error of one output accumulated call by call in bounded memory (sums, not arrays)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.calls = 0
+        self.values_per_call = 0
+        self.call_cosines: list[np.ndarray] = []
+        self.frame_cosines: list[np.ndarray] = []
+        self.dot = self.ref_sq = self.got_sq = self.diff_sq = 0.0
+        self.max_abs = 0.0
+        self.agree = 0
+        self.class_calls = 0
+        self.predictions: list[tuple[np.ndarray, np.ndarray]] = []  # (float, quantized) arg-max per call
+
+    def add(self, ref: np.ndarray, got: np.ndarray, calls: int | None) -> None:
+        """One run's output. `calls`: how many calls the run stacked on axis 0; None when the run
+        was one call fed as given (the model takes no batch axis: the whole output is that call's)."""
+        ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+        per_call_view = True
+        if calls is None:  # one call: its output, with a leading axis of 1 unless it has one already
+            calls = 1
+            if ref.ndim == 0 or ref.shape[0] != 1:
+                ref, got = ref.reshape(1, *ref.shape), got.reshape(1, *got.shape)
+        elif ref.ndim == 0 or ref.shape[0] != calls:
+            # An output that does not carry the stacked calls on axis 0: the run counts as one unit.
+            ref, got, per_call_view = ref.reshape(1, *ref.shape), got.reshape(1, *got.shape), False
+        self.calls += calls
+        self.values_per_call = ref.size // calls
+        diff = ref - got
+        self.dot += float((ref * got).sum())
+        self.ref_sq += float((ref * ref).sum())
+        self.got_sq += float((got * got).sum())
+        self.diff_sq += float((diff * diff).sum())
+        self.max_abs = max(self.max_abs, float(np.abs(diff).max()))
+        if not per_call_view:
+            return
+        self.call_cosines.append(cosine_per_row(ref, got))
+        if ref.ndim == 3 and ref.shape[1] >= 2 and ref.shape[2] >= MIN_VALUES_PER_CALL:  # (calls, frames, features)
+            self.frame_cosines.append(cosine_per_row(ref.reshape(-1, ref.shape[2]), got.reshape(-1, got.shape[2])))
+        if looks_like_class_scores(ref):
+            ref_class, got_class = ref.argmax(-1), got.argmax(-1)
+            self.agree += int((ref_class == got_class).sum())
+            self.class_calls += ref.shape[0]
+            self.predictions.append((ref_class, got_class))
+
+    def result(self) -> OutputFidelity:
+        across = _cosine(self.dot, self.ref_sq, self.got_sq)
+        relative = (self.diff_sq ** 0.5 / self.ref_sq ** 0.5) if self.ref_sq > 0 else (0.0 if self.diff_sq == 0
+                                                                                         else float("inf"))
+        if self.call_cosines and self.values_per_call >= MIN_VALUES_PER_CALL:
+            values = np.concatenate(self.call_cosines)
+            mean, low, basis = float(values.mean()), float(values.min()), "per call"
+        else:
+            mean, low, basis = across, across, "across calls"
+        fidelity = OutputFidelity(self.name, mean, low, self.max_abs,
+                                  self.agree / self.class_calls if self.class_calls else None, basis, across,
+                                  relative, self.values_per_call)
+        if self.frame_cosines:
+            frames = np.concatenate(self.frame_cosines)
+            fidelity.frame_cosine_mean, fidelity.frame_cosine_min = float(frames.mean()), float(frames.min())
+            fidelity.frames = int(frames.size)
+        return fidelity
+
+    def label_accuracy(self, labels: np.ndarray) -> tuple[float, float] | None:
+        """(float accuracy, quantized accuracy) against `labels`, or None when this output is not
+        one score per class for every call or has fewer classes than the labels name."""
+        if not self.predictions or self.class_calls != self.calls:
+            return None
+        ref = np.concatenate([r for r, _ in self.predictions])
+        got = np.concatenate([g for _, g in self.predictions])
+        if self.values_per_call <= int(labels.max(initial=0)):
+            return None
+        n = min(len(labels), len(ref))
+        return float((ref[:n] == labels[:n]).mean()), float((got[:n] == labels[:n]).mean())
+
+
+def batches_with_calls(data: CalibrationData, batch_size: int) -> Iterator[tuple[Batch, int | None]]:
+    """`data.batches(batch_size)`, each with the number of calls it stacks on axis 0, or None when
+    every run is one call fed as given (a model without a batch axis, or a batch of 1)."""
+    stacked = data.feed_batch_size(batch_size) != 1
+    for batch in data.batches(batch_size):
+        yield batch, (_rows(batch) if stacked else None)
+
+
+def label_accuracy(runs: list[list[np.ndarray]], calls: list[int | None], labels: np.ndarray) -> float:
+    """Accuracy against `labels` of the first output giving one score per class for every call.
+    `runs`: per run, the model's outputs; `calls`: per run, as `batches_with_calls` yields them."""
+    for i in range(len(runs[0]) if runs else 0):
+        errors = OutputErrors(str(i))
+        for outputs, count in zip(runs, calls):
+            if np.asarray(outputs[i]).dtype.kind == "f" and np.asarray(outputs[i]).size:
+                errors.add(outputs[i], outputs[i], count)
+        accuracy = errors.label_accuracy(labels) if errors.calls else None
+        if accuracy is not None:
+            return accuracy[0]
+    raise LowbitError("the evaluation data holds labels but no model output gives one score per class for every "
+                      "call (with more classes than the largest label); use --metric cosine, or drop the labels")
+
+
 def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike, data: CalibrationData, *,
                    batch_size: int = 16, threads: int | None = None, speed: bool = True,
-                   warmup: int = 2, repeats: int = 10) -> VerifyReport:
+                   warmup: int = TIMING_WARMUP, repeats: int = TIMING_REPEATS) -> VerifyReport:
     """Run `data` through both models and measure fidelity, size and (optionally) speed."""
-    threads = threads or os.cpu_count() or 1
+    threads = threads or default_threads()
     float_session = make_session(load_model(float_path), threads=threads)
     quant_session = make_session(load_model(quant_path), threads=threads)
     names = [o.name for o in float_session.get_outputs()]
-    cosines: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    max_err = dict.fromkeys(names, 0.0)
-    agree = {n: [0, 0] for n in names}
-    samples = 0
-    for batch in data.batches(batch_size):
+    errors = {n: OutputErrors(n) for n in names}
+    calls = 0
+    for batch, run_calls in batches_with_calls(data, batch_size):
         reference = float_session.run(names, batch)
         candidate = quant_session.run(names, batch)
         for name, ref, got in zip(names, reference, candidate):
-            ref = np.asarray(ref, np.float64)
-            got = np.asarray(got, np.float64)
+            ref, got = np.asarray(ref), np.asarray(got)
             if ref.dtype.kind != "f" or ref.size == 0:
                 continue
-            cosines[name].append(_cosine_per_sample(ref, got))
-            max_err[name] = max(max_err[name], float(np.max(np.abs(ref - got))))
-            if _looks_like_class_scores(ref):
-                agree[name][0] += int((ref.argmax(-1) == got.argmax(-1)).sum())
-                agree[name][1] += ref.shape[0]
-        samples += next(iter(batch.values())).shape[0] if batch else 0
-    outputs = []
-    for name in names:
-        if not cosines[name]:
-            continue
-        values = np.concatenate(cosines[name])
-        top1 = agree[name][0] / agree[name][1] if agree[name][1] else None
-        outputs.append(OutputFidelity(name, float(values.mean()), float(values.min()), max_err[name], top1))
-    report = VerifyReport(outputs, samples, model_size_bytes(Path(float_path)), model_size_bytes(Path(quant_path)),
-                          threads=threads)
+            errors[name].add(ref, got, run_calls)
+        calls += run_calls or 1
+    report = VerifyReport([e.result() for e in errors.values() if e.calls], calls,
+                          model_size_bytes(Path(float_path)), model_size_bytes(Path(quant_path)), threads=threads)
+    labels = data.labels
+    if labels is not None:
+        _add_label_accuracy(report, errors, labels[:calls])
     if speed:
-        batch = data.first_batch(batch_size)
-        report.latency_float_ms, report.latency_quant_ms = time_pair(float_session, quant_session, batch,
-                                                                     warmup=warmup, repeats=repeats)
+        batch, timed_calls = next(batches_with_calls(data, batch_size))
+        timing = time_models([float_session, quant_session], batch, warmup=warmup, repeats=repeats)
+        report.latency_float_ms, report.latency_quant_ms = timing.medians_ms
+        report.timing_method = timing.method()
+        report.timed_calls = timed_calls or 1
     return report
 
 
+def _add_label_accuracy(report: VerifyReport, errors: dict[str, OutputErrors], labels: np.ndarray) -> None:
+    for fidelity in report.outputs:
+        accuracy = errors[fidelity.name].label_accuracy(labels)
+        if accuracy is not None:
+            fidelity.accuracy_float, fidelity.accuracy_quant = accuracy
+            report.labeled_calls = min(len(labels), errors[fidelity.name].calls)
+            return
+    report.notes.append("the evaluation data holds labels but no output gives one score per class for every call "
+                        "(with more classes than the largest label); accuracy not measured")
+
+
 def time_pair(first, second, feed: dict, *, warmup: int = 2, repeats: int = 10) -> tuple[float, float]:
-    """Median latency in ms of two sessions on one feed, interleaved so drift hits both alike.
-
-    Each timed run follows an untimed one of the same session: after a run, ONNX Runtime's
-    worker threads keep spinning for a while, and on a machine with few cores the spinning
-    threads of the session that just ran would steal the cores from the other session's timed
-    run (measured on 2 cores: ResNet-18 int8 looked 2.2x faster than fp32 instead of 2.8x)."""
-    for _ in range(warmup):
-        first.run(None, feed)
-        second.run(None, feed)
-    a, b = [], []
-    for _ in range(repeats):
-        for session, times in ((first, a), (second, b)):
-            session.run(None, feed)  # settles the other session's spinning threads
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(a)), 1000 * float(np.median(b))
+    """Median latency in ms of two sessions on one feed: `time_models` for a pair (same method)."""
+    return tuple(time_models([first, second], feed, warmup=warmup, repeats=repeats).medians_ms)
 
 
-def _cosine_per_sample(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+def cosine_per_row(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Cosine of each row (axis 0) of `ref` and `got`, each row flattened; both zero counts 1, one zero 0."""
     if ref.ndim == 0:
         ref, got = ref.reshape(1, 1), got.reshape(1, 1)
-    ref = ref.reshape(ref.shape[0], -1)
-    got = got.reshape(got.shape[0], -1)
+    ref = np.asarray(ref, np.float64).reshape(ref.shape[0], -1)
+    got = np.asarray(got, np.float64).reshape(got.shape[0], -1)
     dot = (ref * got).sum(1)
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
     both_zero = norms == 0
@@ -148,9 +294,27 @@ def _cosine_per_sample(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     return np.where(both_zero & (np.abs(ref).sum(1) + np.abs(got).sum(1) > 0), 0.0, cos)
 
 
-def _looks_like_class_scores(ref: np.ndarray) -> bool:
-    """2-D (batch, classes) with at least two classes."""
+def looks_like_class_scores(ref: np.ndarray) -> bool:
+    """2-D (calls, classes) with at least two classes."""
     return ref.ndim == 2 and ref.shape[1] >= 2
+
+
+# The names the search modules import (lowbit/analysis/budget.py, sweep.py) until they use the public ones.
+_cosine_per_sample = cosine_per_row
+_looks_like_class_scores = looks_like_class_scores
+
+
+def _cosine(dot: float, a_sq: float, b_sq: float) -> float:
+    if a_sq == 0 and b_sq == 0:
+        return 1.0
+    if a_sq == 0 or b_sq == 0:
+        return 0.0
+    return dot / (a_sq ** 0.5 * b_sq ** 0.5)
+
+
+def _rows(batch: dict[str, np.ndarray]) -> int:
+    first = next(iter(batch.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
 def _mb(n: int) -> str:

@@ -28,13 +28,19 @@ def overview_rows(content: ReportContent) -> list[list[str]]:
         rows.append(["size", f"{_mb(verify.size_before)} → {_mb(verify.size_after)} ({verify.size_ratio:.2f}x smaller)"])
         worst = min(verify.outputs, key=lambda o: o.cosine_mean, default=None)
         if worst is not None:
-            rows.append(["fidelity (worst output)", f"cosine {worst.cosine_mean:.5f} (min {worst.cosine_min:.5f})"
+            rows.append(["fidelity (worst output)", f"cosine {worst.cosine_mean:.5f} (min {worst.cosine_min:.5f}, "
+                         f"{worst.cosine_basis}), relative error {worst.relative_error:.2e}"
                          + ("" if worst.top1_agreement is None else f", top-1 agreement "
                             f"{100 * worst.top1_agreement:.2f}%")])
+        labeled = verify.labeled
+        if labeled is not None:
+            rows.append(["accuracy vs labels", f"float {100 * labeled.accuracy_float:.2f}% → quantized "
+                         f"{100 * labeled.accuracy_quant:.2f}% (drop {100 * labeled.accuracy_drop:.2f} pt, "
+                         f"{verify.labeled_calls} calls, output {labeled.name})"])
         if verify.speedup is not None:
             rows.append(["speed", f"{verify.speedup:.2f}x vs float ({verify.latency_float_ms:.2f} → "
-                         f"{verify.latency_quant_ms:.2f} ms per batch, {verify.threads} threads, same run)"
-                         + ("" if verify.speedup >= 1 else " — SLOWER than float")])
+                         f"{verify.latency_quant_ms:.2f} ms per run of {verify.timed_calls} calls; "
+                         f"{verify.timing_method})" + ("" if verify.speedup >= 1 else " — SLOWER than float")])
     if content.budget is not None:
         b = content.budget
         rows.append(["accuracy budget", f"{'met' if b.met else 'NOT met'}: {b.metric} drop {b.drop:.5f} "
@@ -43,10 +49,17 @@ def overview_rows(content: ReportContent) -> list[list[str]]:
 
 
 def fidelity_rows(verify: VerifyReport) -> Rows:
-    rows = [[o.name, f"{o.cosine_mean:.5f}", f"{o.cosine_min:.5f}", f"{o.max_abs_error:.4g}",
-             _opt(None if o.top1_agreement is None else 100 * o.top1_agreement, ".2f")] for o in verify.outputs]
-    rows.append([f"({verify.samples} samples)", "", "", "", ""])
-    return ["output", "cosine mean", "cosine min", "max abs error", "top-1 agree %"], rows
+    rows = []
+    for o in verify.outputs:
+        frames = "-" if o.frame_cosine_mean is None else f"{o.frame_cosine_mean:.5f} / {o.frame_cosine_min:.5f}"
+        accuracy = "-" if o.accuracy_quant is None else \
+            f"{100 * o.accuracy_float:.2f} → {100 * o.accuracy_quant:.2f}"
+        rows.append([o.name, f"{o.cosine_mean:.5f}", f"{o.cosine_min:.5f}", o.cosine_basis, str(o.values_per_call),
+                     f"{o.relative_error:.2e}", f"{o.max_abs_error:.4g}", frames,
+                     _opt(None if o.top1_agreement is None else 100 * o.top1_agreement, ".2f"), accuracy])
+    rows.append([f"({verify.calls} calls)"] + [""] * 9)
+    return ["output", "cosine mean", "cosine min", "cosine basis", "values/call", "rel error", "max abs error",
+            "frame cosine mean / min", "top-1 agree %", "label accuracy % (float → quant)"], rows
 
 
 def plan_rows(plan: QuantPlan) -> Rows:

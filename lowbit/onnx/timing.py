@@ -1,0 +1,109 @@
+"""Latency of ONNX models on this CPU: the one timing method behind every speed figure lowbit prints
+(the quantize table, `lowbit bench`, the budget search) and the one benches reuse.
+
+Method: every model runs in a session with the same options (`lowbit.onnx.session`: spin-waiting
+off, the stated number of intra-op threads, one inter-op thread), in this one process, on the same
+feed. Each is run once untimed (first-run allocations) and `warmup` more times; then `repeats`
+rounds in which every model takes a turn, the order alternating round by round (A B, B A, ...) so
+clock boost, thermal drift and background load hit all alike. A turn is one untimed run, then one
+timed run of the same model: the untimed run brings the model's weights, kernels and buffers back
+into the caches the other model just used, so the timed run measures the warm, back-to-back
+latency a model serving requests has, the latency a process timing that model alone measures.
+(Timed cold, right after the other model, a GRU of many tiny ops measured 0.5-0.9 ms instead of
+0.16 ms, 1 thread; see BENCHMARKS.md "Timing agreement".) A model's latency is the median of its
+timed runs; a speedup is the ratio of medians. Spin-waiting stays off: with ONNX Runtime's default
+the threads of the session that just ran keep spinning and slow the next session's run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from lowbit.onnx.session import SPIN_WAIT_OFF, default_threads, make_session
+
+ModelLike = str | os.PathLike | bytes | onnx.ModelProto | ort.InferenceSession
+
+
+@dataclass
+class Timing:
+    """Timed runs of one or more models on one feed (milliseconds), with the settings they ran under."""
+
+    latencies_ms: list[list[float]]  # per model, in the order given
+    threads: int | None  # intra-op threads of every session (None: ONNX Runtime's default)
+    warmup: int
+    repeats: int
+
+    @property
+    def medians_ms(self) -> list[float]:
+        return [float(np.median(runs)) for runs in self.latencies_ms]
+
+    @property
+    def speedup(self) -> float | None:
+        """How many times faster the second model is than the first (ratio of medians)."""
+        if len(self.latencies_ms) < 2:
+            return None
+        first, second = self.medians_ms[:2]
+        return first / second if second > 0 else None
+
+    def method(self) -> str:
+        """One line saying how the numbers were measured."""
+        threads = "ONNX Runtime's default intra-op threads" if self.threads is None else \
+            f"{self.threads} intra-op thread{'s' if self.threads != 1 else ''}"
+        return (f"{threads}, 1 inter-op, spin-waiting off; median of {self.repeats} timed runs per model after "
+                f"{self.warmup} warm-up, interleaved in one process (order alternating, each timed run after an "
+                "untimed one of the same model)")
+
+    def to_dict(self) -> dict:
+        return {"medians_ms": self.medians_ms, "speedup": self.speedup, "threads": self.threads,
+                "inter_op_threads": 1, "spin_waiting": False, "warmup": self.warmup, "repeats": self.repeats,
+                "method": self.method()}
+
+
+def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray], *, threads: int | None = None,
+                warmup: int = 5, repeats: int = 30) -> Timing:
+    """Time `models` (paths, serialized bytes, ModelProtos, or sessions made by `make_session`) on
+    `feed` with the method of the module docstring. Models given as files or protos get sessions with
+    `threads` intra-op threads (default: every core this process may use); sessions given must all
+    have the same thread count and spin-waiting off. `Timing.speedup` is models[0] / models[1]."""
+    if not models:
+        raise ValueError("time_models needs at least one model")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
+    threads = threads or default_threads()
+    sessions = [m if isinstance(m, ort.InferenceSession) else make_session(m, threads=threads) for m in models]
+    stated = {_threads_of(s) for s in sessions}
+    if len(stated) != 1:
+        raise ValueError(f"sessions timed together must use the same thread count, got {sorted(stated, key=str)}")
+    for session in sessions:
+        session.run(None, feed)
+    for _ in range(warmup):
+        for session in sessions:
+            session.run(None, feed)
+    latencies: list[list[float]] = [[] for _ in sessions]
+    for round_ in range(repeats):
+        order = range(len(sessions)) if round_ % 2 == 0 else reversed(range(len(sessions)))
+        for i in order:
+            sessions[i].run(None, feed)  # warms the caches the other model used
+            start = time.perf_counter()
+            sessions[i].run(None, feed)
+            latencies[i].append(1000 * (time.perf_counter() - start))
+    return Timing(latencies, stated.pop(), warmup, repeats)
+
+
+def _threads_of(session: ort.InferenceSession) -> int | None:
+    options = session.get_session_options()
+    for key, value in SPIN_WAIT_OFF.items():
+        try:
+            got = options.get_session_config_entry(key)
+        except RuntimeError:  # not set: ONNX Runtime's default, spinning on
+            got = None
+        if got != value:
+            raise ValueError(f"session timed with {key} not {value!r}; make it with lowbit.onnx.session.make_session")
+    return options.intra_op_num_threads or None

@@ -1,0 +1,230 @@
+"""Measurements that cannot lie: fidelity that sees the error for every output shape (hand-computed
+examples), counts in calls, evaluation labels, and the one timing method with stated options."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from _onnx_quant_models import image_calib, outlier_cnn
+from lowbit.analysis.bench import bench_models
+from lowbit.analysis.budget import search_precision
+from lowbit.cli import main
+from lowbit.errors import CalibrationError, LowbitError
+from lowbit.onnx.calib_data import CalibrationData
+from lowbit.onnx.session import make_session
+from lowbit.onnx.timing import time_models
+from lowbit.onnx.verify import OutputErrors, compare_models, cosine_per_row
+
+# ----------------------------------------------------------------------------- metrics, by hand
+
+
+def test_one_number_per_call_sees_the_error_the_per_call_cosine_missed():
+    ref = np.array([[1.0], [1.0]])  # two calls, one number each
+    got = np.array([[1.0], [3.0]])
+    assert cosine_per_row(ref, got).tolist() == [1.0, 1.0]  # the old metric: "cosine 1.0", error 2
+    errors = OutputErrors("score")
+    errors.add(ref, got, calls=2)
+    result = errors.result()
+    assert result.cosine_basis == "across calls"
+    # [1, 1] . [1, 3] = 4; |[1, 1]| |[1, 3]| = sqrt(2) sqrt(10)
+    assert result.cosine_mean == result.cosine_min == result.cosine_all == pytest.approx(4 / np.sqrt(20))
+    assert result.relative_error == pytest.approx(2 / np.sqrt(2))  # |[0, 2]| / |[1, 1]|
+    assert result.max_abs_error == 2.0 and result.values_per_call == 1 and errors.calls == 2
+
+
+def test_per_call_cosine_for_wide_outputs_and_across_calls_accumulated_over_runs():
+    base = np.arange(1.0, 9.0)  # 8 values per call
+    errors = OutputErrors("embedding")
+    errors.add(base[None], base[None], calls=1)  # call 1: exact
+    errors.add(base[None], -base[None], calls=1)  # call 2: sign flipped, cosine -1
+    result = errors.result()
+    assert result.cosine_basis == "per call" and errors.calls == 2
+    assert result.cosine_mean == pytest.approx(0.0) and result.cosine_min == pytest.approx(-1.0)
+    assert result.cosine_all == pytest.approx(0.0)  # (|b|^2 - |b|^2) / (2 |b|^2)
+    assert result.relative_error == pytest.approx(np.sqrt(4 * base @ base) / np.sqrt(2 * base @ base))
+
+
+def test_sequence_output_gets_per_frame_cosine_and_one_call_per_unbatched_run():
+    frame = np.ones(8)
+    ref = np.stack([frame, frame, frame])  # one call fed as given: 3 frames x 8 features, no batch axis
+    got = np.stack([frame, -frame, frame])
+    errors = OutputErrors("logits")
+    for _ in range(4):
+        errors.add(ref, got, calls=None)
+    result = errors.result()
+    assert errors.calls == 4 and result.frames == 12
+    assert result.frame_cosine_mean == pytest.approx(1 / 3) and result.frame_cosine_min == pytest.approx(-1.0)
+    assert result.cosine_mean == pytest.approx(1 / 3)  # per call: 16 of 24 agree, 8 opposite -> 8/24
+
+
+# ----------------------------------------------------------------------------- compare_models on ORT
+
+
+def _linear_model(path, weights, bias, *, batched=True, frames=None, input_name="x"):
+    """y = x @ W + b; `batched`: x is (N, 16), else one call (frames, 16) without batch axis."""
+    shape = ["N", 16] if batched else [frames, 16]
+    out_shape = ["N", weights.shape[1]] if batched else [frames, weights.shape[1]]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [input_name, "W"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["y"])],
+        "linear", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(weights.astype(np.float32), "W"), numpy_helper.from_array(bias.astype(np.float32), "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_compare_models_reports_the_offset_of_a_one_number_output(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = np.abs(rng.standard_normal((16, 1)))
+    x = rng.standard_normal((12, 16)).astype(np.float32)  # outputs of both signs
+    float_path = _linear_model(tmp_path / "f.onnx", weights, np.zeros(1))
+    quant_path = _linear_model(tmp_path / "q.onnx", weights, np.full(1, 0.5))
+    report = compare_models(float_path, quant_path, CalibrationData({"x": x}, onnx.load(float_path)), batch_size=5,
+                            speed=False)
+    out = report.outputs[0]
+    ref = (x.astype(np.float64) @ weights).ravel()
+    got = ref + 0.5
+    assert report.calls == 12 and out.values_per_call == 1 and out.cosine_basis == "across calls"
+    assert out.cosine_mean == pytest.approx(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got), rel=1e-6)
+    assert out.cosine_mean < 0.999  # the per-sample cosine said 1.0 (or -1.0) here
+    assert out.relative_error == pytest.approx(0.5 * np.sqrt(12) / np.linalg.norm(ref), rel=1e-5)
+    assert out.max_abs_error == pytest.approx(0.5, rel=1e-5)
+    assert "calls compared: 12" in report.table() and "across calls" in report.table()
+
+
+def test_unbatched_sequence_model_counts_calls_not_frames(tmp_path):
+    rng = np.random.default_rng(1)
+    weights = rng.standard_normal((16, 10))
+    float_path = _linear_model(tmp_path / "f.onnx", weights, np.zeros(10), batched=False, frames=64)
+    quant_path = _linear_model(tmp_path / "q.onnx", weights * 1.1, np.zeros(10), batched=False, frames=64)
+    x = rng.standard_normal((5, 64, 16)).astype(np.float32)  # 5 calls of 64 frames
+    report = compare_models(float_path, quant_path, CalibrationData({"x": x}, onnx.load(float_path)), speed=False)
+    out = report.outputs[0]
+    assert report.calls == 5 and out.frames == 5 * 64 and out.values_per_call == 640
+    assert out.frame_cosine_min == pytest.approx(1.0)  # a scale keeps every frame's direction
+    assert out.relative_error == pytest.approx(0.1, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labels")
+    path = outlier_cnn(root / "cnn.onnx")
+    calib = image_calib(root / "calib.npz", n=24)
+    images = np.load(calib)["image"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    scores = session.run(None, {"image": images})[0]
+    labels = scores.argmax(1).copy()
+    labels[::3] = (labels[::3] + 1) % 10  # the float model is right on 2 of 3 samples
+    np.savez(root / "eval.npz", image=images, labels=labels.astype(np.int64))
+    return {"root": root, "float": path, "calib": calib, "eval": root / "eval.npz", "labels": labels}
+
+
+def test_labels_give_accuracy_of_both_models_in_table_and_json(classifier, capsys):
+    out = classifier["root"] / "q.onnx"
+    args = ["quantize", str(classifier["float"]), "-o", str(out), "--mode", "static", "--calib",
+            str(classifier["calib"]), "--eval", str(classifier["eval"]), "--per-tensor", "--no-speed"]
+    assert main(args) == 0
+    assert "accuracy vs labels (out, 24 calls): float 66.67%, quantized" in capsys.readouterr().out
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["report"]
+    fidelity = report["outputs"][0]
+    assert fidelity["accuracy_float"] == pytest.approx(2 / 3)  # 16 of 24, by construction
+    quant = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    predicted = quant.run(None, {"image": np.load(classifier["eval"])["image"]})[0].argmax(1)
+    assert fidelity["accuracy_quant"] == pytest.approx(float((predicted == classifier["labels"]).mean()))
+    assert fidelity["accuracy_drop"] == pytest.approx(fidelity["accuracy_float"] - fidelity["accuracy_quant"])
+    assert report["calls"] == 24 and report["labeled_calls"] == 24
+
+
+def test_budget_metric_top1_uses_label_accuracy(classifier):
+    result = search_precision(classifier["float"], classifier["root"] / "b.onnx", calib=classifier["calib"],
+                              eval_data=classifier["eval"], max_drop=0.05, metric="top1", per_channel=False,
+                              batch_size=8, measure_speed=False, time_limit=60)
+    assert result.float_score == pytest.approx(2 / 3) and "label" in result.metric
+    assert result.report.labeled.accuracy_float == pytest.approx(2 / 3)
+
+
+def test_a_model_input_named_labels_stays_an_input(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["labels"], ["lf"], to=TensorProto.FLOAT), helper.make_node("Add", ["x", "lf"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+              helper.make_tensor_value_info("labels", TensorProto.INT64, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = CalibrationData({"x": np.zeros((3, 4), np.float32), "labels": np.ones((3, 4), np.int64)}, model)
+    assert data.labels is None and sorted(data.first_batch(3)) == ["labels", "x"]
+
+
+def test_malformed_labels_are_one_sentence(classifier):
+    images = np.load(classifier["calib"])["image"]
+    model = onnx.load(classifier["float"])
+    with pytest.raises(CalibrationError, match=r"one integer class id per sample, shape \(24,\)"):
+        CalibrationData({"image": images, "labels": np.zeros((24, 1), np.int64)}, model)
+    with pytest.raises(CalibrationError, match="one integer class id"):
+        CalibrationData({"image": images, "labels": np.zeros(24, np.float32)}, model)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def test_every_session_has_spin_waiting_off_and_timing_states_its_settings(tmp_path):
+    path = _linear_model(tmp_path / "m.onnx", np.ones((16, 4)), np.zeros(4))
+    options = make_session(onnx.load(path), threads=1).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    feed = {"x": np.ones((2, 16), np.float32)}
+    timing = time_models([path, path.read_bytes()], feed, threads=1, warmup=1, repeats=3)
+    assert [len(t) for t in timing.latencies_ms] == [3, 3] and timing.threads == 1
+    assert "1 intra-op thread, 1 inter-op, spin-waiting off" in timing.method()
+    spinning = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with pytest.raises(ValueError, match="allow_spinning"):
+        time_models([spinning], feed)
+
+
+def test_bench_and_quantize_table_state_the_same_method(tmp_path):
+    path = _linear_model(tmp_path / "m.onnx", np.ones((16, 4)), np.zeros(4))
+    bench = bench_models([path, path], threads=1, warmup=1, repeats=3)
+    report = compare_models(path, path, CalibrationData({"x": np.ones((4, 16), np.float32)}, onnx.load(path)),
+                            threads=1, warmup=1, repeats=3)
+    assert bench.method == report.timing_method and "spin-waiting off" in bench.text()
+    assert f"timing: {report.timing_method}" in report.table() and bench.to_dict()["threads"] == 1
+    with pytest.raises(LowbitError):
+        bench_models([path, path, path])
+
+
+# ----------------------------------------------------------------------------- found by bench/timing_check.py
+
+
+def test_a_bias_shared_by_two_gemms_gets_one_int32_copy_each(tmp_path):
+    """An unrolled RNN reuses one bias in every step's Gemm; each step has its own input scale, so its
+    int32 bias differs (it was written twice under one name: an invalid model)."""
+    from lowbit.onnx.quantize import quantize_onnx
+
+    rng = np.random.default_rng(0)
+    weight, bias = rng.standard_normal((8, 8)).astype(np.float32), rng.standard_normal(8).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "b"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Mul", ["r", "ten"], ["big"]), helper.make_node("Gemm", ["big", "W", "b"], ["y"])],
+        "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b"),
+         numpy_helper.from_array(np.float32(10.0), "ten")])
+    path = tmp_path / "f.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = rng.standard_normal((32, 8)).astype(np.float32)
+    result = quantize_onnx(path, tmp_path / "q.onnx", calib={"x": x}, eval_data={"x": x}, measure_speed=False)
+    quant = onnx.load(tmp_path / "q.onnx")
+    names = [n.name for n in quant.graph.node]
+    assert len(names) == len(set(names))
+    bias_inputs = [n.input[2] for n in quant.graph.node if n.op_type == "Gemm"]
+    assert len(set(bias_inputs)) == 2 and all(b.endswith("_dequantized") for b in bias_inputs)
+    assert result.report.outputs[0].cosine_min > 0.999
