@@ -5,8 +5,8 @@ flags), timed on the same input batch (the one the quantize table times) with th
 count, `--rounds` rounds, each round all three ways in turn so they see the same load drift:
 
   lowbit        what `lowbit quantize` prints: `lowbit.onnx.timing.time_models` with the quantize
-                table's warm-up and repeats (one process, spin-waiting off, interleaved, each timed
-                run after an untimed one of the same model, median);
+                table's warm-up and repeats (one process, spin-waiting off, interleaved in turns
+                of one untimed and three timed runs of a model, median);
   independent   without lowbit: each model in its own fresh Python process (plain onnxruntime, the
                 same session options written out below), `--runs` back-to-back timed runs after a
                 warm-up, median; fp32 and int8 processes alternate which goes first;
@@ -240,6 +240,35 @@ def check(name: str, threads: int, runs: int, rounds: int) -> dict:
     return row
 
 
+def cold_cache_probe(name: str, threads: int, runs: int = 200) -> str:
+    """The fp32 model's median latency three ways in one process (spin-waiting off): alone, back to back;
+    alternating run by run with the int8 model; alternating, each timed run after an untimed one."""
+    import onnx
+
+    from lowbit.onnx.session import make_session
+
+    fp32, calib, evaluation, batch_size = MODELS[name]()
+    first, other = (make_session(onnx.load(p), threads=threads) for p in (fp32, quantized(name, fp32, calib)))
+    feed = {k: v[:batch_size] for k, v in evaluation.items()}
+
+    def timed(before: list, block: int = 1) -> float:
+        times = []
+        for _ in range(runs // block):
+            for session in before:
+                session.run(None, feed)
+            for _ in range(block):
+                start = time.perf_counter()
+                first.run(None, feed)
+                times.append(1000 * (time.perf_counter() - start))
+        return float(np.median(times))
+
+    timed([first, other])  # warm-up
+    alone, interleaved, settled, turns = timed([]), timed([other]), timed([other, first]), timed([other, first], 3)
+    return (f"{name} fp32, {threads} thread(s): alone {alone:.3f} ms; right after the int8 model {interleaved:.3f} ms; "
+            f"after the int8 model and an untimed run of its own {settled:.3f} ms; in turns of 1 untimed + 3 timed "
+            f"(time_models) {turns:.3f} ms")
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | calls/run | threads | lowbit fp32 / int8 ms | lowbit speedup (range) | independent fp32 / int8 ms "
              "| independent speedup (range) | difference | spin-on, old bench |", "|---|---|---|---|---|---|---|---|---|"]
@@ -263,8 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="rounds per model (each: lowbit's timing, then one "
                         "independent process per model)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--cold-probe", action="store_true", help="only time each model's fp32 session alone, "
+                        "right after the int8 one, and after an untimed run of its own")
     args = parser.parse_args(argv)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    if args.cold_probe:
+        for name in args.models.split(","):
+            print(cold_cache_probe(name, args.threads))
+        return 0
     load = os.getloadavg()
     rows = [check(name, args.threads, args.runs, args.rounds) for name in args.models.split(",")]
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; after: "

@@ -228,3 +228,12 @@ def test_a_bias_shared_by_two_gemms_gets_one_int32_copy_each(tmp_path):
     bias_inputs = [n.input[2] for n in quant.graph.node if n.op_type == "Gemm"]
     assert len(set(bias_inputs)) == 2 and all(b.endswith("_dequantized") for b in bias_inputs)
     assert result.report.outputs[0].cosine_min > 0.999
+
+
+def test_bench_counts_an_unbatched_run_as_one_call(tmp_path):
+    path = _linear_model(tmp_path / "seq.onnx", np.ones((16, 4)), np.zeros(4), batched=False, frames=64)
+    report = bench_models([path], threads=1, warmup=1, repeats=3)
+    assert report.models[0].batch == 1  # 64 frames, one call
+    assert report.models[0].throughput == pytest.approx(1000 / report.models[0].median_ms)
+    batched = _linear_model(tmp_path / "b.onnx", np.ones((16, 4)), np.zeros(4))
+    assert bench_models([batched], shapes={"x": (5, 16)}, threads=1, warmup=1, repeats=3).models[0].batch == 5

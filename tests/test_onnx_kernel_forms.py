@@ -16,6 +16,7 @@ from lowbit.onnx.collect import collect_activation_stats
 from lowbit.onnx.planner import ACTIVATION_SPEC, StaticPlanner, node_names
 from lowbit.onnx.preprocess import preprocess
 from lowbit.onnx.qdq import QGEMM_MIN_REDUCTION, write_qdq
+from lowbit.onnx.session import session_options
 from lowbit.onnx.verify import time_pair
 
 
@@ -107,14 +108,18 @@ class _CountingSession:
     def run(self, names, feed):
         self.log.append(self.name)
 
+    def get_session_options(self):
+        return session_options(threads=1)
 
-def test_time_pair_times_each_session_right_after_its_own_untimed_run():
+
+def test_time_pair_times_each_session_in_turns_after_its_own_untimed_run():
     log: list[str] = []
     first, second = _CountingSession(log, "a"), _CountingSession(log, "b")
-    fast, slow = time_pair(first, second, {}, warmup=1, repeats=3)
+    fast, slow = time_pair(first, second, {}, warmup=1, repeats=4)
     assert fast >= 0 and slow >= 0
-    # warm-up a b, then per repeat: a (settle) a (timed) b (settle) b (timed)
-    assert log == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    # first run a b, warm-up a b, then turns (order alternating): 1 untimed + RUNS_PER_TURN (3) timed runs,
+    # the last turn only the timed runs still missing (4 = 3 + 1).
+    assert log == ["a", "b"] * 2 + ["a"] * 4 + ["b"] * 4 + ["b"] * 2 + ["a"] * 2
 
 
 def test_plan_summary_uses_real_plurals(planned):

@@ -22,7 +22,7 @@ DIGITS_RECIPES = ["w8a8", "w4a8", "w2a8", "w1a8", "ternary"]
 
 def _prepared_digits(recipe: str):
     model, _, data = trained_digits()
-    prepared = prepare(model, recipe, data.x_train[:2])
+    prepared = prepare(model, recipe, data.x_train[:2], keep_int8="none")  # every layer at the recipe's width
     calibrate(prepared, [data.x_train[:512]])
     return prepared, data
 

@@ -58,7 +58,7 @@ def test_linear_forward_matches_a_numpy_reference():
 def test_binary_weights_are_sign_times_mean_magnitude_per_channel():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(3, 5, 3))
-    prepared = prepare(model, "w1", torch.zeros(1, 3, 8, 8))
+    prepared = prepare(model, "w1", torch.zeros(1, 3, 8, 8), keep_int8="none")  # a lone layer is first and last
     layer = prepared[0]
     weight, _ = layer.quantized_weight()
     w = model[0].weight.detach().numpy().reshape(5, -1)
@@ -112,7 +112,7 @@ def test_straight_through_gradients_and_learnable_scales():
 
 def test_qat_recovers_accuracy_lost_by_post_training_quantization():
     model, float_accuracy, data = trained_digits()
-    prepared = prepare(model, "w2a8", data.x_train[:2])
+    prepared = prepare(model, "w2a8", data.x_train[:2], keep_int8="none")  # every layer at 2 bits
     calibrate(prepared, [data.x_train[:512]])
     ptq = evaluate(prepared, data.x_test, data.y_test)
     with torch_threads(1):

@@ -24,6 +24,7 @@ from lowbit.onnx.calib_data import CalibrationData, model_inputs
 from lowbit.onnx.io import load_model, model_size_bytes
 from lowbit.onnx.session import default_threads, make_session
 from lowbit.onnx.timing import time_models
+from lowbit.onnx.verify import batches_with_calls
 
 
 @dataclass
@@ -31,7 +32,7 @@ class ModelTiming:
     path: str
     size_bytes: int
     latencies_ms: list[float]
-    batch: int
+    batch: int  # calls per run: samples stacked on a batch axis, or 1 for a model without one
 
     @property
     def median_ms(self) -> float:
@@ -43,7 +44,7 @@ class ModelTiming:
 
     @property
     def throughput(self) -> float:
-        """Samples per second at the median latency."""
+        """Calls (samples) per second at the median latency."""
         return self.batch * 1000.0 / self.median_ms if self.median_ms > 0 else float("inf")
 
     def to_dict(self) -> dict:
@@ -81,7 +82,7 @@ class BenchReport:
         lines.append(f"timing: {self.method}")
         lines.append(f"inputs: {shown}")
         width = max(12, *(len(Path(m.path).name) for m in self.models))
-        lines.append(f"{'model':<{width}} {'size':>10} {'median ms':>10} {'p90 ms':>9} {'samples/s':>11}")
+        lines.append(f"{'model':<{width}} {'size':>10} {'median ms':>10} {'p90 ms':>9} {'calls/s':>11}")
         for m in self.models:
             size = f"{m.size_bytes / 1e6:.2f} MB" if m.size_bytes >= 1e5 else f"{m.size_bytes / 1e3:.1f} kB"
             lines.append(f"{Path(m.path).name:<{width}} {size:>10} {m.median_ms:>10.3f} "
@@ -109,9 +110,10 @@ def bench_models(paths: list[str | os.PathLike], *, shapes: dict[str, tuple[int,
         raise LowbitError("--shape and --data both set the inputs; use --data alone (its arrays have shapes)")
     models = [load_model(p) for p in paths]
     if data is not None:
-        feed = CalibrationData(data, models[0], what="benchmark data").first_batch(batch_size)
+        feed, calls = next(batches_with_calls(CalibrationData(data, models[0], what="benchmark data"), batch_size))
     else:
         feed = synthetic_feed(models[0], shapes, seed=seed)
+        calls = _stacked_calls(models[0], feed)
     for path, model in zip(paths[1:], models[1:]):
         _check_same_inputs(paths[0], models[0], path, model)
     threads = threads or default_threads()
@@ -120,15 +122,21 @@ def bench_models(paths: list[str | os.PathLike], *, shapes: dict[str, tuple[int,
         _first_run(path, session, feed)
     timing = time_models(sessions, feed, warmup=warmup, repeats=repeats)
     latencies = timing.latencies_ms
-    first = next(iter(feed.values()), np.zeros(1))
-    batch = int(first.shape[0]) if first.ndim else 1
-    timings = [ModelTiming(str(p), model_size_bytes(p), lat, batch) for p, lat in zip(paths, latencies)]
+    timings = [ModelTiming(str(p), model_size_bytes(p), lat, calls or 1) for p, lat in zip(paths, latencies)]
     inputs = {k: f"{'x'.join(map(str, v.shape)) or 'scalar'} {v.dtype}" for k, v in feed.items()}
     report = BenchReport(timings, threads, warmup, inputs, cpu_info(), method=timing.method())
     if report.speedup is not None and report.speedup < 1:
         report.notes.append("the second model is slower; see the CPU line above for what int8 can gain here "
                             "(on small models the Q/DQ and layout overhead can outweigh faster int8 kernels)")
     return report
+
+
+def _stacked_calls(model, feed: dict[str, np.ndarray]) -> int | None:
+    """Samples per run of a generated feed: the first input's batch axis (a symbolic first dim), else None."""
+    signature = next(iter(model_inputs(model)), None)
+    if signature is None or not signature.batched:
+        return None
+    return int(feed[signature.name].shape[0])
 
 
 def _check_same_inputs(first_path, first, other_path, other) -> None:

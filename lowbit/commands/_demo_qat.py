@@ -42,7 +42,8 @@ def run_qat_section(teacher: torch.nn.Module, data: Any, workdir: Path, *, epoch
     rows = []
     for recipe, label, weight_row in RECIPES:
         torch.manual_seed(seed)
-        model = prepare(teacher, recipe, data.x_train[:2])
+        # Every layer at the recipe's width, so sizes match the weight table's rows of that format.
+        model = prepare(teacher, recipe, data.x_train[:2], keep_int8="none")
         calibrate(model, [data.x_train[i:i + 256] for i in range(0, CALIBRATION_IMAGES, 256)])
         ptq_accuracy, ptq = shipped(model, f"{recipe}_ptq")
         seconds = finetune(model, teacher, data, epochs=epochs, seed=seed, desc=f"QAT {recipe}")

@@ -78,6 +78,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     weights.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=0,
                          help="ONNX models, MatMulNBits: 0 keeps float activations (default); 4 lets ONNX Runtime "
                               "quantize activations to int8 inside the kernel")
+    weights.add_argument("--embedding-bits", type=int, choices=(0, 4, 8), default=8,
+                         help="ONNX models: bits of the embedding tables (Gather), blocks of --group-size; 0 keeps "
+                              "them float (default: 8)")
     weights.add_argument("--calib-text", help="Hugging Face models: a UTF-8 text file of representative text for calibration")
     weights.add_argument("--seq-len", type=int,
                          help="Hugging Face models: tokens per calibration sample (default: min(512, the model's "
@@ -142,7 +145,7 @@ def _weight_only_options(args: argparse.Namespace) -> dict:
         return {}
     return {"weight_bits": args.weight_bits, "group_size": args.group_size, "algo": args.algo,
             "act_order": args.act_order, "symmetric": args.symmetric, "weight_format": args.weight_format,
-            "accuracy_level": args.accuracy_level}
+            "accuracy_level": args.accuracy_level, "embedding_bits": args.embedding_bits}
 
 
 def _is_hf_model_dir(path: str) -> bool:

@@ -65,7 +65,7 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
                   equalize: bool = False, bias_correction: bool = False,
                   calib_memory_mb: float | None = None, weight_bits: int = 4, group_size: int = 32,
                   algo: str = "rtn", act_order: bool = False, symmetric: bool = True,
-                  weight_format: str = "matmulnbits", accuracy_level: int = 0,
+                  weight_format: str = "matmulnbits", accuracy_level: int = 0, embedding_bits: int = 8,
                   outlier_split: bool | None = None) -> QuantizeResult:
     """Quantize the ONNX model at `model_path` and write it to `output_path`.
 
@@ -90,7 +90,8 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
     input features, activations float; `algo` "rtn", "gptq" (with `act_order`) or "awq" (both
     need `calib`); `weight_format` "matmulnbits" (ONNX Runtime's fused kernel) or "dq" (standard
     blocked DequantizeLinear, opset 21); `accuracy_level` 4 lets MatMulNBits quantize activations
-    to int8 inside the kernel. See `lowbit.onnx.weight_only`."""
+    to int8 inside the kernel; `embedding_bits` 8 or 4 also rounds the embedding tables (Gather;
+    0 keeps them float). See `lowbit.onnx.weight_only`."""
     started = time.perf_counter()
     model_path, output_path = Path(model_path), Path(output_path)
     _check_arguments(model_path, output_path, mode, calib, calib_method, batch_size)
@@ -99,7 +100,7 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
 
         check_options(bits=weight_bits, group_size=group_size, algo=algo, has_calibration=calib is not None,
                       symmetric=symmetric, act_order=act_order, weight_format=weight_format,
-                      accuracy_level=accuracy_level)
+                      accuracy_level=accuracy_level, embedding_bits=embedding_bits)
     if mode != "static" and (equalize or bias_correction or smooth):
         raise LowbitError("--smooth, --equalize and --bias-correction need calibration; use them with --mode static")
     if calib_memory_mb is not None and calib_memory_mb <= 0:
@@ -175,7 +176,7 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
         done = quantize_weight_only(model, calib_data, bits=weight_bits, group_size=group_size, algo=algo,
                                     symmetric=symmetric, act_order=act_order, weight_format=weight_format,
                                     accuracy_level=accuracy_level, exclude=exclude, batch_size=batch_size,
-                                    threads=threads)
+                                    threads=threads, embedding_bits=embedding_bits)
         plan, quantized, calibration_seconds = done.plan, done.model, done.calibration_seconds
         warnings += done.warnings
     else:

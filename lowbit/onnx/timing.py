@@ -3,16 +3,17 @@
 
 Method: every model runs in a session with the same options (`lowbit.onnx.session`: spin-waiting
 off, the stated number of intra-op threads, one inter-op thread), in this one process, on the same
-feed. Each is run once untimed (first-run allocations) and `warmup` more times; then `repeats`
-rounds in which every model takes a turn, the order alternating round by round (A B, B A, ...) so
-clock boost, thermal drift and background load hit all alike. A turn is one untimed run, then one
-timed run of the same model: the untimed run brings the model's weights, kernels and buffers back
-into the caches the other model just used, so the timed run measures the warm, back-to-back
-latency a model serving requests has, the latency a process timing that model alone measures.
-(Timed cold, right after the other model, a GRU of many tiny ops measured 0.5-0.9 ms instead of
-0.16 ms, 1 thread; see BENCHMARKS.md "Timing agreement".) A model's latency is the median of its
-timed runs; a speedup is the ratio of medians. Spin-waiting stays off: with ONNX Runtime's default
-the threads of the session that just ran keep spinning and slow the next session's run.
+feed. Each is run once untimed (first-run allocations) and `warmup` more times; then the models
+take turns, the order alternating turn by turn (A B, B A, ...) so clock boost, thermal drift and
+background load hit all alike. A turn is one untimed run, then RUNS_PER_TURN timed runs of the same
+model back to back: the untimed run brings the model's weights, kernels and buffers back into the
+caches the other model just used, so the timed runs measure the warm, back-to-back latency of a
+model serving requests, the latency a process timing that model alone measures. (Timed right after
+the other model, the fp32 session of a GRU of many tiny ops measured 0.59-0.89 ms, 0.16-0.21 ms
+alone, 0.19-0.38 ms in these turns, 1 thread; see BENCHMARKS.md "Timing agreement".) A model's latency is the
+median of its `repeats` timed runs; a speedup is the ratio of medians. Spin-waiting stays off: with
+ONNX Runtime's default the threads of the session that just ran keep spinning and slow the next
+session's run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import onnxruntime as ort
 
 from lowbit.onnx.session import SPIN_WAIT_OFF, default_threads, make_session
 
+RUNS_PER_TURN = 3  # timed runs per turn, after one untimed run
 ModelLike = str | os.PathLike | bytes | onnx.ModelProto | ort.InferenceSession
 
 
@@ -57,8 +59,8 @@ class Timing:
         threads = "ONNX Runtime's default intra-op threads" if self.threads is None else \
             f"{self.threads} intra-op thread{'s' if self.threads != 1 else ''}"
         return (f"{threads}, 1 inter-op, spin-waiting off; median of {self.repeats} timed runs per model after "
-                f"{self.warmup} warm-up, interleaved in one process (order alternating, each timed run after an "
-                "untimed one of the same model)")
+                f"{self.warmup} warm-up, interleaved in one process in turns of 1 untimed + {RUNS_PER_TURN} timed "
+                "runs (order alternating)")
 
     def to_dict(self) -> dict:
         return {"medians_ms": self.medians_ms, "speedup": self.speedup, "threads": self.threads,
@@ -77,7 +79,7 @@ def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray], *, thr
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
     threads = threads or default_threads()
-    sessions = [m if isinstance(m, ort.InferenceSession) else make_session(m, threads=threads) for m in models]
+    sessions = [m if hasattr(m, "run") else make_session(m, threads=threads) for m in models]
     stated = {_threads_of(s) for s in sessions}
     if len(stated) != 1:
         raise ValueError(f"sessions timed together must use the same thread count, got {sorted(stated, key=str)}")
@@ -87,17 +89,18 @@ def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray], *, thr
         for session in sessions:
             session.run(None, feed)
     latencies: list[list[float]] = [[] for _ in sessions]
-    for round_ in range(repeats):
-        order = range(len(sessions)) if round_ % 2 == 0 else reversed(range(len(sessions)))
+    for turn in range(-(-repeats // RUNS_PER_TURN)):
+        order = range(len(sessions)) if turn % 2 == 0 else reversed(range(len(sessions)))
         for i in order:
             sessions[i].run(None, feed)  # warms the caches the other model used
-            start = time.perf_counter()
-            sessions[i].run(None, feed)
-            latencies[i].append(1000 * (time.perf_counter() - start))
+            for _ in range(min(RUNS_PER_TURN, repeats - turn * RUNS_PER_TURN)):
+                start = time.perf_counter()
+                sessions[i].run(None, feed)
+                latencies[i].append(1000 * (time.perf_counter() - start))
     return Timing(latencies, stated.pop(), warmup, repeats)
 
 
-def _threads_of(session: ort.InferenceSession) -> int | None:
+def _threads_of(session) -> int | None:
     options = session.get_session_options()
     for key, value in SPIN_WAIT_OFF.items():
         try:

@@ -6,6 +6,12 @@
     scales, folded into a LayerNorm's gamma/beta or an inserted Mul] -> rewrite each site as
     MatMulNBits or blocked DequantizeLinear (`lowbit.onnx.blockwise`).
 
+Embedding tables (Gather from a constant 2-D float table) are rounded to `embedding_bits` (RTN:
+a lookup has no input statistics to compensate with), blocks of `group_size` along each row, and
+written as GatherBlockQuantized (MatMulNBits format; it dequantizes only the rows it gathers) or,
+in the standard "dq" format, as blocked DequantizeLinear feeding the Gather. In a transformer
+encoder the word embeddings are about half the weights, so this is what makes int4 files small.
+
 Activations stay float. Statistics come from the float model in one pass (every layer sees the
 float model's inputs, not those of the already-quantized layers before it); memory holds one
 batch of the exposed activations plus one [in, in] Gram matrix per distinct input.
@@ -24,7 +30,7 @@ from onnx import helper, numpy_helper
 from lowbit.algorithms import HessianAccumulator, QuantizedWeight, awq_quantize, gptq_quantize, rtn_quantize
 from lowbit.errors import LowbitError
 from lowbit.onnx.blockwise import (DQ_BITS, DQ_OPSET, FORMATS, MATMULNBITS_BITS, MS_DOMAIN, WeightSite,
-                                   blocked_dq_nodes, matmulnbits_node, storage_bits)
+                                   blocked_dq_nodes, gather_block_quantized_node, matmulnbits_node, storage_bits)
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.qdq import _drop_unused_initializers, ensure_opset
 from lowbit.onnx.session import make_session
@@ -32,6 +38,7 @@ from lowbit.plan import PlanEntry, QuantPlan
 from lowbit.spec import QuantSpec, per_channel, per_group
 
 ALGORITHMS = ("rtn", "gptq", "awq")
+EMBEDDING_BITS = (0, 4, 8)  # 0 keeps embedding tables float
 NEEDS_CALIBRATION = ("gptq", "awq")
 # Consumers that read only a tensor's shape: they do not stop an AWQ scale from folding into LayerNorm.
 _SHAPE_READERS = ("Shape", "Size")
@@ -91,9 +98,12 @@ def check_format(bits: int, group_size: int, weight_format: str, accuracy_level:
 
 
 def check_options(*, bits: int, group_size: int, algo: str, has_calibration: bool, symmetric: bool = True,
-                  act_order: bool = False, weight_format: str = "matmulnbits", accuracy_level: int = 0
-                  ) -> tuple[QuantSpec, int]:
+                  act_order: bool = False, weight_format: str = "matmulnbits", accuracy_level: int = 0,
+                  embedding_bits: int = 0) -> tuple[QuantSpec, int]:
     """Every weight-only option checked before any work: the weight spec and the stored code width."""
+    if embedding_bits not in EMBEDDING_BITS:
+        raise LowbitError(f"embedding tables take 4 or 8 bits (0 keeps them float), not {embedding_bits}; "
+                          "use --embedding-bits 8")
     if algo not in ALGORITHMS:
         raise LowbitError(f"unknown weight-only algorithm {algo!r}; use one of {', '.join(ALGORITHMS)}")
     if algo in NEEDS_CALIBRATION and not has_calibration:
@@ -140,6 +150,31 @@ def find_sites(model: onnx.ModelProto, exclude: set[str]) -> tuple[list[WeightSi
         rows, cols = weight.dims
         n_in, n_out = (cols, rows) if transposed else (rows, cols)
         sites.append(WeightSite(node.name, node.op_type, weight.name, node.input[0], n_in, n_out, transposed, bias))
+    return sites, kept
+
+
+def find_tables(model: onnx.ModelProto, exclude: set[str]) -> tuple[list[WeightSite], dict[str, str]]:
+    """Gather nodes reading rows (axis 0) of a constant 2-D float32 table with computed indices:
+    each table as a site whose `[out, in]` weight is `[rows, columns]` and whose activation is
+    the indices; and the ones kept float (name -> why)."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    sites: list[WeightSite] = []
+    kept: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type != "Gather" or len(node.input) < 2:
+            continue
+        table = initializers.get(node.input[0])
+        if table is None or len(table.dims) != 2 or node.input[1] in initializers:
+            continue  # gathers from activations (shapes, hidden states), or constant-folded lookups
+        if node.name in exclude or node.op_type in exclude or node.output[0] in exclude:
+            kept[node.name] = "excluded by the user"
+            continue
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if table.data_type != onnx.TensorProto.FLOAT or axis not in (0, -2):
+            kept[node.name] = "not a row lookup in a float32 table"
+            continue
+        rows, columns = table.dims
+        sites.append(WeightSite(node.name, "Gather", table.name, node.input[1], columns, rows, transposed=True))
     return sites, kept
 
 
@@ -282,8 +317,9 @@ def _insert_after_producers(graph: onnx.GraphProto, inserted: dict[str, onnx.Nod
 def rewrite(model: onnx.ModelProto, sites: list[WeightSite], quantized: dict[str, QuantizedWeight], *,
             bits: int, group_size: int, weight_format: str, accuracy_level: int = 0,
             site_bits: dict[str, int] | None = None) -> onnx.ModelProto:
-    """A new model with every site's weight in the block-wise form. `site_bits`: node -> stored
-    code width where it differs from `bits` (the accuracy budget's int8 fallback)."""
+    """A new model with every site's weight in the block-wise form (Gather sites: their table).
+    `site_bits`: node -> stored code width where it differs from `bits` (the accuracy budget's
+    int8 fallback, and embedding tables)."""
     out = ensure_opset(model, DQ_OPSET) if weight_format == "dq" else _copy(model)
     graph = out.graph
     by_node = {s.node: s for s in sites}
@@ -295,7 +331,17 @@ def rewrite(model: onnx.ModelProto, sites: list[WeightSite], quantized: dict[str
             ordered.append(node)
             continue
         width = (site_bits or {}).get(node.name, bits)
-        if weight_format == "matmulnbits":
+        if site.op_type == "Gather" and weight_format == "matmulnbits":
+            replacement, inits = gather_block_quantized_node(
+                site, quantized[node.name], bits=width, block_size=block_size_for(site, group_size, weight_format),
+                output=node.output[0])
+            ordered.append(replacement)
+        elif site.op_type == "Gather":
+            dq, inits = blocked_dq_nodes(site, quantized[node.name], bits=width,
+                                         block_size=block_size_for(site, group_size, weight_format))
+            node.input[0] = dq.output[0]
+            ordered += [dq, node]
+        elif weight_format == "matmulnbits":
             block = block_size_for(site, group_size, weight_format)
             replacement, inits = matmulnbits_node(site, quantized[node.name], bits=width, block_size=block,
                                                   accuracy_level=accuracy_level, output=node.output[0])
@@ -329,12 +375,13 @@ def quantize_weight_only(model: onnx.ModelProto, calib: CalibrationData | None, 
                          group_size: int = 32, algo: str = "rtn", symmetric: bool = True, act_order: bool = False,
                          weight_format: str = "matmulnbits", accuracy_level: int = 0,
                          exclude: tuple[str, ...] | list[str] = (), batch_size: int = 16,
-                         threads: int | None = None) -> WeightOnlyResult:
+                         threads: int | None = None, embedding_bits: int = 8) -> WeightOnlyResult:
     """Quantize the weights of `model` (pre-processed float ONNX) and return the rewritten model
-    with its plan (the caller stores it and saves)."""
+    with its plan (the caller stores it and saves). `embedding_bits` 4 or 8 also rounds the
+    embedding tables (Gather), 0 keeps them float."""
     spec, stored_bits = check_options(bits=bits, group_size=group_size, algo=algo, has_calibration=calib is not None,
                                       symmetric=symmetric, act_order=act_order, weight_format=weight_format,
-                                      accuracy_level=accuracy_level)
+                                      accuracy_level=accuracy_level, embedding_bits=embedding_bits)
     warnings = []
     if stored_bits != bits:
         warnings.append(f"{weight_format} has no {bits}-bit codes: {bits}-bit weights are stored in {stored_bits}-bit "
@@ -349,12 +396,25 @@ def quantize_weight_only(model: onnx.ModelProto, calib: CalibrationData | None, 
     quantized, awq = quantize_sites(working, sites, spec, algo, statistics, act_order=act_order)
     if awq:
         apply_input_scales(working, awq)
-    written = rewrite(working, sites, quantized, bits=stored_bits, group_size=group_size,
-                      weight_format=weight_format, accuracy_level=accuracy_level)
+    tables, table_spec = [], None
+    if embedding_bits:
+        tables, kept_tables = find_tables(working, set(exclude))
+        kept.update(kept_tables)
+        tables, odd = _packable_tables(tables, embedding_bits, weight_format)
+        kept.update(odd)
+        table_spec = weight_only_spec(embedding_bits, group_size, symmetric)
+        quantized.update(quantize_tables(working, tables, table_spec))
+    written = rewrite(working, sites + tables, quantized, bits=stored_bits, group_size=group_size,
+                      weight_format=weight_format, accuracy_level=accuracy_level,
+                      site_bits={t.node: embedding_bits for t in tables})
     plan = _plan(sites, kept, spec, algo, weight_format)
+    for table in tables:
+        form = "GatherBlockQuantized" if weight_format == "matmulnbits" else "blocked DequantizeLinear + Gather"
+        plan.add(PlanEntry(table.weight, "weight", spec=table_spec, nodes=[table.node], reason=f"rtn, {form}"))
     plan.settings["weight_only"] = {
         "algorithm": algo, "bits": bits, "stored_bits": stored_bits, "group_size": group_size,
         "symmetric": symmetric, "act_order": act_order, "format": weight_format, "accuracy_level": accuracy_level,
+        "embedding_bits": embedding_bits, "embedding_tables": [t.node for t in tables],
         "statistics": "float model, one pass" if statistics else None,
         "awq_scales": [{"input": a, "alpha": i["alpha"], "nodes": i["nodes"], "folded_into": i.get("folded_into")}
                        for a, i in awq.items()],
@@ -364,6 +424,22 @@ def quantize_weight_only(model: onnx.ModelProto, calib: CalibrationData | None, 
     if not sites:
         warnings.append("no MatMul/Gemm with a constant 2-D float weight was found; nothing was quantized")
     return WeightOnlyResult(written, plan, seconds, warnings)
+
+
+def quantize_tables(model: onnx.ModelProto, tables: list[WeightSite], spec: QuantSpec) -> dict[str, QuantizedWeight]:
+    """Round each embedding table ([rows, columns], blocks along the row) to `spec`."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    return {site.node: rtn_quantize(weight_matrix(initializers, site), spec, name=site.weight) for site in tables}
+
+
+def _packable_tables(tables: list[WeightSite], bits: int, weight_format: str
+                     ) -> tuple[list[WeightSite], dict[str, str]]:
+    """GatherBlockQuantized packs 4-bit codes two per byte along a row: odd rows stay float."""
+    if bits != 4 or weight_format != "matmulnbits":
+        return tables, {}
+    odd = {t.node: f"4-bit GatherBlockQuantized needs an even row length, not {t.in_features}; use "
+                   "--embedding-bits 8" for t in tables if t.in_features % 2}
+    return [t for t in tables if t.node not in odd], odd
 
 
 def _plan(sites: list[WeightSite], kept: dict[str, str], spec: QuantSpec, algo: str, weight_format: str
@@ -378,5 +454,6 @@ def _plan(sites: list[WeightSite], kept: dict[str, str], spec: QuantSpec, algo: 
     return plan
 
 
-__all__ = ["ALGORITHMS", "WeightOnlyResult", "apply_input_scales", "block_size_for", "check_options",
-           "collect_input_statistics", "find_sites", "quantize_sites", "quantize_weight_only", "rewrite", "weight_only_spec"]
+__all__ = ["ALGORITHMS", "EMBEDDING_BITS", "WeightOnlyResult", "apply_input_scales", "block_size_for", "check_options",
+           "collect_input_statistics", "find_sites", "find_tables", "quantize_sites", "quantize_tables",
+           "quantize_weight_only", "rewrite", "weight_only_spec"]

@@ -17,6 +17,8 @@ _EXPORTS = {
     "prepare": "lowbit.torch.qat",
     "QATState": "lowbit.torch.qat",
     "FloatModuleWarning": "lowbit.torch.qat",
+    "Int8LayersWarning": "lowbit.torch.qat",
+    "sensitive_layers": "lowbit.torch.mixed",
     "calibrate": "lowbit.torch.ranges",
     "export_onnx": "lowbit.torch.export",
     "ExportResult": "lowbit.torch.export",

@@ -1,6 +1,7 @@
 """A packed safetensors checkpoint of a prepared model: sub-byte weights really packed.
 
-For every quantized layer the file holds `<layer>.weight.packed` (the integers packed to the
+For every quantized layer (each at its own bit width: a sub-4-bit recipe keeps some layers at
+int8, see `mixed`, and the file lists them under "int8_layers") the file holds `<layer>.weight.packed` (the integers packed to the
 weight's bit width with `numerics.pack`, as uint8), `<layer>.weight.scale` (float32) and, for
 grids whose zero point is not fixed at 0, `<layer>.weight.zero_point` (packed the same way), plus
 the pruning mask packed to 1 bit when the layer is pruned. Activation scales and zero points,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from lowbit.errors import LowbitError
 from lowbit.numerics import QParams, dequantize, pack, quantize, unpack
 from lowbit.spec import Recipe
 from lowbit.torch.modules import check_switches_on
-from lowbit.torch.qat import activation_quantizers, prepare, quantized_layers, state_of
+from lowbit.torch.qat import Int8LayersWarning, activation_quantizers, prepare, quantized_layers, state_of
 from lowbit.torch.quantizers import ActivationQuantizer, WeightQuantizer
 
 FORMAT = "lowbit.packed.v1"
@@ -75,7 +77,8 @@ def save_packed(model: nn.Module, path: str | Path) -> Path:
             tensors[key] = value.detach().cpu().numpy().copy()
     metadata = {"format": FORMAT, "recipe": state.recipe.to_json(),
                 "learnable_scales": json.dumps(state.learnable_scales),
-                "input_signature": json.dumps(state.input_signature), "layers": json.dumps(layers_meta)}
+                "input_signature": json.dumps(state.input_signature), "layers": json.dumps(layers_meta),
+                "int8_layers": json.dumps(list(state.int8_layers))}
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(temporary), metadata=metadata)
@@ -106,7 +109,12 @@ def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
     recipe = Recipe.from_json(metadata["recipe"])
     examples = tuple(torch.zeros(shape, dtype=getattr(torch, dtype))
                      for shape, dtype in json.loads(metadata["input_signature"]))
-    prepared = prepare(model, recipe, examples, learnable_scales=json.loads(metadata["learnable_scales"]))
+    # Checkpoints from before mixed precision (no "int8_layers") have every layer at the recipe's width.
+    keep_int8 = json.loads(metadata.get("int8_layers", "[]")) or "none"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Int8LayersWarning)  # reported when the model was prepared
+        prepared = prepare(model, recipe, examples, learnable_scales=json.loads(metadata["learnable_scales"]),
+                           keep_int8=keep_int8)
     layers_meta = json.loads(metadata["layers"])
     layers = quantized_layers(prepared)
     if set(layers) != set(layers_meta):

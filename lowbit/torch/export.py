@@ -10,7 +10,8 @@ by 128, ONNX Runtime's fast U8S8 kernels) unless `uint8_activations=False`.
 Sub-8-bit weights (int4, int2, binary +-1, ternary) are written in int8 containers by default:
 ONNX Runtime then fuses them into its int8 kernels (QLinearConv, QGemm), whereas it runs an INT4
 DequantizeLinear as a separate op and the Conv in float. `ExportResult.packed_weight_bytes` is
-the true size packed to the bit width either way; `native_int4=True` stores int4 as ONNX INT4
+the true size packed to each layer's bit width either way (layers a sub-4-bit recipe keeps at
+int8, see `mixed`, count 8 bits); `native_int4=True` stores int4 as ONNX INT4
 (opset 21) for a file that is small on disk, at the cost of speed.
 
 After export, ONNX Runtime's optimized graph is inspected: `ExportResult.float_ops` lists the
@@ -63,6 +64,7 @@ class ExportResult:
     onnx_file_bytes: int
     native_int4: list[str] = field(default_factory=list)  # initializers stored as ONNX INT4
     float_modules: dict[str, str] = field(default_factory=dict)
+    int8_layers: dict[str, str] = field(default_factory=dict)  # int8 weights in a sub-4-bit recipe
     # Conv/Gemm/MatMul nodes ONNX Runtime's optimizer left in float (None: not checked)
     float_ops: list[str] | None = None
 
@@ -106,7 +108,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | Path, *,
     packed, float_bytes = model_nbytes(model)
     float_ops = float_ops_after_optimization(onnx_model) if check_fusion else None
     return ExportResult(path, parity, packed, float_bytes, path.stat().st_size, int4_names,
-                        dict(state.float_modules), float_ops)
+                        dict(state.float_modules), dict(state.int8_layers), float_ops)
 
 
 _COMPUTE_OPS = {"Conv", "FusedConv", "NchwcConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "ConvTranspose"}
@@ -183,7 +185,8 @@ def _store_int4(onnx_model: onnx.ModelProto, frozen: nn.Module) -> list[str]:
 
 
 def _plan(model: nn.Module, state: QATState) -> QuantPlan:
-    plan = QuantPlan(mode="qat", settings={"recipe": state.recipe.name, "learnable_scales": state.learnable_scales},
+    plan = QuantPlan(mode="qat", settings={"recipe": state.recipe.name, "learnable_scales": state.learnable_scales,
+                                           "int8_layers": list(state.int8_layers)},
                      float_nodes=dict(state.float_modules))
     for name, layer in quantized_layers(model).items():
         with torch.no_grad():

@@ -4,8 +4,10 @@
 folded into the convolution before them (`fold`), and every Linear / Conv1d / Conv2d / Conv3d /
 Embedding is replaced by its fake-quantized twin from `modules`, with an activation quantizer on
 its input when the recipe quantizes activations. `QuantAdd` modules already in the model get
-quantizers for both operands. Then `points` moves activation quantization to layer outputs
-(after a fused ReLU/ReLU6), the form ONNX Runtime runs as int8 kernels. Everything lowbit cannot quantize stays float and is listed in
+quantizers for both operands. Recipes with weights under 4 bits keep the first and last layers
+and depthwise convolutions at int8 weights by default (see `mixed`). Then `points` moves
+activation quantization to layer outputs (after a fused ReLU/ReLU6), the form ONNX Runtime runs
+as int8 kernels. Everything lowbit cannot quantize stays float and is listed in
 `prepared.lowbit.float_modules` (and in a warning), never skipped silently.
 
 The copy is an ordinary nn.Module: train it with your own optimizer and loop.
@@ -18,18 +20,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from lowbit.errors import LowbitError, SpecError
 from lowbit.spec import Recipe, get_recipe
 from lowbit.torch.fold import fold_batchnorm
+from lowbit.torch.mixed import INT8_WEIGHTS, describe_int8_layers, int8_cost_bytes, int8_layers
 from lowbit.torch.modules import FLOAT_TO_QUANTIZED, QuantAdd, QuantizedLayer
 from lowbit.torch.quantizers import ActivationQuantizer
 from lowbit.torch.points import place_output_quantizers
 from lowbit.torch.residual import insert_quant_adds
 
+_PRESERVED_ATTRIBUTES = "_user_preserved_attributes"  # torch.fx.graph_module's key (torch >= 2.1)
+
+
 class FloatModuleWarning(UserWarning):
     """Some modules of the model stay float (each is listed with its reason)."""
+
+
+class Int8LayersWarning(UserWarning):
+    """A sub-4-bit recipe keeps some layers at int8 weights (each is listed with its reason)."""
 
 
 @dataclass
@@ -42,6 +52,9 @@ class QATState:
     input_signature: list[tuple[tuple[int, ...], str]]
     quantized: list[str] = field(default_factory=list)
     float_modules: dict[str, str] = field(default_factory=dict)
+    # Layers with int8 weights instead of the recipe's (see `mixed`): name -> reason
+    int8_layers: dict[str, str] = field(default_factory=dict)
+    int8_cost_bytes: int = 0  # what they add to the packed weights
     folded_batchnorms: int = 0
     residual_adds: int = 0  # functional adds routed through QuantAdd (see `residual`)
     output_quantizers: int = 0  # layer / add outputs quantized (see `points`)
@@ -50,7 +63,8 @@ class QATState:
     def summary(self) -> str:
         lines = [f"recipe {self.recipe.name}: {len(self.quantized)} layers quantized, "
                  f"{self.folded_batchnorms} BatchNorm folded, {self.output_quantizers} outputs quantized, "
-                 f"{len(self.float_modules)} modules kept float"]
+                 f"{len(self.float_modules)} modules kept float, {len(self.int8_layers)} kept at int8 weights"]
+        lines += [f"  int8: {name} ({reason})" for name, reason in self.int8_layers.items()]
         lines += [f"  float: {name} ({reason})" for name, reason in self.float_modules.items()]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -121,7 +135,8 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
 
 def prepare(model: nn.Module, recipe: str | Recipe, example_inputs: Any, *,
             learnable_scales: bool = False, exclude: tuple[str, ...] | list[str] = (),
-            strict: bool = False, quantize_adds: bool = True, quantize_outputs: bool = True) -> nn.Module:
+            strict: bool = False, quantize_adds: bool = True, quantize_outputs: bool = True,
+            keep_int8: str | list[str] | tuple[str, ...] = "auto") -> nn.Module:
     """A fake-quantized copy of `model`, ready for `calibrate` and training.
 
     - recipe: a preset name (w8a8, w4a8, w4a16, w2a8, w1a8, ...), a JSON recipe, or a Recipe;
@@ -134,6 +149,11 @@ def prepare(model: nn.Module, recipe: str | Recipe, example_inputs: Any, *,
     - quantize_outputs: quantize Conv outputs (and Linear/add outputs read by quantized layers)
       after their ReLU/ReLU6, with consumers sharing that grid (see `points`); off, only layer
       inputs are quantized, which ONNX Runtime runs partly in float. Needs torch.fx tracing.
+    - keep_int8: layers that get int8 weights instead of the recipe's. "auto": for weights under
+      4 bits (w2a8, w1a8, ternary...), the first and last layers and depthwise convolutions, which
+      such weights break (see `mixed`; listed in `prepared.lowbit.int8_layers`, their packed cost in
+      an Int8LayersWarning); "none": every layer at the recipe's width; or a list of module names
+      (e.g. from `lowbit.torch.mixed.sensitive_layers`).
 
     The copy is returned in eval mode with BatchNorm folded; call .train() for QAT."""
     recipe = resolve_recipe(recipe)
@@ -149,10 +169,17 @@ def prepare(model: nn.Module, recipe: str | Recipe, example_inputs: Any, *,
         raise LowbitError(f"exclude names {unknown} are not modules of this model; use names from "
                           "model.named_modules()")
     state = QATState(recipe, learnable_scales, signature(inputs), folded_batchnorms=folded)
+    state.int8_layers = int8_layers(recipe, keep_int8, prepared, inputs, tuple(FLOAT_TO_QUANTIZED), set(exclude))
     if quantize_adds and recipe.activations is not None:
         prepared, state.residual_adds, note = insert_quant_adds(prepared, inputs)
         state.notes += [note] if note else []
     _swap(prepared, "", recipe, learnable_scales, set(exclude), state)
+    if state.int8_layers:
+        from lowbit.torch.export import model_nbytes  # export imports this module
+
+        state.int8_cost_bytes = int8_cost_bytes(prepared, state.int8_layers, recipe.weights)
+        warnings.warn(describe_int8_layers(state.int8_layers, recipe, state.int8_cost_bytes,
+                                           model_nbytes(prepared)[0]), Int8LayersWarning, stacklevel=2)
     if quantize_outputs and recipe.activations is not None:
         prepared, state.output_quantizers, note = place_output_quantizers(prepared, recipe.activations,
                                                                           learnable_scales)
@@ -164,6 +191,9 @@ def prepare(model: nn.Module, recipe: str | Recipe, example_inputs: Any, *,
             raise LowbitError(message + "; pass strict=False to keep them float, or exclude them explicitly")
         warnings.warn(message, FloatModuleWarning, stacklevel=2)
     prepared.lowbit = state
+    if isinstance(prepared, fx.GraphModule):
+        # GraphModule's deepcopy rebuilds the module and keeps only the attributes its meta lists.
+        prepared.meta.setdefault(_PRESERVED_ATTRIBUTES, {})["lowbit"] = state
     return prepared
 
 
@@ -190,7 +220,8 @@ def _swap(parent: nn.Module, prefix: str, recipe: Recipe, learnable: bool, exclu
             # Embedding inputs are token ids: only its table is quantized.
             quantize_input = recipe.activations is not None and not isinstance(child, nn.Embedding)
             act = ActivationQuantizer(f"{name}.input", recipe.activations, learnable) if quantize_input else None
-            setattr(parent, child_name, quantized_type.from_float(child, recipe.weights, act, learnable))
+            weights = INT8_WEIGHTS if name in state.int8_layers else recipe.weights
+            setattr(parent, child_name, quantized_type.from_float(child, weights, act, learnable))
             state.quantized.append(name)
             continue
         if isinstance(child, QuantAdd):
