@@ -131,22 +131,25 @@ def windows(ids: list[int], length: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- model
 
-def build_model(vocab_size: int):
+def build_model(vocab_size: int, kind: str = "llama"):
+    """LLaMA, or Qwen2 (the same shape plus q/k/v biases)."""
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=vocab_size, **MODEL)
+    config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[kind]
+    config = config_class(vocab_size=vocab_size, **MODEL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return transformers.LlamaForCausalLM(config)
+        return model_class(config)
 
 
 def train_or_load(train_ids: list[int], vocab_size: int, steps: int, seq: int, batch: int, lr: float,
-                  weight_decay: float):
+                  weight_decay: float, kind: str = "llama"):
     settings = [MODEL, vocab_size, len(train_ids), sum(train_ids) % 1_000_003, steps, seq, batch, lr, weight_decay]
     key = hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]
-    path = ARTIFACTS / f"llama_{key}.pt"
+    path = ARTIFACTS / f"{kind}_{key}.pt"
     torch.manual_seed(0)
-    model = build_model(vocab_size)
+    model = build_model(vocab_size, kind)
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
         print(f"loaded the trained model from {path}")

@@ -111,8 +111,9 @@ def test_without_scale_search_and_without_clipping_it_is_rtn(layer):
     result = awq_quantize(w, stats.gram, stats.abs_mean, spec, search_scales=False, clip=False)
     np.testing.assert_array_equal(result.weights[0].values.numpy(), rtn_quantize(w, spec).values.numpy())
     assert result.alpha == 0.0 and torch.all(result.scales == 1)
-    reference = numerics.qparams_for(w, spec.with_axis(1))
-    torch.testing.assert_close(result.weights[0].qparams.scale, reference.scale)
+    # The full int4 grid: max|w| / 7.5 per group (the -8 level is used).
+    reference = w.abs().reshape(w.shape[0], -1, 32).amax(dim=2) / 7.5
+    torch.testing.assert_close(result.weights[0].qparams.scale, reference)
 
 
 def test_bad_arguments(layer):

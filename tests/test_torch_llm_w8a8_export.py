@@ -278,10 +278,9 @@ def test_cli_bad_inputs_are_one_line_and_write_nothing(tmp_path, capsys):
     err = _fails(["quantize", str(model_dir), "-o", str(tmp_path / "o3"), "--mode", "weight-only", "--algo", "rtn",
                   "--smooth-groups", "norm"], capsys)
     assert "needs --mode static --algo smoothquant" in err
-    for mode in ("weight-only", "dynamic"):
-        err = _fails(["quantize", str(model_dir), "-o", str(tmp_path / "o4"), "--mode", mode, "--algo", "smoothquant",
-                      "--calib-text", str(text)], capsys)
-        assert "needs --mode static" in err
+    err = _fails(["quantize", str(model_dir), "-o", str(tmp_path / "o4"), "--mode", "weight-only", "--algo",
+                  "smoothquant", "--calib-text", str(text)], capsys)
+    assert "needs --mode static or --mode dynamic" in err  # --mode dynamic: W8A8 with per-token inputs
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(b"")
     assert "for Hugging Face model directories" in _fails(["quantize", str(onnx_path), "-o", str(tmp_path / "o5.onnx"),
@@ -313,3 +312,40 @@ def test_failure_while_writing_leaves_no_output(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         smoothquant_pretrained(model_dir, tmp_path / "out", calib_text=text_file(tmp_path), samples=2, seq_len=32)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_dynamic_per_token_inputs_load_and_compute_int8_arithmetic(tmp_path, capsys, smooth):
+    """--mode dynamic: no input scales on disk, config says per-token dynamic; the loaded model
+    reproduces lowbit's, and a loaded linear computes int8(x per token) @ int8(W)^T from the
+    tensors on disk, each token with scale max|x| / 127.5 (its extreme lands on -128 or 127)."""
+    model_dir = _save_model("qwen2", tmp_path / "model")
+    out_dir = tmp_path / "out"
+    argv = ["quantize", str(model_dir), "-o", str(out_dir), "--mode", "dynamic", "--algo", "smoothquant",
+            "--calib-text", str(text_file(tmp_path)), "--samples", "4", "--seq-len", "32", "--json"]
+    capsys.readouterr()
+    assert main(argv + ([] if smooth else ["--no-smooth"])) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mode"] == "dynamic" and 0.99 < report["cosine"] < 1.0
+    assert (len(report["smoothed"]) > 0) == smooth
+    group = json.loads((out_dir / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert (group["input_activations"]["strategy"], group["input_activations"]["dynamic"]) == ("token", True)
+    saved = _saved_tensors(out_dir)
+    assert not [key for key in saved if key.endswith("input_scale")]
+
+    loaded = load(out_dir, "qwen2")
+    batch = {"input_ids": torch.tensor([[4, 9, 17, 33, 5, 120]])}
+    with torch.no_grad():
+        loaded(**batch)  # the first forward decompresses the weights
+    name = "model.layers.1.mlp.down_proj"
+    layer = dict(loaded.named_modules())[name]
+    weight, row_scale = saved[f"{name}.weight"].double(), saved[f"{name}.weight_scale"].double()
+    x = torch.randn(5, weight.shape[1], generator=torch.Generator().manual_seed(4))
+    x[1] *= 100.0  # a loud token does not coarsen the others' grids
+    token_scale = x.abs().amax(dim=1, keepdim=True) / 127.5  # in the input's dtype, as the loader does
+    x_int = torch.clamp(torch.round(x / token_scale), -128, 127).double()
+    assert x_int.abs().amax(dim=1).min() >= 127  # every token's extreme reaches the grid's end
+    expected = (x_int @ weight.T) * token_scale.double() * row_scale.T
+    with torch.no_grad():
+        # [batch, tokens, features], as in the model (compressed-tensors reduces over the features)
+        torch.testing.assert_close(layer(x[None])[0].double(), expected, rtol=1e-4, atol=1e-5)

@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.algorithms.weight_layout import QuantizedWeight, as_weight_matrix, quantized_from_qparams, weight_spec
+from lowbit.algorithms.weight_layout import (QuantizedWeight, as_weight_matrix, quantized_from_qparams,
+                                             weight_qparams, weight_qparams_for, weight_spec)
 from lowbit.errors import LowbitError
-from lowbit.numerics import choose_qparams, dequantize, qparams_for, quantize, tensor_range
+from lowbit.numerics import dequantize, quantize, tensor_range
 from lowbit.spec import QuantSpec
 
 
@@ -74,7 +75,7 @@ def awq_quantize(weights, gram, abs_mean, spec: QuantSpec, *, n_grid: int = 20, 
             quantized.append(clip_search(scaled, G / torch.outer(scales, scales), spec,
                                          max_shrink=max_shrink, n_grid=n_clip_grid))
         else:
-            quantized.append(quantized_from_qparams(scaled, qparams_for(scaled, spec)))
+            quantized.append(quantized_from_qparams(scaled, weight_qparams_for(scaled, spec)))
     return AWQResult(scales, alpha, quantized)
 
 
@@ -92,7 +93,7 @@ def search_awq_scales(matrices: list[torch.Tensor], gram: torch.Tensor, abs_mean
         error = 0.0
         for matrix in matrices:
             scaled = matrix * s[None, :]
-            qp = qparams_for(scaled, spec)
+            qp = weight_qparams_for(scaled, spec)
             effective = dequantize(quantize(scaled, qp), qp) / s[None, :]
             error += output_error(effective - matrix, gram)
         if error < best[0]:
@@ -121,7 +122,7 @@ def clip_search(matrix: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, *, ma
     best_error = best_ratio = None
     for step in range(n_grid):
         ratio = 1.0 - max_shrink * step / n_grid
-        qp = choose_qparams(lo * ratio, hi * ratio, spec)
+        qp = weight_qparams(lo * ratio, hi * ratio, spec)
         error = _errors_per_scale(dequantize(quantize(matrix, qp), qp) - matrix, gram, spec)
         if best_error is None:
             best_error, best_ratio = error, torch.full_like(error, ratio)
@@ -130,7 +131,7 @@ def clip_search(matrix: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, *, ma
             best_error = torch.where(better, error, best_error)
             best_ratio = torch.where(better, torch.full_like(error, ratio), best_ratio)
     best_ratio = best_ratio.to(lo.dtype)
-    return quantized_from_qparams(matrix, choose_qparams(lo * best_ratio, hi * best_ratio, spec))
+    return quantized_from_qparams(matrix, weight_qparams(lo * best_ratio, hi * best_ratio, spec))
 
 
 def _errors_per_scale(delta: torch.Tensor, gram: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

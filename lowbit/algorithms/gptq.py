@@ -8,7 +8,8 @@ one lazy, batched update per block (the same result, far fewer memory passes).
 
 Options:
 - group size (32/64/128...) or per-channel or per-tensor scales, symmetric or asymmetric, any
-  integer grid (8/4/3/2 bits). A group's scale is chosen when its first column is reached, from
+  integer grid (8/4/3/2 bits), scales on the full grid (`weight_layout.weight_qparams`), with
+  `mse=True` each shrunk to the least squared rounding error of the weights it covers. A group's scale is chosen when its first column is reached, from
   the group's weights as updated so far (as the reference implementation does).
 - act-order: columns in decreasing order of H's diagonal (the most active inputs first, while
   there is the most freedom left to absorb their error). Groups stay contiguous blocks of input
@@ -26,9 +27,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lowbit.algorithms.weight_layout import QuantizedWeight, as_weight_matrix, quantized_from_qparams, weight_spec
+from lowbit.algorithms.weight_layout import (QuantizedWeight, as_weight_matrix, quantized_from_qparams,
+                                             weight_qparams_for, weight_spec)
 from lowbit.errors import LowbitError
-from lowbit.numerics import QParams, dequantize, qparams_for, quantize
+from lowbit.numerics import QParams, dequantize, quantize
 from lowbit.spec import QuantSpec, per_channel
 
 DAMPING_STEPS = 6  # percdamp, x10, x100, ... before giving up
@@ -42,7 +44,7 @@ class GPTQResult(QuantizedWeight):
 
 
 def gptq_quantize(weight, hessian, spec: QuantSpec, *, block_size: int = 128, percdamp: float = 0.01,
-                  act_order: bool = False, name: str = "weight") -> GPTQResult:
+                  act_order: bool = False, mse: bool = False, name: str = "weight") -> GPTQResult:
     """Quantize a `[out, in]` weight with GPTQ under `spec`, given the `[in, in]` Hessian of its inputs.
 
     Returns the dequantized weight, its integers and qparams (groups along `in`), and the
@@ -70,7 +72,7 @@ def gptq_quantize(weight, hessian, spec: QuantSpec, *, block_size: int = 128, pe
     Hinv, used_damp = _damped_inverse_cholesky(H, percdamp, name)
     del H
 
-    scales = _ColumnScales(original, spec, perm)
+    scales = _ColumnScales(original, spec, perm, mse)
     Q = torch.zeros_like(W)
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)
@@ -132,8 +134,9 @@ class _ColumnScales:
     Per-group qparams are chosen the first time a column of the group is reached, from the
     current (error-updated) values of all the group's columns."""
 
-    def __init__(self, original: torch.Tensor, spec: QuantSpec, perm: torch.Tensor) -> None:
+    def __init__(self, original: torch.Tensor, spec: QuantSpec, perm: torch.Tensor, mse: bool = False) -> None:
         self.spec = spec
+        self.mse = mse
         self.column_spec = replace(spec, granularity=per_channel(0))  # one scale per row of a column
         kind = spec.granularity.kind
         if kind == "group":
@@ -146,7 +149,7 @@ class _ColumnScales:
             self.zero_point = torch.zeros(original.shape[0], n_groups, dtype=torch.int32, device=original.device)
             self.ready = [False] * n_groups
         else:
-            self.whole = qparams_for(original, spec)
+            self.whole = weight_qparams_for(original, spec, mse=mse)
             self.column = self.whole if kind == "tensor" else QParams(self.column_spec, self.whole.scale,
                                                                       self.whole.zero_point)
 
@@ -160,7 +163,7 @@ class _ColumnScales:
             positions = self.group_positions[g]
             current = torch.where((positions < i2)[None, :], W1[:, (positions - i1).clamp(0, i2 - i1 - 1)],
                                   W[:, positions])
-            qp = qparams_for(current, self.column_spec)
+            qp = weight_qparams_for(current, self.column_spec, mse=self.mse)
             self.scale[:, g], self.zero_point[:, g] = qp.scale, qp.zero_point
             self.ready[g] = True
         return QParams(self.column_spec, self.scale[:, g], self.zero_point[:, g])

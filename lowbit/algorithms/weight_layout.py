@@ -18,8 +18,11 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError, SpecError
-from lowbit.numerics import QParams, dequantize, quantize
+from lowbit.numerics import QParams, choose_qparams, dequantize, qparams_for, quantize, tensor_range
 from lowbit.spec import QuantSpec
+
+MSE_SHRINK = 0.25  # the MSE clip search tries ranges from 100% down to 75% of max|w| ...
+MSE_GRID = 16  # ... in this many steps
 
 
 @dataclass
@@ -77,3 +80,67 @@ def quantized_from_qparams(matrix: torch.Tensor, qparams: QParams) -> QuantizedW
     """Round `matrix` onto the grid of `qparams` (values outside the range saturate)."""
     values = quantize(matrix, qparams)
     return QuantizedWeight(dequantize(values, qparams), values, qparams)
+
+
+def uses_full_grid(spec: QuantSpec) -> bool:
+    """Whether weights of `spec` get the full-grid scale (see `weight_qparams`)."""
+    info = spec.dtype_info
+    return info.kind == "int" and info.signed and spec.symmetric and not spec.narrow_range and info.bits < 8
+
+
+def weight_qparams(lo, hi, spec: QuantSpec) -> QParams:
+    """`numerics.choose_qparams` for weights, using the whole grid of symmetric signed types
+    below 8 bits: scale = max|w| / ((qmax - qmin) / 2), i.e. max|w| / 7.5 for int4, so the
+    grid's -8 level is used and the step is 7% finer than max|w| / 7 (the largest positive
+    weight saturates at +7, half a step off). This is compressed-tensors' (llm-compressor's)
+    symmetric scale. int8 keeps max|w| / 127: the gain is 0.4% there, and many int8 kernels
+    expect weights in [-127, 127]."""
+    qp = choose_qparams(lo, hi, spec)
+    if not uses_full_grid(spec):
+        return qp
+    amax = torch.maximum(torch.as_tensor(lo).abs(), torch.as_tensor(hi).abs())
+    scale = torch.as_tensor(qp.scale)
+    full = amax / ((spec.qmax - spec.qmin) / 2)  # divided exactly so, as compressed-tensors does
+    # Where choose_qparams replaced a zero or vanishing range by its safe scale, keep that one.
+    return QParams(spec, torch.where(scale * spec.qmax > amax * (1 + 1e-6), scale, full), qp.zero_point)
+
+
+def weight_qparams_for(matrix: torch.Tensor, spec: QuantSpec, name: str = "weight", *, mse: bool = False) -> QParams:
+    """Weight qparams from `matrix`'s ranges (`weight_qparams`), integer grids only through it;
+    other formats (fp8, binary, ternary) use `numerics.qparams_for`. With `mse`, each scale
+    group's range is shrunk by the ratio in [1 - MSE_SHRINK, 1] (MSE_GRID steps) with the least
+    squared rounding error of its own weights: an outlier weight then stops stretching the
+    step of all the others (the MSE observer of llm-compressor and of the GPTQ reference)."""
+    if spec.dtype_info.kind != "int":
+        return qparams_for(matrix, spec, name)
+    lo, hi = tensor_range(matrix, spec, name)
+    if not mse:
+        return weight_qparams(lo, hi, spec)
+    best_error = best_ratio = None
+    for step in range(MSE_GRID + 1):
+        ratio = 1.0 - MSE_SHRINK * step / MSE_GRID
+        qp = weight_qparams(lo * ratio, hi * ratio, spec)
+        error = squared_error_per_scale(dequantize(quantize(matrix, qp), qp) - matrix, spec)
+        if best_error is None:
+            best_error, best_ratio = error, torch.full_like(error, ratio)
+        else:
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_ratio = torch.where(better, torch.full_like(error, ratio), best_ratio)
+    best_ratio = best_ratio.to(lo.dtype)
+    return weight_qparams(lo * best_ratio, hi * best_ratio, spec)
+
+
+def squared_error_per_scale(delta: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Sum of `delta**2` over each scale group of a `[out, in]` matrix, in the qparams' compact
+    layout: [out, n_groups] for groups, [out] per channel, () per tensor."""
+    kind = spec.granularity.kind
+    squared = delta.pow(2)
+    if kind == "group":
+        size = spec.granularity.group_size
+        n_out, n_in = delta.shape
+        n_groups = -(-n_in // size)
+        return torch.nn.functional.pad(squared, (0, n_groups * size - n_in)).view(n_out, n_groups, size).sum(-1)
+    if kind == "channel":
+        return squared.sum(dim=1)
+    return squared.sum()

@@ -5,7 +5,8 @@
   checkpoint;
 - `--mode static --algo smoothquant`: W8A8 (SmoothQuant on the `--smooth-groups` scale groups,
   norm,linear by default; plain with --no-smooth) through
-  `lowbit.torch.llm.pretrained_w8a8.smoothquant_pretrained`, written as `int-quantized`.
+  `lowbit.torch.llm.pretrained_w8a8.smoothquant_pretrained`, written as `int-quantized`;
+  `--mode dynamic --algo smoothquant`: the same with dynamic per-token int8 inputs.
 
 Both load with `transformers.AutoModel*.from_pretrained` (with the compressed-tensors package).
 """
@@ -19,25 +20,25 @@ from lowbit.errors import LowbitError
 
 
 def run_hf(args: argparse.Namespace) -> int:
-    w8a8 = args.mode == "static" and args.algo == "smoothquant"
+    w8a8 = args.mode in ("static", "dynamic") and args.algo == "smoothquant"
     if args.smooth_groups is not None and not w8a8:
         raise LowbitError("--smooth-groups picks SmoothQuant's scale groups and needs --mode static --algo "
                           "smoothquant; add those, or drop --smooth-groups")
     if w8a8:
         return _run_w8a8(args)
     if args.algo == "smoothquant":
-        raise LowbitError(f"--algo smoothquant quantizes weights and activations to int8 and needs --mode static, "
-                          f"not --mode {args.mode}; add --mode static")
+        raise LowbitError(f"--algo smoothquant quantizes weights and activations to int8 and needs --mode static "
+                          f"or --mode dynamic, not --mode {args.mode}; add --mode static")
     if args.mode != "weight-only":
-        raise LowbitError(f"Hugging Face model directories support --mode weight-only, or --mode static with --algo "
-                          f"smoothquant (W8A8), not --mode {args.mode!r}; add --mode weight-only or --algo smoothquant "
-                          "(or export the model to ONNX for other int8 modes)")
+        raise LowbitError(f"Hugging Face model directories support --mode weight-only, or --mode static/dynamic with "
+                          f"--algo smoothquant (W8A8), not --mode {args.mode!r} with --algo {args.algo}; add --mode "
+                          "weight-only or --algo smoothquant (or export the model to ONNX for other int8 modes)")
     from lowbit.torch.llm.pretrained import quantize_pretrained
 
     result = quantize_pretrained(
         args.model, args.output, bits=args.weight_bits, group_size=args.group_size, algorithm=args.algo,
         calib_text=args.calib_text, symmetric=args.symmetric, act_order=args.act_order, samples=args.samples,
-        seq_len=args.seq_len)
+        seq_len=args.seq_len, trust_remote_code=args.trust_remote_code, low_memory=args.low_memory)
     if args.json:
         print(json.dumps({
             "output": str(result.output_dir), "mode": "weight-only", "algorithm": args.algo,
@@ -61,6 +62,6 @@ def _run_w8a8(args: argparse.Namespace) -> int:
     result = smoothquant_pretrained(
         args.model, args.output, calib_text=args.calib_text, alpha=args.smooth_alpha,
         smooth=args.smooth is not False, smooth_groups=DEFAULT_SMOOTH_GROUPS if groups is None else groups,
-        samples=args.samples, seq_len=args.seq_len)
+        samples=args.samples, seq_len=args.seq_len, trust_remote_code=args.trust_remote_code, activations=args.mode)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0

@@ -77,8 +77,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                          help="ONNX models: bits of the embedding tables (Gather), blocks of --group-size; 0 keeps "
                               "them float (default: 8)")
     weights.add_argument("--calib-text", help="Hugging Face models: a UTF-8 text file of representative text for calibration")
-    weights.add_argument("--seq-len", type=int, default=512,
-                         help="Hugging Face models: tokens per calibration sample (default: 512)")
+    weights.add_argument("--seq-len", type=int,
+                         help="Hugging Face models: tokens per calibration sample (default: min(512, the model's "
+                              "positions))")
+    weights.add_argument("--low-memory", dest="low_memory", action="store_true", default=None,
+                         help="Hugging Face models: read, quantize, write and free one block at a time from the "
+                              "safetensors shards, for checkpoints bigger than memory (default: on when the weights "
+                              "exceed half the available memory); fidelity is then not measured")
+    weights.add_argument("--trust-remote-code", action="store_true",
+                         help="Hugging Face models: allow a model folder whose config.json needs its own Python "
+                              "code (auto_map); that code runs, so only for folders you trust")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     from lowbit.commands._budget_report import add_arguments
 

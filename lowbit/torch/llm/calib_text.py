@@ -20,7 +20,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
 
 
-def load_tokenizer(model_dir: str | Path) -> Any:
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False) -> Any:
     """The tokenizer stored in `model_dir`, offline; a LowbitError when there is none."""
     from transformers import AutoTokenizer
 
@@ -32,7 +32,7 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LowbitError(f"could not load the tokenizer from {model_dir} ({str(exc).splitlines()[0]}); "
                           "save a working tokenizer there with tokenizer.save_pretrained(MODEL_DIR)") from None

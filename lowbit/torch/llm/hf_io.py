@@ -8,6 +8,7 @@ rename), so OUT_DIR is either complete or absent and MODEL_DIR is only read.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from lowbit.errors import LowbitError
 from lowbit.torch.llm.calib_text import TOKENIZER_FILES, batches, text_samples
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")  # torch.save files: unpickling them can run code
+DEFAULT_SEQ_LEN = 512  # tokens per calibration row, capped by the model's positions
 DEFAULT_SAMPLES = 128  # calibration rows when the user gives no --samples
 EVAL_SAMPLES = 2  # held-out text rows the fidelity is measured on
 
@@ -47,12 +50,17 @@ def check_paths(model_dir: Path, out_dir: Path) -> None:
                           "or remove it first")
 
 
-def load_config(model_dir: Path) -> Any:
-    """The transformers config of a float (not yet quantized) model."""
+def load_config(model_dir: Path, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a float (not yet quantized) model stored as safetensors.
+
+    Refused before anything is imported from the folder: custom model code without
+    `trust_remote_code`, and pickled weights (never unpickled: that can run code)."""
     from transformers import AutoConfig
 
+    check_custom_code(model_dir, trust_remote_code)
+    check_safetensors(model_dir)
     try:
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise LowbitError(f"could not read {model_dir / 'config.json'} ({str(exc).splitlines()[0]}); check that "
                           "it is a transformers model config") from None
@@ -60,6 +68,59 @@ def load_config(model_dir: Path) -> Any:
         raise LowbitError(f"{model_dir} is already quantized (its config.json has a quantization_config); "
                           "start from the float model")
     return config
+
+
+def custom_code_reason(model_dir: Path) -> str | None:
+    """Why config.json needs model code that transformers does not ship (None when it does not)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    try:
+        raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LowbitError(f"could not read {model_dir / 'config.json'} ({exc}); it must be a JSON object") from None
+    if not isinstance(raw, dict):
+        raise LowbitError(f"{model_dir / 'config.json'} is not a JSON object; check that it is a transformers config")
+    if raw.get("auto_map"):
+        return f"its auto_map names code in the folder ({', '.join(sorted(raw['auto_map']))})"
+    unknown = [name for name in raw.get("architectures") or [] if not hasattr(transformers, str(name))]
+    if unknown:
+        return f"its architecture {unknown[0]} is not part of transformers"
+    if raw.get("model_type") and raw["model_type"] not in CONFIG_MAPPING_NAMES:
+        return f"its model_type {raw['model_type']!r} is not part of transformers"
+    return None
+
+
+def check_custom_code(model_dir: Path, trust_remote_code: bool) -> None:
+    """Refuse a folder whose model needs its own Python code unless the user opted in."""
+    reason = custom_code_reason(model_dir)
+    if reason and not trust_remote_code:
+        raise LowbitError(f"{model_dir} needs custom model code ({reason}), which lowbit runs only with "
+                          "--trust-remote-code; add that flag if you trust the Python files in that folder")
+
+
+def check_safetensors(model_dir: Path) -> None:
+    """Refuse pickled weights (pytorch_model.bin ...) without opening them: only safetensors load."""
+    if any(model_dir.glob("*.safetensors")):
+        return
+    pickled = sorted(path.name for path in model_dir.iterdir() if path.suffix in PICKLED_SUFFIXES and path.is_file())
+    if pickled:
+        raise LowbitError(f"{model_dir} holds pickled weights ({pickled[0]}), which lowbit never loads (unpickling "
+                          "can run code); convert them to safetensors (model.save_pretrained(DIR, "
+                          "safe_serialization=True) in a trusted environment) and pass that folder")
+    raise LowbitError(f"{model_dir} has no weight files (*.safetensors); pass the folder that holds config.json and "
+                      "the model's safetensors weights")
+
+
+def seq_len_for(config: Any, seq_len: int | None) -> int:
+    """`seq_len`, or by default min(DEFAULT_SEQ_LEN, the model's positions)."""
+    if seq_len is not None:
+        return seq_len
+    return min(DEFAULT_SEQ_LEN, max_positions(config) or DEFAULT_SEQ_LEN)
+
+
+def max_positions(config: Any) -> int | None:
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -75,17 +136,30 @@ def read_text(path: str | os.PathLike) -> str:
     return text
 
 
-def load_model(model_dir: Path, config: Any) -> nn.Module:
-    """The model with its own class (config.json `architectures`, so heads are kept), in eval mode."""
+def model_class_for(config: Any, trust_remote_code: bool = False) -> Any:
+    """The class that keeps the model's heads: config.json's `architectures` entry (transformers'
+    own, or the folder's code through the Auto classes with `trust_remote_code`)."""
     import transformers
 
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and auto_map:
+        for auto in ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModel"):
+            if auto in auto_map:
+                return getattr(transformers, auto)
     names = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, names[0], None) if names else None
-    model_class = model_class or transformers.AutoModel
+    return model_class or transformers.AutoModel
+
+
+def load_model(model_dir: Path, config: Any, trust_remote_code: bool = False) -> nn.Module:
+    """The model with its own class (config.json `architectures`, so heads are kept), in eval mode,
+    from safetensors only (`check_safetensors` ran in `load_config`)."""
+    model_class = model_class_for(config, trust_remote_code)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            model = model_class.from_pretrained(model_dir, local_files_only=True)
+            model = model_class.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             raise LowbitError(f"could not load the model weights from {model_dir} ({str(exc).splitlines()[0]}); "
                               "check that the folder holds the checkpoint named in config.json") from None
@@ -100,10 +174,10 @@ def check_sample_options(config: Any, samples: int | None, seq_len: int) -> None
         raise LowbitError(f"--seq-len must be at least 2 tokens, not {seq_len}")
     if config is None:
         return
-    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if max_positions and seq_len > max_positions:
-        raise LowbitError(f"--seq-len {seq_len} exceeds the model's {max_positions} positions; use --seq-len "
-                          f"{max_positions} or less")
+    positions = max_positions(config)
+    if positions and seq_len > positions:
+        raise LowbitError(f"--seq-len {seq_len} exceeds the model's {positions} positions; use --seq-len "
+                          f"{positions} or less")
 
 
 @dataclass
@@ -163,7 +237,10 @@ def fidelity(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> tu
 # --------------------------------------------------------------------------- writing
 
 def copy_tokenizer(model_dir: Path, directory: Path, tokenizer: Any | None) -> None:
-    """Copy the tokenizer files of `model_dir` (or save `tokenizer` when it has none on disk)."""
+    """Copy the tokenizer files of `model_dir` (or save `tokenizer` when it has none on disk), and
+    the folder's Python files, which a custom-code config.json (`auto_map`) points at."""
+    for path in model_dir.glob("*.py"):
+        shutil.copyfile(path, directory / path.name)
     copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
     for name in copied:
         shutil.copyfile(model_dir / name, directory / name)
@@ -184,6 +261,17 @@ def write_atomically(out_dir: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def weight_bytes(directory: Path) -> int:

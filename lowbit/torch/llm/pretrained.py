@@ -9,6 +9,11 @@
 4. writes the checkpoint into a temporary sibling of OUT_DIR and renames it into place, so OUT_DIR
    is either complete or absent. MODEL_DIR is only read.
 
+With `low_memory` (on by default when the weights take more than half the available memory)
+steps 2-4 stream instead (`lowbit.torch.llm.streamed`): the model is built without weights,
+each block is read from the shards, quantized, written and freed in turn, so peak memory is
+about one block whatever the depth; fidelity against the float model is then not measured.
+
 AWQ on models whose scale fusion goes through an activation (BERT's and GPT-2's GELU) needs a
 `ScaledActivation` module that the standard model classes, and so the format, cannot express:
 such requests are refused up front (use GPTQ or RTN there). GPT-2's Conv1D layers are refused for
@@ -29,12 +34,13 @@ from lowbit.spec import QuantSpec, per_channel, per_group
 from lowbit.torch.llm.architectures import architecture_for, find_blocks
 from lowbit.torch.llm.calib_text import load_tokenizer
 from lowbit.torch.llm.compressed_checkpoint import check_exportable, write_checkpoint
-from lowbit.torch.llm.hf_io import (check_paths, check_sample_options, copy_tokenizer, fidelity, load_config,
-                                    load_model, main_output, model_outputs, read_text, text_batches, weight_bytes,
-                                    write_atomically)
+from lowbit.torch.llm.hf_io import (available_memory, check_paths, check_sample_options, copy_tokenizer, fidelity,
+                                    load_config, load_model, main_output, model_class_for, model_outputs, read_text,
+                                    seq_len_for, text_batches, weight_bytes, write_atomically)
 from lowbit.torch.llm.linears import find_linears, in_features, is_conv1d
 from lowbit.torch.llm.scaling import ScaledActivation
 from lowbit.torch.llm.sequential import ALGORITHMS, LLMQuantization, quantize_llm
+from lowbit.torch.llm.streamed import ShardReader, ShardStore, materialize_outside_blocks, skeleton
 
 
 
@@ -91,48 +97,70 @@ def weight_only_spec(bits: int, group_size: int | None, symmetric: bool = True) 
 def quantize_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, bits: int = 4,
                         group_size: int | None = 128, algorithm: str = "gptq", calib_text: str | os.PathLike | None = None,
                         symmetric: bool = True, act_order: bool = False, samples: int | None = None,
-                        seq_len: int = 512, device: str | torch.device | None = None) -> PretrainedQuantization:
+                        seq_len: int | None = None, trust_remote_code: bool = False,
+                        device: str | torch.device | None = None, rtn_mse: bool = False,
+                        low_memory: bool | None = None) -> PretrainedQuantization:
     """Weight-only quantize the Hugging Face model in `model_dir` and write a compressed-tensors
     checkpoint (loadable by `transformers.AutoModel*.from_pretrained`) to the new `out_dir`.
 
     `calib_text` (a UTF-8 text file) is needed for GPTQ and AWQ; with RTN it is optional and only
     used to measure fidelity. `samples` caps the calibration rows (default: all the text gives, at
-    most 128), each `seq_len` tokens long. See the module docstring."""
+    most 128), each `seq_len` tokens long (default: min(512, the model's positions)).
+    `trust_remote_code` allows a model folder whose config.json needs its own Python code.
+    `rtn_mse` shrinks RTN's ranges to the least squared weight error. `low_memory` streams the
+    checkpoint block by block (default: when it is bigger than half the available memory).
+    See the module docstring."""
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_paths(model_dir, out_dir)
     if algorithm not in ALGORITHMS:
         raise LowbitError(f"unknown weight algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
     spec = weight_only_spec(bits, group_size, symmetric)
-    config = load_config(model_dir)
+    config = load_config(model_dir, trust_remote_code)
+    seq_len = seq_len_for(config, seq_len)
     text = _read_text(calib_text, algorithm)
     check_sample_options(config if text is not None else None, samples, seq_len)  # positions matter with text only
-    tokenizer = load_tokenizer(model_dir) if text is not None else None
+    tokenizer = load_tokenizer(model_dir, trust_remote_code) if text is not None else None
     calib_batches, eval_batches, eval_source, used = [], [], "none", 0
     if text is not None:
         cut = text_batches(tokenizer, text, seq_len=seq_len, samples=samples)
         calib_batches, eval_batches, eval_source, used = cut.calibration, cut.evaluation, cut.eval_source, cut.samples
 
-    model = load_model(model_dir, config)
+    input_bytes = weight_bytes(model_dir)
+    if low_memory is None:
+        memory = available_memory()
+        low_memory = memory is not None and input_bytes > memory / 2
+    if low_memory:
+        model = skeleton(model_class_for(config, trust_remote_code), config)
+    else:
+        model = load_model(model_dir, config, trust_remote_code)
     blocks_name, blocks = find_blocks(model, architecture_for(model, need_scale_groups=algorithm == "awq"))
     _check_expressible(model, blocks, spec, algorithm)
+    options = dict(device=device, act_order=act_order, rtn_mse=rtn_mse)
+    calibration = calib_batches if algorithm != "rtn" else None
 
-    reference = model_outputs(model, eval_batches)
-    quantization = quantize_llm(model, spec, algorithm, calib_batches if algorithm != "rtn" else None,
-                                device=device, act_order=act_order)
-    if any(isinstance(module, ScaledActivation) for module in model.modules()):
-        raise RuntimeError("AWQ left a ScaledActivation that the checkpoint cannot express")  # checked above
-    cosine, sqnr = fidelity(reference, model_outputs(model, eval_batches)) if reference else (None, None)
-
-    write_atomically(out_dir, lambda tmp: _write(model, quantization, blocks_name, model_dir, tmp, tokenizer))
+    if low_memory:
+        quantization, cosine, sqnr = _streamed(model, model_dir, out_dir, blocks_name, len(blocks), spec,
+                                               algorithm, calibration, tokenizer, options), None, None
+    else:
+        reference = model_outputs(model, eval_batches)
+        quantization = quantize_llm(model, spec, algorithm, calibration, **options)
+        if any(isinstance(module, ScaledActivation) for module in model.modules()):
+            raise RuntimeError("AWQ left a ScaledActivation that the checkpoint cannot express")  # checked above
+        cosine, sqnr = fidelity(reference, model_outputs(model, eval_batches)) if reference else (None, None)
+        write_atomically(out_dir, lambda tmp: _write(model, quantization, blocks_name, model_dir, tmp, tokenizer))
     notes = []
-    if algorithm == "rtn" and text is None:
+    if low_memory:
+        notes.append("streamed block by block (--low-memory): the float model never existed whole, so fidelity "
+                     "was not measured")
+    elif algorithm == "rtn" and text is None:
         notes.append("no --calib-text given: fidelity not measured")
-    if next(model.parameters()).dtype != torch.float32:
-        notes.append(f"scales are stored in {next(model.parameters()).dtype} (the model's dtype), so loaded "
+    dtype = next(model.parameters()).dtype if not low_memory else _checkpoint_dtype(config)
+    if dtype != torch.float32:
+        notes.append(f"scales are stored in {dtype} (the model's dtype), so loaded "
                      "weights can differ from lowbit's float32 ones by one scale rounding")
     return PretrainedQuantization(out_dir, model, quantization, spec, used, eval_batches, eval_source, cosine, sqnr,
-                                  weight_bytes(model_dir), weight_bytes(out_dir), time.perf_counter() - start, notes)
+                                  input_bytes, weight_bytes(out_dir), time.perf_counter() - start, notes)
 
 
 # --------------------------------------------------------------------------- checks
@@ -178,6 +206,30 @@ def _has_attribute(root: nn.Module, dotted: str) -> bool:
 
 
 # --------------------------------------------------------------------------- writing
+
+def _streamed(model, model_dir: Path, out_dir: Path, blocks_name: str, n_blocks: int, spec: QuantSpec,
+              algorithm: str, calibration, tokenizer, options: dict) -> LLMQuantization:
+    """Quantize the weightless `model` block by block from `model_dir`'s shards into `out_dir`."""
+    reader = ShardReader(model_dir)
+    # The calibration text reaches block 0 through the embeddings; they are freed right after.
+    loaded = materialize_outside_blocks(model, blocks_name, reader) if calibration is not None else []
+    done: list[LLMQuantization] = []
+
+    def write(directory: Path) -> None:
+        store = ShardStore(reader, directory, blocks_name, n_blocks, calibration_only=loaded)
+        done.append(quantize_llm(model, spec, algorithm, calibration, store=store, **options))
+        store.copy_rest()
+        store.finish(model_dir, done[0])
+        copy_tokenizer(model_dir, directory, tokenizer)
+
+    write_atomically(out_dir, write)
+    return done[0]
+
+
+def _checkpoint_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
 
 def _write(model, quantization, blocks_name: str, model_dir: Path, directory: Path, tokenizer) -> None:
     write_checkpoint(model, quantization, blocks_name, directory)

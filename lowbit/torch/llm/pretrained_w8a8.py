@@ -42,8 +42,8 @@ from lowbit.torch.llm.architectures import (ARCHITECTURES, ProducerKind, ScaleGr
                                             model_type)
 from lowbit.torch.llm.calib_text import load_tokenizer
 from lowbit.torch.llm.hf_io import (check_paths, check_sample_options, copy_tokenizer, fidelity, load_config,
-                                    load_model, model_outputs, read_text, text_batches, weight_bytes,
-                                    write_atomically)
+                                    load_model, model_outputs, read_text, seq_len_for, text_batches,
+                                    weight_bytes, write_atomically)
 from lowbit.torch.llm.linears import find_linears, is_conv1d
 from lowbit.torch.llm.smoothquant import SmoothQuantResult, smooth_quantize_w8a8, smoothable_groups
 from lowbit.torch.llm.w8a8_checkpoint import FORMAT, write_w8a8_checkpoint
@@ -87,7 +87,8 @@ class PretrainedW8A8:
         r = self.result
         smoothing = f"SmoothQuant alpha {r.alpha}, {'+'.join(r.groups)} groups" if r.smoothing else "no smoothing"
         counts = ", ".join(f"{kind} {list(self.smoothed_kinds.values()).count(kind)}" for kind in r.groups)
-        lines = [f"wrote {self.output_dir} (compressed-tensors {FORMAT}: int8 per-channel weights, static per-tensor "
+        inputs = "dynamic per-token" if r.activations == "dynamic" else "static per-tensor"
+        lines = [f"wrote {self.output_dir} (compressed-tensors {FORMAT}: int8 per-channel weights, {inputs} "
                  f"int8 inputs, {smoothing})",
                  f"  quantized linears : {len(r.weights)}, smoothed groups: {len(r.smoothing)}"
                  + (f" ({counts})" if r.smoothing else "") + f", calibration samples: {self.calibration_samples}",
@@ -100,7 +101,8 @@ class PretrainedW8A8:
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"output": str(self.output_dir), "format": FORMAT, "mode": "static", "algorithm": self.algorithm,
+        return {"output": str(self.output_dir), "format": FORMAT, "mode": self.result.activations,
+                "algorithm": self.algorithm,
                 "alpha": self.result.alpha if self.result.smoothing else None,
                 "smooth_groups": list(self.result.groups), "quantized_linears": len(self.result.weights),
                 "smoothed": sorted(self.result.smoothing),
@@ -112,14 +114,16 @@ class PretrainedW8A8:
 def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                            calib_text: str | os.PathLike | None, alpha: float = DEFAULT_ALPHA, smooth: bool = True,
                            smooth_groups: str | Iterable[str] = DEFAULT_SMOOTH_GROUPS,
-                           samples: int | None = None, seq_len: int = 512,
-                           device: str | torch.device | None = None) -> PretrainedW8A8:
+                           samples: int | None = None, seq_len: int | None = None, trust_remote_code: bool = False,
+                           activations: str = "static", device: str | torch.device | None = None) -> PretrainedW8A8:
     """SmoothQuant W8A8 the Hugging Face model in `model_dir` and write a compressed-tensors
     `int-quantized` checkpoint (loadable by `transformers.AutoModel*.from_pretrained`) to the new
     `out_dir`. `calib_text` is a UTF-8 text file of representative text; `samples` caps the
     calibration rows (default: all the text gives, at most 128), each `seq_len` tokens long;
     `smooth_groups` picks the scale groups ("norm", "linear" or "all", a sequence or a comma-separated
-    string; default norm and linear); `smooth=False` quantizes without smoothing; `device` runs
+    string; default norm and linear); `smooth=False` quantizes without smoothing; `activations`
+    "static" (per-tensor input scales from calibration) or "dynamic" (per-token scales at run
+    time, compressed-tensors' W8A8 dynamic scheme); `device` runs
     calibration there (default: where the model loads, the CPU). See the module docstring."""
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -127,7 +131,8 @@ def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathL
     if not 0.0 <= alpha <= 1.0:
         raise LowbitError(f"SmoothQuant alpha must be between 0 and 1, got {alpha}; 0.5 is the usual choice")
     groups = parse_smooth_groups(smooth_groups) if smooth else ()
-    config = load_config(model_dir)
+    config = load_config(model_dir, trust_remote_code)
+    seq_len = seq_len_for(config, seq_len)
     if smooth and config.model_type not in ARCHITECTURES:
         raise LowbitError(f"lowbit has no SmoothQuant mapping for model type {config.model_type!r} (known: "
                           f"{', '.join(sorted(ARCHITECTURES))}); add an ArchitectureMap to "
@@ -137,10 +142,10 @@ def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathL
                           "few pages of representative text")
     check_sample_options(config, samples, seq_len)
     text = read_text(calib_text)
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
     cut = text_batches(tokenizer, text, seq_len=seq_len, samples=samples)
 
-    model = load_model(model_dir, config)
+    model = load_model(model_dir, config, trust_remote_code)
     blocks_name, blocks = find_blocks(model, architecture_for(model, need_scale_groups=False))
     _check_expressible(model, blocks)
     planned = _plan_smoothing(model, groups) if groups else []
@@ -149,7 +154,8 @@ def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathL
         model.to(device)
 
     reference = model_outputs(model, cut.evaluation)
-    result = smooth_quantize_w8a8(model, cut.calibration, alpha, smooth=bool(groups), kinds=groups)
+    result = smooth_quantize_w8a8(model, cut.calibration, alpha, smooth=bool(groups), kinds=groups,
+                                  activations=activations)
     cosine, sqnr = fidelity(reference, model_outputs(model, cut.evaluation))
 
     def write(directory: Path) -> None:

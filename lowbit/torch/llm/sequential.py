@@ -8,7 +8,10 @@
    next block's inputs. So each block is calibrated on what the quantized model will feed it.
    Inside a block, linears that read the same tensor form a group; groups are quantized in the
    order the forward pass reaches them, each calibrated after the earlier groups were quantized.
-3. Only one block and its activations live on the work device at a time.
+3. Only one block and its activations live on the work device at a time. With a `BlockStore`
+   (see `lowbit.torch.llm.streamed`), only one block's weights exist at all: the store loads
+   them just before the block is quantized and writes and frees them right after, so a model
+   bigger than memory can be quantized from its shards.
 
 Algorithms: "rtn" (no data), "gptq", "awq" (scale search in the float block, folded into the
 producing op, then clipping search + rounding). Linears inside the repeated blocks are
@@ -25,7 +28,7 @@ import inspect
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -43,6 +46,7 @@ from lowbit.torch.llm.linears import find_linears, in_features, set_weight_matri
 from lowbit.torch.llm.scaling import divide_output, producer_width
 
 ALGORITHMS = WEIGHT_ALGORITHMS
+__all__ = ["ALGORITHMS", "BlockStore", "LLMQuantization", "QuantizedLinear", "quantize_llm"]
 
 
 @dataclass
@@ -70,16 +74,28 @@ class LLMQuantization:
     block_seconds: list[float] = field(default_factory=list)
 
 
+class BlockStore(Protocol):
+    """Where the blocks' weights come from and go to, when they are not all in memory."""
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Give `block` (parameters on the meta device) its float weights."""
+
+    def save(self, index: int, block: nn.Module, result: LLMQuantization) -> None:
+        """Write the quantized `block` (and its entries of `result.layers`) and free both."""
+
+
 def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
                  calibration: Iterable[Mapping[str, torch.Tensor]] | None = None, *,
                  device: torch.device | str | None = None, block_size: int = 128, percdamp: float = 0.01,
-                 act_order: bool = False, awq_grid: int = 20, awq_clip: bool = True) -> LLMQuantization:
+                 act_order: bool = False, awq_grid: int = 20, awq_clip: bool = True, rtn_mse: bool = False,
+                 store: BlockStore | None = None) -> LLMQuantization:
     """Quantize the linears of `model`'s repeated blocks in place; see the module docstring.
 
     `calibration` is a sequence of keyword-argument batches for `model(**batch)` (input_ids,
     attention_mask, ...); tokens where `attention_mask` is 0 are left out of the statistics.
     `device` is where blocks are processed: by default a CUDA GPU when present, else the
-    model's own device."""
+    model's own device. `rtn_mse` searches RTN's clipping ranges for the least weight error.
+    `store` loads each block's weights just in time and writes it out afterwards."""
     if algorithm not in ALGORITHMS:
         raise LowbitError(f"unknown weight algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
     if algorithm != "rtn":
@@ -87,6 +103,7 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
     architecture = architecture_for(model, need_scale_groups=algorithm == "awq")
     blocks_name, blocks = find_blocks(model, architecture)
     home = next(model.parameters()).device
+    home = torch.device("cpu") if home.type == "meta" else home  # a streamed skeleton: blocks come to the CPU
     work = torch.device(device) if device is not None else (torch.device("cuda") if torch.cuda.is_available() else home)
     result = LLMQuantization(algorithm, spec)
 
@@ -96,11 +113,13 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
         batches = _capture_block_inputs(model, blocks[0], calibration, home, work) if algorithm != "rtn" else None
         for index, block in enumerate(progress(blocks, desc=f"{algorithm} blocks", unit="block")):
             start = time.perf_counter()
+            if store is not None:
+                store.load(index, block)
             block.to(work)
             prefix = f"{blocks_name}.{index}."
             with torch.no_grad():
                 if algorithm == "rtn":
-                    _rtn_block(block, spec, prefix, result)
+                    _rtn_block(block, spec, prefix, result, rtn_mse)
                 else:
                     if algorithm == "gptq":
                         _gptq_block(block, batches, spec, prefix, result, block_size, percdamp, act_order)
@@ -111,6 +130,8 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
             block.to(home)
             if work.type == "cuda":
                 torch.cuda.synchronize(work)
+            if store is not None:
+                store.save(index, block, result)
             result.block_seconds.append(time.perf_counter() - start)
     finally:
         model.train(was_training)
@@ -271,9 +292,9 @@ def _store(result: LLMQuantization, module: nn.Module, full_name: str, quantized
         qparams.spec, torch.as_tensor(qparams.scale).cpu(), torch.as_tensor(qparams.zero_point).cpu()))
 
 
-def _rtn_block(block: nn.Module, spec: QuantSpec, prefix: str, result: LLMQuantization) -> None:
+def _rtn_block(block: nn.Module, spec: QuantSpec, prefix: str, result: LLMQuantization, mse: bool = False) -> None:
     for name, module in find_linears(block).items():
-        _store(result, module, prefix + name, rtn_quantize(weight_matrix(module), spec, prefix + name))
+        _store(result, module, prefix + name, rtn_quantize(weight_matrix(module), spec, prefix + name, mse=mse))
 
 
 def _gptq_block(block, batches, spec, prefix, result, block_size, percdamp, act_order) -> None:

@@ -8,9 +8,11 @@
    exact: the model computes what it did before, but the activation outliers now live in the
    weights, where per-channel scales absorb them.
 3. Every block linear becomes a `W8A8Linear`: int8 per-output-channel symmetric weights (stored
-   dequantized, integers kept in the result) and a static per-tensor symmetric int8 grid on its
-   input, from the calibrated max |x| (divided by s where the input was smoothed: the same
-   numbers the smoothed model would record).
+   dequantized, integers kept in the result) and int8 inputs, either on a static per-tensor
+   symmetric grid from the calibrated max |x| (divided by s where the input was smoothed: the
+   same numbers the smoothed model would record), or dynamic per token: each token's own
+   max |x| / 127.5 at run time (compressed-tensors' W8A8 dynamic scheme; no input calibration,
+   so plain dynamic W8A8 needs no calibration data at all).
 
 Embeddings and the LM head stay float. The model is modified in place.
 """
@@ -28,7 +30,7 @@ from lowbit.algorithms import rtn_quantize
 from lowbit.algorithms.smoothquant import DEFAULT_ALPHA, smoothing_scales
 from lowbit.errors import LowbitError
 from lowbit.numerics import QParams, choose_qparams, dequantize, fake_quantize
-from lowbit.spec import QuantSpec, per_channel
+from lowbit.spec import PER_TOKEN, QuantSpec, per_channel
 from lowbit.torch.llm.architectures import ProducerKind, ScaleGroup, architecture_for, find_blocks
 from lowbit.torch.llm.linears import find_linears, in_features, set_weight_matrix, weight_matrix
 from lowbit.torch.llm.scaling import divide_output, producer_width
@@ -36,25 +38,39 @@ from lowbit.torch.llm.sequential import QuantizedLinear
 
 WEIGHT_SPEC = QuantSpec("int8", granularity=per_channel())
 ACTIVATION_SPEC = QuantSpec("int8")  # symmetric, per-tensor, static
+DYNAMIC_ACTIVATION_SPEC = QuantSpec("int8", granularity=PER_TOKEN, dynamic=True)  # symmetric, per token
+ACTIVATIONS = ("static", "dynamic")
+
+
+def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 fake quantization with one scale per token (last axis), max|x| / 127.5,
+    as compressed-tensors computes dynamic per-token scales (the grid's -128 level included;
+    an all-zero token gets the dtype's eps as its scale, so it stays zero)."""
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127.5
+    scale = torch.where(scale == 0, torch.finfo(x.dtype).eps, scale)
+    return torch.clamp(torch.round(x / scale), -128, 127) * scale
 
 
 class W8A8Linear(nn.Module):
-    """A linear (or GPT-2 Conv1D) whose input is fake-quantized on a fixed int8 grid; its weight
-    is already on the int8 per-channel grid."""
+    """A linear (or GPT-2 Conv1D) whose input is fake-quantized to int8, on a fixed grid
+    (`input_qparams`) or per token at run time (`input_qparams=None`); its weight is already on
+    the int8 per-channel grid."""
 
-    def __init__(self, linear: nn.Module, input_qparams: QParams) -> None:
+    def __init__(self, linear: nn.Module, input_qparams: QParams | None) -> None:
         super().__init__()
         self.linear = linear
         self.input_qparams = input_qparams
-        # Buffers so that `.to(device)` moves the grid with the layer.
-        self.register_buffer("input_scale", torch.as_tensor(input_qparams.scale, dtype=torch.float32).clone())
-        self.register_buffer("input_zero_point", torch.as_tensor(input_qparams.zero_point).clone())
+        if input_qparams is not None:  # buffers, so that `.to(device)` moves the grid with the layer
+            self.register_buffer("input_scale", torch.as_tensor(input_qparams.scale, dtype=torch.float32).clone())
+            self.register_buffer("input_zero_point", torch.as_tensor(input_qparams.zero_point).clone())
 
     @property
     def weight(self) -> torch.Tensor:
         return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_qparams is None:
+            return self.linear(fake_quantize_per_token(x))
         qparams = QParams(self.input_qparams.spec, self.input_scale, self.input_zero_point)
         return self.linear(fake_quantize(x.float(), qparams).to(x.dtype))
 
@@ -62,13 +78,14 @@ class W8A8Linear(nn.Module):
 @dataclass
 class SmoothQuantResult:
     """What was done: the smoothing scales per producer (full module name), each linear's int8
-    weights and qparams, and each linear's static input qparams."""
+    weights and qparams, and each linear's static input qparams (none with dynamic inputs)."""
 
     alpha: float
     groups: tuple[ProducerKind, ...] = ()  # the scale-group kinds asked for; () without smoothing
     smoothing: dict[str, torch.Tensor] = field(default_factory=dict)
     weights: dict[str, QuantizedLinear] = field(default_factory=dict)
     inputs: dict[str, QParams] = field(default_factory=dict)
+    activations: str = "static"  # or "dynamic": per-token int8 inputs computed at run time
 
 
 def collect_input_absmax(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]]
@@ -166,8 +183,11 @@ def smooth_model(model: nn.Module, input_absmax: dict[str, torch.Tensor], alpha:
     return applied
 
 
-def quantize_w8a8(model: nn.Module, input_absmax: dict[str, torch.Tensor], result: SmoothQuantResult) -> None:
-    """Replace every block linear named in `input_absmax` by a `W8A8Linear` (in place).
+def quantize_w8a8(model: nn.Module, input_absmax: dict[str, torch.Tensor | None], result: SmoothQuantResult
+                  ) -> None:
+    """Replace every block linear named in `input_absmax` by a `W8A8Linear` (in place), with
+    static input grids from `input_absmax`, or dynamic per-token inputs when
+    `result.activations == "dynamic"` (then the absmax values are not read and may be None).
 
     Scales are rounded to the linear's own dtype (a no-op for float32 models), as a checkpoint
     in that dtype stores them, so the in-memory model computes what the saved one will."""
@@ -179,9 +199,11 @@ def quantize_w8a8(model: nn.Module, input_absmax: dict[str, torch.Tensor], resul
         weight_qparams = _in_dtype(quantized.qparams, dtype)
         set_weight_matrix(linear, dequantize(quantized.values, weight_qparams))
         result.weights[name] = QuantizedLinear(quantized.values.cpu(), _on_cpu(weight_qparams))
-        peak = absmax.max()
-        input_qparams = _in_dtype(choose_qparams(-peak, peak, ACTIVATION_SPEC), dtype)
-        result.inputs[name] = input_qparams
+        input_qparams = None
+        if result.activations == "static":
+            peak = absmax.max()
+            input_qparams = _in_dtype(choose_qparams(-peak, peak, ACTIVATION_SPEC), dtype)
+            result.inputs[name] = input_qparams
         parent_name, _, attribute = name.rpartition(".")
         setattr(modules[parent_name], attribute, W8A8Linear(linear, input_qparams).to(linear.weight.device))
 
@@ -216,15 +238,26 @@ def plain_linears(model: nn.Module) -> Iterator[dict[str, W8A8Linear]]:
             setattr(modules[parent_name], attribute, wrapper)
 
 
-def smooth_quantize_w8a8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]],
+def smooth_quantize_w8a8(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]] | None,
                          alpha: float = DEFAULT_ALPHA, *, smooth: bool = True,
-                         kinds: tuple[ProducerKind, ...] = ("norm",)) -> SmoothQuantResult:
+                         kinds: tuple[ProducerKind, ...] = ("norm",), activations: str = "static"
+                         ) -> SmoothQuantResult:
     """SmoothQuant W8A8 in place: calibrate, smooth the `kinds` scale groups (see `smooth_model`;
-    `smooth=False` gives plain W8A8), then int8 per-channel weights and static per-tensor int8
-    inputs on every block linear."""
+    `smooth=False` gives plain W8A8), then int8 per-channel weights and int8 inputs on every
+    block linear: static per-tensor, or with `activations="dynamic"` per token at run time
+    (plain dynamic W8A8 reads no calibration data)."""
     if not 0.0 <= alpha <= 1.0:
         raise LowbitError(f"SmoothQuant alpha must be between 0 and 1, got {alpha}; 0.5 is the usual choice")
-    result = SmoothQuantResult(alpha, tuple(kinds) if smooth else ())
+    if activations not in ACTIVATIONS:
+        raise LowbitError(f"W8A8 activations are 'static' or 'dynamic', not {activations!r}")
+    result = SmoothQuantResult(alpha, tuple(kinds) if smooth else (), activations=activations)
+    if activations == "dynamic" and not smooth:
+        architecture = architecture_for(model, need_scale_groups=False)
+        blocks_name, blocks = find_blocks(model, architecture)
+        input_absmax = {f"{blocks_name}.{index}.{name}": None
+                        for index, block in enumerate(blocks) for name in find_linears(block)}
+        quantize_w8a8(model, input_absmax, result)
+        return result
     input_absmax = collect_input_absmax(model, calibration)
     if smooth:
         result.smoothing = smooth_model(model, input_absmax, alpha, kinds=kinds)
@@ -232,6 +265,6 @@ def smooth_quantize_w8a8(model: nn.Module, calibration: Iterable[Mapping[str, to
     return result
 
 
-__all__ = ["ACTIVATION_SPEC", "SmoothQuantResult", "W8A8Linear", "WEIGHT_SPEC", "collect_input_absmax",
-           "plain_linears", "quantize_w8a8", "smooth_model", "smooth_quantize_w8a8",
+__all__ = ["ACTIVATIONS", "ACTIVATION_SPEC", "DYNAMIC_ACTIVATION_SPEC", "SmoothQuantResult", "W8A8Linear", "WEIGHT_SPEC", "collect_input_absmax",
+           "fake_quantize_per_token", "plain_linears", "quantize_w8a8", "smooth_model", "smooth_quantize_w8a8",
            "smoothable_groups"]
