@@ -190,6 +190,24 @@ def test_every_session_has_spin_waiting_off_and_timing_states_its_settings(tmp_p
         time_models([spinning], feed)
 
 
+def test_runners_of_other_runtimes_are_timed_with_the_same_turns():
+    import time
+
+    class SleepingRunner:  # stands in for an ExecuTorch / LiteRT runner: run() only, no session options
+        def __init__(self, seconds):
+            self.seconds, self.calls = seconds, 0
+
+        def run(self, names, feed):
+            self.calls += 1
+            time.sleep(self.seconds)
+
+    slow, fast = SleepingRunner(0.004), SleepingRunner(0.001)
+    timing = time_models([slow, fast], {}, threads=2, warmup=1, repeats=6)
+    assert timing.threads == 2 and [len(t) for t in timing.latencies_ms] == [6, 6]
+    assert timing.medians_ms[0] >= 4.0 and 1.0 <= timing.medians_ms[1] < 4.0 and timing.speedup > 1.5
+    assert slow.calls == fast.calls  # same warm-up and untimed turn runs for both
+
+
 def test_bench_and_quantize_table_state_the_same_method(tmp_path):
     path = _linear_model(tmp_path / "m.onnx", np.ones((16, 4)), np.zeros(4))
     bench = bench_models([path, path], threads=1, warmup=1, repeats=3)

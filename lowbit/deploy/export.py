@@ -114,6 +114,7 @@ def export_model(model_path: str | Path, output: str | Path, *, data: Any = None
     float_output: also keep the target's float export there (the reference for on-device ratios)."""
     from lowbit.deploy.qdq_graph import read_qdq_graph
     from lowbit.onnx.io import load_model
+    from lowbit.onnx.timing import time_models
 
     model_path, output = Path(model_path), Path(output)
     target = target_for(output)
@@ -146,7 +147,8 @@ def export_model(model_path: str | Path, output: str | Path, *, data: Any = None
         parity = compare_outputs(model, graph, runner, feeds, threads)
         latency = float_latency = None
         if measure_speed:
-            float_latency, latency = time_interleaved(float_runner, runner, feeds[0], repeats)
+            float_latency, latency = time_models([float_runner, runner], feeds[0], threads=threads, warmup=WARMUP,
+                                                 repeats=repeats).medians_ms
         report = DeployReport(target=target.NAME, path=str(output), precision=graph.precision, **parity,
                               file_bytes=staged.stat().st_size, float_file_bytes=float_path.stat().st_size,
                               latency_ms=latency, float_latency_ms=float_latency, threads=threads, batch=batch,
@@ -157,25 +159,6 @@ def export_model(model_path: str | Path, output: str | Path, *, data: Any = None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return report
-
-
-def time_interleaved(first: Any, second: Any, feed: dict[str, np.ndarray], repeats: int) -> tuple[float, float]:
-    """Median ms per run of two runners (any object with `run(None, feed)`), interleaved run by run,
-    the order alternating each round, each timed run preceded by an untimed one of the same runner."""
-    import time
-
-    runners = (first, second)
-    for _ in range(WARMUP):
-        for runner in runners:
-            runner.run(None, feed)
-    times: tuple[list[float], list[float]] = ([], [])
-    for round_ in range(repeats):
-        for i in ((0, 1) if round_ % 2 == 0 else (1, 0)):
-            runners[i].run(None, feed)
-            start = time.perf_counter()
-            runners[i].run(None, feed)
-            times[i].append(1000 * (time.perf_counter() - start))
-    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 def _check_output(model_path: Path, output: Path) -> None:

@@ -73,14 +73,17 @@ def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray], *, thr
     """Time `models` (paths, serialized bytes, ModelProtos, or sessions made by `make_session`) on
     `feed` with the method of the module docstring. Models given as files or protos get sessions with
     `threads` intra-op threads (default: every core this process may use); sessions given must all
-    have the same thread count and spin-waiting off. `Timing.speedup` is models[0] / models[1]."""
+    have the same thread count and spin-waiting off. Runners of other runtimes (any object with
+    `run(None, feed)` and no ONNX Runtime session options, e.g. `lowbit.deploy`'s ExecuTorch and
+    LiteRT runners) are timed the same way; their threads are the caller's `threads`, which must be
+    stated. `Timing.speedup` is models[0] / models[1]."""
     if not models:
         raise ValueError("time_models needs at least one model")
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0 (got {repeats}, {warmup})")
     threads = threads or default_threads()
     sessions = [m if hasattr(m, "run") else make_session(m, threads=threads) for m in models]
-    stated = {_threads_of(s) for s in sessions}
+    stated = {_threads_of(s) if hasattr(s, "get_session_options") else threads for s in sessions}
     if len(stated) != 1:
         raise ValueError(f"sessions timed together must use the same thread count, got {sorted(stated, key=str)}")
     for session in sessions:
