@@ -205,4 +205,3 @@ def ensure_opset(model: onnx.ModelProto, minimum: int = MIN_OPSET) -> onnx.Model
                           f"re-export it with opset {minimum} or newer") from None
 
 
-_drop_unused_initializers = drop_unused_initializers  # the older private name, still imported elsewhere

@@ -299,11 +299,6 @@ def looks_like_class_scores(ref: np.ndarray) -> bool:
     return ref.ndim == 2 and ref.shape[1] >= 2
 
 
-# The names the search modules import (lowbit/analysis/budget.py, sweep.py) until they use the public ones.
-_cosine_per_sample = cosine_per_row
-_looks_like_class_scores = looks_like_class_scores
-
-
 def _cosine(dot: float, a_sq: float, b_sq: float) -> float:
     if a_sq == 0 and b_sq == 0:
         return 1.0

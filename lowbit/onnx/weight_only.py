@@ -33,7 +33,7 @@ from lowbit.errors import LowbitError
 from lowbit.onnx.blockwise import (DQ_BITS, DQ_OPSET, FORMATS, MATMULNBITS_BITS, MS_DOMAIN, WeightSite,
                                    blocked_dq_nodes, gather_block_quantized_node, matmulnbits_node, storage_bits)
 from lowbit.onnx.calib_data import CalibrationData
-from lowbit.onnx.qdq import _drop_unused_initializers, ensure_opset
+from lowbit.onnx.qdq import drop_unused_initializers, ensure_opset
 from lowbit.onnx.session import make_session
 from lowbit.plan import PlanEntry, QuantPlan
 from lowbit.spec import QuantSpec, per_channel, per_group
@@ -356,7 +356,7 @@ def rewrite(model: onnx.ModelProto, sites: list[WeightSite], quantized: dict[str
         new_inits += inits
     del graph.node[:]
     graph.node.extend(ordered)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     graph.initializer.extend(new_inits)
     if weight_format == "matmulnbits" and not any(o.domain == MS_DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
