@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.algorithms.weight_layout import (QuantizedWeight, as_weight_matrix, quantized_from_qparams,
-                                             weight_qparams, weight_qparams_for, weight_spec)
+                                             shrunk_range_qparams, weight_qparams_for, weight_spec)
 from lowbit.errors import LowbitError
 from lowbit.numerics import dequantize, quantize, tensor_range
 from lowbit.spec import QuantSpec
@@ -119,19 +119,9 @@ def clip_search(matrix: torch.Tensor, gram: torch.Tensor, spec: QuantSpec, *, ma
     spec = weight_spec(spec, "AWQ clipping")
     gram = _checked(gram, (matrix.shape[1],) * 2, "the Gram matrix X^T X / n", matrix.device)
     lo, hi = tensor_range(matrix, spec)
-    best_error = best_ratio = None
-    for step in range(n_grid):
-        ratio = 1.0 - max_shrink * step / n_grid
-        qp = weight_qparams(lo * ratio, hi * ratio, spec)
-        error = _errors_per_scale(dequantize(quantize(matrix, qp), qp) - matrix, gram, spec)
-        if best_error is None:
-            best_error, best_ratio = error, torch.full_like(error, ratio)
-        else:
-            better = error < best_error
-            best_error = torch.where(better, error, best_error)
-            best_ratio = torch.where(better, torch.full_like(error, ratio), best_ratio)
-    best_ratio = best_ratio.to(lo.dtype)
-    return quantized_from_qparams(matrix, weight_qparams(lo * best_ratio, hi * best_ratio, spec))
+    ratios = [1.0 - max_shrink * step / n_grid for step in range(n_grid)]
+    qp = shrunk_range_qparams(matrix, lo, hi, spec, ratios, lambda delta: _errors_per_scale(delta, gram, spec))
+    return quantized_from_qparams(matrix, qp)
 
 
 def _errors_per_scale(delta: torch.Tensor, gram: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

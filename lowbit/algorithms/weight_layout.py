@@ -116,11 +116,19 @@ def weight_qparams_for(matrix: torch.Tensor, spec: QuantSpec, name: str = "weigh
     lo, hi = tensor_range(matrix, spec, name)
     if not mse:
         return weight_qparams(lo, hi, spec)
+    ratios = [1.0 - MSE_SHRINK * step / MSE_GRID for step in range(MSE_GRID + 1)]
+    return shrunk_range_qparams(matrix, lo, hi, spec, ratios, lambda delta: squared_error_per_scale(delta, spec))
+
+
+def shrunk_range_qparams(matrix: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec,
+                         ratios: list[float], errors_per_scale) -> QParams:
+    """Qparams of `matrix` with each scale group's range [lo, hi] shrunk by the ratio among `ratios`
+    whose rounding error `errors_per_scale(dequantized - matrix)` (one value per scale group) is
+    least. The one clip search behind the MSE clip here and AWQ's output-error clip."""
     best_error = best_ratio = None
-    for step in range(MSE_GRID + 1):
-        ratio = 1.0 - MSE_SHRINK * step / MSE_GRID
+    for ratio in ratios:
         qp = weight_qparams(lo * ratio, hi * ratio, spec)
-        error = squared_error_per_scale(dequantize(quantize(matrix, qp), qp) - matrix, spec)
+        error = errors_per_scale(dequantize(quantize(matrix, qp), qp) - matrix)
         if best_error is None:
             best_error, best_ratio = error, torch.full_like(error, ratio)
         else:
