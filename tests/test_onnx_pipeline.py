@@ -109,3 +109,30 @@ def test_no_private_name_crosses_modules(package):
                 crossing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
                              if a.name.startswith("_") and not a.name.startswith("__")]
     assert crossing == []
+
+
+def test_weight_spread_skips_constant_operands_of_elementwise_ops(tmp_path):
+    """A BatchNorm exported as Mul/Add with (1, C, 1, 1) constants (captcha CRNN, PaddleOCR det) has
+    int8 constants without a per-channel weight axis: the spread is about Conv/Gemm/MatMul weights."""
+    from onnx import TensorProto, helper
+
+    from lowbit.onnx.pipeline import weight_channel_spread
+
+    conv_w = np.ones((4, 3, 3, 3), np.float32)
+    conv_w[1] *= 50.0  # channel peaks 1 and 50: spread 50
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Mul", ["r", "gamma"], ["m"], name="bn_mul"),
+             helper.make_node("Add", ["m", "beta"], ["a"], name="bn_add"),
+             helper.make_node("Conv", ["a", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    inits = [numpy_helper.from_array(conv_w, "w"),
+             numpy_helper.from_array(np.linspace(0.5, 2, 3, dtype=np.float32).reshape(1, 3, 1, 1), "gamma"),
+             numpy_helper.from_array(np.linspace(-1, 1, 3, dtype=np.float32).reshape(1, 3, 1, 1), "beta")]
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 8, 8])], inits)
+    path = tmp_path / "bn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(8, 3, 8, 8)).astype(np.float32))
+    pipeline = _pipeline(path, tmp_path / "calib.npz")
+    plan = pipeline.build().plan
+    assert {e.nodes[0] for e in plan.quantized("weight")} > {"conv"}  # the Mul/Add constants are int8 too
+    assert weight_channel_spread(pipeline.model, plan) == {"conv": pytest.approx(50.0)}

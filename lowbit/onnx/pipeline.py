@@ -235,7 +235,7 @@ def weight_channel_spread(model: onnx.ModelProto, plan: QuantPlan) -> dict[str, 
     per-tensor scale is from fitting the weight's narrowest channel."""
     from onnx import numpy_helper
 
-    from lowbit.onnx.registry import weight_axis
+    from lowbit.onnx.registry import rule_for, weight_axis
 
     initializers = {t.name: t for t in model.graph.initializer}
     nodes = {n.name: n for n in model.graph.node}
@@ -243,6 +243,9 @@ def weight_channel_spread(model: onnx.ModelProto, plan: QuantPlan) -> dict[str, 
     for entry in plan.quantized("weight"):
         node = nodes.get(entry.nodes[0]) if entry.nodes else None
         if node is None or entry.tensor not in initializers:
+            continue
+        rule = rule_for(node)
+        if rule is None or rule.weight_axis is None:  # a constant operand of Add/Mul (a decomposed BatchNorm)
             continue
         values = numpy_helper.to_array(initializers[entry.tensor])
         if values.ndim < 2:
