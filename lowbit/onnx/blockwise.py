@@ -67,16 +67,23 @@ def storage_bits(bits: int, weight_format: str) -> int:
     return min(w for w in widths if w >= bits)
 
 
+def unsigned_codes(quantized: QuantizedWeight, bits: int, rows: int, k_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """The weight's integer values and its (rows, k_blocks) zero points as the unsigned codes
+    ONNX Runtime's packed kernels (MatMulNBits, GatherBlockQuantized) store: signed grids move up by
+    2^(bits-1), which leaves every dequantized value unchanged."""
+    offset = 2 ** (bits - 1) if quantized.qparams.spec.dtype_info.signed else 0
+    codes = np.asarray(quantized.values, np.int64) + offset
+    zero_points = np.asarray(quantized.qparams.zero_point, np.int64).reshape(rows, k_blocks) + offset
+    return codes, zero_points
+
+
 def matmulnbits_node(site: WeightSite, quantized: QuantizedWeight, *, bits: int, block_size: int,
                      accuracy_level: int = 0, output: str | None = None,
                      ) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
     """A MatMulNBits node computing `site`'s product with the quantized weight."""
     n_out, n_in = site.out_features, site.in_features
     k_blocks = math.ceil(n_in / block_size)
-    signed = quantized.qparams.spec.dtype_info.signed
-    offset = 2 ** (bits - 1) if signed else 0
-    codes = np.asarray(quantized.values, np.int64) + offset
-    zero_points = np.asarray(quantized.qparams.zero_point, np.int64).reshape(n_out, k_blocks) + offset
+    codes, zero_points = unsigned_codes(quantized, bits, n_out, k_blocks)
     # Pad K to whole blocks with the zero point's code (dequantizes to 0; the kernel ignores it anyway).
     padded = np.repeat(zero_points, block_size, axis=1)
     padded[:, :n_in] = codes
@@ -138,10 +145,7 @@ def gather_block_quantized_node(site: WeightSite, quantized: QuantizedWeight, *,
     needs an even row length for 4 bits."""
     rows, columns = site.out_features, site.in_features
     k_blocks = math.ceil(columns / block_size)
-    signed = quantized.qparams.spec.dtype_info.signed
-    offset = 2 ** (bits - 1) if signed else 0
-    codes = np.asarray(quantized.values, np.int64) + offset
-    zero_points = np.asarray(quantized.qparams.zero_point, np.int64).reshape(rows, k_blocks) + offset
+    codes, zero_points = unsigned_codes(quantized, bits, rows, k_blocks)
     base = site.node
     data = pack(codes, bits, signed=False).reshape(rows, columns * bits // 8)
     scales = np.ascontiguousarray(np.asarray(quantized.qparams.scale, np.float32).reshape(rows, k_blocks))
