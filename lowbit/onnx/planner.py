@@ -142,13 +142,17 @@ def classify_nodes(index: GraphIndex, exclude: set[str]) -> tuple[dict[str, OpRu
 
 
 def prune_isolated_elementwise(index: GraphIndex, active: dict[str, OpRule]) -> dict[str, str]:
-    """Keep elementwise nodes float when an activation input comes from float math.
+    """Keep elementwise nodes float when an activation input comes from float math, or when no
+    int8 node reads their output.
 
     An int8 Add/Mul only pays off between int8 kernels (a CNN's residual Add between Convs). In a
     transformer the Adds and Muls sit between MatMuls (float outputs), LayerNorm, Softmax and GELU:
     quantizing them adds rounding error on the outlier-heavy residual stream without any int8
-    kernel to gain, which is what collapses ONNX Runtime's static BERT. Runs to a fixed point,
-    since a pruned node makes its elementwise consumers float too. Returns node -> reason."""
+    kernel to gain, which is what collapses ONNX Runtime's static BERT. Likewise an elementwise
+    node whose output goes only to float nodes or graph outputs (a decomposed HardSwish's
+    `x * clip(x + 3, 0, 6)` before its float `/ 6`, a final Sigmoid) would round its output once
+    more for nobody's int8 kernel. Runs to a fixed point, since a pruned node makes its elementwise
+    neighbours float too. Returns node -> reason."""
     pruned: dict[str, str] = {}
     changed = True
     while changed:
@@ -156,6 +160,11 @@ def prune_isolated_elementwise(index: GraphIndex, active: dict[str, OpRule]) -> 
         for node in index.model.graph.node:
             rule = active.get(node.name)
             if rule is None or rule.kind != "elementwise":
+                continue
+            if node.output and not any(_int8_reader(index, active, out) for out in node.output):
+                active.pop(node.name)
+                pruned[node.name] = "no int8 node reads its output; int8 here would only add error"
+                changed = True
                 continue
             for name in node.input:
                 if not name or index.is_constant(name) or not index.is_float(name):
@@ -167,6 +176,20 @@ def prune_isolated_elementwise(index: GraphIndex, active: dict[str, OpRule]) -> 
                     changed = True
                     break
     return pruned
+
+
+def _int8_reader(index: GraphIndex, active: dict[str, OpRule], name: str, depth: int = 0) -> bool:
+    """Whether an int8 compute or elementwise node reads `name` (through shape ops and Relu/Clip)."""
+    for consumer in index.consumers.get(name, []):
+        rule = active.get(consumer.name)
+        if rule is None:
+            continue
+        if rule.kind in ("compute", "elementwise"):
+            return True
+        if rule.kind in ("passthrough", "fold") and depth < 64 and consumer.input and consumer.input[0] == name \
+                and any(_int8_reader(index, active, out, depth + 1) for out in consumer.output):
+            return True
+    return False
 
 
 def _int8_source(index: GraphIndex, active: dict[str, OpRule], name: str) -> str | None:

@@ -5,7 +5,8 @@ Three steps, each done by the reference implementation rather than re-invented:
    with dynamic batch/sequence axes), falling back to onnx.shape_inference when it gives up;
 2. ONNX Runtime's offline optimizer at the BASIC level: constant folding, Conv+BatchNorm fusion,
    redundant-node removal. BASIC keeps standard ONNX ops only (EXTENDED would emit com.microsoft
-   fused ops that quantizers and other runtimes do not understand);
+   fused ops that quantizers and other runtimes do not understand), then the constant per-channel
+   Mul/Add after a Conv that ORT's fusions skip folded into it (`fold_affine`, exact in float);
 3. shape inference again, so every intermediate tensor carries a type and shape where known.
 
 Limit: the optimizer session is built from in-memory bytes, so models over 2 GB are not handled
@@ -23,6 +24,7 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from lowbit.onnx.fold_affine import fold_conv_affine
 from lowbit.onnx.subgraphs import hoist_shared_initializers
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ def preprocess(model: onnx.ModelProto, *, symbolic_shapes: bool = True, optimize
     result = infer_shapes(result, symbolic=symbolic_shapes)
     if optimize:
         result = optimize_basic(result)
+        fold_conv_affine(result)
         # The optimizer copies an outer constant into each If/Loop body reading it: one copy again.
         hoist_shared_initializers(result.graph)
         result = infer_shapes(result, symbolic=symbolic_shapes)
