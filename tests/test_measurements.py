@@ -208,11 +208,34 @@ def test_runners_of_other_runtimes_are_timed_with_the_same_turns():
     assert slow.calls == fast.calls  # same warm-up and untimed turn runs for both
 
 
+def test_fast_models_are_timed_for_a_minimum_time_not_a_fixed_count():
+    import time
+
+    from lowbit.onnx.timing import MAX_REPEATS
+
+    class SleepingRunner:
+        def __init__(self, seconds):
+            self.seconds = seconds
+
+        def run(self, names, feed):
+            time.sleep(self.seconds)
+
+    # ~2 ms runs, 0.1 s asked per model: about 50 timed runs each instead of the 3 requested.
+    timing = time_models([SleepingRunner(0.002), SleepingRunner(0.002)], {}, threads=1, warmup=2, repeats=3,
+                         min_seconds=0.1)
+    runs = [len(t) for t in timing.latencies_ms]
+    assert runs[0] == runs[1] and 10 <= runs[0] <= 50 and f"median of {runs[0]} timed runs" in timing.method()
+    slow = time_models([SleepingRunner(0.03)], {}, threads=1, warmup=1, repeats=3, min_seconds=0.05)
+    assert len(slow.latencies_ms[0]) == 3  # already long enough: the requested count stands
+    tiny = time_models([SleepingRunner(0.0)], {}, threads=1, warmup=1, repeats=3, min_seconds=10.0)
+    assert len(tiny.latencies_ms[0]) == MAX_REPEATS
+
+
 def test_bench_and_quantize_table_state_the_same_method(tmp_path):
     path = _linear_model(tmp_path / "m.onnx", np.ones((16, 4)), np.zeros(4))
     bench = bench_models([path, path], threads=1, warmup=1, repeats=3)
     report = compare_models(path, path, CalibrationData({"x": np.ones((4, 16), np.float32)}, onnx.load(path)),
-                            threads=1, warmup=1, repeats=3)
+                            threads=1, warmup=1, repeats=3, min_seconds=0)
     assert bench.method == report.timing_method and "spin-waiting off" in bench.text()
     assert f"timing: {report.timing_method}" in report.table() and bench.to_dict()["threads"] == 1
     with pytest.raises(LowbitError):

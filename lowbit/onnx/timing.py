@@ -30,6 +30,11 @@ import onnxruntime as ort
 from lowbit.onnx.session import SPIN_WAIT_OFF, default_threads, make_session
 
 RUNS_PER_TURN = 3  # timed runs per turn, after one untimed run
+MAX_REPEATS = 300  # the most timed runs `min_seconds` may ask for per model
+# Timed seconds per model behind every speedup lowbit prints (quantize table, `lowbit bench`, auto's
+# choice): at 3-10 ms a call, ten runs moved a captcha CRNN's speedup from 2.6x to 2.2x between two
+# measurements of the same pair; a second of runs per model keeps the median steady.
+MIN_TIMED_SECONDS = 1.0
 ModelLike = str | os.PathLike | bytes | onnx.ModelProto | ort.InferenceSession
 
 
@@ -69,14 +74,16 @@ class Timing:
 
 
 def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray], *, threads: int | None = None,
-                warmup: int = 5, repeats: int = 30) -> Timing:
+                warmup: int = 5, repeats: int = 30, min_seconds: float = 0.0) -> Timing:
     """Time `models` (paths, serialized bytes, ModelProtos, or sessions made by `make_session`) on
     `feed` with the method of the module docstring. Models given as files or protos get sessions with
     `threads` intra-op threads (default: every core this process may use); sessions given must all
     have the same thread count and spin-waiting off. Runners of other runtimes (any object with
     `run(None, feed)` and no ONNX Runtime session options, e.g. `lowbit.deploy`'s ExecuTorch and
     LiteRT runners) are timed the same way; their threads are the caller's `threads`, which must be
-    stated. `Timing.speedup` is models[0] / models[1]."""
+    stated. `Timing.speedup` is models[0] / models[1]. `min_seconds`: time each model about
+    this long per model (more repeats for fast models, up to MAX_REPEATS): a median of ten 3 ms runs
+    moves by tens of percent with one scheduler hiccup."""
     if not models:
         raise ValueError("time_models needs at least one model")
     if repeats < 1 or warmup < 0:
@@ -88,9 +95,15 @@ def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray], *, thr
         raise ValueError(f"sessions timed together must use the same thread count, got {sorted(stated, key=str)}")
     for session in sessions:
         session.run(None, feed)
+    warm_ms: list[list[float]] = [[] for _ in sessions]
     for _ in range(warmup):
-        for session in sessions:
+        for i, session in enumerate(sessions):
+            start = time.perf_counter()
             session.run(None, feed)
+            warm_ms[i].append(1000 * (time.perf_counter() - start))
+    if min_seconds > 0 and warmup:
+        typical_ms = float(np.mean([np.median(runs) for runs in warm_ms]))
+        repeats = max(repeats, min(MAX_REPEATS, int(np.ceil(1000 * min_seconds / max(typical_ms, 1e-3)))))
     latencies: list[list[float]] = [[] for _ in sessions]
     for turn in range(-(-repeats // RUNS_PER_TURN)):
         order = range(len(sessions)) if turn % 2 == 0 else reversed(range(len(sessions)))

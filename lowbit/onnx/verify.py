@@ -28,7 +28,7 @@ from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import Batch, CalibrationData
 from lowbit.onnx.io import load_model, model_size_bytes
 from lowbit.onnx.session import default_threads, make_session
-from lowbit.onnx.timing import time_models
+from lowbit.onnx.timing import MIN_TIMED_SECONDS, time_models
 
 # A call yielding fewer numbers than this gets its cosine across calls: the cosine of a 1-, 2- or
 # 3-vector barely moves with the error (1.0 exactly for one number of the same sign).
@@ -233,7 +233,8 @@ def label_accuracy(runs: list[list[np.ndarray]], calls: list[int | None], labels
 
 def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike, data: CalibrationData, *,
                    batch_size: int = 16, threads: int | None = None, speed: bool = True,
-                   warmup: int = TIMING_WARMUP, repeats: int = TIMING_REPEATS) -> VerifyReport:
+                   warmup: int = TIMING_WARMUP, repeats: int = TIMING_REPEATS,
+                   min_seconds: float = MIN_TIMED_SECONDS) -> VerifyReport:
     """Run `data` through both models and measure fidelity, size and (optionally) speed."""
     threads = threads or default_threads()
     float_session = make_session(load_model(float_path), threads=threads)
@@ -257,7 +258,8 @@ def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike,
         _add_label_accuracy(report, errors, labels[:calls])
     if speed:
         batch, timed_calls = next(batches_with_calls(data, batch_size))
-        timing = time_models([float_session, quant_session], batch, warmup=warmup, repeats=repeats)
+        timing = time_models([float_session, quant_session], batch, warmup=warmup, repeats=repeats,
+                             min_seconds=min_seconds)
         report.latency_float_ms, report.latency_quant_ms = timing.medians_ms
         report.timing_method = timing.method()
         report.timed_calls = timed_calls or 1
@@ -275,9 +277,11 @@ def _add_label_accuracy(report: VerifyReport, errors: dict[str, OutputErrors], l
                         "(with more classes than the largest label); accuracy not measured")
 
 
-def time_pair(first, second, feed: dict, *, warmup: int = 2, repeats: int = 10) -> tuple[float, float]:
+def time_pair(first, second, feed: dict, *, warmup: int = 2, repeats: int = 10,
+              min_seconds: float = MIN_TIMED_SECONDS) -> tuple[float, float]:
     """Median latency in ms of two sessions on one feed: `time_models` for a pair (same method)."""
-    return tuple(time_models([first, second], feed, warmup=warmup, repeats=repeats).medians_ms)
+    return tuple(time_models([first, second], feed, warmup=warmup, repeats=repeats,
+                             min_seconds=min_seconds).medians_ms)
 
 
 def cosine_per_row(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
