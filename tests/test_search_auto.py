@@ -120,3 +120,46 @@ def test_choice_is_the_fastest_within_budget_and_ties_go_to_accuracy():
     search.trials = [_trial("a", 0.3, None), _trial("b", 0.05, None)]
     name, reason = search.choose()
     assert name == "b" and "no candidate stayed within the budget" in reason
+
+
+def test_layer_kinds_kept_float_only_where_float_measured_faster(rescaled):
+    """Per layer kind by measured speed: one candidate per kind, then the kinds that measured faster
+    in float (beyond timing noise) together; a kind that was not faster stays int8."""
+    from lowbit.onnx.calib_data import CalibrationData as Data
+    from lowbit.onnx.pipeline import StaticPipeline, prepare_model
+    from lowbit.search.auto import _add_float_regions, layer_kinds
+
+    model = prepare_model(onnx.load(str(rescaled["float"])))
+    data = Data(str(rescaled["calib"]), model)
+    pipeline = StaticPipeline(model, StaticConfig(), data, batch_size=8, threads=1).calibrate()
+    kinds = layer_kinds(pipeline)
+    ops = {n.name: n for n in model.graph.node}
+    assert {"depthwise Convs", "Convs"} <= set(kinds)
+    assert all(next(a.i for a in ops[n].attribute if a.name == "group") > 1 for n in kinds["depthwise Convs"])
+
+    measured = {"depthwise Convs": 1.30, "Convs": 1.02}  # base 1.0: only depthwise is faster in float
+
+    class FakeSearch:
+        def __init__(self):
+            self.added = []
+
+        def add(self, name, build, note=""):
+            candidate = build()
+            self.added.append((name, candidate))
+            kind = next((k for k in measured if name.endswith(f", {k} float")), None)
+            return _trial(name, 0.0, measured.get(kind, 1.0) if kind else 1.0)
+
+    search = FakeSearch()
+    _add_float_regions(search, pipeline, True, _trial("base", 0.0, 1.0))
+    names = [n for n, _ in search.added]
+    assert len(names) == len(kinds)  # one per kind, no combined one: only one kind measured faster
+    depthwise_float = dict(search.added)["static int8, per-channel weights, depthwise Convs float"]
+    assert set(kinds["depthwise Convs"]) <= set(depthwise_float.plan.float_nodes)
+    assert not set(kinds["Convs"]) & set(depthwise_float.plan.float_nodes)
+    assert "measured faster in float" in depthwise_float.plan.float_nodes[kinds["depthwise Convs"][0]]
+    measured["Convs"] = 1.2  # now two kinds are faster: a combined candidate follows
+    search = FakeSearch()
+    _add_float_regions(search, pipeline, True, _trial("base", 0.0, 1.0))
+    combined = search.added[-1][1]
+    assert len(search.added) == len(kinds) + 1
+    assert set(kinds["depthwise Convs"] + kinds["Convs"]) <= set(combined.plan.float_nodes)

@@ -9,6 +9,9 @@
          MatMul/Gemm with constant weights                         -> dynamic int8
          ... holding most parameters, activations of a few rows   -> weight-only int8/int4 (MatMulNBits)
          a CPU with fp16 arithmetic (avx512_fp16, amx_fp16)         -> fp16
+         a static candidate within budget                          -> the same with one layer kind
+           (depthwise Convs, Convs, ConvTransposes, MatMul/Gemm, int8 elementwise ops) float at a
+           time, then the kinds that measured faster in float all together (int8 where it pays)
     -> each candidate: built from the one calibration (no model run), scored on the evaluation
        data against float outputs computed once; the candidates within the budget are timed
        against the float model (interleaved, same session options, median: `verify.time_pair`)
@@ -178,6 +181,13 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     else:
         skipped.append("bias correction: no Conv with its own bias here")
 
+    base = search.trial(_granularity_name(best_static))
+    if base is not None and base.met and base.speedup is not None:
+        _add_float_regions(search, pipeline, best_static, base)
+    else:
+        skipped.append("int8/float per layer kind by speed: " + (
+            "the static candidate is over budget" if base is not None and not base.met else "speed not measured"))
+
     worth, why = _equalization_worth(pipeline, profile, run)
     if worth:
         eq_config = StaticConfig(calib_method=config.calib_method, per_channel=True, exclude=config.exclude,
@@ -279,6 +289,9 @@ class _Search:
         self.built[name] = _Built(candidate.model, candidate.plan)
         return trial
 
+    def trial(self, name: str) -> Trial | None:
+        return next((t for t in self.trials if t.name == name), None)
+
     def choose(self) -> tuple[str, str]:
         met = [t for t in self.trials if t.met]
         if not met:
@@ -348,6 +361,60 @@ def _profile(pipeline: StaticPipeline) -> dict:
     return {"convs": [n.name for n in convs], "matmuls": matmuls, "depthwise": depthwise,
             "bias_correctable": biased and (depthwise or not pipeline.config.per_channel),
             "matmul_heavy": params["matmul"] > params["conv"]}
+
+
+def layer_kinds(pipeline: StaticPipeline) -> dict[str, list[str]]:
+    """The static plan's int8 nodes grouped by kernel kind: ONNX Runtime's int8 kernels are faster
+    than its float ones for some kinds and slower for others, depending on the CPU (depthwise
+    convolutions and transposed convolutions often lose without VNNI; int8 elementwise ops
+    only pay off between int8 kernels). Kinds with one node or none are left out."""
+    initializers = {t.name: t for t in pipeline.model.graph.initializer}
+    kinds: dict[str, list[str]] = {}
+    for node in pipeline.model.graph.node:
+        rule = pipeline.planner.active.get(node.name)
+        if rule is None:
+            continue
+        if node.op_type == "Conv":
+            weight = initializers.get(node.input[1])
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            depthwise = weight is not None and group > 1 and group == weight.dims[0]
+            kind = "depthwise Convs" if depthwise else "Convs"
+        elif node.op_type in ("ConvTranspose", "MatMul", "Gemm"):
+            kind = "MatMul/Gemm" if node.op_type != "ConvTranspose" else "ConvTransposes"
+        elif rule.kind == "elementwise":
+            kind = "int8 elementwise ops (Add, Mul, Concat, pooling, Sigmoid)"
+        else:
+            continue
+        kinds.setdefault(kind, []).append(node.name)
+    return {kind: nodes for kind, nodes in kinds.items() if len(nodes) > 1}
+
+
+def _add_float_regions(search: _Search, pipeline: StaticPipeline, per_channel: bool, base: Trial) -> None:
+    """Per layer kind, by measured speed: the static candidate with one kind of layer kept float at a
+    time; then the kinds whose float version measured faster than `base` (beyond timing noise), all
+    float together. The search keeps whichever is fastest within the budget, so int8 stays where it
+    pays and no kind is kept float unless that measured faster."""
+    kinds = layer_kinds(pipeline)
+    if len(kinds) < 2:
+        return  # one kind: keeping it float is the float model
+    faster: list[str] = []
+    for kind, nodes in kinds.items():
+        trial = search.add(f"{_granularity_name(per_channel)}, {kind} float",
+                           lambda nodes=nodes: _with_float(pipeline, per_channel, nodes),
+                           note=f"{len(nodes)} node(s)")
+        if trial is not None and trial.speedup is not None and trial.speedup > base.speedup * (1 + SPEED_NOISE):
+            faster.append(kind)
+    if len(faster) > 1:
+        nodes = [n for kind in faster for n in kinds[kind]]
+        search.add(f"{_granularity_name(per_channel)}, {' + '.join(faster)} float",
+                   lambda: _with_float(pipeline, per_channel, nodes),
+                   note=f"{len(nodes)} node(s)")
+
+
+def _with_float(pipeline: StaticPipeline, per_channel: bool, nodes: list[str]) -> _Built:
+    candidate = pipeline.build(per_channel=per_channel, precision={n: "float" for n in nodes},
+                               float_reason="kept float by --mode auto: this layer kind measured faster in float")
+    return _Built(candidate.model, candidate.plan)
 
 
 def _equalization_worth(pipeline: StaticPipeline, profile: dict, run: RunInputs) -> tuple[bool, str]:
