@@ -113,3 +113,33 @@ def test_the_folded_and_pruned_block_quantizes_close_to_float(tmp_path):
     ops = [n.op_type for n in onnx.load(out).graph.node]
     assert "BatchNormalization" not in ops and "Div" in ops  # the BN folded; the HardSwish's / 6 stays float
     assert np.abs(got - expected).mean() < 0.01 and np.abs(got - expected).max() < 0.1
+
+
+def test_a_dead_channel_keeps_its_bias_in_int32(tmp_path):
+    """A channel whose weights are ~1e-30 but whose bias is 0.9 (a pruned channel: PP-OCRv4 has
+    dozens): at scale = input scale x weight scale the bias saturates int32 and dequantizes to ~0
+    unless the channel's weight scale is raised. Reference: the float model on ONNX Runtime."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32)
+    w[2] = 1e-30  # dead channel
+    bias = np.array([0.1, -0.2, 0.9, 0.3], np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"])]
+    inits = [_const("w", w), _const("b", bias), _const("w2", rng.standard_normal((2, 4, 1, 1)))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2, 8, 8])], inits)
+    path = tmp_path / "dead.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    calib = {"x": rng.standard_normal((16, 3, 8, 8)).astype(np.float32)}
+    out = tmp_path / "q.onnx"
+    quantize_onnx(path, out, calib=calib, verify=False)
+    quantized = onnx.load(out)
+    inits_q = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    int32 = [v for v in inits_q.values() if v.dtype == np.int32 and v.size == 4]
+    assert int32 and np.abs(int32[0]).max() < 2**31 - 1  # nothing saturated
+    x = calib["x"][:4]
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    # The dead channel's constant 0.9 reaches the output through w2; lost, the error would be ~0.9 x |w2|.
+    assert np.abs(got - expected).max() < 0.1

@@ -278,6 +278,35 @@ def _compute_ok(node: onnx.NodeProto, rule: OpRule, index: GraphIndex) -> bool:
     return index.is_constant(weight) and len(index.initializers[weight].dims) >= 2
 
 
+# Headroom for int32 biases: their scale is input scale x weight scale, so a channel whose weights
+# are (nearly) zero while its bias is not (a pruned or dead channel: PP-OCRv4 has dozens, weights
+# 1e-30 and biases near 1) gets a scale so small that the bias saturates int32 and dequantizes to
+# about 0: the channel's constant output is lost. Such a channel's weight scale is raised until the
+# bias fits with this margin (its weights, far below one step, round to 0 either way).
+INT32_BIAS_LIMIT = 2.0**30
+
+
+def widen_for_int32_bias(weight: PlanEntry, bias: np.ndarray, activation: QParams) -> None:
+    """Raise `weight`'s scale where `bias` (one value per output channel) would not fit int32 at
+    scale = activation scale x weight scale; in place. Only symmetric weight grids (zero point 0)."""
+    scale = np.asarray(weight.qparams.scale, np.float64)
+    act_scale = float(np.max(np.asarray(activation.scale, np.float64)))
+    needed = np.abs(np.asarray(bias, np.float64)).reshape(-1) / (act_scale * INT32_BIAS_LIMIT)
+    if scale.ndim == 0 or scale.size == 1:
+        needed = needed.max(initial=0.0)
+    elif needed.size != scale.size:
+        return
+    else:
+        needed = needed.reshape(scale.shape)
+    if not np.any(needed > scale) or np.any(np.asarray(weight.qparams.zero_point) != 0):
+        return
+    widened = np.maximum(scale, needed).astype(np.float32)
+    weight.qparams = QParams(weight.qparams.spec, widened.reshape(np.shape(weight.qparams.scale)),
+                             weight.qparams.zero_point)
+    weight.reason = (weight.reason + "; " if weight.reason else "") + \
+        "scale raised on near-zero channels so their int32 bias fits"
+
+
 class StaticPlanner:
     """Static int8: calibrated activations (uint8), per-channel int8 weights, int32 biases."""
 
@@ -447,8 +476,9 @@ class StaticPlanner:
                 spec = WEIGHT_SPEC if not self.per_channel else QuantSpec("int8", granularity=per_channel(0))
             else:
                 spec = self._weight_spec(node, values)
-            plan.add(PlanEntry(name, "weight", spec=spec, qparams=qparams_for(values, spec, name),
-                               nodes=[n.name for n in nodes]))
+            weight_entry = PlanEntry(name, "weight", spec=spec, qparams=qparams_for(values, spec, name),
+                                     nodes=[n.name for n in nodes])
+            plan.add(weight_entry)
             for consumer in nodes:
                 rule = self.active_rule(consumer)
                 bias_at = rule.bias_input if rule else None
@@ -457,6 +487,7 @@ class StaticPlanner:
                 bias = consumer.input[bias_at]
                 act = consumer.input[0]
                 if index.is_constant(bias) and act in act_qparams and self._bias_fits(consumer, spec, values):
+                    widen_for_int32_bias(weight_entry, index.constant(bias), act_qparams[act])
                     plan.add(PlanEntry(bias, "bias", nodes=[consumer.name], scale_of=[act, name],
                                        reason="int32, scale = input scale x weight scale"))
         for name, nodes in constants.items():
