@@ -143,3 +143,29 @@ def test_a_dead_channel_keeps_its_bias_in_int32(tmp_path):
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     # The dead channel's constant 0.9 reaches the output through w2; lost, the error would be ~0.9 x |w2|.
     assert np.abs(got - expected).max() < 0.1
+
+
+def test_gemms_sharing_one_weight_get_one_int8_copy_in_dynamic_mode(tmp_path):
+    """An unrolled RNN (captcha CRNN: 20 Gemms per direction share one weight) wrote one int8 copy
+    per Gemm: the dynamic model came out 3.8x bigger than the float one."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 64)).astype(np.float32)
+    steps = 6
+    nodes, outputs = [], []
+    for t in range(steps):
+        nodes.append(helper.make_node("Gemm", [f"x{t}", "w", "b"], [f"y{t}"], transB=1, name=f"step{t}"))
+    graph = helper.make_graph(
+        nodes, "unrolled", [helper.make_tensor_value_info(f"x{t}", TensorProto.FLOAT, [2, 64]) for t in range(steps)],
+        [helper.make_tensor_value_info(f"y{t}", TensorProto.FLOAT, [2, 16]) for t in range(steps)],
+        [_const("w", w), _const("b", rng.standard_normal(16))])
+    path = tmp_path / "unrolled.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    out = tmp_path / "dyn.onnx"
+    quantize_onnx(path, out, mode="dynamic", verify=False)
+    int8 = [t for t in onnx.load(out).graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
+    assert len(int8) == 1
+    feed = {f"x{t}": rng.standard_normal((2, 64)).astype(np.float32) for t in range(steps)}
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feed)
+    for e, g in zip(expected, got):
+        assert np.abs(e - g).max() < 0.05 * np.abs(e).max()

@@ -33,6 +33,7 @@ def write_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     lstm_weights = write_int8_lstms(out, plan.quantized("weight"), new_inits)  # DynamicQuantizeLSTM
     weights = {node: e for e in plan.quantized("weight") if e.tensor not in lstm_weights for node in e.nodes}
     quantized_inputs: dict[str, tuple[str, str, str]] = {}
+    quantized_weights: dict[tuple[str, bool], tuple[str, str, str]] = {}
     ordered: list[onnx.NodeProto] = []
     for node in graph.node:
         entry = weights.get(node.name)
@@ -49,27 +50,32 @@ def write_dynamic(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
                                             name=f"{x}_DynamicQuantizeLinear"))
             quantized_inputs[x] = names
         x_q, x_scale, x_zp = quantized_inputs[x]
-        w = numpy_helper.to_array(initializers[entry.tensor]).astype(np.float32)
-        w_q = quantize(w, entry.qparams)
-        scale = np.asarray(entry.qparams.scale, np.float32)
         alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
-        if node.op_type == "Gemm" and _attr(node, "transB", 0):
-            w_q = w_q.T
+        transposed = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+        # One int8 copy per weight (and layout): an unrolled RNN's Gemms share one weight per step.
+        w_name, w_zp, w_scale = quantized_weights.get((entry.tensor, transposed), (None, None, None))
+        if w_name is None:
+            w = numpy_helper.to_array(initializers[entry.tensor]).astype(np.float32)
+            w_q = quantize(w, entry.qparams)
+            scale = np.asarray(entry.qparams.scale, np.float32)
+            if transposed:
+                w_q = w_q.T
+            w_name, w_zp, w_scale = (f"{node.name}_W_quantized", f"{node.name}_W_zero_point", f"{node.name}_W_scale")
+            new_inits += [numpy_helper.from_array(np.ascontiguousarray(w_q), w_name),
+                          numpy_helper.from_array(np.zeros(scale.shape, np.int8), w_zp),
+                          numpy_helper.from_array(scale, w_scale)]
+            quantized_weights[(entry.tensor, transposed)] = (w_name, w_zp, w_scale)
         base = node.name
-        zp = np.zeros(scale.shape, np.int8)
-        new_inits += [numpy_helper.from_array(np.ascontiguousarray(w_q), f"{base}_W_quantized"),
-                      numpy_helper.from_array(zp, f"{base}_W_zero_point"),
-                      numpy_helper.from_array(scale, f"{base}_W_scale")]
         product = f"{base}_output_int32"
         y = node.output[0]
         has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
         scaled = f"{base}_output_scaled" if has_bias else y
         ordered += [
-            helper.make_node("MatMulInteger", [x_q, f"{base}_W_quantized", x_zp, f"{base}_W_zero_point"],
+            helper.make_node("MatMulInteger", [x_q, w_name, x_zp, w_zp],
                              [product], name=f"{base}_MatMulInteger"),
             helper.make_node("Cast", [product], [f"{base}_output_float"], to=TensorProto.FLOAT,
                              name=f"{base}_Cast"),
-            helper.make_node("Mul", [x_scale, f"{base}_W_scale"], [f"{base}_scale"], name=f"{base}_ScaleMul"),
+            helper.make_node("Mul", [x_scale, w_scale], [f"{base}_scale"], name=f"{base}_ScaleMul"),
         ]
         output_scale = f"{base}_scale"
         if alpha != 1.0:
