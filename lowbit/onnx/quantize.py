@@ -29,10 +29,11 @@ from lowbit.onnx.calib_data import CalibrationData, model_inputs
 from lowbit.onnx.config import (CONFIGS, AutoConfig, DynamicConfig, Fp16Config, QuantConfig, StaticConfig,
                                 WeightOnlyConfig, config_for_mode)
 from lowbit.onnx.control_flow import BodyPlanners
+from lowbit.onnx.dynamic import plan_dynamic, write_dynamic
 from lowbit.onnx.io import drop_shape_annotations, load_model, save_model, size_growth_warning
 from lowbit.onnx.pipeline import (StaticPipeline, activation_channel_spread, prepare_model, run_passes,
                                   weight_channel_spread)
-from lowbit.onnx.planner import plan_dynamic
+from lowbit.onnx.registry import ops_where
 from lowbit.onnx.stored_plan import attach_plan, read_plan
 from lowbit.onnx.verify import VerifyReport, compare_models
 from lowbit.plan import QuantPlan
@@ -167,7 +168,6 @@ def run_static(model: onnx.ModelProto, config: StaticConfig, run: RunInputs) -> 
 
 
 def run_dynamic(model: onnx.ModelProto, config: DynamicConfig, run: RunInputs) -> Handled:
-    from lowbit.onnx.dynamic import write_dynamic
     from lowbit.onnx.passes import PassContext
 
     ctx = PassContext(model, run.calib, list(config.exclude), run.batch_size, run.threads, config.per_channel,
@@ -250,7 +250,8 @@ def per_tensor_range_warning(model: onnx.ModelProto, plan: QuantPlan) -> list[st
 
 
 def nothing_dynamic_warning(model: onnx.ModelProto) -> str:
-    ops = sorted({n.op_type for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")})
+    static_only = ops_where(lambda r: r.kind == "compute" and r.dynamic is None)
+    ops = sorted({n.op_type for n in model.graph.node if n.op_type in static_only})
     what = f" (its compute is {', '.join(ops)})" if ops else ""
     return ("dynamic int8 found nothing to quantize: it covers MatMul, Gemm and embedding Gather with constant "
             f"weights, and this model has none{what}; the output is the pre-processed float model. Use --mode "
@@ -314,7 +315,7 @@ def _slow_cause(plan: QuantPlan, quantized: onnx.ModelProto) -> str:
     for node in quantized.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     qdq = counts.get("QuantizeLinear", 0) + counts.get("DequantizeLinear", 0)
-    compute = sum(counts.get(op, 0) for op in ("Conv", "MatMul", "Gemm", "ConvTranspose"))
+    compute = sum(counts.get(op, 0) for op in ops_where(lambda r: r.kind == "compute"))
     if plan.mode == "static" and qdq > 4 * max(1, compute):
         return (f"{qdq} Q/DQ nodes for {compute} compute nodes: the quantize/dequantize work outweighs the int8 "
                 "kernels; --mode auto measures the faster alternatives (dynamic MatMuls, fp16, fewer int8 layers)")
