@@ -36,9 +36,10 @@ from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
 from lowbit.onnx.pipeline import prepare_model
 from lowbit.onnx.stored_plan import attach_plan
 from lowbit.onnx.verify import compare_models
-from lowbit.onnx.weight_only import (NEEDS_CALIBRATION, apply_input_scales, check_options, collect_input_statistics,
+from lowbit.onnx.weight_only import (apply_input_scales, check_options, collect_input_statistics,
                                      find_sites, quantize_sites, rewrite, weight_matrix, weight_only_spec)
 from lowbit.plan import PlanEntry, QuantPlan
+from lowbit.weight_algorithms import algorithm_named
 
 WEIGHT_FALLBACK_LEVELS = ("int8", "float")  # cheapest first
 
@@ -92,7 +93,7 @@ def search_weight_precision(float_path: str | os.PathLike, out_path: str | os.Pa
         raise LowbitError("no MatMul/Gemm with a constant 2-D float weight was found; weight-only quantization has "
                           "nothing to do here (try --mode static)")
     statistics = None
-    if algo in NEEDS_CALIBRATION:
+    if algorithm_named(algo).needs_statistics:
         statistics = collect_input_statistics(model, sites, calib_data, batch_size=batch_size, threads=threads)
     working = onnx.ModelProto()
     working.CopyFrom(model)
@@ -135,7 +136,8 @@ def search_weight_precision(float_path: str | os.PathLike, out_path: str | os.Pa
                      "weight_only": {"algorithm": algo, "bits": bits, "stored_bits": stored_bits,
                                      "group_size": group_size, "symmetric": symmetric, "act_order": act_order,
                                      "format": weight_format, "accuracy_level": accuracy_level,
-                                     "int8_fallback": "rtn" if algo != "awq" else "rtn of the AWQ-scaled weight"},
+                                     "int8_fallback": "rtn" if not algorithm_named(algo).scales_inputs
+                                     else f"rtn of the {algo.upper()}-scaled weight"},
                      "budget": {"metric": metric, "max_drop": max_drop, "met": best.met, "drop": best.drop,
                                 "fallback": list(ladder), "fell_back": best.excluded, "precision": best.precision,
                                 f"{start}_mac_fraction": best.int8_mac_fraction}}
