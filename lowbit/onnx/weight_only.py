@@ -355,15 +355,17 @@ def rewrite(model: onnx.ModelProto, sites: list[WeightSite], quantized: dict[str
             ordered.append(node)
             continue
         width = (site_bits or {}).get(node.name, bits)
-        if site.op_type == "Gather" and weight_format == "matmulnbits":
+        rule = rule_for(node)
+        table = rule.weight_only == "table"
+        if table and weight_format == "matmulnbits":
             replacement, inits = gather_block_quantized_node(
                 site, quantized[node.name], bits=width, block_size=block_size_for(site, group_size, weight_format),
                 output=node.output[0])
             ordered.append(replacement)
-        elif site.op_type == "Gather":
+        elif table:
             dq, inits = blocked_dq_nodes(site, quantized[node.name], bits=width,
                                          block_size=block_size_for(site, group_size, weight_format))
-            node.input[0] = dq.output[0]
+            node.input[rule.weight_input] = dq.output[0]
             ordered += [dq, node]
         elif weight_format == "matmulnbits":
             block = block_size_for(site, group_size, weight_format)
@@ -374,7 +376,7 @@ def rewrite(model: onnx.ModelProto, sites: list[WeightSite], quantized: dict[str
         else:
             dq, inits = blocked_dq_nodes(site, quantized[node.name], bits=width,
                                          block_size=block_size_for(site, group_size, weight_format))
-            node.input[1] = dq.output[0]
+            node.input[rule.weight_input] = dq.output[0]
             ordered += [dq, node]
         new_inits += inits
     del graph.node[:]
