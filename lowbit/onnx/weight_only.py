@@ -422,21 +422,16 @@ def quantize_weight_only(model: onnx.ModelProto, calib: CalibrationData | None, 
     quantized, awq = quantize_sites(working, sites, spec, algo, statistics, act_order=act_order)
     if awq:
         apply_input_scales(working, awq)
-    tables, table_spec = [], None
-    if embedding_bits:
-        tables, kept_tables = find_tables(working, set(exclude))
-        kept.update(kept_tables)
-        tables, odd = _packable_tables(tables, embedding_bits, weight_format)
-        kept.update(odd)
-        table_spec = weight_only_spec(embedding_bits, group_size, symmetric)
-        quantized.update(quantize_tables(working, tables, table_spec))
+    embeddings = embedding_tables(working, exclude, embedding_bits, group_size=group_size, symmetric=symmetric,
+                                  weight_format=weight_format)
+    kept.update(embeddings.kept)
+    tables = embeddings.sites
+    quantized.update(embeddings.quantized)
     written = rewrite(working, sites + tables, quantized, bits=stored_bits, group_size=group_size,
-                      weight_format=weight_format, accuracy_level=accuracy_level,
-                      site_bits={t.node: embedding_bits for t in tables})
+                      weight_format=weight_format, accuracy_level=accuracy_level, site_bits=embeddings.site_bits())
     plan = _plan(sites, kept, spec, algo, weight_format)
-    for table in tables:
-        form = "GatherBlockQuantized" if weight_format == "matmulnbits" else "blocked DequantizeLinear + Gather"
-        plan.add(PlanEntry(table.weight, "weight", spec=table_spec, nodes=[table.node], reason=f"rtn, {form}"))
+    for entry in embeddings.entries(weight_format):
+        plan.add(entry)
     plan.settings["weight_only"] = {
         "algorithm": algo, "bits": bits, "stored_bits": stored_bits, "group_size": group_size,
         "symmetric": symmetric, "act_order": act_order, "format": weight_format, "accuracy_level": accuracy_level,
@@ -455,6 +450,36 @@ def _damping(sites: list[WeightSite], quantized: dict[str, QuantizedWeight]) -> 
     """The damping each weight's Hessian needed (GPTQ), None for algorithms without one."""
     damping = {s.node: getattr(quantized[s.node], "percdamp", None) for s in sites}
     return damping if any(v is not None for v in damping.values()) else None
+
+
+@dataclass
+class EmbeddingTables:
+    """Embedding tables rounded to `bits` (RTN: a lookup has no input statistics to use), and
+    the lookups kept float (node -> why)."""
+
+    sites: list[WeightSite]
+    quantized: dict[str, QuantizedWeight]
+    spec: QuantSpec | None
+    kept: dict[str, str]
+    bits: int
+
+    def site_bits(self) -> dict[str, int]:
+        return {t.node: self.bits for t in self.sites}
+
+    def entries(self, weight_format: str) -> list[PlanEntry]:
+        form = "GatherBlockQuantized" if weight_format == "matmulnbits" else "blocked DequantizeLinear + Gather"
+        return [PlanEntry(t.weight, "weight", spec=self.spec, nodes=[t.node], reason=f"rtn, {form}") for t in self.sites]
+
+
+def embedding_tables(model: onnx.ModelProto, exclude, bits: int, *, group_size: int, symmetric: bool,
+                     weight_format: str) -> EmbeddingTables:
+    """The row lookups in constant tables of `model` quantized to `bits` (0: none, all kept float)."""
+    if not bits:
+        return EmbeddingTables([], {}, None, {}, 0)
+    tables, kept = find_tables(model, set(exclude))
+    tables, odd = _packable_tables(tables, bits, weight_format)
+    spec = weight_only_spec(bits, group_size, symmetric)
+    return EmbeddingTables(tables, quantize_tables(model, tables, spec), spec, {**kept, **odd}, bits)
 
 
 def quantize_tables(model: onnx.ModelProto, tables: list[WeightSite], spec: QuantSpec) -> dict[str, QuantizedWeight]:
@@ -485,6 +510,6 @@ def _plan(sites: list[WeightSite], kept: dict[str, str], spec: QuantSpec, algo: 
     return plan
 
 
-__all__ = ["ALGORITHMS", "DividedInput", "EMBEDDING_BITS", "WeightOnlyResult", "apply_input_scales", "block_size_for", "check_options",
+__all__ = ["ALGORITHMS", "DividedInput", "EMBEDDING_BITS", "EmbeddingTables", "embedding_tables", "WeightOnlyResult", "apply_input_scales", "block_size_for", "check_options",
            "collect_input_statistics", "find_sites", "find_tables", "quantize_sites", "quantize_tables",
            "quantize_weight_only", "rewrite", "weight_only_spec"]
