@@ -338,11 +338,11 @@ def _profile(pipeline: StaticPipeline) -> dict:
         if weight is None:
             continue
         size = int(np.prod(weight.dims))
-        if rule.dynamic is None:  # convolutions: static int8 only
+        if rule.weight_only != "matmul":  # convolutions
             params["conv"] += size
             if node.name in active:
                 convs.append(node)
-        elif len(weight.dims) == 2:  # MatMul-like: dynamic and weight-only candidates too
+        elif len(weight.dims) == 2:  # matrix products: dynamic and weight-only candidates too
             params["matmul"] += size
             if not {node.name, node.op_type, *node.output} & set(pipeline.exclude):
                 matmuls.append(node.name)
