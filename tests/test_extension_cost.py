@@ -222,3 +222,20 @@ def test_the_scan_finds_the_comparisons_it_forbids():
     sample = 'if node.op_type in ("MatMul", "Gemm") or n.op_type == "Add":\n    pass\nif op == "Conv":\n    pass\n'
     assert op_type_comparisons(sample) == [(1, ["Gemm", "MatMul"])]
     assert registry.ops_where(lambda r: r.kind == "compute" and r.dynamic is not None) == ["MatMul", "Gemm"]
+
+
+def test_no_front_end_branches_on_a_weight_algorithm_name():
+    """Which algorithm runs, and what it needs, is read from `lowbit.weight_algorithms` only."""
+    names = set(ALGORITHMS)
+    branches = []
+    for path in sorted(LOWBIT.rglob("*.py")):
+        relative = path.relative_to(LOWBIT).as_posix()
+        if relative == "weight_algorithms.py" or relative.startswith("algorithms/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                found = {c.value for p in [node.left, *node.comparators] for c in ast.walk(p)
+                         if isinstance(c, ast.Constant)} & names
+                if found:
+                    branches.append(f"{relative}:{node.lineno} {sorted(found)}")
+    assert not branches, "algorithm-specific branches outside the registry: " + ", ".join(branches)

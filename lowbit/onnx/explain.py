@@ -14,6 +14,7 @@ from lowbit.onnx.pipeline import activation_channel_spread, weight_channel_sprea
 from lowbit.onnx.registry import ops_where
 from lowbit.onnx.verify import VerifyReport
 from lowbit.plan import QuantPlan
+from lowbit.weight_algorithms import ALGORITHMS
 
 if TYPE_CHECKING:
     from lowbit.onnx.quantize import Handled, RunInputs
@@ -92,8 +93,9 @@ def _accuracy_cause(config, done: Handled, run: RunInputs) -> str:
         return ("the int8 error adds up over the layers; find the layers responsible with `lowbit analyze`, let "
                 "--max-drop fall the most sensitive ones back to float, or let --mode auto compare the alternatives")
     if isinstance(config, WeightOnlyConfig):
+        with_data = "/".join(a.name for a in ALGORITHMS.values() if a.needs_statistics)
         return (f"{config.bits}-bit weights lose too much here; raise --weight-bits, lower --group-size, use "
-                "--algo gptq/awq with --calib, or --max-drop to keep the sensitive layers at int8")
+                f"--algo {with_data} with --calib, or --max-drop to keep the sensitive layers at int8")
     if isinstance(config, DynamicConfig):
         return ("activations quantized at run time lose too much here; try --mode static --calib (calibrated ranges, "
                 "SmoothQuant, outlier split) or --mode auto")
