@@ -185,6 +185,7 @@ ABOUT_ONE_OP = {
     "onnx/recurrent.py": "the LSTM writer",
     "onnx/qdq.py": "Conv weights for AMX (QGEMM) kernels: a Conv-specific speed trick",
     "onnx/equalize.py": "cross-layer equalization of Conv chains",
+    "onnx/fold_affine.py": "folding a constant per-channel scale/shift into the Conv/ConvTranspose before it",
     "onnx/smooth.py": "SmoothQuant of LayerNorm-fed MatMuls",
     "onnx/outlier_split.py": "the MatMul outlier-split rewrite",
     "onnx/passes/outlier_split.py": "the same pass",

@@ -10,8 +10,8 @@
          ... holding most parameters, activations of a few rows   -> weight-only int8/int4 (MatMulNBits)
          a CPU with fp16 arithmetic (avx512_fp16, amx_fp16)         -> fp16
          a static candidate within budget                          -> the same with one layer kind
-           (depthwise Convs, Convs, ConvTransposes, MatMul/Gemm, int8 elementwise ops) float at a
-           time, then the kinds that measured faster in float all together (int8 where it pays)
+           (each compute op type, depthwise Convs apart; int8 elementwise ops) float at a time,
+           then the kinds that measured faster in float all together (int8 where it pays)
     -> each candidate: built from the one calibration (no model run), scored on the evaluation
        data against float outputs computed once; the candidates within the budget are timed
        against the float model (interleaved, same session options, median: `verify.time_pair`)
@@ -367,23 +367,23 @@ def _profile(pipeline: StaticPipeline) -> dict:
 
 
 def layer_kinds(pipeline: StaticPipeline) -> dict[str, list[str]]:
-    """The static plan's int8 nodes grouped by kernel kind: ONNX Runtime's int8 kernels are faster
-    than its float ones for some kinds and slower for others, depending on the CPU (depthwise
-    convolutions and transposed convolutions often lose without VNNI; int8 elementwise ops
-    only pay off between int8 kernels). Kinds with one node or none are left out."""
+    """The static plan's int8 nodes grouped by kernel kind: each compute op type (depthwise
+    convolutions apart) and the int8 elementwise ops. ONNX Runtime's int8 kernels are faster than its
+    float ones for some kinds and slower for others, depending on the CPU (depthwise and transposed
+    convolutions often lose without VNNI; int8 elementwise ops only pay off between int8 kernels).
+    Kinds with one node or none are left out."""
     initializers = {t.name: t for t in pipeline.model.graph.initializer}
     kinds: dict[str, list[str]] = {}
     for node in pipeline.model.graph.node:
         rule = pipeline.planner.active.get(node.name)
         if rule is None:
             continue
-        if node.op_type == "Conv":
-            weight = initializers.get(node.input[1])
+        if rule.kind == "compute":
+            weight = initializers.get(node.input[rule.weight_input]) if rule.weight_input is not None \
+                and len(node.input) > rule.weight_input else None
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
             depthwise = weight is not None and group > 1 and group == weight.dims[0]
-            kind = "depthwise Convs" if depthwise else "Convs"
-        elif node.op_type in ("ConvTranspose", "MatMul", "Gemm"):
-            kind = "MatMul/Gemm" if node.op_type != "ConvTranspose" else "ConvTransposes"
+            kind = f"depthwise {node.op_type}s" if depthwise else f"{node.op_type}s"
         elif rule.kind == "elementwise":
             kind = "int8 elementwise ops (Add, Mul, Concat, pooling, Sigmoid)"
         else:
