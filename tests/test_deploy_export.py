@@ -127,6 +127,67 @@ def test_litert_file_is_int8_with_lowbits_scales(quantized, tmp_path):
     assert np.abs(got - reference).max() <= MAX_STEPS * step_of(reference)
 
 
+def test_ort_file_stores_only_the_tensors_its_nodes_use(quantized, tmp_path):
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.InferenceSession import InferenceSession
+
+    model_path, data = quantized
+    export_model(model_path, tmp_path / "model.ort", data=data, measure_speed=False)
+    graph = InferenceSession.GetRootAsInferenceSession((tmp_path / "model.ort").read_bytes(), 0).Model().Graph()
+    nodes = [graph.Nodes(i) for i in range(graph.NodesLength())]
+    used = {n.Inputs(j) for n in nodes for j in range(n.InputsLength())}
+    used |= {n.Outputs(j) for n in nodes for j in range(n.OutputsLength())}
+    stored = {graph.NodeArgs(i).Name() for i in range(graph.NodeArgsLength())}
+    assert not any(n.OpType() == b"DequantizeLinear" for n in nodes)  # fused into QLinear* kernels
+    assert stored <= used | {b""}  # no typed entries left over from the fused Q/DQ nodes
+    original = {v.name.encode() for v in onnx.load(model_path).graph.value_info} | {
+        o.encode() for n in onnx.load(model_path).graph.node for o in n.output}
+    assert not (stored & original) - {b"image", b"out"}  # inner names shortened; inputs/outputs kept
+
+
+@pytest.mark.slow
+def test_litert_compaction_keeps_every_number_and_shares_zero_points(quantized, tmp_path):
+    pytest.importorskip("litert_torch", reason="needs lowbit[litert]")
+    from ai_edge_litert.interpreter import Interpreter
+
+    from lowbit.deploy import litert
+
+    model_path, data = quantized
+    graph = read_qdq_graph(onnx.load(model_path))
+    x = np.load(data)["image"]
+    raw = litert.convert(graph, {"image": x[:1]})
+    packed = litert.compact(raw)
+    interpreters = [Interpreter(model_content=content) for content in (raw, packed)]
+    details = []
+    for interpreter in interpreters:
+        interpreter.allocate_tensors()
+        details.append(interpreter.get_tensor_details())
+    zero_point_bytes, distinct = 0, set()
+    for a, b in zip(*details):  # same tensors, same types, same quantization numbers
+        assert (a["index"], a["dtype"], tuple(a["shape"])) == (b["index"], b["dtype"], tuple(b["shape"]))
+        qa, qb = a["quantization_parameters"], b["quantization_parameters"]
+        np.testing.assert_array_equal(qa["scales"], qb["scales"])
+        np.testing.assert_array_equal(qa["zero_points"], qb["zero_points"])
+        if len(qa["zero_points"]):
+            zero_point_bytes += 8 * len(qa["zero_points"])  # int64 in the schema
+            distinct.add(qa["zero_points"].tobytes())
+    shared = zero_point_bytes - 8 * sum(len(z) // 8 for z in distinct)
+    assert shared > 0 and len(raw) - len(packed) >= shared
+    outputs = []
+    for interpreter in interpreters:  # bit-identical results in the runtime
+        detail = interpreter.get_input_details()[0]
+        results = []
+        for sample in x[:8]:
+            scale, zero_point = detail["quantization"]
+            value = sample[None]
+            if detail["dtype"] == np.int8:
+                value = np.clip(np.round(value / scale) + zero_point, -128, 127).astype(np.int8)
+            interpreter.set_tensor(detail["index"], value)
+            interpreter.invoke()
+            results.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy())
+        outputs.append(np.stack(results))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
 def test_cli_export_prints_parity_size_and_latency(quantized, tmp_path, capsys):
     model_path, data = quantized
     out, float_out = tmp_path / "cli.ort", tmp_path / "cli_float.ort"

@@ -49,6 +49,11 @@ def check(graph: QDQGraph) -> None:
 
 def write(graph: QDQGraph, onnx_model: onnx.ModelProto, example: dict[str, np.ndarray], path: Path,
           *, as_float: bool = False) -> None:
+    Path(path).write_bytes(compact(convert(graph, example, as_float=as_float)))
+
+
+def convert(graph: QDQGraph, example: dict[str, np.ndarray], *, as_float: bool = False) -> bytes:
+    """The converter's .tflite for the rebuilt graph, as it writes it."""
     import torch
 
     with _quiet():
@@ -68,8 +73,7 @@ def write(graph: QDQGraph, onnx_model: onnx.ModelProto, example: dict[str, np.nd
                 get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic))
             config = QuantConfig(pt2e_quantizer=quantizer)
         module = QDQModule(graph, "plain" if as_float else "float").eval()
-        converted = litert_torch.convert(module, inputs, quant_config=config)
-        Path(path).write_bytes(compact(converted.model_content()))
+        return litert_torch.convert(module, inputs, quant_config=config).model_content()
 
 
 def compact(content: bytes) -> bytes:
