@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from lowbit.deploy.qdq_graph import PACKED_OP, QDQGraph
+from lowbit.deploy.qdq_graph import PACKED_OP, QDQGraph, matmulnbits_dequantized
 
 NAME = "ORT Mobile"
 SUFFIX = ".ort"
@@ -103,7 +103,7 @@ def float_onnx(model: onnx.ModelProto, graph: QDQGraph) -> onnx.ModelProto:
     tensors = {name: w.dequantized() for name, w in graph.weights.items()}
     for op in graph.packed_ops:  # MatMulNBits -> MatMul (+ Add) on the dequantized weight
         weight = f"{op.outputs[0]}_float_weight"
-        tensors[weight] = unpack_matmul_nbits(op, graph.constants).T.copy()
+        tensors[weight] = matmulnbits_dequantized(op, graph.constants).T.copy()
         has_bias = len(op.inputs) > 5 and op.inputs[5]
         product = f"{op.outputs[0]}_product" if has_bias else op.outputs[0]
         nodes.append(helper.make_node("MatMul", [op.inputs[0], weight], [product]))
@@ -117,32 +117,6 @@ def float_onnx(model: onnx.ModelProto, graph: QDQGraph) -> onnx.ModelProto:
     result = helper.make_model(float_graph, opset_imports=list(model.opset_import))
     result.ir_version = model.ir_version
     return result
-
-
-def unpack_matmul_nbits(op, constants: dict[str, np.ndarray]) -> np.ndarray:
-    """The float [N, K] weight of a MatMulNBits node (ONNX Runtime's contrib-op layout: blocks of
-    `block_size` along K, values packed low bits first, default zero point 2^(bits-1))."""
-    bits, block, n, k = (op.attrs.get("bits", 4), op.attrs["block_size"], op.attrs["N"], op.attrs["K"])
-    packed = constants[op.inputs[1]].reshape(n, -1)
-    values = _unpack(packed, bits)[:, :k].astype(np.float32)
-    blocks = -(-k // block)
-    scales = constants[op.inputs[2]].reshape(n, blocks).astype(np.float32)
-    zero_name = op.inputs[3] if len(op.inputs) > 3 else ""
-    if not zero_name:
-        zeros = np.full((n, blocks), 2 ** (bits - 1), np.float32)
-    elif constants[zero_name].dtype == np.uint8:
-        zeros = _unpack(constants[zero_name].reshape(n, -1), bits)[:, :blocks].astype(np.float32)
-    else:
-        zeros = constants[zero_name].reshape(n, blocks).astype(np.float32)
-    index = np.arange(k) // block
-    return ((values - zeros[:, index]) * scales[:, index]).astype(np.float32)
-
-
-def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    per_byte = 8 // bits
-    shifts = np.arange(per_byte, dtype=np.uint8) * bits
-    values = (packed[..., None] >> shifts) & ((1 << bits) - 1)
-    return values.reshape(packed.shape[0], -1)
 
 
 def _topological(nodes: list) -> list:

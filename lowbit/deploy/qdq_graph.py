@@ -206,6 +206,51 @@ def read_qdq_graph(model: onnx.ModelProto, source: str = "the model") -> QDQGrap
     return QDQGraph(inputs, [o.name for o in model.graph.output], ops, constants, weights)
 
 
+def matmulnbits_codes(op: Op, constants: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The unsigned codes [N, K], scales [N, blocks] and zero points [N, blocks] of a MatMulNBits
+    node (ONNX Runtime's contrib-op layout: blocks of `block_size` along K, values packed low bits
+    first, default zero point 2^(bits-1)); weight = (code - zero point) x scale, per block."""
+    bits, block, n, k = (op.attrs.get("bits", 4), op.attrs["block_size"], op.attrs["N"], op.attrs["K"])
+    codes = _unpack(constants[op.inputs[1]].reshape(n, -1), bits)[:, :k].astype(np.int32)
+    blocks = -(-k // block)
+    scales = constants[op.inputs[2]].reshape(n, blocks).astype(np.float32)
+    zero_name = op.inputs[3] if len(op.inputs) > 3 else ""
+    if not zero_name:
+        zeros = np.full((n, blocks), 2 ** (bits - 1), np.int32)
+    elif constants[zero_name].dtype == np.uint8:
+        zeros = _unpack(constants[zero_name].reshape(n, -1), bits)[:, :blocks].astype(np.int32)
+    else:  # float zero points: not lowbit's layout, kept exact as floats
+        zeros = constants[zero_name].reshape(n, blocks)
+    return codes, scales, zeros
+
+
+def matmulnbits_dequantized(op: Op, constants: dict[str, np.ndarray]) -> np.ndarray:
+    """The float [N, K] weight a MatMulNBits node multiplies with."""
+    codes, scales, zeros = matmulnbits_codes(op, constants)
+    index = np.arange(op.attrs["K"]) // op.attrs["block_size"]
+    return ((codes - zeros[:, index]) * scales[:, index]).astype(np.float32)
+
+
+def matmulnbits_weight(op: Op, constants: dict[str, np.ndarray]) -> QuantizedWeight | None:
+    """A MatMulNBits weight with one block per row as a per-output-channel signed weight [N, K]
+    (the same numbers: code - 2^(bits-1) on the signed grid), or None when it has several blocks
+    per row or float zero points."""
+    bits = op.attrs.get("bits", 4)
+    codes, scales, zeros = matmulnbits_codes(op, constants)
+    if op.attrs["block_size"] < op.attrs["K"] or zeros.dtype.kind == "f":
+        return None
+    offset = 2 ** (bits - 1)
+    grid = Grid(scales[:, 0], (zeros[:, 0] - offset).astype(np.int32), -offset, offset - 1, axis=0)
+    return QuantizedWeight(codes - offset, grid)
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    values = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return values.reshape(packed.shape[0], -1)
+
+
 def _casts_to_float(node: onnx.NodeProto) -> bool:
     return any(a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute)
 
