@@ -259,6 +259,35 @@ def test_int8_weight_only_goes_to_litert_dynamic_range(tmp_path):
     assert stored == [(10, 32), (32, 64)]  # both weights stay int8: LiteRT's dynamic-range kernels
 
 
+@pytest.mark.slow
+def test_int4_weight_only_goes_to_executorch_dynamic_quant_kernels(tmp_path):
+    pytest.importorskip("executorch", reason="needs lowbit[executorch]")
+    import executorch.kernels.quantized  # noqa: F401
+    import torch
+    from executorch.runtime import Runtime
+
+    from _onnx_quant_models import export
+    from lowbit.zoo.digits import load_digits_split, train_classifier
+
+    torch.manual_seed(0)
+    digits = load_digits_split()
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    train_classifier(net, digits.x_train, digits.y_train, epochs=3)
+    fp32 = export(net, (digits.x_train[:1],), tmp_path / "mlp.onnx", ["x"], {"x": {0: "batch"}, "out": {0: "batch"}})
+    packed = tmp_path / "w4.onnx"
+    assert main(["quantize", str(fp32), "-o", str(packed), "--mode", "weight-only", "--weight-bits", "4",
+                 "--algo", "rtn", "--group-size", "0", "--no-speed"]) == 0
+    report = export_model(packed, tmp_path / "w4.pte", data={"x": digits.x_test[:200].numpy()}, repeats=2)
+    assert report.passed and report.precision == "weight-only", report.describe()
+    assert report.size_ratio > 4.5  # int8 storage cannot pass 4x: the 4-bit weights are stored packed
+    x = digits.x_test[200:201].numpy()  # an input the export never saw
+    method = Runtime.get().load_program(tmp_path / "w4.pte").load_method("forward")
+    got = method.execute([torch.from_numpy(x)])[0].numpy()
+    reference = ort_reference_named(packed, "x", x)  # float activations, lowbit's int4 weights
+    assert np.abs(got - reference).max() <= MAX_STEPS * step_of(reference)
+    assert not np.array_equal(got, reference)  # activations quantized per row at run time: not bit-exact
+
+
 def test_qat_model_goes_to_mobile_through_export_onnx(tmp_path):
     import torch
 
