@@ -6,7 +6,8 @@
 Models: the zoo's MobileNetV2-style net on 32x32 digits, static int8 by `quantize_onnx` (256
 calibration images) and W8A8 QAT (`lowbit.torch`: prepare, calibrate, distillation fine-tune,
 export_onnx) and W4A8 QAT; the digits CNN with W4A8 QAT (int4 weights in int8 containers, int8
-activations); a digits MLP (64-512-256-10) with weight-only int4 and int8 per-channel weights.
+activations); a digits MLP (64-512-256-10) with weight-only int4 and int8 per-channel weights
+(MatMulNBits, and int8 also as DequantizeLinear).
 Each QDQ model goes through `lowbit.deploy.export_model` to every target whose packages are
 installed; the written file is loaded in that target's runtime and compared with ONNX Runtime on
 the QDQ model over the 450 test images (top-1 agreement, max error in output quantization
@@ -60,7 +61,8 @@ def build_models(work: Path, epochs: int, seed: int) -> list[tuple[str, Path, Pa
               ("MobileNetV2-style, QAT W4A8", work / "mobilenet_w4a8.onnx", work / "mobilenet_test.npz"),
               ("digits CNN, QAT W4A8", work / "digits_w4a8.onnx", work / "digits_test.npz"),
               ("digits MLP, weight-only W4 per-channel", work / "mlp_wo4.onnx", work / "digits_test.npz"),
-              ("digits MLP, weight-only W8 per-channel", work / "mlp_wo8.onnx", work / "digits_test.npz")]
+              ("digits MLP, weight-only W8 per-channel", work / "mlp_wo8.onnx", work / "digits_test.npz"),
+              ("digits MLP, weight-only W8 per-channel (dq)", work / "mlp_wo8_dq.onnx", work / "digits_test.npz")]
     if all(path.is_file() for _, path, _ in models):
         return models
     raw = load_digits_split()
@@ -86,6 +88,9 @@ def build_models(work: Path, epochs: int, seed: int) -> list[tuple[str, Path, Pa
         for bits in (4, 8):  # one scale per output channel, symmetric: what XNNPACK's kernels take
             quantize_onnx(work / "mlp_fp32.onnx", work / f"mlp_wo{bits}.onnx",
                           WeightOnlyConfig(bits=bits, group_size=0, algo="rtn"), measure_speed=False)
+        # the same in standard DequantizeLinear form (what LiteRT's dynamic-range kernels take)
+        quantize_onnx(work / "mlp_fp32.onnx", work / "mlp_wo8_dq.onnx",
+                      WeightOnlyConfig(bits=8, group_size=0, algo="rtn", weight_format="dq"), measure_speed=False)
     return models
 
 
@@ -120,8 +125,8 @@ def main() -> int:
                     continue
                 rows.append({"model": label, **report.to_dict()})
                 print(f"{label} -> {suffix}\n{report.describe()}\n", flush=True)
-    print(f"{'model':<48} {'target':<22} {'top-1 agr.':>10} {'max err':>9} {'int8 KB':>8} {'float KB':>9} "
-          f"{'smaller':>8} {'int8 ms':>8} {'float ms':>9} {'speedup':>8}")
+    print(f"{'model':<48} {'target':<22} {'top-1 agr.':>10} {'max err':>9} {'quant KB':>8} {'float KB':>9} "
+          f"{'smaller':>8} {'quant ms':>8} {'float ms':>9} {'speedup':>8}")
     for r in rows:
         print(f"{r['model']:<48} {r['target']:<22} {100 * r['top1_agreement']:>9.2f}% {r['max_error_steps']:>6.2f} st "
               f"{r['file_bytes'] / 1024:>8.1f} {r['float_file_bytes'] / 1024:>9.1f} {r['size_ratio']:>7.2f}x "

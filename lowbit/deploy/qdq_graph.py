@@ -134,10 +134,6 @@ def read_qdq_graph(model: onnx.ModelProto, source: str = "the model") -> QDQGrap
 
     def grid_of(node: onnx.NodeProto, stored_type: int | None) -> Grid:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("block_size"):
-            raise LowbitError(f"{source} has per-group (blocked) weights at {node.name or node.output[0]}; "
-                              "mobile runtimes take per-channel or per-tensor int8/int4 grids, so quantize "
-                              "with per-channel weights for this target")
         scale = raw[resolve(node.input[1])].astype(np.float32)
         zp_name = resolve(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         zero_point = raw[zp_name] if zp_name else np.zeros_like(scale, dtype=np.int32)
@@ -146,6 +142,15 @@ def read_qdq_graph(model: onnx.ModelProto, source: str = "the model") -> QDQGrap
         axis = None
         if scale.ndim:
             axis = attrs.get("axis", 1)
+        if attrs.get("block_size"):
+            # One block spanning the whole axis (lowbit's per-channel weights in --weight-format dq)
+            # is a per-channel grid along the other axis of a 2-D weight; smaller blocks are not.
+            if scale.ndim != 2 or scale.shape[axis] != 1:
+                raise LowbitError(f"{source} has per-group (blocked) weights at {node.name or node.output[0]}; "
+                                  "mobile runtimes take per-channel or per-tensor int8/int4 grids, so quantize "
+                                  "with per-channel weights (--group-size 0) for this target")
+            axis = 1 - axis % 2
+            scale, zero_point = scale.reshape(-1), zero_point.reshape(-1)
         return Grid(scale, zero_point.astype(np.int32), qmin, qmax, axis)
 
     ops: list[Op] = []
