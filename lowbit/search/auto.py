@@ -189,13 +189,14 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     """The `AutoConfig` handler of `quantize_onnx` (see the module docstring)."""
     started = time.perf_counter()
     deadline = started + config.time_limit
-    scorer = _Scorer(model, run, config.metric)
-    max_drop = config.max_drop if config.max_drop is not None else DEFAULT_MAX_DROP[scorer.metric]
     per_channel_options = [False] if config.per_channel is False else [True, False]
     static_config = StaticConfig(calib_method=config.calib_method, per_channel=per_channel_options[0],
                                  exclude=config.exclude, calib_memory_mb=config.calib_memory_mb)
     pipeline = StaticPipeline(model, static_config, run.calib, batch_size=run.batch_size, threads=run.threads,
                               source=run.model_path.name).calibrate()
+    # After calibration, whose peak memory is the run's peak: the float outputs are not held through it.
+    scorer = _Scorer(model, run, config.metric)
+    max_drop = config.max_drop if config.max_drop is not None else DEFAULT_MAX_DROP[scorer.metric]
     search = _Search(scorer, max_drop, run, config, deadline)
     skipped: list[str] = []
     profile = _profile(pipeline)
