@@ -18,7 +18,8 @@ Then, in this process, every model is scored on the same evaluation data: the CN
 the 450 held-out digits and top-1 agreement with fp32; MiniLM's output cosine both ways the
 project uses it: "per call" (each sentence's whole 128x384 output as one vector, the metric
 `lowbit quantize` and --mode auto report and budget) and "sentence" (cosine of the mean-pooled,
-normalized sentence embeddings, the metric of bench/ptq_onnx.py); plus per-token cosine. Speed:
+normalized sentence embeddings, the metric of bench/ptq_onnx.py); plus per-token cosine over all
+128 positions and over the real (not padding) tokens only. Speed:
 every model in one `lowbit.onnx.timing.time_models` call (2 threads, spin-waiting off, interleaved
 turns, median) on the first --timing-batch evaluation samples; speedup = fp32 median / model median.
 
@@ -151,7 +152,7 @@ def outputs(session, data: dict[str, np.ndarray], step: int = 16) -> np.ndarray:
 
 
 def fidelity(name: str, ref: np.ndarray, got: np.ndarray, task: dict) -> dict:
-    from lowbit.onnx.verify import OutputErrors
+    from lowbit.onnx.verify import OutputErrors, cosine_per_row
 
     errors = OutputErrors("output")  # lowbit's own metric, as `lowbit quantize` and --mode auto report it
     errors.add(ref, got, len(ref))
@@ -165,8 +166,11 @@ def fidelity(name: str, ref: np.ndarray, got: np.ndarray, task: dict) -> dict:
 
     mask = task["eval"]["attention_mask"]
     sentence = np.sum(minilm.sentence_embedding(ref, mask) * minilm.sentence_embedding(got, mask), axis=-1)
+    real = mask.reshape(-1).astype(bool)  # tokens that are not padding
+    tokens = cosine_per_row(ref.reshape(-1, ref.shape[-1])[real], got.reshape(-1, got.shape[-1])[real])
     return {"cosine_per_call": result.cosine_mean, "cosine_sentence": float(sentence.mean()),
-            "cosine_sentence_min": float(sentence.min()), "cosine_per_token": result.frame_cosine_mean}
+            "cosine_sentence_min": float(sentence.min()), "cosine_per_token": result.frame_cosine_mean,
+            "cosine_real_tokens": float(tokens.mean())}
 
 
 def run_model(name: str, args, workdir: Path) -> list[str]:
@@ -205,7 +209,7 @@ def run_model(name: str, args, workdir: Path) -> list[str]:
 
 def table(name: str, task: dict, rows: list[dict], timing, timing_batch: int) -> list[str]:
     keys = (["accuracy", "drop_pt", "top1_agreement"] if task["labels"] is not None else
-            ["cosine_per_call", "cosine_sentence", "cosine_sentence_min", "cosine_per_token"])
+            ["cosine_per_call", "cosine_sentence", "cosine_sentence_min", "cosine_per_token", "cosine_real_tokens"])
     batch = ", ".join(f"{k}{list(v.shape[1:])}" for k, v in task["eval"].items())
     lines = [f"### {name} (fp32 {Path(task['fp32']).name}; evaluation {len(next(iter(task['eval'].values())))} "
              f"samples; timing batch {timing_batch} x {batch})", "",

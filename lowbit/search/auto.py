@@ -20,8 +20,9 @@
        accurate beats it: the noise is SPEED_NOISE, or the float model's measured spread in that
        run when larger); none within budget: the most accurate, said plainly.
 
-Memory: the float outputs are computed with a session that is closed before calibration; only the
-candidates within the budget (or, while none is, the most accurate one) are kept.
+Memory: the float outputs are computed after calibration (whose peak is the run's peak) with a
+session closed right after; only the candidates within the budget (or, while none is, the most
+accurate one) are kept; the float model is opened again, as the user gave it, at the first timing.
 
 Only equalization needs a second calibration (it rescales activations per channel, so ranges of
 the unequalized graph do not carry over); it runs only when the statistics say it can matter.
@@ -131,7 +132,7 @@ class _Scorer:
         self.threads = run.threads
         self.float_path = run.model_path
         self._float_session = None
-        session = make_session(reference, threads=run.threads)  # closed below: calibration runs without it
+        session = make_session(reference, threads=run.threads)  # closed below: only its outputs are kept
         self.names = [o.name for o in session.get_outputs()]
         batches = list(batches_with_calls(run.eval_set, run.batch_size))
         self.batches, self.calls = [b for b, _ in batches], [c for _, c in batches]
@@ -140,7 +141,8 @@ class _Scorer:
         session.run(self.names, self.batches[0])
         latency = time.perf_counter() - started
         del session
-        self.repeats = int(min(MAX_TIMING_REPEATS, max(TIMING_REPEATS, math.ceil(MIN_TIMED_SECONDS / max(latency, 1e-6)))))
+        runs = math.ceil(MIN_TIMED_SECONDS / max(latency, 1e-6))
+        self.repeats = int(min(MAX_TIMING_REPEATS, max(TIMING_REPEATS, runs)))
         self.classifier = any(looks_like_class_scores(np.asarray(o)) for o in self.expected[0])
         self.metric = ("top1" if self.classifier else "cosine") if metric == "auto" else metric
         labels = run.eval_set.labels if self.metric == "top1" else None
@@ -347,7 +349,8 @@ class _Search:
         speedups, spread = self.scorer.retime(sessions)
         del sessions
         for trial, speedup in zip(close, speedups):
-            trial.note = "; ".join(filter(None, [trial.note, f"re-timed together: {trial.speedup:.2f}x -> {speedup:.2f}x"]))
+            retimed = f"re-timed together: {trial.speedup:.2f}x -> {speedup:.2f}x"
+            trial.note = "; ".join(filter(None, [trial.note, retimed]))
             trial.speedup = speedup
         self.noise = min(MAX_NOISE, max(SPEED_NOISE, spread))
 
