@@ -14,8 +14,7 @@ import math
 import numpy as np
 import onnx
 
-from lowbit.onnx.collect import with_outputs
-from lowbit.onnx.session import make_session
+from lowbit.onnx.statistics import Shapes, collect
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
@@ -28,8 +27,9 @@ def layer_macs(model: onnx.ModelProto, nodes: list[str], feed: dict[str, np.ndar
     wanted = [by_name[n] for n in nodes if n in by_name and by_name[n].op_type in WEIGHTED_OPS]
     tensors = list(dict.fromkeys(name for node in wanted for name in (node.input[0], node.input[1], node.output[0])
                                  if name not in inits and name not in feed))
-    session = make_session(with_outputs(model, tensors), threads=threads, optimize=False)
-    shapes = {name: tuple(value.shape) for name, value in zip(tensors, session.run(tensors, feed))}
+    measured = Shapes(tensors)
+    collect(model, [feed], [measured], threads=threads)
+    shapes = dict(measured.shapes)
     shapes.update({k: tuple(np.shape(v)) for k, v in feed.items()})
     shapes.update(inits)
     macs = dict.fromkeys(nodes, 0)

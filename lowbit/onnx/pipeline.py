@@ -264,25 +264,19 @@ def activation_channel_spread(model: onnx.ModelProto, data: CalibrationData, *, 
     `ops` node, on one batch of `data`: how much of one int8 scale the typical channel gets. A
     per-channel rescaling between layers (folded BatchNorm, dead units) shows up here, and
     cross-layer equalization is what evens it out."""
-    from lowbit.onnx.collect import with_outputs
-    from lowbit.onnx.session import make_session
+    from lowbit.onnx.statistics import ChannelAbsMax, collect
 
     initializers = {t.name for t in model.graph.initializer}
-    inputs = {i.name for i in model.graph.input}
     tensors = list(dict.fromkeys(n.input[0] for n in model.graph.node
                                  if n.op_type in ops and n.input and n.input[0] not in initializers))
     if not tensors:
         return {}
-    produced = [t for t in tensors if t not in inputs]
-    batch = data.first_batch(batch_size)
-    session = make_session(with_outputs(model, produced), threads=threads, optimize=False)
-    values = dict(zip(produced, session.run(produced, batch)))
+    absmax = ChannelAbsMax(tensors, axis=1)
+    collect(model, [data.first_batch(batch_size)], [absmax], threads=threads)
     spreads = {}
-    for name in tensors:
-        value = values.get(name, batch.get(name))
-        if value is None or value.dtype.kind != "f" or value.ndim < 3 or value.shape[1] < 2:
+    for name, peaks in absmax.result().items():
+        if name in absmax.non_float or len(absmax.shapes[name]) < 3 or peaks.size < 2:
             continue
-        peaks = np.abs(np.moveaxis(np.asarray(value, np.float32), 1, 0).reshape(value.shape[1], -1)).max(axis=1)
         median = float(np.median(peaks))
         if median > 0:
             spreads[name] = float(peaks.max() / median)

@@ -96,8 +96,15 @@ class ChannelAbsMax(Reducer):
         self.tensors = list(dict.fromkeys(tensors))
         self.axis = axis
         self.peaks: dict[str, np.ndarray] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}  # last seen; callers skip layouts they cannot use
+        self.non_float: set[str] = set()
 
     def update(self, name: str, value: np.ndarray, batch: Batch) -> None:
+        self.shapes[name] = value.shape
+        if value.dtype.kind != "f":
+            self.non_float.add(name)
+        if not -value.ndim <= self.axis < value.ndim:
+            return  # no such channel axis (a scalar, or a vector read as NCHW)
         value = np.abs(np.asarray(value, np.float32))
         value = np.where(np.isfinite(value), value, 0.0)
         peak = (value.reshape(-1, value.shape[-1]) if self.axis in (-1, value.ndim - 1)
@@ -138,11 +145,14 @@ class InputGram(Reducer):
 
 
 class Histograms(Reducer):
-    """Streaming min/max and re-binning histograms (an `ObserverSet`) of the float tensors."""
+    """Streaming min/max and re-binning histograms (an `ObserverSet`, one observer per tensor
+    even if it is never float) of the float tensors."""
 
     def __init__(self, tensors: list[str], **observer_options) -> None:
         self.tensors = list(dict.fromkeys(tensors))
         self.observers = ObserverSet(**observer_options)
+        for name in self.tensors:
+            self.observers.add(name)
 
     def update(self, name: str, value: np.ndarray, batch: Batch) -> None:
         if np.asarray(value).dtype.kind == "f":
@@ -172,6 +182,17 @@ class Ranges(Reducer):
             else:
                 value = observed_sample(value, lo, hi)
         self.observers.update({name: value})
+
+
+class Shapes(Reducer):
+    """The shape each tensor had (for one feed: what MAC counts need)."""
+
+    def __init__(self, tensors: list[str]) -> None:
+        self.tensors = list(dict.fromkeys(tensors))
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def update(self, name: str, value: np.ndarray, batch: Batch) -> None:
+        self.shapes[name] = tuple(value.shape)
 
 
 class Partners:
@@ -214,5 +235,5 @@ class Partners:
                 self.on_extra(name, chunk[name], self._use)
 
 
-__all__ = ["ChannelAbsMax", "ChannelMeans", "Histograms", "InputGram", "MASK_INPUTS", "Partners", "Ranges", "Reducer",
+__all__ = ["ChannelAbsMax", "ChannelMeans", "Histograms", "InputGram", "MASK_INPUTS", "Partners", "Ranges", "Reducer", "Shapes",
            "collect"]
