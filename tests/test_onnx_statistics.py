@@ -127,3 +127,29 @@ def test_static_sensitivity_is_the_same_with_a_tiny_memory_budget(encoder, tmp_p
             want = getattr(b, field)
             assert getattr(a, field) == (want if want is None else pytest.approx(want, rel=1e-9, abs=1e-12)), \
                 (a.tensor, field)
+
+
+def test_outlier_split_and_smoothquant_share_one_data_pass(encoder, monkeypatch):
+    """Their channel peaks come from one run over the data before the rewrites; the ranges
+    calibrated after them equal, to float rounding, those of measuring between the passes."""
+    import lowbit.onnx.statistics as statistics
+    from lowbit.onnx.passes import PassContext
+    from lowbit.onnx.pipeline import StaticPipeline
+
+    model, data, _, _ = encoder
+    config = StaticConfig(calib_method="minmax")
+    runs = []
+    real = statistics.collect
+    monkeypatch.setattr(statistics, "collect", lambda *a, **k: runs.append(1) or real(*a, **k))
+    shared = StaticPipeline(model, config, data, batch_size=8).calibrate()
+    names = {type(r).__name__ for r in shared.records}
+    assert {"SmoothRecord"} <= names and len(runs) == 2  # peaks for every pass, then calibration
+    runs.clear()
+    monkeypatch.setattr(PassContext, "prefetch", lambda self, passes: None)  # the former order
+    between = StaticPipeline(model, config, data, batch_size=8).calibrate()
+    assert len(runs) == 3  # outlier split, SmoothQuant, calibration
+    assert [r.to_settings() for r in between.records] == [r.to_settings() for r in shared.records]
+    assert set(between.stats.ranges) == set(shared.stats.ranges)
+    for name, (lo, hi) in between.stats.ranges.items():
+        np.testing.assert_allclose(shared.stats.ranges[name][0], lo, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(shared.stats.ranges[name][1], hi, rtol=1e-5, atol=1e-6, err_msg=name)
