@@ -66,8 +66,8 @@ def layer_sensitivity(float_path: str | os.PathLike, quant_path: str | os.PathLi
     """SQNR and cosine of every quantized activation of the QDQ model at `quant_path` vs the float
     model at `float_path`, over `data` (see the module docstring); for a dynamic int8 model, of
     every quantized layer's output (`lowbit.analysis.sensitivity_dynamic`). Both models stream
-    through `collect.ActivationStream`, their exposed activations within `memory_budget_mb` each
-    (None: the calibration default)."""
+    through `collect.ActivationStream`, each within half of `memory_budget_mb` (None: the
+    calibration default), so their exposed activations together stay within the one budget."""
     if batch_size < 1:
         raise LowbitError(f"batch size must be at least 1, got {batch_size}")
     quant = load_model(quant_path)
@@ -84,7 +84,7 @@ def layer_sensitivity(float_path: str | os.PathLike, quant_path: str | os.PathLi
     if not probes:
         raise LowbitError(f"{quant_path} has no quantized activation that matches a tensor of {float_path}; "
                           "pass the float model it was quantized from")
-    budget = memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB
+    budget = (memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB) / 2  # two streams share the one budget
     ref_stream = ActivationStream(reference, list(dict.fromkeys(p.reference for p in probes)),
                                   memory_budget_mb=budget, threads=threads)
     quant_stream = ActivationStream(quant, list(dict.fromkeys(n for p in probes for n in (p.before, p.quantized))),

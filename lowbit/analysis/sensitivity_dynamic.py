@@ -57,9 +57,9 @@ def dynamic_sensitivity(float_path: str | os.PathLike, quant_path: str | os.Path
     notes: list[str] = []
     own = _add_own_copies(reference, quant, [t.nodes[0] for t in measured], notes)
     outputs = [t.tensor for t in measured]
-    ref_stream = ActivationStream(reference, outputs + list(own.values()), memory_budget_mb=memory_budget_mb,
-                                  threads=threads)
-    quant_stream = ActivationStream(quant, outputs, memory_budget_mb=memory_budget_mb, threads=threads)
+    half = memory_budget_mb / 2  # the two streams share the one budget
+    ref_stream = ActivationStream(reference, outputs + list(own.values()), memory_budget_mb=half, threads=threads)
+    quant_stream = ActivationStream(quant, outputs, memory_budget_mb=half, threads=threads)
     sums = {t.tensor: Sums() for t in measured}
     uses = {t.tensor: 1 + (t.tensor in own) for t in measured}  # the quantized model's value, the own copy's
     own_of = {copy: tensor for tensor, copy in own.items()}
