@@ -80,9 +80,8 @@ class Smooth:
         from lowbit.onnx.smooth import smoothing_groups
 
         skipped = set(ctx.exclude)
-        matmuls = {n.name for n in ctx.model.graph.node
-                   if n.op_type == "MatMul" and not ({n.name, n.op_type, *n.output} & skipped)}
-        return [g.activation for g in smoothing_groups(ctx.model, matmuls)]
+        kept = {n.name for n in ctx.model.graph.node if not ({n.name, n.op_type, *n.output} & skipped)}
+        return [g.activation for g in smoothing_groups(ctx.model, kept)]
 
     @staticmethod
     def apply(ctx) -> SmoothRecord | None:
