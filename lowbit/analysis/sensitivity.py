@@ -80,6 +80,7 @@ def layer_sensitivity(float_path: str | os.PathLike, quant_path: str | os.PathLi
     original = load_model(float_path)
     reference = reference_model(original, StoredSettings.of(plan).records)
     dataset = CalibrationData(data, original, samples=samples, what="analysis data")
+    del original  # the prepared reference is what runs: the raw float model would only hold memory
     probes, tensors = _probes(plan, reference, quant)
     if not probes:
         raise LowbitError(f"{quant_path} has no quantized activation that matches a tensor of {float_path}; "

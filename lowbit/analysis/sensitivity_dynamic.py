@@ -54,6 +54,7 @@ def dynamic_sensitivity(float_path: str | os.PathLike, quant_path: str | os.Path
         raise LowbitError(f"no quantized layer of {quant_path} matches a node of {float_path}; "
                           "pass the float model it was quantized from")
     dataset = CalibrationData(data, original, samples=samples, what="analysis data")
+    del original  # the prepared reference is what runs: the raw float model would only hold memory
     notes: list[str] = []
     own = _add_own_copies(reference, quant, [t.nodes[0] for t in measured], notes)
     outputs = [t.tensor for t in measured]
