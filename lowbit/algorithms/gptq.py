@@ -172,3 +172,9 @@ class _ColumnScales:
         if self.spec.granularity.kind == "group":
             return QParams(self.spec, self.scale, self.zero_point)
         return self.whole
+
+
+def quantize_group(matrices, statistics, spec: QuantSpec, options, names: list[str]) -> list[GPTQResult]:
+    """The `lowbit.weight_algorithms` hook: every matrix with the Hessian of their shared input."""
+    return [gptq_quantize(matrix, statistics.hessian, spec, block_size=options.block_size, percdamp=options.percdamp,
+                          act_order=options.act_order, name=name) for matrix, name in zip(matrices, names)]

@@ -29,11 +29,11 @@ import onnx
 
 from lowbit.onnx.config import DEFAULT_MAX_DROP, AutoConfig, DynamicConfig, Fp16Config, StaticConfig, WeightOnlyConfig
 from lowbit.onnx.cpu import cpu_flags
-from lowbit.onnx.dynamic import write_dynamic
+from lowbit.onnx.dynamic import plan_dynamic, write_dynamic
 from lowbit.onnx.equalize import find_chains
 from lowbit.onnx.pipeline import StaticPipeline, activation_channel_spread, weight_channel_spread
-from lowbit.onnx.planner import plan_dynamic
 from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
+from lowbit.onnx.registry import rule_for
 from lowbit.onnx.session import make_session
 from lowbit.onnx.verify import OutputErrors, batches_with_calls, label_accuracy, looks_like_class_scores, time_pair
 from lowbit.plan import QuantPlan
@@ -331,15 +331,18 @@ def _profile(pipeline: StaticPipeline) -> dict:
     convs, matmuls = [], []
     params = {"conv": 0, "matmul": 0}
     for node in model.graph.node:
-        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+        rule = rule_for(node)
+        if rule is None or rule.kind != "compute":
+            continue
+        weight = initializers.get(node.input[rule.weight_input]) if len(node.input) > rule.weight_input else None
         if weight is None:
             continue
         size = int(np.prod(weight.dims))
-        if node.op_type in ("Conv", "ConvTranspose"):
+        if rule.weight_only != "matmul":  # convolutions
             params["conv"] += size
             if node.name in active:
                 convs.append(node)
-        elif node.op_type in ("MatMul", "Gemm") and len(weight.dims) == 2:
+        elif len(weight.dims) == 2:  # matrix products: dynamic and weight-only candidates too
             params["matmul"] += size
             if not {node.name, node.op_type, *node.output} & set(pipeline.exclude):
                 matmuls.append(node.name)
@@ -373,7 +376,8 @@ def _outlier_heavy_matmuls(pipeline: StaticPipeline) -> list[str]:
     minmax, percentile = pipeline.stats_for("minmax").ranges, pipeline.stats_for("percentile").ranges
     heavy = []
     for node in pipeline.model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or node.name not in pipeline.planner.active:
+        rule = rule_for(node)
+        if rule is None or rule.kind != "compute" or rule.dynamic is None or node.name not in pipeline.planner.active:
             continue
         tensor = node.input[0]
         if tensor not in minmax or tensor not in percentile:

@@ -13,9 +13,11 @@
    them just before the block is quantized and writes and frees them right after, so a model
    bigger than memory can be quantized from its shards.
 
-Algorithms: "rtn" (no data), "gptq", "awq" (scale search in the float block, folded into the
-producing op, then clipping search + rounding). Linears inside the repeated blocks are
-quantized; embeddings, heads and poolers stay float, as in the GPTQ and AWQ papers.
+Algorithms come from `lowbit.weight_algorithms` ("rtn" without data, "gptq", "awq", ...): one
+that scales inputs (AWQ) first searches its scales per scale group of the architecture in the
+float block and folds them into the producing op; then each input group is quantized by the
+algorithm's `quantize` hook. Linears inside the repeated blocks are quantized; embeddings, heads
+and poolers stay float, as in the GPTQ and AWQ papers.
 
 The model is modified in place (copying an LLM would double its memory): pass a copy to keep
 the original. The quantized weights are stored dequantized, so the model runs as before; the
@@ -33,9 +35,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from lowbit.algorithms import (WEIGHT_ALGORITHMS, HessianAccumulator, QuantizedWeight, clip_search, gptq_quantize,
-                               rtn_quantize)
-from lowbit.algorithms.awq import search_awq_scales
+from lowbit.algorithms import HessianAccumulator, QuantizedWeight
 from lowbit.algorithms.weight_layout import weight_spec
 from lowbit.errors import LowbitError
 from lowbit.numerics import QParams, dequantize
@@ -44,8 +44,7 @@ from lowbit.spec import QuantSpec
 from lowbit.torch.llm.architectures import ArchitectureMap, architecture_for, find_blocks
 from lowbit.torch.llm.linears import find_linears, in_features, set_weight_matrix, weight_matrix
 from lowbit.torch.llm.scaling import divide_output, producer_width
-
-ALGORITHMS = WEIGHT_ALGORITHMS
+from lowbit.weight_algorithms import ALGORITHMS, WeightAlgorithm, WeightOptions
 __all__ = ["ALGORITHMS", "BlockStore", "LLMQuantization", "QuantizedLinear", "quantize_llm"]
 
 
@@ -98,9 +97,12 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
     `store` loads each block's weights just in time and writes it out afterwards."""
     if algorithm not in ALGORITHMS:
         raise LowbitError(f"unknown weight algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
-    if algorithm != "rtn":
+    algo = ALGORITHMS[algorithm]
+    if algo.needs_integer_grid:
         weight_spec(spec, algorithm.upper())  # validate early: GPTQ and AWQ need integer grids
-    architecture = architecture_for(model, need_scale_groups=algorithm == "awq")
+    options = WeightOptions(act_order=act_order, block_size=block_size, percdamp=percdamp, rtn_mse=rtn_mse,
+                            awq_grid=awq_grid, awq_clip=awq_clip)
+    architecture = architecture_for(model, need_scale_groups=algo.scales_inputs)
     blocks_name, blocks = find_blocks(model, architecture)
     home = next(model.parameters()).device
     home = torch.device("cpu") if home.type == "meta" else home  # a streamed skeleton: blocks come to the CPU
@@ -110,7 +112,7 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
     was_training = model.training
     model.eval()  # no dropout while calibrating
     try:
-        batches = _capture_block_inputs(model, blocks[0], calibration, home, work) if algorithm != "rtn" else None
+        batches = _capture_block_inputs(model, blocks[0], calibration, home, work) if algo.needs_statistics else None
         for index, block in enumerate(progress(blocks, desc=f"{algorithm} blocks", unit="block")):
             start = time.perf_counter()
             if store is not None:
@@ -118,15 +120,11 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
             block.to(work)
             prefix = f"{blocks_name}.{index}."
             with torch.no_grad():
-                if algorithm == "rtn":
-                    _rtn_block(block, spec, prefix, result, rtn_mse)
-                else:
-                    if algorithm == "gptq":
-                        _gptq_block(block, batches, spec, prefix, result, block_size, percdamp, act_order)
-                    else:
-                        _awq_block(block, batches, spec, prefix, result, architecture, awq_grid, awq_clip)
-                    if index + 1 < len(blocks):
-                        batches = [batch.with_hidden(_run(block, batch)) for batch in batches]
+                if algo.scales_inputs:
+                    _scale_inputs(block, batches, spec, prefix, result, architecture, algo, options)
+                _quantize_block(block, batches, spec, prefix, result, algo, options)
+                if algo.needs_statistics and index + 1 < len(blocks):
+                    batches = [batch.with_hidden(_run(block, batch)) for batch in batches]
             block.to(home)
             if work.type == "cuda":
                 torch.cuda.synchronize(work)
@@ -292,27 +290,26 @@ def _store(result: LLMQuantization, module: nn.Module, full_name: str, quantized
         qparams.spec, torch.as_tensor(qparams.scale).cpu(), torch.as_tensor(qparams.zero_point).cpu()))
 
 
-def _rtn_block(block: nn.Module, spec: QuantSpec, prefix: str, result: LLMQuantization, mse: bool = False) -> None:
-    for name, module in find_linears(block).items():
-        _store(result, module, prefix + name, rtn_quantize(weight_matrix(module), spec, prefix + name, mse=mse))
-
-
-def _gptq_block(block, batches, spec, prefix, result, block_size, percdamp, act_order) -> None:
+def _quantize_block(block: nn.Module, batches, spec: QuantSpec, prefix: str, result: LLMQuantization,
+                    algo: WeightAlgorithm, options: WeightOptions) -> None:
+    """Quantize every linear of `block`: input group by input group, in forward order, each with
+    statistics of its input in the partly quantized block (without statistics: one at a time)."""
     linears = find_linears(block)
-    for group in _input_groups(block, batches):
-        stats = _collect(block, batches, group)
+    groups = _input_groups(block, batches) if algo.needs_statistics else [[name] for name in linears]
+    for group in groups:
+        stats = _collect(block, batches, group) if algo.needs_statistics else {}
         for name in group:
-            quantized = gptq_quantize(weight_matrix(linears[name]), stats[name].hessian, spec,
-                                      block_size=block_size, percdamp=percdamp, act_order=act_order,
-                                      name=prefix + name)
+            quantized, = algo.quantize([weight_matrix(linears[name])], stats.get(name), spec, options, [prefix + name])
             _store(result, linears[name], prefix + name, quantized)
-            result.damping[prefix + name] = quantized.percdamp
+            if getattr(quantized, "percdamp", None) is not None:
+                result.damping[prefix + name] = quantized.percdamp
 
 
-def _awq_block(block, batches, spec, prefix, result, architecture: ArchitectureMap, grid: int, clip: bool) -> None:
+def _scale_inputs(block, batches, spec, prefix, result, architecture: ArchitectureMap, algo: WeightAlgorithm,
+                  options: WeightOptions) -> None:
+    """Search each scale group's input scales on the float block and fold them in: the producer's
+    output divided by s, the readers' weights multiplied by s (the block's function is unchanged)."""
     linears = find_linears(block)
-    resolved = weight_spec(spec, "AWQ")
-    # 1. Scale search on the float block; each fold leaves the block's function unchanged.
     for group in architecture.scale_groups:
         if not all(name in linears for name in group.linears):
             continue
@@ -321,16 +318,8 @@ def _awq_block(block, batches, spec, prefix, result, architecture: ArchitectureM
             continue  # e.g. grouped-query attention: v_proj is narrower than o_proj's input
         stats = _collect(block, batches, [group.linears[0]])[group.linears[0]]
         matrices = [weight_matrix(linears[name]) for name in group.linears]
-        scales, _ = search_awq_scales(matrices, stats.gram.float(), stats.abs_mean.float(), resolved, n_grid=grid)
+        scales, _ = algo.input_scales(matrices, stats, spec, options)
         divide_output(block, group, scales)
         for name, matrix in zip(group.linears, matrices):
             set_weight_matrix(linears[name], matrix * scales[None, :])
         result.awq_scales[prefix + group.producer] = scales.cpu()
-    # 2. Clipping search and rounding, group by group on the partly quantized block.
-    for group in _input_groups(block, batches):
-        stats = _collect(block, batches, group) if clip else {}
-        for name in group:
-            matrix = weight_matrix(linears[name])
-            quantized = (clip_search(matrix, stats[name].gram.float(), resolved) if clip
-                         else rtn_quantize(matrix, resolved, prefix + name))
-            _store(result, linears[name], prefix + name, quantized)
