@@ -87,7 +87,7 @@ class BlockStore(Protocol):
 def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
                  calibration: Iterable[Mapping[str, torch.Tensor]] | None = None, *,
                  device: torch.device | str | None = None, block_size: int = 128, percdamp: float = 0.01,
-                 act_order: bool = False, awq_grid: int = 20, awq_clip: bool = True, rtn_mse: bool = False,
+                 act_order: bool = False, static_groups: bool = False, awq_grid: int = 20, awq_clip: bool = True, rtn_mse: bool = False,
                  store: BlockStore | None = None) -> LLMQuantization:
     """Quantize the linears of `model`'s repeated blocks in place; see the module docstring.
 
@@ -122,7 +122,8 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
                     _rtn_block(block, spec, prefix, result, rtn_mse)
                 else:
                     if algorithm == "gptq":
-                        _gptq_block(block, batches, spec, prefix, result, block_size, percdamp, act_order)
+                        _gptq_block(block, batches, spec, prefix, result, block_size, percdamp, act_order,
+                                    static_groups)
                     else:
                         _awq_block(block, batches, spec, prefix, result, architecture, awq_grid, awq_clip)
                     if index + 1 < len(blocks):
@@ -244,42 +245,36 @@ def _input_groups(block: nn.Module, batches: list[_BlockInput]) -> list[list[str
     return groups + [[name] for name in unreached]
 
 
-def _collect(block: nn.Module, batches: list[_BlockInput], names: list[str]) -> dict[str, HessianAccumulator]:
-    """Input statistics of the named linears over all batches (padding tokens left out).
+def _collect(block: nn.Module, batches: list[_BlockInput], name: str) -> HessianAccumulator:
+    """Input statistics of the named linear over all batches (padding tokens left out). The
+    linears of one input group read the very same tensor, so one accumulator serves them all
+    (one in^2 float64 matrix per group, not per linear).
 
-    The forward pass stops once every named linear has seen its input (each linear of a
-    transformer block runs once per forward), which saves most of the block's compute."""
-    linears = find_linears(block)
-    stats = {name: HessianAccumulator(in_features(linears[name]), device=linears[name].weight.device)
-             for name in names}
+    The forward pass stops as soon as the linear has seen its input, which saves the rest of
+    the block's compute."""
+    linear = find_linears(block)[name]
+    stats = HessianAccumulator(in_features(linear), device=linear.weight.device)
     mask: list[torch.Tensor | None] = [None]
-    pending: set[str] = set()
 
-    def record(name):
-        def hook(module, args):
-            x = args[0]
-            token_mask = mask[0]
-            if token_mask is not None and tuple(x.shape[:2]) == tuple(token_mask.shape):
-                stats[name].add(x, token_mask)
-            else:
-                stats[name].add(x)
-            pending.discard(name)
-            if not pending:
-                raise _StopForward
-        return hook
+    def hook(module, args):
+        x = args[0]
+        token_mask = mask[0]
+        if token_mask is not None and tuple(x.shape[:2]) == tuple(token_mask.shape):
+            stats.add(x, token_mask)
+        else:
+            stats.add(x)
+        raise _StopForward
 
-    handles = [linears[name].register_forward_pre_hook(record(name)) for name in names]
+    handle = linear.register_forward_pre_hook(hook)
     try:
         for batch in batches:
             mask[0] = batch.mask
-            pending.update(names)
             try:
                 _run(block, batch)
             except _StopForward:
                 pass
     finally:
-        for handle in handles:
-            handle.remove()
+        handle.remove()
     return stats
 
 
@@ -297,16 +292,17 @@ def _rtn_block(block: nn.Module, spec: QuantSpec, prefix: str, result: LLMQuanti
         _store(result, module, prefix + name, rtn_quantize(weight_matrix(module), spec, prefix + name, mse=mse))
 
 
-def _gptq_block(block, batches, spec, prefix, result, block_size, percdamp, act_order) -> None:
+def _gptq_block(block, batches, spec, prefix, result, block_size, percdamp, act_order, static_groups) -> None:
     linears = find_linears(block)
     for group in _input_groups(block, batches):
-        stats = _collect(block, batches, group)
+        hessian = _collect(block, batches, group[0]).hessian  # the accumulator is freed here
         for name in group:
-            quantized = gptq_quantize(weight_matrix(linears[name]), stats[name].hessian, spec,
+            quantized = gptq_quantize(weight_matrix(linears[name]), hessian, spec,
                                       block_size=block_size, percdamp=percdamp, act_order=act_order,
-                                      name=prefix + name)
+                                      static_groups=static_groups, name=prefix + name)
             _store(result, linears[name], prefix + name, quantized)
             result.damping[prefix + name] = quantized.percdamp
+        del hessian
 
 
 def _awq_block(block, batches, spec, prefix, result, architecture: ArchitectureMap, grid: int, clip: bool) -> None:
@@ -319,7 +315,7 @@ def _awq_block(block, batches, spec, prefix, result, architecture: ArchitectureM
         width = in_features(linears[group.linears[0]])
         if producer_width(block, group) not in (None, width):
             continue  # e.g. grouped-query attention: v_proj is narrower than o_proj's input
-        stats = _collect(block, batches, [group.linears[0]])[group.linears[0]]
+        stats = _collect(block, batches, group.linears[0])
         matrices = [weight_matrix(linears[name]) for name in group.linears]
         scales, _ = search_awq_scales(matrices, stats.gram.float(), stats.abs_mean.float(), resolved, n_grid=grid)
         divide_output(block, group, scales)
@@ -328,9 +324,9 @@ def _awq_block(block, batches, spec, prefix, result, architecture: ArchitectureM
         result.awq_scales[prefix + group.producer] = scales.cpu()
     # 2. Clipping search and rounding, group by group on the partly quantized block.
     for group in _input_groups(block, batches):
-        stats = _collect(block, batches, group) if clip else {}
+        gram = _collect(block, batches, group[0]).gram.float() if clip else None
         for name in group:
             matrix = weight_matrix(linears[name])
-            quantized = (clip_search(matrix, stats[name].gram.float(), resolved) if clip
+            quantized = (clip_search(matrix, gram, resolved) if clip
                          else rtn_quantize(matrix, resolved, prefix + name))
             _store(result, linears[name], prefix + name, quantized)
