@@ -40,7 +40,8 @@ from lowbit.torch.llm.hf_io import (available_memory, check_paths, check_sample_
 from lowbit.torch.llm.linears import find_linears, in_features, is_conv1d
 from lowbit.torch.llm.scaling import ScaledActivation
 from lowbit.torch.llm.sequential import ALGORITHMS, LLMQuantization, quantize_llm
-from lowbit.torch.llm.streamed import ShardReader, ShardStore, materialize_outside_blocks, skeleton
+from lowbit.torch.llm.streamed import (ShardReader, ShardStore, map_large_allocations, materialize_outside_blocks,
+                                       skeleton)
 
 
 
@@ -210,6 +211,7 @@ def _has_attribute(root: nn.Module, dotted: str) -> bool:
 def _streamed(model, model_dir: Path, out_dir: Path, blocks_name: str, n_blocks: int, spec: QuantSpec,
               algorithm: str, calibration, tokenizer, options: dict) -> LLMQuantization:
     """Quantize the weightless `model` block by block from `model_dir`'s shards into `out_dir`."""
+    map_large_allocations()
     reader = ShardReader(model_dir)
     # The calibration text reaches block 0 through the embeddings; they are freed right after.
     loaded = materialize_outside_blocks(model, blocks_name, reader) if calibration is not None else []

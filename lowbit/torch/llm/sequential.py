@@ -87,7 +87,8 @@ class BlockStore(Protocol):
 def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
                  calibration: Iterable[Mapping[str, torch.Tensor]] | None = None, *,
                  device: torch.device | str | None = None, block_size: int = 128, percdamp: float = 0.01,
-                 act_order: bool = False, static_groups: bool = False, awq_grid: int = 20, awq_clip: bool = True, rtn_mse: bool = False,
+                 act_order: bool = False, static_groups: bool = False, true_sequential: bool = True,
+                 awq_grid: int = 20, awq_clip: bool = True, rtn_mse: bool = False,
                  store: BlockStore | None = None) -> LLMQuantization:
     """Quantize the linears of `model`'s repeated blocks in place; see the module docstring.
 
@@ -123,7 +124,7 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
                 else:
                     if algorithm == "gptq":
                         _gptq_block(block, batches, spec, prefix, result, block_size, percdamp, act_order,
-                                    static_groups)
+                                    static_groups, true_sequential)
                     else:
                         _awq_block(block, batches, spec, prefix, result, architecture, awq_grid, awq_clip)
                     if index + 1 < len(blocks):
@@ -245,36 +246,44 @@ def _input_groups(block: nn.Module, batches: list[_BlockInput]) -> list[list[str
     return groups + [[name] for name in unreached]
 
 
-def _collect(block: nn.Module, batches: list[_BlockInput], name: str) -> HessianAccumulator:
-    """Input statistics of the named linear over all batches (padding tokens left out). The
-    linears of one input group read the very same tensor, so one accumulator serves them all
-    (one in^2 float64 matrix per group, not per linear).
+def _collect(block: nn.Module, batches: list[_BlockInput], names: list[str]) -> dict[str, HessianAccumulator]:
+    """Input statistics of the named linears over all batches (padding tokens left out). Name
+    one linear per input group: the linears of a group read the very same tensor, so one
+    accumulator serves them all (one in^2 float64 matrix per group, not per linear).
 
-    The forward pass stops as soon as the linear has seen its input, which saves the rest of
-    the block's compute."""
-    linear = find_linears(block)[name]
-    stats = HessianAccumulator(in_features(linear), device=linear.weight.device)
+    The forward pass stops once every named linear has seen its input (each linear of a
+    transformer block runs once per forward), which saves the rest of the block's compute."""
+    linears = find_linears(block)
+    stats = {name: HessianAccumulator(in_features(linears[name]), device=linears[name].weight.device)
+             for name in names}
     mask: list[torch.Tensor | None] = [None]
+    pending: set[str] = set()
 
-    def hook(module, args):
-        x = args[0]
-        token_mask = mask[0]
-        if token_mask is not None and tuple(x.shape[:2]) == tuple(token_mask.shape):
-            stats.add(x, token_mask)
-        else:
-            stats.add(x)
-        raise _StopForward
+    def record(name):
+        def hook(module, args):
+            x = args[0]
+            token_mask = mask[0]
+            if token_mask is not None and tuple(x.shape[:2]) == tuple(token_mask.shape):
+                stats[name].add(x, token_mask)
+            else:
+                stats[name].add(x)
+            pending.discard(name)
+            if not pending:
+                raise _StopForward
+        return hook
 
-    handle = linear.register_forward_pre_hook(hook)
+    handles = [linears[name].register_forward_pre_hook(record(name)) for name in names]
     try:
         for batch in batches:
             mask[0] = batch.mask
+            pending.update(names)
             try:
                 _run(block, batch)
             except _StopForward:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return stats
 
 
@@ -292,10 +301,18 @@ def _rtn_block(block: nn.Module, spec: QuantSpec, prefix: str, result: LLMQuanti
         _store(result, module, prefix + name, rtn_quantize(weight_matrix(module), spec, prefix + name, mse=mse))
 
 
-def _gptq_block(block, batches, spec, prefix, result, block_size, percdamp, act_order, static_groups) -> None:
+def _gptq_block(block, batches, spec, prefix, result, block_size, percdamp, act_order, static_groups,
+                true_sequential) -> None:
+    """GPTQ on each input group of the block. `true_sequential`: each group's Hessian comes from
+    the block with the earlier groups already quantized (so o_proj sees what the quantized q/k/v
+    produce); otherwise all Hessians come from one pass through the float block."""
     linears = find_linears(block)
-    for group in _input_groups(block, batches):
-        hessian = _collect(block, batches, group[0]).hessian  # the accumulator is freed here
+    groups = _input_groups(block, batches)
+    hessians = {} if true_sequential else _collect(block, batches, [group[0] for group in groups])
+    for group in groups:
+        stats = hessians.pop(group[0]) if group[0] in hessians else _collect(block, batches, group[:1])[group[0]]
+        hessian = stats.hessian
+        del stats  # only the Hessian stays alive
         for name in group:
             quantized = gptq_quantize(weight_matrix(linears[name]), hessian, spec,
                                       block_size=block_size, percdamp=percdamp, act_order=act_order,
@@ -315,7 +332,7 @@ def _awq_block(block, batches, spec, prefix, result, architecture: ArchitectureM
         width = in_features(linears[group.linears[0]])
         if producer_width(block, group) not in (None, width):
             continue  # e.g. grouped-query attention: v_proj is narrower than o_proj's input
-        stats = _collect(block, batches, group.linears[0])
+        stats = _collect(block, batches, group.linears[:1])[group.linears[0]]
         matrices = [weight_matrix(linears[name]) for name in group.linears]
         scales, _ = search_awq_scales(matrices, stats.gram.float(), stats.abs_mean.float(), resolved, n_grid=grid)
         divide_output(block, group, scales)
@@ -324,7 +341,7 @@ def _awq_block(block, batches, spec, prefix, result, architecture: ArchitectureM
         result.awq_scales[prefix + group.producer] = scales.cpu()
     # 2. Clipping search and rounding, group by group on the partly quantized block.
     for group in _input_groups(block, batches):
-        gram = _collect(block, batches, group[0]).gram.float() if clip else None
+        gram = _collect(block, batches, group[:1])[group[0]].gram.float() if clip else None
         for name in group:
             matrix = weight_matrix(linears[name])
             quantized = (clip_search(matrix, gram, resolved) if clip

@@ -232,7 +232,7 @@ class ShardStore:
             (self.directory / generation.name).write_text(generation.read_text())
 
 
-COPY_CHUNK = 64 << 20
+COPY_CHUNK = 16 << 20
 
 
 def _copy_bytes(source, out, count: int, path: Path, name: str) -> None:
@@ -242,6 +242,23 @@ def _copy_bytes(source, out, count: int, path: Path, name: str) -> None:
             raise LowbitError(f"{path.name} ends before the data of {name}; the file is truncated, re-save the checkpoint")
         out.write(chunk)
         count -= len(chunk)
+
+
+MMAP_THRESHOLD = 1 << 20
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def map_large_allocations() -> None:
+    """Make glibc serve every allocation of 1 MiB or more with its own memory mapping, returned
+    to the OS the moment it is freed. By default glibc raises that threshold after each large
+    free (up to 32 MiB), so a block's many temporaries of a few MiB to 32 MiB (GPTQ's weight
+    copies, Hessian factors, activations) pile up on the heap: measured on 2048-wide blocks,
+    resident memory grew by ~600 MB within each block until the block's end. Fixing the
+    threshold also turns off that adjustment. A no-op where the C library is not glibc."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
 
 
 def release_freed_memory() -> None:
@@ -276,5 +293,5 @@ def materialize_outside_blocks(model: nn.Module, blocks_name: str, reader: Shard
     return owners
 
 
-__all__ = ["ShardReader", "ShardStore", "assign", "empty_weights", "materialize_outside_blocks",
-           "release_freed_memory", "skeleton"]
+__all__ = ["ShardReader", "ShardStore", "assign", "empty_weights", "map_large_allocations",
+           "materialize_outside_blocks", "release_freed_memory", "skeleton"]
