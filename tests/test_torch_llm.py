@@ -165,7 +165,7 @@ def _gram(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def test_each_layer_is_calibrated_on_the_inputs_of_the_quantized_model(monkeypatch):
     """Block 1 sees block 0's quantized outputs; inside a block, o_proj sees quantized q/k/v.
     One accumulator per input group (q/k/v share one, gate/up share one)."""
-    float_model, model, batches, created = _recorded_gptq(monkeypatch)
+    float_model, model, batches, created = _recorded_gptq(monkeypatch, true_sequential=True)
     quantized_inputs, float_inputs = _linear_inputs(model, batches[0]), _linear_inputs(float_model, batches[0])
     assert len(created) == len(quantized_inputs) == 8
     mask = batches[0]["attention_mask"].bool()
@@ -176,7 +176,7 @@ def test_each_layer_is_calibrated_on_the_inputs_of_the_quantized_model(monkeypat
 
 
 def test_without_true_sequential_a_block_is_calibrated_in_one_float_pass(monkeypatch):
-    """true_sequential=False (llm-compressor's way): every group of block 0 is calibrated on the
+    """true_sequential=False (the default, llm-compressor's way): every group of block 0 is calibrated on the
     float model's inputs, o_proj included, all before any of the block's weights change."""
     float_model, model, batches, created = _recorded_gptq(monkeypatch, true_sequential=False)
     float_inputs = _linear_inputs(float_model, batches[0])

@@ -37,7 +37,7 @@ def run_hf(args: argparse.Namespace) -> int:
 
     result = quantize_pretrained(
         args.model, args.output, bits=args.weight_bits, group_size=args.group_size, algorithm=args.algo,
-        calib_text=args.calib_text, symmetric=args.symmetric, act_order=args.act_order, samples=args.samples,
+        calib_text=args.calib_text, symmetric=args.symmetric, act_order=args.act_order is not False, samples=args.samples,
         seq_len=args.seq_len, trust_remote_code=args.trust_remote_code, low_memory=args.low_memory)
     if args.json:
         print(json.dumps({

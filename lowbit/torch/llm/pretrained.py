@@ -97,7 +97,7 @@ def weight_only_spec(bits: int, group_size: int | None, symmetric: bool = True) 
 
 def quantize_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, bits: int = 4,
                         group_size: int | None = 128, algorithm: str = "gptq", calib_text: str | os.PathLike | None = None,
-                        symmetric: bool = True, act_order: bool = False, samples: int | None = None,
+                        symmetric: bool = True, act_order: bool = True, samples: int | None = None,
                         seq_len: int | None = None, trust_remote_code: bool = False,
                         device: str | torch.device | None = None, rtn_mse: bool = False,
                         low_memory: bool | None = None) -> PretrainedQuantization:

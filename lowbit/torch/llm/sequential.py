@@ -87,7 +87,7 @@ class BlockStore(Protocol):
 def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
                  calibration: Iterable[Mapping[str, torch.Tensor]] | None = None, *,
                  device: torch.device | str | None = None, block_size: int = 128, percdamp: float = 0.01,
-                 act_order: bool = False, static_groups: bool = False, true_sequential: bool = True,
+                 act_order: bool = True, static_groups: bool = True, true_sequential: bool = False,
                  awq_grid: int = 20, awq_clip: bool = True, rtn_mse: bool = False,
                  store: BlockStore | None = None) -> LLMQuantization:
     """Quantize the linears of `model`'s repeated blocks in place; see the module docstring.
@@ -95,7 +95,13 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
     `calibration` is a sequence of keyword-argument batches for `model(**batch)` (input_ids,
     attention_mask, ...); tokens where `attention_mask` is 0 are left out of the statistics.
     `device` is where blocks are processed: by default a CUDA GPU when present, else the
-    model's own device. `rtn_mse` searches RTN's clipping ranges for the least weight error.
+    model's own device. GPTQ's defaults are llm-compressor's: columns by decreasing activation
+    (`act_order`), group scales from the original weights (`static_groups`), each block's Hessians
+    from one pass through the float block (`true_sequential=False`); together they measured
+    better than the GPTQ reference's defaults (no act-order, scales from the updated weights,
+    true-sequential) on MiniLM (int4 g128 sentence cosine 0.98545 vs 0.98176) and on a
+    Qwen2-shaped LM (token cosine 0.99245 vs 0.99214), see BENCHMARKS.md.
+    `rtn_mse` searches RTN's clipping ranges for the least weight error.
     `store` loads each block's weights just in time and writes it out afterwards."""
     if algorithm not in ALGORITHMS:
         raise LowbitError(f"unknown weight algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
