@@ -5,7 +5,9 @@
 
 Models: the zoo's MobileNetV2-style net on 32x32 digits, static int8 by `quantize_onnx` (256
 calibration images) and W8A8 QAT (`lowbit.torch`: prepare, calibrate, distillation fine-tune,
-export_onnx); the digits CNN with W4A8 QAT (int4 weights in int8 containers, int8 activations).
+export_onnx) and W4A8 QAT; the digits CNN with W4A8 QAT (int4 weights in int8 containers, int8
+activations); a digits MLP (64-512-256-10) with weight-only int4 and int8 per-channel weights
+(MatMulNBits, and int8 also as DequantizeLinear).
 Each QDQ model goes through `lowbit.deploy.export_model` to every target whose packages are
 installed; the written file is loaded in that target's runtime and compared with ONNX Runtime on
 the QDQ model over the 450 test images (top-1 agreement, max error in output quantization
@@ -30,9 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowbit.deploy.export import TARGETS, export_model, missing_extra, target_for  # noqa: E402
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.onnx.config import WeightOnlyConfig  # noqa: E402
 from lowbit.onnx.quantize import quantize_onnx  # noqa: E402
 from lowbit.torch import calibrate, distill_finetune, export_onnx, prepare  # noqa: E402
-from lowbit.zoo.digits import load_digits_split, torch_threads, train_digits_cnn  # noqa: E402
+from lowbit.zoo._export import export_to_onnx  # noqa: E402
+from lowbit.zoo.digits import load_digits_split, torch_threads, train_classifier, train_digits_cnn  # noqa: E402
 from lowbit.zoo.mobilenet import IMAGE_SIZE, train_mobilenet_digits  # noqa: E402
 from lowbit.zoo.mobilenet import export_onnx as export_mobilenet  # noqa: E402
 from lowbit.zoo.upscaled_digits import digits_as_rgb  # noqa: E402
@@ -53,7 +58,11 @@ def build_models(work: Path, epochs: int, seed: int) -> list[tuple[str, Path, Pa
     """(label, QDQ model, test-data .npz) for each benchmarked model; reused when `work` has them."""
     models = [("MobileNetV2-style, static int8 (quantize_onnx)", work / "mobilenet_int8.onnx", work / "mobilenet_test.npz"),
               ("MobileNetV2-style, QAT W8A8", work / "mobilenet_w8a8.onnx", work / "mobilenet_test.npz"),
-              ("digits CNN, QAT W4A8", work / "digits_w4a8.onnx", work / "digits_test.npz")]
+              ("MobileNetV2-style, QAT W4A8", work / "mobilenet_w4a8.onnx", work / "mobilenet_test.npz"),
+              ("digits CNN, QAT W4A8", work / "digits_w4a8.onnx", work / "digits_test.npz"),
+              ("digits MLP, weight-only W4 per-channel", work / "mlp_wo4.onnx", work / "digits_test.npz"),
+              ("digits MLP, weight-only W8 per-channel", work / "mlp_wo8.onnx", work / "digits_test.npz"),
+              ("digits MLP, weight-only W8 per-channel (dq)", work / "mlp_wo8_dq.onnx", work / "digits_test.npz")]
     if all(path.is_file() for _, path, _ in models):
         return models
     raw = load_digits_split()
@@ -67,8 +76,21 @@ def build_models(work: Path, epochs: int, seed: int) -> list[tuple[str, Path, Pa
         quantize_onnx(work / "mobilenet_fp32.onnx", work / "mobilenet_int8.onnx", mode="static",
                       calib=work / "mobilenet_calib.npz", measure_speed=False)
         qat_model(mobilenet, "w8a8", x_train, raw.y_train, x_test, work / "mobilenet_w8a8.onnx", epochs, seed)
+        qat_model(mobilenet, "w4a8", x_train, raw.y_train, x_test, work / "mobilenet_w4a8.onnx", epochs, seed)
         cnn, _ = train_digits_cnn(epochs=15, seed=seed)
         qat_model(cnn, "w4a8", raw.x_train, raw.y_train, raw.x_test, work / "digits_w4a8.onnx", epochs, seed)
+        torch.manual_seed(seed)
+        mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 512), torch.nn.ReLU(),
+                                  torch.nn.Linear(512, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+        train_classifier(mlp, raw.x_train, raw.y_train, epochs=15, seed=seed)
+        export_to_onnx(mlp, (raw.x_train[:1],), work / "mlp_fp32.onnx", input_names=["input"], output_names=["logits"],
+                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        for bits in (4, 8):  # one scale per output channel, symmetric: what XNNPACK's kernels take
+            quantize_onnx(work / "mlp_fp32.onnx", work / f"mlp_wo{bits}.onnx",
+                          WeightOnlyConfig(bits=bits, group_size=0, algo="rtn"), measure_speed=False)
+        # the same in standard DequantizeLinear form (what LiteRT's dynamic-range kernels take)
+        quantize_onnx(work / "mlp_fp32.onnx", work / "mlp_wo8_dq.onnx",
+                      WeightOnlyConfig(bits=8, group_size=0, algo="rtn", weight_format="dq"), measure_speed=False)
     return models
 
 
@@ -95,12 +117,16 @@ def main() -> int:
                 print(f"skipping {suffix}: {sentence}")
                 continue
             for label, model, data in models:
-                report = export_model(model, work / f"{model.stem}{suffix}", data=data, samples=450,
-                                      batch=args.batch, threads=args.threads, repeats=args.repeats)
+                try:
+                    report = export_model(model, work / f"{model.stem}{suffix}", data=data, samples=450,
+                                          batch=args.batch, threads=args.threads, repeats=args.repeats)
+                except LowbitError as refusal:  # a precision the target does not run: its one sentence
+                    print(f"{label} -> {suffix}: refused: {refusal}\n", flush=True)
+                    continue
                 rows.append({"model": label, **report.to_dict()})
                 print(f"{label} -> {suffix}\n{report.describe()}\n", flush=True)
-    print(f"{'model':<48} {'target':<22} {'top-1 agr.':>10} {'max err':>9} {'int8 KB':>8} {'float KB':>9} "
-          f"{'smaller':>8} {'int8 ms':>8} {'float ms':>9} {'speedup':>8}")
+    print(f"{'model':<48} {'target':<22} {'top-1 agr.':>10} {'max err':>9} {'quant KB':>8} {'float KB':>9} "
+          f"{'smaller':>8} {'quant ms':>8} {'float ms':>9} {'speedup':>8}")
     for r in rows:
         print(f"{r['model']:<48} {r['target']:<22} {100 * r['top1_agreement']:>9.2f}% {r['max_error_steps']:>6.2f} st "
               f"{r['file_bytes'] / 1024:>8.1f} {r['float_file_bytes'] / 1024:>9.1f} {r['size_ratio']:>7.2f}x "

@@ -5,9 +5,9 @@ Same models, inputs, machine and run for every row, so the numbers compare:
     Entropy), quantize_static on the unprocessed model, and quantize_dynamic;
   - fidelity vs fp32: mean cosine of sentence embeddings (MiniLM), top-1 agreement and accuracy
     (CNNs on the digits test split);
-  - speed: median latency with the same session options (2 threads), measured round-robin over
-    all variants so load from other processes hits every row alike (each timed run after an
-    untimed one of the same session, so the previous session's spinning threads are not timed);
+  - speed: `lowbit.onnx.timing.time_models` over all variants in one call (the method of every
+    lowbit speed figure: 2 intra-op threads, spin-waiting off, interleaved turns of 1 untimed + 3
+    timed runs, order alternating, median), so load from other processes hits every row alike;
     reported as speedup vs fp32;
   - calibration time (the quantize_static call: calibration plus writing the model).
 Crashes are caught and reported as results.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -60,11 +59,10 @@ def cpu_model() -> str:
 
 
 def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """A session with lowbit's timing options (THREADS intra-op, 1 inter-op, spin-waiting off)."""
+    from lowbit.onnx.session import make_session
+
+    return make_session(path, threads=THREADS)
 
 
 class Reader(CalibrationDataReader):
@@ -221,23 +219,14 @@ def measure(task: Task, rows: list[dict], repeats: int, warmup: int = 2) -> None
             sessions[row["variant"]] = sess
         except Exception as exc:
             row["error"] = f"{type(exc).__name__} at run time: {str(exc).strip().splitlines()[0][:160]}"
-    for sess in sessions.values():
-        for _ in range(warmup):
-            sess.run(None, task.timing)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(repeats):
-        for name, sess in sessions.items():
-            # Untimed first: the previous session's worker threads are still spinning, and on a
-            # 2-core machine they would slow this timed run (see lowbit.onnx.verify.time_pair).
-            sess.run(None, task.timing)
-            started = time.perf_counter()
-            sess.run(None, task.timing)
-            times[name].append(time.perf_counter() - started)
-    fp32_latency = statistics.median(times["fp32"])
+    from lowbit.onnx.timing import time_models
+
+    timing = time_models(list(sessions.values()), task.timing, threads=THREADS, warmup=warmup, repeats=repeats)
+    latency = dict(zip(sessions, timing.medians_ms))
     for row in rows:
-        if row["variant"] in times:
-            row["latency_ms"] = 1e3 * statistics.median(times[row["variant"]])
-            row["speedup"] = fp32_latency / (row["latency_ms"] / 1e3)
+        if row["variant"] in latency:
+            row["latency_ms"] = latency[row["variant"]]
+            row["speedup"] = latency["fp32"] / row["latency_ms"]
 
 
 def table(task: Task, rows: list[dict]) -> str:

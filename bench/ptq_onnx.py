@@ -13,9 +13,9 @@ Same models, inputs, machine and run for every row (the tasks come from bench/or
 Every quantizer runs in its own subprocess, which reports its build time, calibration time and
 peak resident memory (VmHWM of that process: model, calibration and writing together; '+N' is
 the part above the process's footprint after imports).
-Latency: all variants of a model are timed round-robin (fp32 and quantized alternating, run by
-run, each timed run after an untimed one of the same session) with 2 ONNX Runtime threads,
-median of the repeats; speedup = fp32 median / variant median.
+Latency: all variants of a model are timed in one `lowbit.onnx.timing.time_models` call
+(bench/ort_baseline.measure: 2 intra-op threads, spin-waiting off, interleaved turns, median of
+the repeats); speedup = fp32 median / variant median.
 On a machine shared with other work the ratios are noisy; re-run on a quiet machine for
 publishable numbers.
 
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import ort_baseline as base  # noqa: E402  (the shared tasks, sessions and round-robin timing)
+import ort_baseline as base  # noqa: E402  (the shared tasks, sessions and timing)
 
 ARTIFACTS = Path(__file__).parent / "_artifacts"
 THREADS = base.THREADS

@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from lowbit.errors import SpecError
+from lowbit.weight_algorithms import ALGORITHMS
 
-# The weight-only algorithms every front end offers (ONNX weight-only, Hugging Face models, the
-# CLI); the math lives in `lowbit.algorithms` (rtn.py, gptq.py, awq.py).
-WEIGHT_ALGORITHMS = ("rtn", "gptq", "awq")
+# The names of the built-in weight-only algorithms; the table every front end reads (and where a
+# new one is registered) is `lowbit.weight_algorithms.ALGORITHMS`.
+WEIGHT_ALGORITHMS = tuple(ALGORITHMS)
 
 DTypeKind = Literal["int", "binary", "ternary", "float"]
 

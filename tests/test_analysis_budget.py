@@ -265,3 +265,34 @@ def test_fallback_errors(outlier, three_matmuls, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "fallback" in err and "Traceback" not in err
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()
+
+
+def test_weight_only_budget_rounds_embedding_tables_like_weight_only_mode(tmp_path):
+    """--max-drop with --mode weight-only stores the same GatherBlockQuantized tables as the plain mode."""
+    from lowbit.onnx.config import WeightOnlyConfig
+    from lowbit.onnx.quantize import quantize_onnx
+
+    float_path = tiny_encoder(tmp_path / "enc.onnx")
+    data = token_calib(tmp_path / "tokens.npz")
+    plain, searched, kept = tmp_path / "plain.onnx", tmp_path / "searched.onnx", tmp_path / "kept.onnx"
+    quantize_onnx(float_path, plain, WeightOnlyConfig(bits=4, group_size=32, embedding_bits=8), verify=False)
+    result = search_weight_precision(float_path, searched, eval_data=data, max_drop=1.0, bits=4, group_size=32,
+                                     measure_speed=False)
+    assert result.met
+
+    def tables(path):
+        model = onnx.load(str(path))
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        return {n.name: [inits[i] for i in n.input if i in inits] for n in model.graph.node
+                if n.op_type == "GatherBlockQuantized"}
+
+    expected, got = tables(plain), tables(searched)
+    assert expected and expected.keys() == got.keys()
+    for node, arrays in expected.items():
+        for a, b in zip(arrays, got[node]):
+            np.testing.assert_array_equal(a, b)
+    assert read_plan(searched).settings["weight_only"]["embedding_tables"] == read_plan(plain).settings[
+        "weight_only"]["embedding_tables"] == ["/embed/Gather"]
+    search_weight_precision(float_path, kept, eval_data=data, max_drop=1.0, bits=4, group_size=32,
+                            measure_speed=False, embedding_bits=0)
+    assert not tables(kept) and "Gather" in {n.op_type for n in onnx.load(str(kept)).graph.node}

@@ -103,20 +103,22 @@ def test_unknown_extension_is_refused(models, tmp_path, capsys):
     assert_nothing_written(tmp_path, set())
 
 
-def test_weight_only_model_is_refused_by_executorch_with_what_it_runs(tmp_path, capsys):
+def test_per_group_weight_only_model_is_refused_by_executorch_with_what_it_runs(tmp_path, capsys):
     if importlib.util.find_spec("executorch") is None:
         pytest.skip("needs lowbit[executorch]")
-    weight = numpy_helper.from_array(np.arange(-8, 8, dtype=np.int8).reshape(4, 4), "w")
-    scale = numpy_helper.from_array(np.full(4, 0.1, np.float32), "ws")
-    nodes = [helper.make_node("DequantizeLinear", ["w", "ws"], ["wd"], axis=0),
-             helper.make_node("Gemm", ["x", "wd"], ["y"], transB=1)]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [weight, scale])
+    # lowbit's default weight-only layout: MatMulNBits, 4 bits, one scale per 16 inputs (2 per row)
+    packed = numpy_helper.from_array(np.full((4, 2, 8), 0x98, np.uint8), "w")
+    scale = numpy_helper.from_array(np.full(8, 0.1, np.float32), "ws")
+    node = helper.make_node("MatMulNBits", ["x", "w", "ws"], ["y"], domain="com.microsoft", K=32, N=4, bits=4,
+                            block_size=16)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [packed, scale])
     model = tmp_path / "wo.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("com.microsoft", 1)]), model)
     code, err = run_export(capsys, str(model), "-o", str(tmp_path / "out.pte"))
     assert code == 2
-    assert_one_sentence(err, "weight-only", "static int8", ".ort")
+    assert_one_sentence(err, "per-group", "one scale per output channel", "--group-size 0", ".ort")
     assert_nothing_written(tmp_path, {"wo.onnx"})
 
 

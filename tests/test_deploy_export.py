@@ -127,6 +127,67 @@ def test_litert_file_is_int8_with_lowbits_scales(quantized, tmp_path):
     assert np.abs(got - reference).max() <= MAX_STEPS * step_of(reference)
 
 
+def test_ort_file_stores_only_the_tensors_its_nodes_use(quantized, tmp_path):
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.InferenceSession import InferenceSession
+
+    model_path, data = quantized
+    export_model(model_path, tmp_path / "model.ort", data=data, measure_speed=False)
+    graph = InferenceSession.GetRootAsInferenceSession((tmp_path / "model.ort").read_bytes(), 0).Model().Graph()
+    nodes = [graph.Nodes(i) for i in range(graph.NodesLength())]
+    used = {n.Inputs(j) for n in nodes for j in range(n.InputsLength())}
+    used |= {n.Outputs(j) for n in nodes for j in range(n.OutputsLength())}
+    stored = {graph.NodeArgs(i).Name() for i in range(graph.NodeArgsLength())}
+    assert not any(n.OpType() == b"DequantizeLinear" for n in nodes)  # fused into QLinear* kernels
+    assert stored <= used | {b""}  # no typed entries left over from the fused Q/DQ nodes
+    original = {v.name.encode() for v in onnx.load(model_path).graph.value_info} | {
+        o.encode() for n in onnx.load(model_path).graph.node for o in n.output}
+    assert not (stored & original) - {b"image", b"out"}  # inner names shortened; inputs/outputs kept
+
+
+@pytest.mark.slow
+def test_litert_compaction_keeps_every_number_and_shares_zero_points(quantized, tmp_path):
+    pytest.importorskip("litert_torch", reason="needs lowbit[litert]")
+    from ai_edge_litert.interpreter import Interpreter
+
+    from lowbit.deploy import litert
+
+    model_path, data = quantized
+    graph = read_qdq_graph(onnx.load(model_path))
+    x = np.load(data)["image"]
+    raw = litert.convert(graph, {"image": x[:1]})
+    packed = litert.compact(raw)
+    interpreters = [Interpreter(model_content=content) for content in (raw, packed)]
+    details = []
+    for interpreter in interpreters:
+        interpreter.allocate_tensors()
+        details.append(interpreter.get_tensor_details())
+    zero_point_bytes, distinct = 0, set()
+    for a, b in zip(*details):  # same tensors, same types, same quantization numbers
+        assert (a["index"], a["dtype"], tuple(a["shape"])) == (b["index"], b["dtype"], tuple(b["shape"]))
+        qa, qb = a["quantization_parameters"], b["quantization_parameters"]
+        np.testing.assert_array_equal(qa["scales"], qb["scales"])
+        np.testing.assert_array_equal(qa["zero_points"], qb["zero_points"])
+        if len(qa["zero_points"]):
+            zero_point_bytes += 8 * len(qa["zero_points"])  # int64 in the schema
+            distinct.add(qa["zero_points"].tobytes())
+    shared = zero_point_bytes - 8 * sum(len(z) // 8 for z in distinct)
+    assert shared > 0 and len(raw) - len(packed) >= shared
+    outputs = []
+    for interpreter in interpreters:  # bit-identical results in the runtime
+        detail = interpreter.get_input_details()[0]
+        results = []
+        for sample in x[:8]:
+            scale, zero_point = detail["quantization"]
+            value = sample[None]
+            if detail["dtype"] == np.int8:
+                value = np.clip(np.round(value / scale) + zero_point, -128, 127).astype(np.int8)
+            interpreter.set_tensor(detail["index"], value)
+            interpreter.invoke()
+            results.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy())
+        outputs.append(np.stack(results))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
 def test_cli_export_prints_parity_size_and_latency(quantized, tmp_path, capsys):
     model_path, data = quantized
     out, float_out = tmp_path / "cli.ort", tmp_path / "cli_float.ort"
@@ -196,6 +257,35 @@ def test_int8_weight_only_goes_to_litert_dynamic_range(tmp_path):
     interpreter = Interpreter(model_path=str(tmp_path / "wo.tflite"))
     stored = sorted(tuple(t["shape"]) for t in interpreter.get_tensor_details() if t["dtype"] == np.int8)
     assert stored == [(10, 32), (32, 64)]  # both weights stay int8: LiteRT's dynamic-range kernels
+
+
+@pytest.mark.slow
+def test_int4_weight_only_goes_to_executorch_dynamic_quant_kernels(tmp_path):
+    pytest.importorskip("executorch", reason="needs lowbit[executorch]")
+    import executorch.kernels.quantized  # noqa: F401
+    import torch
+    from executorch.runtime import Runtime
+
+    from _onnx_quant_models import export
+    from lowbit.zoo.digits import load_digits_split, train_classifier
+
+    torch.manual_seed(0)
+    digits = load_digits_split()
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    train_classifier(net, digits.x_train, digits.y_train, epochs=3)
+    fp32 = export(net, (digits.x_train[:1],), tmp_path / "mlp.onnx", ["x"], {"x": {0: "batch"}, "out": {0: "batch"}})
+    packed = tmp_path / "w4.onnx"
+    assert main(["quantize", str(fp32), "-o", str(packed), "--mode", "weight-only", "--weight-bits", "4",
+                 "--algo", "rtn", "--group-size", "0", "--no-speed"]) == 0
+    report = export_model(packed, tmp_path / "w4.pte", data={"x": digits.x_test[:200].numpy()}, repeats=2)
+    assert report.passed and report.precision == "weight-only", report.describe()
+    assert report.size_ratio > 4.5  # int8 storage cannot pass 4x: the 4-bit weights are stored packed
+    x = digits.x_test[200:201].numpy()  # an input the export never saw
+    method = Runtime.get().load_program(tmp_path / "w4.pte").load_method("forward")
+    got = method.execute([torch.from_numpy(x)])[0].numpy()
+    reference = ort_reference_named(packed, "x", x)  # float activations, lowbit's int4 weights
+    assert np.abs(got - reference).max() <= MAX_STEPS * step_of(reference)
+    assert not np.array_equal(got, reference)  # activations quantized per row at run time: not bit-exact
 
 
 def test_qat_model_goes_to_mobile_through_export_onnx(tmp_path):

@@ -79,3 +79,25 @@ def test_per_channel_activations_are_refused():
     model = make(nodes, {"s": np.full(4, 0.1, np.float32), "z": np.zeros(4, np.int8)}, out_shape=(2, 4))
     with pytest.raises(LowbitError, match="per channel"):
         read_qdq_graph(model)
+
+
+@pytest.mark.parametrize("block", [4, 2])
+def test_one_block_per_row_is_a_per_channel_weight_and_smaller_blocks_are_refused(block):
+    rng = np.random.default_rng(1)
+    weight, scale = rng.integers(-127, 128, (6, 4)).astype(np.int8), rng.uniform(0.01, 0.02, (6, 4 // block))
+    nodes = [helper.make_node("DequantizeLinear", ["w", "ws"], ["wd"], axis=1, block_size=block),
+             helper.make_node("Gemm", ["x", "wd"], ["y"], transB=1)]
+    model = make(nodes, {"w": weight, "ws": scale.astype(np.float32)})
+    model.opset_import[0].version = 21  # blocked DequantizeLinear
+    if block < 4:
+        with pytest.raises(LowbitError, match="per-group"):
+            read_qdq_graph(model)
+        return
+    grid = read_qdq_graph(model).weights["wd"].grid
+    assert grid.axis == 0 and grid.scale.shape == (6,)
+    np.testing.assert_array_equal(grid.scale, scale[:, 0].astype(np.float32))
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    with torch.no_grad():
+        got = QDQModule(read_qdq_graph(model), "float")(torch.from_numpy(x))[0].numpy()  # weights on the grid
+    np.testing.assert_allclose(got, reference[0], rtol=1e-5, atol=1e-6)

@@ -110,6 +110,7 @@ def _trial(name, drop, speedup, top1=None):
 def test_choice_is_the_fastest_within_budget_and_ties_go_to_accuracy():
     search = _Search.__new__(_Search)
     search.max_drop = 0.01
+    search.noise = 0.03
     search.scorer = type("S", (), {"metric": "cosine"})()
     search.trials = [_trial("a", 0.001, 1.50), _trial("b", 0.005, 2.00), _trial("c", 0.002, 1.97),
                      _trial("d", 0.2, None)]
@@ -120,3 +121,50 @@ def test_choice_is_the_fastest_within_budget_and_ties_go_to_accuracy():
     search.trials = [_trial("a", 0.3, None), _trial("b", 0.05, None)]
     name, reason = search.choose()
     assert name == "b" and "no candidate stayed within the budget" in reason
+
+
+def test_close_calls_are_timed_again_together_and_their_noise_widens_ties(monkeypatch):
+    import lowbit.search.auto as auto
+
+    monkeypatch.setattr(auto, "make_session", lambda model, threads=None: model)  # a "session" is its model here
+    retimed = []
+
+    class Scorer:
+        metric = "cosine"
+
+        def retime(self, sessions):
+            retimed.append(list(sessions))
+            return [1.80, 1.95][:len(sessions)], 0.08
+
+    search = _Search.__new__(_Search)
+    search.max_drop, search.scorer, search.noise = 0.01, Scorer(), 0.03
+    search.run = type("R", (), {"threads": 2})()
+    search.trials = [_trial("b", 0.005, 2.00), _trial("c", 0.002, 1.90), _trial("a", 0.001, 1.20)]
+    search.built = {n: type("B", (), {"model": n})() for n in "bca"}
+    search.retime_close_calls()
+    assert retimed == [["b", "c"]]  # a is 40% slower than the fastest: not a close call
+    speeds = {t.name: t.speedup for t in search.trials}
+    assert speeds == {"b": 1.80, "c": 1.95, "a": 1.20} and search.noise == 0.08
+    assert search.choose()[0] == "c"
+    # One candidate near float: timed again too; one clearly faster than float alone: not.
+    search.trials, retimed[:] = [_trial("b", 0.005, 0.95)], []
+    search.retime_close_calls()
+    assert retimed == [["b"]] and search.trials[0].speedup == 1.80
+    search.trials, retimed[:] = [_trial("b", 0.005, 2.5)], []
+    search.retime_close_calls()
+    assert retimed == []
+
+
+def test_only_candidates_that_can_win_stay_in_memory():
+    search = _Search.__new__(_Search)
+    search.trials, search.built = [], {}
+    for trial in (_trial("a", 0.3, None), _trial("b", 0.05, None)):  # neither within 0.01: the best stays
+        search.trials.append(trial)
+        search.built[trial.name] = object()
+        search._keep_needed()
+    assert list(search.built) == ["b"]
+    for trial in (_trial("c", 0.005, 1.5), _trial("d", 0.2, None), _trial("e", 0.001, 1.2)):
+        search.trials.append(trial)
+        search.built[trial.name] = object()
+        search._keep_needed()
+    assert sorted(search.built) == ["c", "e"]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.algorithms.rtn import rtn_quantize
 from lowbit.algorithms.weight_layout import (QuantizedWeight, as_weight_matrix, quantized_from_qparams,
                                              shrunk_range_qparams, weight_qparams_for, weight_spec)
 from lowbit.errors import LowbitError
@@ -149,3 +150,21 @@ def _checked(value, shape: tuple[int, ...], what: str, device: torch.device) -> 
     if not bool(torch.isfinite(tensor).all()):
         raise LowbitError(f"{what} contains NaN or infinite values; check the calibration activations")
     return tensor
+
+
+# ----------------------------------------------------------------------------- lowbit.weight_algorithms hooks
+
+def input_scales(matrices: list[torch.Tensor], statistics, spec: QuantSpec, options) -> tuple[torch.Tensor, float]:
+    """The scale search on weights that read one input (the adapter multiplies them by the scales
+    and divides the input by them)."""
+    return search_awq_scales(matrices, statistics.gram.float(), statistics.abs_mean.float(), weight_spec(spec, "AWQ"),
+                             n_grid=options.awq_grid)
+
+
+def quantize_group(matrices, statistics, spec: QuantSpec, options, names: list[str]) -> list[QuantizedWeight]:
+    """Round the (already scaled) matrices: the clipping search under the Gram matrix of their
+    (already scaled) input, or round to nearest without `options.awq_clip`."""
+    resolved = weight_spec(spec, "AWQ")
+    if not options.awq_clip:
+        return [rtn_quantize(matrix, resolved, name) for matrix, name in zip(matrices, names)]
+    return [clip_search(matrix, statistics.gram.float(), resolved) for matrix in matrices]

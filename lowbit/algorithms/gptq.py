@@ -190,3 +190,11 @@ class _ColumnScales:
         if self.spec.granularity.kind == "group":
             return QParams(self.spec, self.scale, self.zero_point)
         return self.whole
+
+
+def quantize_group(matrices, statistics, spec: QuantSpec, options, names: list[str]) -> list[GPTQResult]:
+    """The `lowbit.weight_algorithms` hook: every matrix with the Hessian of their shared input."""
+    hessian = statistics.hessian
+    return [gptq_quantize(matrix, hessian, spec, block_size=options.block_size, percdamp=options.percdamp,
+                          act_order=options.act_order, static_groups=options.static_groups, name=name)
+            for matrix, name in zip(matrices, names)]

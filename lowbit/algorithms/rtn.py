@@ -21,3 +21,8 @@ def rtn_quantize(weight, spec: QuantSpec, name: str = "weight", *, mse: bool = F
     matrix = as_weight_matrix(weight, name)
     spec = spec.with_axis(1 if spec.granularity.kind == "group" else 0)
     return quantized_from_qparams(matrix, weight_qparams_for(matrix, spec, name, mse=mse))
+
+
+def quantize_group(matrices, statistics, spec: QuantSpec, options, names: list[str]) -> list[QuantizedWeight]:
+    """The `lowbit.weight_algorithms` hook: each matrix on its own; `statistics` unused."""
+    return [rtn_quantize(matrix, spec, name, mse=options.rtn_mse) for matrix, name in zip(matrices, names)]

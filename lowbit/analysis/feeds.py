@@ -15,6 +15,7 @@ import onnx
 
 from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import InputSignature, model_inputs
+from lowbit.onnx.registry import RULES
 
 _SHAPE = re.compile(r"^([^=]+)=(\d+(?:[x,]\d+)*)$")
 
@@ -97,11 +98,13 @@ def _vocab_sizes(model: onnx.ModelProto) -> dict[str, int]:
             table_rows[node.output[0]] = initializers[node.input[0]].dims[0]
     sizes: dict[str, int] = {}
     for node in model.graph.node:
-        if node.op_type != "Gather" or node.input[0] not in table_rows:
+        rule = RULES.get(node.op_type)
+        if rule is None or not rule.is_lookup() or node.input[rule.weight_input] not in table_rows:
             continue
-        index = node.input[1]
+        table = node.input[rule.weight_input]
+        index = next(name for i, name in enumerate(node.input) if i != rule.weight_input)
         while index in producer and producer[index].op_type in ("Cast", "Identity", "Unsqueeze", "Reshape"):
             index = producer[index].input[0]
-        rows = int(table_rows[node.input[0]])
+        rows = int(table_rows[table])
         sizes[index] = min(sizes.get(index, rows), rows)
     return sizes

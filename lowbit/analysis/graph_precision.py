@@ -15,10 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-# Nodes that carry the model's multiply-accumulate work, with the input index of their weight.
-COMPUTE_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "MatMulInteger": 1, "ConvInteger": 1,
-               "QLinearConv": 3, "QLinearMatMul": 3, "MatMulNBits": 1, "Gather": 0}
-INTEGER_KERNELS = {"MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul", "MatMulNBits"}
+from lowbit.onnx.registry import KERNELS, RULES, weight_input_of
+
 # Ops a constant may flow through on its way to a compute node without changing what it is.
 _PASS_THROUGH = {"Transpose", "Reshape", "Cast", "Identity", "Unsqueeze", "Squeeze", "Flatten"}
 _FOUR_BIT = {TensorProto.INT4, TensorProto.UINT4, getattr(TensorProto, "FLOAT4E2M1", -1)}
@@ -96,7 +94,7 @@ class GraphReader:
         return name, None
 
     def weight(self, node: onnx.NodeProto) -> WeightInfo | None:
-        index = COMPUTE_OPS[node.op_type]
+        index = weight_input_of(node)
         if len(node.input) <= index or not node.input[index]:
             return None
         name, dq = self.source(node.input[index])
@@ -111,28 +109,30 @@ class GraphReader:
         if name not in self.initializers:
             return None
         tensor = self.initializers[name]
-        if node.op_type == "Gather" and len(tensor.dims) < 2:
+        if _is_lookup(node) and len(tensor.dims) < 2:
             return None  # a constant lookup table, not an embedding
         info = WeightInfo(name, dtype_name(tensor.data_type))
         at_node = self.elem_type.get(node.input[index])
         if info.dtype in _FLOAT_NAMES.values() and at_node in _FLOAT_NAMES and dtype_name(at_node) != info.dtype:
             info.stored, info.dtype = info.dtype, dtype_name(at_node)  # cast at load time, computed in float
-        if node.op_type == "MatMulNBits":
+        kernel = KERNELS.get(node.op_type)
+        if kernel is not None and not kernel.integer_activations:  # MatMulNBits: block-wise low-bit codes
             info.dtype = f"int{_attr(node, 'bits', 4)}"
             info.granularity, info.block_size = "group", _attr(node, "block_size", 0) or None
-        elif node.op_type in ("MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul"):
+        elif kernel is not None:
             # One weight zero point (or scale, for QLinear*) per output channel means per-channel.
-            params = node.input[3 if node.op_type in ("MatMulInteger", "ConvInteger") else 4:][:1]
+            params = node.input[kernel.channel_param:][:1]
             if params and params[0] in self.initializers and int(np.prod(self.initializers[params[0]].dims)) > 1:
                 info.granularity = "channel"
         return info
 
     def activation(self, node: onnx.NodeProto) -> str:
         """Dtype the node's data input arrives in (through a DequantizeLinear when quantized)."""
-        if node.op_type == "Gather":
+        if _is_lookup(node):
             return "indices"
         data = node.input[0]
-        if node.op_type in INTEGER_KERNELS and node.op_type != "MatMulNBits":
+        kernel = KERNELS.get(node.op_type)
+        if kernel is not None and kernel.integer_activations:
             producer = self.producer.get(data)
             kind = "dynamic " if producer is not None and producer.op_type == "DynamicQuantizeLinear" else ""
             return kind + dtype_name(self.elem_type.get(data, TensorProto.UINT8))
@@ -147,25 +147,25 @@ def node_precisions(model: onnx.ModelProto) -> list[NodePrecision]:
     reader = GraphReader(_with_types(model))
     result = []
     for node in model.graph.node:
-        if node.op_type not in COMPUTE_OPS:
+        if weight_input_of(node) is None:
             continue
         weight = reader.weight(node)
-        if node.op_type == "Gather" and weight is None:
+        if _is_lookup(node) and weight is None:
             continue  # index arithmetic, not an embedding lookup
         activation = reader.activation(node)
         label = _label(weight, activation)
-        if weight is None and node.op_type == "MatMul" and reader.source(node.input[1])[1] is None:
+        rule = RULES.get(node.op_type)
+        if weight is None and rule is not None and rule.activation_weight \
+                and reader.source(node.input[rule.weight_input])[1] is None:
             label = "float"  # activation x activation: int8 only when both sides are dequantized
         result.append(NodePrecision(node.name, node.op_type, label, weight, activation))
     return result
 
 
-# Where each input of a quantized-graph node goes in the size breakdown.
-_QUANT_PARAM_INPUTS = {"DequantizeLinear": (1, 2), "QuantizeLinear": (1, 2), "MatMulInteger": (2, 3),
-                       "ConvInteger": (2, 3), "QLinearConv": (1, 2, 4, 5, 6, 7), "QLinearMatMul": (1, 2, 4, 5, 6, 7),
-                       "MatMulNBits": (2, 3)}
-_QUANT_VALUE_INPUTS = {"DequantizeLinear": (0,), "MatMulInteger": (1,), "ConvInteger": (1,), "QLinearConv": (3, 8),
-                       "QLinearMatMul": (3,), "MatMulNBits": (1,)}
+# Where each input of a quantized-graph node goes in the size breakdown: Q/DQ here, kernels from the op table.
+_QUANT_PARAM_INPUTS = {"DequantizeLinear": (1, 2), "QuantizeLinear": (1, 2),
+                       **{op: kernel.param_inputs for op, kernel in KERNELS.items()}}
+_QUANT_VALUE_INPUTS = {"DequantizeLinear": (0,), **{op: kernel.value_inputs for op, kernel in KERNELS.items()}}
 
 
 @dataclass
@@ -218,6 +218,11 @@ def _dequantized_weight(reader: GraphReader, stored: str, dq: onnx.NodeProto, el
     elif scale is not None and len(scale.dims) >= 1 and int(np.prod(scale.dims)) > 1:
         info.granularity, info.axis = "channel", _attr(dq, "axis", 1)
     return info
+
+
+def _is_lookup(node: onnx.NodeProto) -> bool:
+    rule = RULES.get(node.op_type)
+    return rule is not None and rule.is_lookup()
 
 
 def _zero_point_type(reader: GraphReader, node: onnx.NodeProto) -> int:

@@ -1,23 +1,19 @@
 """Multiply-accumulates of the weighted layers of an ONNX graph, from shapes measured on ONNX Runtime.
 
 Shapes come from one real run on one sample (every layer's input and output exposed), so
-symbolic dimensions (batch, sequence length) take the values the user's data gives them.
-Per node: Conv = output elements x (input channels per group x kernel size); ConvTranspose =
-input elements x (output channels per group x kernel size); MatMul = output elements x K;
-Gemm = output elements x K.
+symbolic dimensions (batch, sequence length) take the values the user's data gives them. The
+formula of each op is its rule's `macs` in `lowbit.onnx.registry` (Conv = output elements x
+input channels per group x kernel size, ...).
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import onnx
 
 from lowbit.onnx.collect import with_outputs
+from lowbit.onnx.registry import OpRule, rule_for
 from lowbit.onnx.session import make_session
-
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 def layer_macs(model: onnx.ModelProto, nodes: list[str], feed: dict[str, np.ndarray], *,
@@ -25,8 +21,9 @@ def layer_macs(model: onnx.ModelProto, nodes: list[str], feed: dict[str, np.ndar
     """MACs of each named node (0 for op types without a rule) for the inputs in `feed`."""
     by_name = {n.name: n for n in model.graph.node}
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    wanted = [by_name[n] for n in nodes if n in by_name and by_name[n].op_type in WEIGHTED_OPS]
-    tensors = list(dict.fromkeys(name for node in wanted for name in (node.input[0], node.input[1], node.output[0])
+    wanted = [by_name[n] for n in nodes if n in by_name and _counted(rule_for(by_name[n]))]
+    ports = {node.name: (node.input[0], node.input[rule_for(node).weight_input], node.output[0]) for node in wanted}
+    tensors = list(dict.fromkeys(name for names in ports.values() for name in names
                                  if name not in inits and name not in feed))
     session = make_session(with_outputs(model, tensors), threads=threads, optimize=False)
     shapes = {name: tuple(value.shape) for name, value in zip(tensors, session.run(tensors, feed))}
@@ -34,16 +31,12 @@ def layer_macs(model: onnx.ModelProto, nodes: list[str], feed: dict[str, np.ndar
     shapes.update(inits)
     macs = dict.fromkeys(nodes, 0)
     for node in wanted:
-        a, b, out = (shapes.get(n) for n in (node.input[0], node.input[1], node.output[0]))
+        a, b, out = (shapes.get(n) for n in ports[node.name])
         if a is None or b is None or out is None:
             continue
-        if node.op_type == "Conv":
-            macs[node.name] = math.prod(out) * math.prod(b[1:])
-        elif node.op_type == "ConvTranspose":
-            macs[node.name] = math.prod(a) * math.prod(b[1:])
-        elif node.op_type == "MatMul":
-            macs[node.name] = math.prod(out) * a[-1]
-        else:  # Gemm
-            trans_a = any(attr.name == "transA" and attr.i for attr in node.attribute)
-            macs[node.name] = math.prod(out) * (a[0] if trans_a else a[-1])
+        macs[node.name] = rule_for(node).macs(node, a, b, out)
     return macs
+
+
+def _counted(rule: OpRule | None) -> bool:
+    return rule is not None and rule.macs is not None

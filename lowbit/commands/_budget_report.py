@@ -54,7 +54,7 @@ def run_budget(args: argparse.Namespace) -> int:
         result = search_weight_precision(
             args.model, args.output, calib=args.calib, bits=args.weight_bits, group_size=args.group_size,
             algo=args.algo, symmetric=args.symmetric, act_order=bool(args.act_order), weight_format=args.weight_format,
-            accuracy_level=args.accuracy_level, **common)
+            accuracy_level=args.accuracy_level, embedding_bits=args.embedding_bits, **common)
     else:
         from lowbit.commands.quantize import config_from_args
         from lowbit.search.budget import search_precision

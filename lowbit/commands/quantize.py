@@ -14,9 +14,8 @@ import os
 
 from lowbit.calibration.observer import CALIBRATION_METHODS
 from lowbit.onnx.config import MODES
-from lowbit.spec import WEIGHT_ALGORITHMS
-
-ALGORITHMS = WEIGHT_ALGORITHMS + ("smoothquant",)  # smoothquant: W8A8 of a Hugging Face model (--mode static)
+from lowbit.weight_algorithms import ALGORITHMS as WEIGHT_ALGORITHMS
+from lowbit.weight_algorithms import cli_help
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -59,10 +58,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     weights.add_argument("--weight-bits", type=int, choices=(2, 3, 4, 8), default=4, help="weight bits (default: 4)")
     weights.add_argument("--group-size", type=int, default=128,
                          help="input features sharing one scale; 0 or -1 for one scale per output channel (default: 128)")
-    weights.add_argument("--algo", choices=ALGORITHMS, default="gptq",
-                         help="rtn: round to nearest (no data); gptq: error-compensating rounding; awq: "
-                              "activation-aware scaling (default: gptq); smoothquant: W8A8 of a Hugging Face "
-                              "model directory, with --mode static and --calib-text")
+    # smoothquant: W8A8 of a Hugging Face model (--mode static), not a weight-only algorithm.
+    weights.add_argument("--algo", choices=(*WEIGHT_ALGORITHMS, "smoothquant"), default="gptq",
+                         help=f"{cli_help()} (default: gptq); smoothquant: W8A8 of a Hugging Face model directory, "
+                              "with --mode static and --calib-text")
     weights.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                          help="GPTQ: quantize columns by decreasing activation energy (default: on for Hugging Face "
                               "models, off for ONNX)")

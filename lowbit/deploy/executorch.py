@@ -4,6 +4,11 @@ The QDQ graph is rebuilt as a PyTorch module (`torch_graph`, integer weight buff
 dequantize ops, activations through quantize -> dequantize with lowbit's grids), exported with
 `torch.export` and lowered by `to_edge_transform_and_lower` with the XNNPACK partitioner, which
 turns each dq -> op -> q pattern into an int8 XNNPACK kernel using exactly those scales.
+
+Weight-only models (int4 or int8 per-channel linear weights) go to XNNPACK's dynamic-quantization
+kernels: the weights keep lowbit's integers and scales (4-bit ones are stored packed, two per
+byte), and each linear layer's input is quantized to int8 per row at run time, so the file does
+not compute exactly the float-activation model ONNX Runtime runs; the parity check measures that.
 """
 
 from __future__ import annotations
@@ -13,21 +18,40 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from lowbit.deploy.qdq_graph import QDQGraph
+from lowbit.deploy.qdq_graph import QDQGraph, matmulnbits_weight
 from lowbit.errors import LowbitError
 
 NAME = "ExecuTorch (XNNPACK)"
 SUFFIX = ".pte"
 EXTRA = "executorch"
 MODULE = "executorch"
-PRECISIONS = "static int8 (int8 or int4-in-int8 per-channel weights with int8 activations)"
+PRECISIONS = ("static int8 (int8 or int4-in-int8 per-channel weights with int8 activations), and weight-only "
+              "int8/int4 per-channel symmetric linear weights (activations quantized per row at run time)")
 
 
 def check(graph: QDQGraph) -> None:
-    if graph.precision != "static":
-        raise LowbitError("the model is weight-only quantized; ExecuTorch's XNNPACK delegate runs static int8 "
-                          "(int8 per-channel weights with int8 activations) from lowbit's QDQ models, so quantize "
-                          "with --mode static, or export weight-only models to .ort")
+    """Static int8 runs as is. Weight-only runs on XNNPACK's dynamic-quantization kernels (the
+    only 4-bit ones it has), which take symmetric per-channel linear weights: lowbit's blocked
+    (per-group) weights would need XNNPACK's blockwise kernels, which store group scales as
+    bfloat16, rounding lowbit's float32 scales."""
+    if graph.precision == "static":
+        return
+    advice = ("quantize with --group-size 0 (one scale per output channel, symmetric) for .pte, or export "
+              "this model to .ort")
+    for op in graph.packed_ops:
+        weight = matmulnbits_weight(op, graph.constants)
+        if weight is None:
+            raise LowbitError(f"{op.name} has per-group weights ({op.attrs['block_size']} of {op.attrs['K']} inputs "
+                              "per scale); ExecuTorch's XNNPACK kernels take weight-only int4/int8 with one scale "
+                              f"per output channel (its group kernels round scales to bfloat16), so {advice}")
+        if weight.grid.zero_point.any():
+            raise LowbitError(f"{op.name} has asymmetric weights (zero points); ExecuTorch's XNNPACK kernels take "
+                              f"symmetric weight-only int4/int8, so {advice}")
+    linear_weights = {op.inputs[1] for op in graph.ops if op.op_type in ("Gemm", "MatMul")}
+    for name, weight in graph.weights.items():
+        if name not in linear_weights or weight.grid.axis is None or weight.grid.zero_point.any():
+            raise LowbitError(f"weight {name} is not a symmetric per-channel weight of a MatMul/Gemm; ExecuTorch's "
+                              f"XNNPACK kernels run weight-only linear layers only, so {advice}")
 
 
 def write(graph: QDQGraph, onnx_model: onnx.ModelProto, example: dict[str, np.ndarray], path: Path,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from lowbit.deploy.qdq_graph import PACKED_OP, QDQGraph
+from lowbit.deploy.qdq_graph import PACKED_OP, QDQGraph, matmulnbits_dequantized
 
 NAME = "ORT Mobile"
 SUFFIX = ".ort"
@@ -34,14 +34,56 @@ def write(graph: QDQGraph, onnx_model: onnx.ModelProto, example: dict[str, np.nd
 
     model = onnx.ModelProto()
     model.CopyFrom(float_onnx(onnx_model, graph) if as_float else onnx_model)
-    del model.metadata_props[:]  # lowbit's plan and recipe: for tools, not for the device
+    short_names(model)
     with tempfile.TemporaryDirectory(prefix="lowbit-ort-") as scratch:
-        source = Path(scratch) / "model.onnx"
+        source, optimized = Path(scratch) / "source.onnx", Path(scratch) / "model.onnx"
         onnx.save_model(model, source)
+        optimize_for_arm(source, optimized)
         with contextlib.redirect_stdout(io.StringIO()):  # the tool prints one line per step
-            convert_onnx_models_to_ort(source, Path(scratch), optimization_styles=[OptimizationStyle.Fixed],
+            convert_onnx_models_to_ort(optimized, Path(scratch), optimization_styles=[OptimizationStyle.Fixed],
                                        target_platform="arm")
         Path(path).write_bytes((Path(scratch) / "model.ort").read_bytes())
+
+
+def short_names(model: onnx.ModelProto) -> None:
+    """Rename every node and inner tensor to a short name (v0, v1, ...; the graph's inputs and
+    outputs keep theirs) and drop doc strings and metadata (lowbit's plan and recipe: for tools, not
+    for the device). An .ort file stores each name in full: lowbit's QDQ names (the exporter's
+    paths plus _QuantizeLinear_Output ...) were a tenth of a small model's file."""
+    keep = {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+    renamed: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if not name or name in keep:
+            return name
+        return renamed.setdefault(name, f"v{len(renamed)}")
+
+    for tensor in model.graph.initializer:
+        tensor.name = short(tensor.name)
+    for index, node in enumerate(model.graph.node):
+        node.name, node.doc_string = f"n{index}", ""
+        node.input[:] = [short(name) for name in node.input]
+        node.output[:] = [short(name) for name in node.output]
+    for value in model.graph.value_info:
+        value.name = short(value.name)
+    model.doc_string = model.graph.doc_string = ""
+    del model.metadata_props[:]
+
+
+def optimize_for_arm(source: Path, destination: Path) -> None:
+    """ONNX Runtime's graph optimizations with the converter's ARM settings (all levels, no x86
+    NCHWc layout, int8 QDQ kept), saved as ONNX. The converter applies the same optimizations,
+    but its .ort keeps a typed entry for every tensor of the graph it started from, including
+    those of the QuantizeLinear/DequantizeLinear nodes it fused away (a sixth of a small
+    model's file); converting the already-fused graph stores only the tensors that remain."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(destination)
+    options.add_session_config_entry("session.qdqisint8allowed", "1")
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=["NchwcTransformer"])
 
 
 def load(path: Path, threads: int, input_names: list[str]):
@@ -61,7 +103,7 @@ def float_onnx(model: onnx.ModelProto, graph: QDQGraph) -> onnx.ModelProto:
     tensors = {name: w.dequantized() for name, w in graph.weights.items()}
     for op in graph.packed_ops:  # MatMulNBits -> MatMul (+ Add) on the dequantized weight
         weight = f"{op.outputs[0]}_float_weight"
-        tensors[weight] = unpack_matmul_nbits(op, graph.constants).T.copy()
+        tensors[weight] = matmulnbits_dequantized(op, graph.constants).T.copy()
         has_bias = len(op.inputs) > 5 and op.inputs[5]
         product = f"{op.outputs[0]}_product" if has_bias else op.outputs[0]
         nodes.append(helper.make_node("MatMul", [op.inputs[0], weight], [product]))
@@ -75,32 +117,6 @@ def float_onnx(model: onnx.ModelProto, graph: QDQGraph) -> onnx.ModelProto:
     result = helper.make_model(float_graph, opset_imports=list(model.opset_import))
     result.ir_version = model.ir_version
     return result
-
-
-def unpack_matmul_nbits(op, constants: dict[str, np.ndarray]) -> np.ndarray:
-    """The float [N, K] weight of a MatMulNBits node (ONNX Runtime's contrib-op layout: blocks of
-    `block_size` along K, values packed low bits first, default zero point 2^(bits-1))."""
-    bits, block, n, k = (op.attrs.get("bits", 4), op.attrs["block_size"], op.attrs["N"], op.attrs["K"])
-    packed = constants[op.inputs[1]].reshape(n, -1)
-    values = _unpack(packed, bits)[:, :k].astype(np.float32)
-    blocks = -(-k // block)
-    scales = constants[op.inputs[2]].reshape(n, blocks).astype(np.float32)
-    zero_name = op.inputs[3] if len(op.inputs) > 3 else ""
-    if not zero_name:
-        zeros = np.full((n, blocks), 2 ** (bits - 1), np.float32)
-    elif constants[zero_name].dtype == np.uint8:
-        zeros = _unpack(constants[zero_name].reshape(n, -1), bits)[:, :blocks].astype(np.float32)
-    else:
-        zeros = constants[zero_name].reshape(n, blocks).astype(np.float32)
-    index = np.arange(k) // block
-    return ((values - zeros[:, index]) * scales[:, index]).astype(np.float32)
-
-
-def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    per_byte = 8 // bits
-    shifts = np.arange(per_byte, dtype=np.uint8) * bits
-    values = (packed[..., None] >> shifts) & ((1 << bits) - 1)
-    return values.reshape(packed.shape[0], -1)
 
 
 def _topological(nodes: list) -> list:

@@ -134,10 +134,6 @@ def read_qdq_graph(model: onnx.ModelProto, source: str = "the model") -> QDQGrap
 
     def grid_of(node: onnx.NodeProto, stored_type: int | None) -> Grid:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("block_size"):
-            raise LowbitError(f"{source} has per-group (blocked) weights at {node.name or node.output[0]}; "
-                              "mobile runtimes take per-channel or per-tensor int8/int4 grids, so quantize "
-                              "with per-channel weights for this target")
         scale = raw[resolve(node.input[1])].astype(np.float32)
         zp_name = resolve(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         zero_point = raw[zp_name] if zp_name else np.zeros_like(scale, dtype=np.int32)
@@ -146,6 +142,15 @@ def read_qdq_graph(model: onnx.ModelProto, source: str = "the model") -> QDQGrap
         axis = None
         if scale.ndim:
             axis = attrs.get("axis", 1)
+        if attrs.get("block_size"):
+            # One block spanning the whole axis (lowbit's per-channel weights in --weight-format dq)
+            # is a per-channel grid along the other axis of a 2-D weight; smaller blocks are not.
+            if scale.ndim != 2 or scale.shape[axis] != 1:
+                raise LowbitError(f"{source} has per-group (blocked) weights at {node.name or node.output[0]}; "
+                                  "mobile runtimes take per-channel or per-tensor int8/int4 grids, so quantize "
+                                  "with per-channel weights (--group-size 0) for this target")
+            axis = 1 - axis % 2
+            scale, zero_point = scale.reshape(-1), zero_point.reshape(-1)
         return Grid(scale, zero_point.astype(np.int32), qmin, qmax, axis)
 
     ops: list[Op] = []
@@ -204,6 +209,51 @@ def read_qdq_graph(model: onnx.ModelProto, source: str = "the model") -> QDQGrap
         dims = value.type.tensor_type.shape.dim
         inputs[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     return QDQGraph(inputs, [o.name for o in model.graph.output], ops, constants, weights)
+
+
+def matmulnbits_codes(op: Op, constants: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The unsigned codes [N, K], scales [N, blocks] and zero points [N, blocks] of a MatMulNBits
+    node (ONNX Runtime's contrib-op layout: blocks of `block_size` along K, values packed low bits
+    first, default zero point 2^(bits-1)); weight = (code - zero point) x scale, per block."""
+    bits, block, n, k = (op.attrs.get("bits", 4), op.attrs["block_size"], op.attrs["N"], op.attrs["K"])
+    codes = _unpack(constants[op.inputs[1]].reshape(n, -1), bits)[:, :k].astype(np.int32)
+    blocks = -(-k // block)
+    scales = constants[op.inputs[2]].reshape(n, blocks).astype(np.float32)
+    zero_name = op.inputs[3] if len(op.inputs) > 3 else ""
+    if not zero_name:
+        zeros = np.full((n, blocks), 2 ** (bits - 1), np.int32)
+    elif constants[zero_name].dtype == np.uint8:
+        zeros = _unpack(constants[zero_name].reshape(n, -1), bits)[:, :blocks].astype(np.int32)
+    else:  # float zero points: not lowbit's layout, kept exact as floats
+        zeros = constants[zero_name].reshape(n, blocks)
+    return codes, scales, zeros
+
+
+def matmulnbits_dequantized(op: Op, constants: dict[str, np.ndarray]) -> np.ndarray:
+    """The float [N, K] weight a MatMulNBits node multiplies with."""
+    codes, scales, zeros = matmulnbits_codes(op, constants)
+    index = np.arange(op.attrs["K"]) // op.attrs["block_size"]
+    return ((codes - zeros[:, index]) * scales[:, index]).astype(np.float32)
+
+
+def matmulnbits_weight(op: Op, constants: dict[str, np.ndarray]) -> QuantizedWeight | None:
+    """A MatMulNBits weight with one block per row as a per-output-channel signed weight [N, K]
+    (the same numbers: code - 2^(bits-1) on the signed grid), or None when it has several blocks
+    per row or float zero points."""
+    bits = op.attrs.get("bits", 4)
+    codes, scales, zeros = matmulnbits_codes(op, constants)
+    if op.attrs["block_size"] < op.attrs["K"] or zeros.dtype.kind == "f":
+        return None
+    offset = 2 ** (bits - 1)
+    grid = Grid(scales[:, 0], (zeros[:, 0] - offset).astype(np.int32), -offset, offset - 1, axis=0)
+    return QuantizedWeight(codes - offset, grid)
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    values = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return values.reshape(packed.shape[0], -1)
 
 
 def _casts_to_float(node: onnx.NodeProto) -> bool:

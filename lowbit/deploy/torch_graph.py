@@ -6,7 +6,9 @@ graph ExecuTorch and LiteRT lower. Activation points become
 zero point, the pattern both runtimes' converters turn into integer kernels. Weights take one of
 three forms (`WeightForm`):
 
-- "int":   integer buffer -> dequantize (ExecuTorch's XNNPACK delegate packs the int8 buffer);
+- "int":   integer buffer -> dequantize (ExecuTorch's XNNPACK delegate packs the int8 buffer; in a
+           weight-only model the linear layers' inputs are quantized per row at run time, the
+           pattern of XNNPACK's dynamic-quantization kernels, the only ones with 4-bit weights);
 - "float": dequantized float buffer -> quantize -> dequantize (litert-torch rejects integer
            buffers and re-derives the same integers from the float values and lowbit's grid);
 - "plain": dequantized float weights, no quantize/dequantize anywhere: the target's float export
@@ -22,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.deploy.qdq_graph import Grid, Op, QDQGraph, QuantizedWeight
+from lowbit.deploy.qdq_graph import (PACKED_OP, Grid, Op, QDQGraph, QuantizedWeight, matmulnbits_dequantized,
+                                     matmulnbits_weight)
 
 WeightForm = Literal["int", "float", "plain"]
 
@@ -42,11 +45,24 @@ class QDQModule(nn.Module):
         # integer kernel: their weights go in as the (exact) dequantized floats and run float.
         self.float_weights = {name for op in graph.ops if set(op.outputs) & set(graph.outputs)
                               for name in op.inputs if name in graph.weights} if graph.precision == "static" else set()
+        # Weight-only models in integer form: activations into linear layers are quantized per row
+        # at run time (XNNPACK's dynamic-quantization kernels: int8 activations, int8/int4 weights).
+        self.dynamic_activations = weight_form == "int" and graph.precision == "weight-only"
+        self.weights = dict(graph.weights)  # quantized weights by tensor name, MatMulNBits' included
+        unpacked: dict[str, np.ndarray] = {}  # MatMulNBits weights going in as floats
+        for op in graph.packed_ops:
+            weight = matmulnbits_weight(op, graph.constants) if weight_form == "int" else None
+            if weight is None:
+                unpacked[op.inputs[1]] = matmulnbits_dequantized(op, graph.constants)
+            else:
+                self.weights[op.inputs[1]] = weight
         names = [n for op in graph.ops for n in op.inputs if n]
         for index, name in enumerate(dict.fromkeys(names)):
-            if name in graph.weights:
+            if name in unpacked:
+                value = torch.from_numpy(unpacked[name])
+            elif name in self.weights:
                 form = "plain" if name in self.float_weights else weight_form
-                value = _weight_tensor(graph.weights[name], form, transpose=self._is_matmul_weight(name))
+                value = _weight_tensor(self.weights[name], form, transpose=self._is_matmul_weight(name))
             elif name in graph.constants:
                 value = torch.from_numpy(np.ascontiguousarray(graph.constants[name]))
             else:
@@ -54,9 +70,9 @@ class QDQModule(nn.Module):
             buffer = f"c{index}"
             self.register_buffer(buffer, value)
             self._buffer_of[name] = buffer
-            if name in graph.weights and graph.weights[name].grid.axis is not None:
+            if name in self.weights and name not in self.float_weights and self.weights[name].grid.axis is not None:
                 # Per-channel grids as buffers: converters read them as named constants of the program.
-                scale, zero_point = _channel_params(graph.weights[name].grid)
+                scale, zero_point = _channel_params(self.weights[name].grid)
                 self.register_buffer(f"{buffer}_scale", scale)
                 self.register_buffer(f"{buffer}_zero_point", zero_point)
 
@@ -77,8 +93,8 @@ class QDQModule(nn.Module):
             if name in env:
                 return env[name]
             tensor = getattr(self, self._buffer_of[name])
-            if name in self.graph.weights and name not in self.float_weights:
-                tensor = self._weight(self._buffer_of[name], self.graph.weights[name], self._is_matmul_weight(name))
+            if name in self.weights and name not in self.float_weights:
+                tensor = self._weight(self._buffer_of[name], self.weights[name], self._is_matmul_weight(name))
             return tensor
 
         for op in self.graph.ops:
@@ -88,9 +104,21 @@ class QDQModule(nn.Module):
                     env[op.outputs[0]] = x
                 else:
                     quantized[op.outputs[0]] = (_quantize(x, op.grid, None), op.grid)
+            elif op.op_type == PACKED_OP:
+                inputs = self._inputs_of(op, value)
+                bias = inputs(op.inputs[5]) if len(op.inputs) > 5 and op.inputs[5] else None
+                env[op.outputs[0]] = F.linear(inputs(op.inputs[0]), inputs(op.inputs[1]), bias)
             else:
-                env[op.outputs[0]] = run_op(op, value, self.graph)
+                env[op.outputs[0]] = run_op(op, self._inputs_of(op, value), self.graph)
         return tuple(value(name) for name in self.graph.outputs)
+
+    def _inputs_of(self, op: Op, value):
+        """The input lookup for `op`: in a weight-only model in integer form, a linear layer's
+        activation input is quantized per row first."""
+        linear = op.op_type in ("Gemm", "MatMul", PACKED_OP) and op.inputs[1] in self.weights
+        if not (self.dynamic_activations and linear):
+            return value
+        return lambda name: _dynamic_quantize(value(name)) if name == op.inputs[0] else value(name)
 
     def _weight(self, buffer: str, weight: QuantizedWeight, transpose: bool) -> torch.Tensor:
         tensor = getattr(self, buffer)
@@ -128,6 +156,13 @@ def _dequantize(q: torch.Tensor, grid: Grid, channel: ChannelParams | None) -> t
         return _QD.dequantize_per_tensor.default(q, float(grid.scale), int(grid.zero_point), grid.qmin, grid.qmax,
                                                  torch.int8)
     return _QD.dequantize_per_channel.default(q, *channel, grid.qmin, grid.qmax, torch.int8)
+
+
+def _dynamic_quantize(x: torch.Tensor) -> torch.Tensor:
+    """int8 per row (asymmetric), scales chosen at run time: XNNPACK's dynamic-quantization input."""
+    scale, zero_point = _QD.choose_qparams_per_token_asymmetric.default(x, torch.int8)
+    q = _QD.quantize_per_token.default(x, scale, zero_point, -128, 127, torch.int8)
+    return _QD.dequantize_per_token.default(q, scale, zero_point, -128, 127, torch.int8, torch.float32)
 
 
 def _channel_params(grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:

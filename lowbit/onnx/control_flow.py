@@ -11,7 +11,8 @@ from __future__ import annotations
 import onnx
 
 from lowbit.onnx.collect import ActivationStats
-from lowbit.onnx.planner import StaticPlanner, all_nodes, plan_dynamic
+from lowbit.onnx.dynamic import plan_dynamic, write_dynamic
+from lowbit.onnx.planner import StaticPlanner, all_nodes
 from lowbit.onnx.qdq import drop_unused_initializers, write_qdq
 from lowbit.onnx.subgraphs import (Standalone, all_names, bodies, hoist_shared_initializers, put_back,
                                    scope_values, standalone)
@@ -49,8 +50,6 @@ class BodyPlanners:
                 body_plan = self.planners[index].build(stats)
                 quantized = write_qdq(part.model, body_plan, conv_weights_for_qgemm=conv_weights_for_qgemm)
             else:
-                from lowbit.onnx.dynamic import write_dynamic
-
                 body_plan = plan_dynamic(part.model, per_channel_weights=self.per_channel, exclude=self.exclude[index])
                 quantized = write_dynamic(part.model, body_plan)
             if not body_plan.quantized():

@@ -245,7 +245,7 @@ def weight_channel_spread(model: onnx.ModelProto, plan: QuantPlan) -> dict[str, 
         if node is None or entry.tensor not in initializers:
             continue
         rule = rule_for(node)
-        if rule is None or rule.weight_axis is None:  # a constant operand of Add/Mul (a decomposed BatchNorm)
+        if rule is None or rule.kind not in ("compute", "weights"):  # a constant operand of Add/Mul, a table
             continue
         values = numpy_helper.to_array(initializers[entry.tensor])
         if values.ndim < 2:

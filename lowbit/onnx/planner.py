@@ -182,7 +182,7 @@ def _int8_source(index: GraphIndex, active: dict[str, OpRule], name: str) -> str
         if rule.kind in ("passthrough", "fold"):
             name, seen = producer.input[0], seen + 1
             continue
-        if producer.op_type in ("MatMul", "Gemm") or rule.kind == "weights":
+        if rule.float_output or rule.kind == "weights":
             return f"{producer.op_type} {producer.name!r} (float output)"
         return None
     return None
@@ -193,7 +193,6 @@ def _int8_source(index: GraphIndex, active: dict[str, OpRule], name: str) -> str
 # box coordinates in pixels, 0-320: at most one level). Such a Concat stays float (each input keeps
 # its own scale) and so does the producer of a tensor whose slices differ that much.
 MIXED_RANGE_RATIO = 16.0
-_SLICING_OPS = ("Slice", "Split", "Gather")
 
 
 def mixed_range_nodes(index: GraphIndex, active: dict[str, OpRule], stats: ActivationStats) -> dict[str, str]:
@@ -239,7 +238,7 @@ def _slices_of(index: GraphIndex, name: str, depth: int = 0) -> list[str]:
     found: list[str] = []
     for consumer in index.consumers.get(name, []):
         rule = rule_for(consumer)
-        if consumer.op_type in _SLICING_OPS:
+        if rule is not None and rule.slices:
             found += [o for o in consumer.output if o]
         elif rule is not None and rule.kind == "passthrough" and depth < 8:
             found += _slices_of(index, consumer.output[0], depth + 1)
@@ -247,11 +246,9 @@ def _slices_of(index: GraphIndex, name: str, depth: int = 0) -> list[str]:
 
 
 def _compute_ok(node: onnx.NodeProto, rule: OpRule, index: GraphIndex) -> bool:
-    if node.op_type == "MatMul":
+    if rule.activation_weight:
         return True  # two activations are fine (QLinearMatMul)
     weight = node.input[rule.weight_input] if len(node.input) > rule.weight_input else ""
-    if node.op_type == "Gemm":
-        return True
     return index.is_constant(weight) and len(index.initializers[weight].dims) >= 2
 
 
@@ -347,7 +344,7 @@ class StaticPlanner:
                 if rule.kind == "compute":
                     if i == rule.weight_input and index.is_constant(name):
                         weights.setdefault(name, []).append(node)
-                    elif i in (rule.activation_inputs or ()) or (i == rule.weight_input and node.op_type in ("MatMul", "Gemm")):
+                    elif i in rule.unit_inputs():
                         wanted.add(name)
                 elif index.is_constant(name):
                     constants.setdefault(name, []).append(node)
@@ -356,7 +353,7 @@ class StaticPlanner:
             out = node.output[0]
             # MatMul/Gemm with a float output still run as int8 kernels (MatMulIntegerToFloat, QGemm
             # without y_scale), so their output is quantized only when an int8 consumer reads it.
-            float_output_fuses = node.op_type in ("MatMul", "Gemm") and (
+            float_output_fuses = rule.float_output and (
                 out in index.graph_outputs or not any(c.name in active for c in index.consumers.get(out, [])))
             if not float_output_fuses and index.is_float(out):
                 wanted.add(out)
@@ -389,11 +386,12 @@ class StaticPlanner:
                     if index.is_float(out):
                         wanted.add(out)
                         shares[out] = shares.get(source, source)
-        for node in self.model.graph.node:  # Gather from a constant table: int8 embedding
+        for node in self.model.graph.node:  # a lookup (Gather) in a constant table: int8 embedding
             rule = active.get(node.name)
-            if rule is not None and node.op_type == "Gather" and index.is_constant(node.input[0]) \
-                    and index.is_float(node.input[0]):
-                weights.setdefault(node.input[0], []).append(node)
+            if rule is not None and rule.is_lookup():
+                table = node.input[rule.weight_input]
+                if index.is_constant(table) and index.is_float(table):
+                    weights.setdefault(table, []).append(node)
         return wanted, shares, weights, constants
 
     def _blocked_nodes(self, active, wanted, tainted, stats) -> dict[str, str]:
@@ -419,11 +417,7 @@ class StaticPlanner:
         index = self.index
         for name, nodes in weights.items():
             values = index.constant(name)
-            node = nodes[0]
-            if node.op_type == "Gather":
-                spec = WEIGHT_SPEC if not self.per_channel else QuantSpec("int8", granularity=per_channel(0))
-            else:
-                spec = self._weight_spec(node, values)
+            spec = self._weight_spec(nodes[0], values)
             plan.add(PlanEntry(name, "weight", spec=spec, qparams=qparams_for(values, spec, name),
                                nodes=[n.name for n in nodes]))
             for consumer in nodes:
@@ -447,12 +441,9 @@ class StaticPlanner:
         return rule_for(node)
 
     def _weight_spec(self, node: onnx.NodeProto, values: np.ndarray) -> QuantSpec:
-        if not self.per_channel or values.ndim < 2:
+        rule = rule_for(node)
+        if not self.per_channel or not rule.channel_scales(node, values.ndim):
             return WEIGHT_SPEC
-        if node.op_type == "MatMul" and values.ndim != 2:
-            return WEIGHT_SPEC
-        if node.op_type == "ConvTranspose" and _group(node) != 1:
-            return WEIGHT_SPEC  # output channels span groups x axis 1; one scale per tensor
         return QuantSpec("int8", granularity=per_channel(weight_axis(node, values.ndim)))
 
     @staticmethod
@@ -513,72 +504,5 @@ def _layer_tensors(index: GraphIndex, node: onnx.NodeProto) -> set[str]:
     return tensors
 
 
-def _group(node: onnx.NodeProto) -> int:
-    for attribute in node.attribute:
-        if attribute.name == "group":
-            return int(attribute.i)
-    return 1
-
-
-def plan_dynamic(model: onnx.ModelProto, *, per_channel_weights: bool = True,
-                 exclude: tuple[str, ...] | list[str] = ()) -> QuantPlan:
-    """Dynamic int8: MatMul/Gemm with constant 2-D weights get int8 weights and activations
-    quantized at run time (DynamicQuantizeLinear + MatMulInteger, which ORT fuses)."""
-    index = GraphIndex.of(model)
-    check_exclude(model, set(exclude))
-    plan = QuantPlan("dynamic")
-    active, float_nodes, unsupported = classify_nodes(index, set(exclude))
-    plan.unsupported_ops = unsupported
-    plan.float_nodes = float_nodes
-    for node in model.graph.node:
-        if node.name not in active:
-            continue
-        if node.op_type == "Gather" and _embedding_table(index, node):
-            # int8 rows with one scale per row; only the gathered rows are dequantized.
-            table = node.input[0]
-            spec = QuantSpec("int8", granularity=per_channel(0))
-            plan.add(PlanEntry(table, "weight", spec=spec, qparams=qparams_for(index.constant(table), spec, table),
-                               nodes=[node.name], reason="embedding table: int8 rows, per-row scales"))
-            continue
-        if active[node.name].kind == "weights":  # LSTM: int8 W and R (DynamicQuantizeLSTM)
-            for name in node.input[1:3]:
-                spec = QuantSpec("int8", granularity=per_channel(1)) if per_channel_weights else WEIGHT_SPEC
-                plan.add(PlanEntry(name, "weight", spec=spec, qparams=qparams_for(index.constant(name), spec, name),
-                                   nodes=[node.name]))
-            continue
-        if node.op_type not in ("MatMul", "Gemm"):
-            if active[node.name].kind == "compute":
-                plan.float_nodes[node.name] = "dynamic mode quantizes MatMul/Gemm only; use --mode static"
-            continue
-        weight = node.input[1]
-        if not index.is_constant(weight) or len(index.initializers[weight].dims) != 2 or _attr(node, "transA"):
-            plan.float_nodes[node.name] = "needs a constant 2-D weight (and no transA)"
-            continue
-        values = index.constant(weight)
-        # MatMulInteger takes B as (K, N): Gemm's transB weight is transposed when written.
-        axis = 0 if _attr(node, "transB") else 1
-        spec = QuantSpec("int8", granularity=per_channel(axis)) if per_channel_weights else WEIGHT_SPEC
-        plan.add(PlanEntry(weight, "weight", spec=spec, qparams=qparams_for(values, spec, weight),
-                           nodes=[node.name]))
-        plan.add(PlanEntry(node.input[0], "activation", spec=DYNAMIC_ACTIVATION_SPEC, nodes=[node.name],
-                           reason="quantized at run time"))
-    return plan
-
-
-def _embedding_table(index: GraphIndex, node: onnx.NodeProto) -> bool:
-    """A Gather along axis 0 from a constant float 2-D table read by nothing else."""
-    table = node.input[0]
-    return (index.is_constant(table) and index.is_float(table) and len(index.initializers[table].dims) == 2
-            and _attr(node, "axis") == 0 and len(index.consumers.get(table, [])) == 1
-            and not index.is_constant(node.input[1]))
-
-
-def _attr(node: onnx.NodeProto, name: str) -> int:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return int(attribute.i)
-    return 0
-
-
-__all__ = ["ACTIVATION_SPEC", "INT16_ACTIVATION_SPEC", "INT16_OPSET", "WEIGHT_SPEC", "GraphIndex", "StaticPlanner",
-           "classify_nodes", "node_names", "plan_dynamic", "widen_to_int16", "PER_TENSOR"]
+__all__ = ["ACTIVATION_SPEC", "DYNAMIC_ACTIVATION_SPEC", "INT16_ACTIVATION_SPEC", "INT16_OPSET", "WEIGHT_SPEC", "GraphIndex", "StaticPlanner",
+           "check_exclude", "classify_nodes", "node_names", "widen_to_int16", "PER_TENSOR"]

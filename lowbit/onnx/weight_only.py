@@ -27,20 +27,19 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from lowbit.algorithms import (WEIGHT_ALGORITHMS, HessianAccumulator, QuantizedWeight, awq_quantize, gptq_quantize,
-                               rtn_quantize)
+from lowbit.algorithms import HessianAccumulator, QuantizedWeight, rtn_quantize
 from lowbit.errors import LowbitError
 from lowbit.onnx.blockwise import (DQ_BITS, DQ_OPSET, FORMATS, MATMULNBITS_BITS, MS_DOMAIN, WeightSite,
                                    blocked_dq_nodes, gather_block_quantized_node, matmulnbits_node, storage_bits)
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.qdq import drop_unused_initializers, ensure_opset
+from lowbit.onnx.registry import rule_for
 from lowbit.onnx.session import make_session
 from lowbit.plan import PlanEntry, QuantPlan
 from lowbit.spec import QuantSpec, per_channel, per_group
+from lowbit.weight_algorithms import ALGORITHMS, WeightOptions, algorithm_named, option_owners
 
-ALGORITHMS = WEIGHT_ALGORITHMS
 EMBEDDING_BITS = (0, 4, 8)  # 0 keeps embedding tables float
-NEEDS_CALIBRATION = ("gptq", "awq")
 # Consumers that read only a tensor's shape: they do not stop an AWQ scale from folding into LayerNorm.
 _SHAPE_READERS = ("Shape", "Size")
 # Names under which exporters call the padding mask; padded tokens are left out of the statistics.
@@ -105,13 +104,14 @@ def check_options(*, bits: int, group_size: int, algo: str, has_calibration: boo
     if embedding_bits not in EMBEDDING_BITS:
         raise LowbitError(f"embedding tables take 4 or 8 bits (0 keeps them float), not {embedding_bits}; "
                           "use --embedding-bits 8")
-    if algo not in ALGORITHMS:
-        raise LowbitError(f"unknown weight-only algorithm {algo!r}; use one of {', '.join(ALGORITHMS)}")
-    if algo in NEEDS_CALIBRATION and not has_calibration:
+    algorithm = algorithm_named(algo)
+    if algorithm.needs_statistics and not has_calibration:
         raise LowbitError(f"{algo.upper()} needs calibration data to measure each layer's inputs; "
                           "pass --calib CALIB.npz (or use --algo rtn)")
-    if act_order and algo != "gptq":
-        raise LowbitError("--act-order is a GPTQ option; use it with --algo gptq")
+    if act_order and "act_order" not in algorithm.options:
+        owners = option_owners("act_order")
+        raise LowbitError(f"--act-order is a {'/'.join(o.upper() for o in owners)} option; "
+                          f"use it with --algo {owners[0]}")
     spec = weight_only_spec(bits, group_size, symmetric)
     return spec, check_format(bits, group_size, weight_format, accuracy_level)
 
@@ -119,14 +119,16 @@ def check_options(*, bits: int, group_size: int, algo: str, has_calibration: boo
 # ----------------------------------------------------------------------------- where the weights are
 
 def find_sites(model: onnx.ModelProto, exclude: set[str]) -> tuple[list[WeightSite], dict[str, str]]:
-    """MatMul/Gemm nodes with a constant 2-D float weight, and the ones kept float (name -> why)."""
+    """Nodes of the "matmul" weight-only form (MatMul, Gemm: `registry.OpRule.weight_only`) with a
+    constant 2-D float weight, and the ones kept float (name -> why)."""
     initializers = {t.name: t for t in model.graph.initializer}
     sites: list[WeightSite] = []
     kept: dict[str, str] = {}
     for node in model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        rule = rule_for(node)
+        if rule is None or rule.weight_only != "matmul" or len(node.input) <= rule.weight_input:
             continue
-        weight = initializers.get(node.input[1])
+        weight = initializers.get(node.input[rule.weight_input])
         if weight is None or len(weight.dims) != 2 or node.input[0] in initializers:
             continue  # activation x activation (attention scores) or a constant left operand
         if node.name in exclude or node.op_type in exclude or node.output[0] in exclude:
@@ -135,19 +137,19 @@ def find_sites(model: onnx.ModelProto, exclude: set[str]) -> tuple[list[WeightSi
         if weight.data_type != onnx.TensorProto.FLOAT:
             kept[node.name] = "weight is not float32"
             continue
-        transposed, bias = False, None
-        if node.op_type == "Gemm":
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-                kept[node.name] = "Gemm with transA, alpha or beta is kept float"
+        # Gemm's attributes, read generically: a node without them is a plain MatMul.
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            kept[node.name] = f"{node.op_type} with transA, alpha or beta is kept float"
+            continue
+        transposed, bias = bool(attrs.get("transB", 0)), None
+        at = rule.bias_input
+        if at is not None and len(node.input) > at and node.input[at]:
+            c = initializers.get(node.input[at])
+            if c is None or len(c.dims) != 1:
+                kept[node.name] = f"{node.op_type} bias is not a constant vector"
                 continue
-            transposed = bool(attrs.get("transB", 0))
-            if len(node.input) > 2 and node.input[2]:
-                c = initializers.get(node.input[2])
-                if c is None or len(c.dims) != 1:
-                    kept[node.name] = "Gemm bias is not a constant vector"
-                    continue
-                bias = node.input[2]
+            bias = node.input[at]
         rows, cols = weight.dims
         n_in, n_out = (cols, rows) if transposed else (rows, cols)
         sites.append(WeightSite(node.name, node.op_type, weight.name, node.input[0], n_in, n_out, transposed, bias))
@@ -162,10 +164,12 @@ def find_tables(model: onnx.ModelProto, exclude: set[str]) -> tuple[list[WeightS
     sites: list[WeightSite] = []
     kept: dict[str, str] = {}
     for node in model.graph.node:
-        if node.op_type != "Gather" or len(node.input) < 2:
+        rule = rule_for(node)
+        if rule is None or rule.weight_only != "table" or len(node.input) < 2:
             continue
-        table = initializers.get(node.input[0])
-        if table is None or len(table.dims) != 2 or node.input[1] in initializers:
+        table = initializers.get(node.input[rule.weight_input])
+        indices = next(name for i, name in enumerate(node.input) if i != rule.weight_input)
+        if table is None or len(table.dims) != 2 or indices in initializers:
             continue  # gathers from activations (shapes, hidden states), or constant-folded lookups
         if node.name in exclude or node.op_type in exclude or node.output[0] in exclude:
             kept[node.name] = "excluded by the user"
@@ -175,7 +179,7 @@ def find_tables(model: onnx.ModelProto, exclude: set[str]) -> tuple[list[WeightS
             kept[node.name] = "not a row lookup in a float32 table"
             continue
         rows, columns = table.dims
-        sites.append(WeightSite(node.name, "Gather", table.name, node.input[1], columns, rows, transposed=True))
+        sites.append(WeightSite(node.name, node.op_type, table.name, indices, columns, rows, transposed=True))
     return sites, kept
 
 
@@ -223,33 +227,52 @@ def collect_input_statistics(model: onnx.ModelProto, sites: list[WeightSite], da
 def quantize_sites(model: onnx.ModelProto, sites: list[WeightSite], spec: QuantSpec, algo: str,
                    statistics: dict[str, HessianAccumulator] | None, *, act_order: bool = False
                    ) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
-    """Quantize every site's weight. Returns node -> QuantizedWeight ([out, in]; for AWQ, of the
-    scaled weight W * s) and, for AWQ, activation -> {"scales", "alpha", "nodes"}."""
+    """Quantize every site's weight with the algorithm called `algo` (`lowbit.weight_algorithms`),
+    the sites that read one input together. Returns node -> QuantizedWeight ([out, in]; with input
+    scales s, of the scaled weight W * s) and, for an algorithm that scales inputs (AWQ),
+    activation -> {"scales", "alpha", "nodes"} where alpha > 0."""
+    algorithm = algorithm_named(algo)
+    options = WeightOptions(act_order=act_order)
     initializers = {t.name: t for t in model.graph.initializer}
     results: dict[str, QuantizedWeight] = {}
-    awq: dict[str, dict] = {}
-    if algo == "awq":
-        by_input: dict[str, list[WeightSite]] = {}
-        for site in sites:
-            by_input.setdefault(site.activation, []).append(site)
-        for activation, group in by_input.items():
-            stats = statistics[activation]
-            found = awq_quantize([weight_matrix(initializers, s) for s in group], stats.gram, stats.abs_mean, spec,
-                                 names=[s.weight for s in group])
-            for site, quantized in zip(group, found.weights):
-                results[site.node] = quantized
-            if found.alpha > 0:
-                awq[activation] = {"scales": found.scales.numpy().astype(np.float32), "alpha": found.alpha,
-                                   "nodes": [s.node for s in group]}
-        return results, awq
+    scaled: dict[str, dict] = {}
+    by_input: dict[str, list[WeightSite]] = {}
     for site in sites:
-        matrix = weight_matrix(initializers, site)
-        if algo == "gptq":
-            results[site.node] = gptq_quantize(matrix, statistics[site.activation].hessian, spec,
-                                               act_order=act_order, name=site.weight)
-        else:
-            results[site.node] = rtn_quantize(matrix, spec, name=site.weight)
-    return results, awq
+        by_input.setdefault(site.activation, []).append(site)
+    for activation, group in by_input.items():
+        stats = statistics[activation] if algorithm.needs_statistics else None
+        matrices = [weight_matrix(initializers, s) for s in group]
+        if algorithm.scales_inputs:
+            scales, alpha = algorithm.input_scales(matrices, stats, spec, options)
+            matrices = [matrix * scales[None, :] for matrix in matrices]
+            stats = DividedInput(stats, scales)
+            if alpha > 0:
+                scaled[activation] = {"scales": scales.numpy().astype(np.float32), "alpha": alpha,
+                                      "nodes": [s.node for s in group]}
+        quantized = algorithm.quantize(matrices, stats, spec, options, [s.weight for s in group])
+        results.update({site.node: q for site, q in zip(group, quantized)})
+    return results, scaled
+
+
+@dataclass
+class DividedInput:
+    """Statistics of x / s from those of x: what an algorithm sees after its input scales s are
+    applied (the Gram matrix of x / s is G / (s s^T))."""
+
+    source: HessianAccumulator
+    scales: torch.Tensor
+
+    @property
+    def gram(self) -> torch.Tensor:
+        return self.source.gram.float() / torch.outer(self.scales, self.scales)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        return self.source.hessian.float() / torch.outer(self.scales, self.scales)
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.source.abs_mean.float() / self.scales
 
 
 # ----------------------------------------------------------------------------- AWQ: divide inputs by s
@@ -332,15 +355,17 @@ def rewrite(model: onnx.ModelProto, sites: list[WeightSite], quantized: dict[str
             ordered.append(node)
             continue
         width = (site_bits or {}).get(node.name, bits)
-        if site.op_type == "Gather" and weight_format == "matmulnbits":
+        rule = rule_for(node)
+        table = rule.weight_only == "table"
+        if table and weight_format == "matmulnbits":
             replacement, inits = gather_block_quantized_node(
                 site, quantized[node.name], bits=width, block_size=block_size_for(site, group_size, weight_format),
                 output=node.output[0])
             ordered.append(replacement)
-        elif site.op_type == "Gather":
+        elif table:
             dq, inits = blocked_dq_nodes(site, quantized[node.name], bits=width,
                                          block_size=block_size_for(site, group_size, weight_format))
-            node.input[0] = dq.output[0]
+            node.input[rule.weight_input] = dq.output[0]
             ordered += [dq, node]
         elif weight_format == "matmulnbits":
             block = block_size_for(site, group_size, weight_format)
@@ -351,7 +376,7 @@ def rewrite(model: onnx.ModelProto, sites: list[WeightSite], quantized: dict[str
         else:
             dq, inits = blocked_dq_nodes(site, quantized[node.name], bits=width,
                                          block_size=block_size_for(site, group_size, weight_format))
-            node.input[1] = dq.output[0]
+            node.input[rule.weight_input] = dq.output[0]
             ordered += [dq, node]
         new_inits += inits
     del graph.node[:]
@@ -390,28 +415,23 @@ def quantize_weight_only(model: onnx.ModelProto, calib: CalibrationData | None, 
     sites, kept = find_sites(model, set(exclude))
     statistics, seconds = None, 0.0
     working = _copy(model)
-    if algo in NEEDS_CALIBRATION and sites:
+    if algorithm_named(algo).needs_statistics and sites:
         started = time.perf_counter()
         statistics = collect_input_statistics(model, sites, calib, batch_size=batch_size, threads=threads)
         seconds = time.perf_counter() - started
     quantized, awq = quantize_sites(working, sites, spec, algo, statistics, act_order=act_order)
     if awq:
         apply_input_scales(working, awq)
-    tables, table_spec = [], None
-    if embedding_bits:
-        tables, kept_tables = find_tables(working, set(exclude))
-        kept.update(kept_tables)
-        tables, odd = _packable_tables(tables, embedding_bits, weight_format)
-        kept.update(odd)
-        table_spec = weight_only_spec(embedding_bits, group_size, symmetric)
-        quantized.update(quantize_tables(working, tables, table_spec))
+    embeddings = embedding_tables(working, exclude, embedding_bits, group_size=group_size, symmetric=symmetric,
+                                  weight_format=weight_format)
+    kept.update(embeddings.kept)
+    tables = embeddings.sites
+    quantized.update(embeddings.quantized)
     written = rewrite(working, sites + tables, quantized, bits=stored_bits, group_size=group_size,
-                      weight_format=weight_format, accuracy_level=accuracy_level,
-                      site_bits={t.node: embedding_bits for t in tables})
+                      weight_format=weight_format, accuracy_level=accuracy_level, site_bits=embeddings.site_bits())
     plan = _plan(sites, kept, spec, algo, weight_format)
-    for table in tables:
-        form = "GatherBlockQuantized" if weight_format == "matmulnbits" else "blocked DequantizeLinear + Gather"
-        plan.add(PlanEntry(table.weight, "weight", spec=table_spec, nodes=[table.node], reason=f"rtn, {form}"))
+    for entry in embeddings.entries(weight_format):
+        plan.add(entry)
     plan.settings["weight_only"] = {
         "algorithm": algo, "bits": bits, "stored_bits": stored_bits, "group_size": group_size,
         "symmetric": symmetric, "act_order": act_order, "format": weight_format, "accuracy_level": accuracy_level,
@@ -419,12 +439,47 @@ def quantize_weight_only(model: onnx.ModelProto, calib: CalibrationData | None, 
         "statistics": "float model, one pass" if statistics else None,
         "awq_scales": [{"input": a, "alpha": i["alpha"], "nodes": i["nodes"], "folded_into": i.get("folded_into")}
                        for a, i in awq.items()],
-        "gptq_damping": {s.node: getattr(quantized[s.node], "percdamp", None) for s in sites} if algo == "gptq"
-        else None,
+        "gptq_damping": _damping(sites, quantized),
     }
     if not sites:
         warnings.append("no MatMul/Gemm with a constant 2-D float weight was found; nothing was quantized")
     return WeightOnlyResult(written, plan, seconds, warnings)
+
+
+def _damping(sites: list[WeightSite], quantized: dict[str, QuantizedWeight]) -> dict[str, float] | None:
+    """The damping each weight's Hessian needed (GPTQ), None for algorithms without one."""
+    damping = {s.node: getattr(quantized[s.node], "percdamp", None) for s in sites}
+    return damping if any(v is not None for v in damping.values()) else None
+
+
+@dataclass
+class EmbeddingTables:
+    """Embedding tables rounded to `bits` (RTN: a lookup has no input statistics to use), and
+    the lookups kept float (node -> why)."""
+
+    sites: list[WeightSite]
+    quantized: dict[str, QuantizedWeight]
+    spec: QuantSpec | None
+    kept: dict[str, str]
+    bits: int
+
+    def site_bits(self) -> dict[str, int]:
+        return {t.node: self.bits for t in self.sites}
+
+    def entries(self, weight_format: str) -> list[PlanEntry]:
+        form = "GatherBlockQuantized" if weight_format == "matmulnbits" else "blocked DequantizeLinear + Gather"
+        return [PlanEntry(t.weight, "weight", spec=self.spec, nodes=[t.node], reason=f"rtn, {form}") for t in self.sites]
+
+
+def embedding_tables(model: onnx.ModelProto, exclude, bits: int, *, group_size: int, symmetric: bool,
+                     weight_format: str) -> EmbeddingTables:
+    """The row lookups in constant tables of `model` quantized to `bits` (0: none, all kept float)."""
+    if not bits:
+        return EmbeddingTables([], {}, None, {}, 0)
+    tables, kept = find_tables(model, set(exclude))
+    tables, odd = _packable_tables(tables, bits, weight_format)
+    spec = weight_only_spec(bits, group_size, symmetric)
+    return EmbeddingTables(tables, quantize_tables(model, tables, spec), spec, {**kept, **odd}, bits)
 
 
 def quantize_tables(model: onnx.ModelProto, tables: list[WeightSite], spec: QuantSpec) -> dict[str, QuantizedWeight]:
@@ -455,6 +510,6 @@ def _plan(sites: list[WeightSite], kept: dict[str, str], spec: QuantSpec, algo: 
     return plan
 
 
-__all__ = ["ALGORITHMS", "EMBEDDING_BITS", "WeightOnlyResult", "apply_input_scales", "block_size_for", "check_options",
+__all__ = ["ALGORITHMS", "DividedInput", "EMBEDDING_BITS", "EmbeddingTables", "embedding_tables", "WeightOnlyResult", "apply_input_scales", "block_size_for", "check_options",
            "collect_input_statistics", "find_sites", "find_tables", "quantize_sites", "quantize_tables",
            "quantize_weight_only", "rewrite", "weight_only_spec"]

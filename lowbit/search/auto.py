@@ -11,9 +11,18 @@
          a CPU with fp16 arithmetic (avx512_fp16, amx_fp16)         -> fp16
     -> each candidate: built from the one calibration (no model run), scored on the evaluation
        data against float outputs computed once; the candidates within the budget are timed
-       against the float model (interleaved, same session options, median: `verify.time_pair`)
-    -> the fastest within budget wins (a candidate within 3% of the fastest but more accurate beats
-       it: that is timing noise); none within budget: the most accurate, said plainly.
+       against the float model as the user gave it, the candidate as it will be written (no shape
+       annotations), interleaved, same session options, median (`lowbit.onnx.timing.time_models`),
+       with enough repeats to cover MIN_TIMED_SECONDS per model (sub-millisecond models too)
+    -> close calls are timed again, together in one interleaved run with the float model: the
+       candidates within RETIME_BAND of the fastest, and a fastest one within RETIME_BAND of float
+    -> the fastest within budget wins (a candidate within the timing noise of the fastest but more
+       accurate beats it: the noise is SPEED_NOISE, or the float model's measured spread in that
+       run when larger); none within budget: the most accurate, said plainly.
+
+Memory: the float outputs are computed after calibration (whose peak is the run's peak) with a
+session closed right after; only the candidates within the budget (or, while none is, the most
+accurate one) are kept; the float model is opened again, as the user gave it, at the first timing.
 
 Only equalization needs a second calibration (it rescales activations per channel, so ranges of
 the unequalized graph do not carry over); it runs only when the statistics say it can matter.
@@ -21,6 +30,7 @@ the unequalized graph do not carry over); it runs only when the statistics say i
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -29,13 +39,15 @@ import onnx
 
 from lowbit.onnx.config import DEFAULT_MAX_DROP, AutoConfig, DynamicConfig, Fp16Config, StaticConfig, WeightOnlyConfig
 from lowbit.onnx.cpu import cpu_flags
-from lowbit.onnx.dynamic import write_dynamic
+from lowbit.onnx.dynamic import plan_dynamic, write_dynamic
 from lowbit.onnx.equalize import find_chains
+from lowbit.onnx.io import drop_shape_annotations
 from lowbit.onnx.pipeline import StaticPipeline, activation_channel_spread, weight_channel_spread
-from lowbit.onnx.planner import plan_dynamic
 from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
+from lowbit.onnx.registry import rule_for
 from lowbit.onnx.session import make_session
-from lowbit.onnx.verify import OutputErrors, batches_with_calls, label_accuracy, looks_like_class_scores, time_pair
+from lowbit.onnx.timing import time_models
+from lowbit.onnx.verify import OutputErrors, batches_with_calls, label_accuracy, looks_like_class_scores
 from lowbit.plan import QuantPlan
 
 # A MatMul input whose min/max range is this many times its 99.99th-percentile range is
@@ -45,7 +57,12 @@ OUTLIER_RANGE_RATIO = 4.0
 WEIGHT_SPREAD = 100.0  # per-tensor weights: as in `onnx.quantize.PER_TENSOR_SPREAD_WARNING`
 ACTIVATION_SPREAD = 8.0  # activation channel peak / median channel peak: as in `onnx.quantize`
 SPEED_NOISE = 0.03  # timings this close are a tie; the more accurate candidate wins it
-TIMING_REPEATS = 6  # per candidate; the kept model is timed again (10 repeats) by the final verification
+MAX_NOISE = 0.15  # a noisier machine still does not make candidates further apart than this a tie
+TIMING_REPEATS = 6  # per candidate at least; the kept model is timed again (10 repeats) by the final verification
+MAX_TIMING_REPEATS = 600
+MIN_TIMED_SECONDS = 0.3  # per model and timing: a 0.1 ms model gets hundreds of runs, not 6
+RETIME_BAND = 0.15  # candidates this close to the fastest (or the fastest this close to float) are timed again
+MAX_RETIMED = 3  # candidates timed together in that second run (each holds a session)
 # Weight-only kernels (MatMulNBits) dequantize weights and compute in float: they win when the
 # activations are a few rows (token-by-token decoding), not on a batch of full sequences.
 WEIGHT_ONLY_MAX_ROWS = 64
@@ -113,11 +130,19 @@ class _Scorer:
 
     def __init__(self, reference: onnx.ModelProto, run: RunInputs, metric: str) -> None:
         self.threads = run.threads
-        self.float_session = make_session(reference, threads=run.threads)
-        self.names = [o.name for o in self.float_session.get_outputs()]
+        self.float_path = run.model_path
+        self._float_session = None
+        session = make_session(reference, threads=run.threads)  # closed below: only its outputs are kept
+        self.names = [o.name for o in session.get_outputs()]
         batches = list(batches_with_calls(run.eval_set, run.batch_size))
         self.batches, self.calls = [b for b, _ in batches], [c for _, c in batches]
-        self.expected = [self.float_session.run(self.names, b) for b in self.batches]
+        self.expected = [session.run(self.names, b) for b in self.batches]
+        started = time.perf_counter()
+        session.run(self.names, self.batches[0])
+        latency = time.perf_counter() - started
+        del session
+        runs = math.ceil(MIN_TIMED_SECONDS / max(latency, 1e-6))
+        self.repeats = int(min(MAX_TIMING_REPEATS, max(TIMING_REPEATS, runs)))
         self.classifier = any(looks_like_class_scores(np.asarray(o)) for o in self.expected[0])
         self.metric = ("top1" if self.classifier else "cosine") if metric == "auto" else metric
         labels = run.eval_set.labels if self.metric == "top1" else None
@@ -143,22 +168,37 @@ class _Scorer:
             return self.float_accuracy - accuracy
         return 1.0 - (top1 if self.metric == "top1" and top1 is not None else cosine)
 
+    def float_session(self):
+        """The model as the user gave it (what the final verification times), opened at the first timing."""
+        if self._float_session is None:
+            self._float_session = make_session(self.float_path, threads=self.threads)
+        return self._float_session
+
     def speedup(self, session) -> float:
-        t_float, t_quant = time_pair(self.float_session, session, self.batches[0], warmup=2, repeats=TIMING_REPEATS)
-        return t_float / t_quant if t_quant > 0 else float("inf")
+        timing = time_models([self.float_session(), session], self.batches[0], warmup=2, repeats=self.repeats)
+        return timing.speedup or float("inf")
+
+    def retime(self, sessions: list) -> tuple[list[float], float]:
+        """Speedups of `sessions`, timed together with float in one interleaved run (twice the
+        repeats), and the float model's relative spread in that run (interquartile range / median)."""
+        timing = time_models([self.float_session(), *sessions], self.batches[0], warmup=2, repeats=2 * self.repeats)
+        medians = timing.medians_ms
+        q1, q3 = np.percentile(timing.latencies_ms[0], [25, 75])
+        return [medians[0] / m if m > 0 else float("inf") for m in medians[1:]], float((q3 - q1) / medians[0])
 
 
 def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) -> Handled:
     """The `AutoConfig` handler of `quantize_onnx` (see the module docstring)."""
     started = time.perf_counter()
     deadline = started + config.time_limit
-    scorer = _Scorer(model, run, config.metric)
-    max_drop = config.max_drop if config.max_drop is not None else DEFAULT_MAX_DROP[scorer.metric]
     per_channel_options = [False] if config.per_channel is False else [True, False]
     static_config = StaticConfig(calib_method=config.calib_method, per_channel=per_channel_options[0],
                                  exclude=config.exclude, calib_memory_mb=config.calib_memory_mb)
     pipeline = StaticPipeline(model, static_config, run.calib, batch_size=run.batch_size, threads=run.threads,
                               source=run.model_path.name).calibrate()
+    # After calibration, whose peak memory is the run's peak: the float outputs are not held through it.
+    scorer = _Scorer(model, run, config.metric)
+    max_drop = config.max_drop if config.max_drop is not None else DEFAULT_MAX_DROP[scorer.metric]
     search = _Search(scorer, max_drop, run, config, deadline)
     skipped: list[str] = []
     profile = _profile(pipeline)
@@ -226,6 +266,7 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     else:
         skipped.append("fp16: this CPU has no native fp16 arithmetic (ONNX Runtime would cast around float kernels)")
 
+    search.retime_close_calls()
     winner, reason = search.choose()
     trial = next(t for t in search.trials if t.name == winner)
     candidate = search.built[winner]
@@ -242,7 +283,9 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     if search.timed_out:
         warnings.append(f"the time limit of {config.time_limit:g} s ran out; the best candidate so far is saved")
     if all(t.speedup is not None and t.speedup < 1.0 for t in search.trials if t.met) and trial.met:
-        warnings.append(f"every candidate within the budget is SLOWER than float on this CPU (best {winner} at "
+        slower = "SLOWER than" if trial.speedup < 1.0 - search.noise else \
+            f"no faster than (within the {100 * search.noise:.0f}% timing noise of)"
+        warnings.append(f"every candidate within the budget is {slower} float on this CPU (best {winner} at "
                         f"{trial.speedup:.2f}x); keep the float model where speed matters")
     return Handled(candidate.model, plan, pipeline.seconds, warnings, auto=report, float_model=pipeline.model)
 
@@ -260,6 +303,7 @@ class _Search:
         self.built: dict[str, _Built] = {}
         self.calibrations = 1
         self.timed_out = False
+        self.noise = SPEED_NOISE  # ties within this relative speed; raised by a noisy re-timing
 
     def add(self, name: str, build, note: str = "") -> Trial | None:
         if time.perf_counter() > self.deadline and self.trials:
@@ -267,6 +311,9 @@ class _Search:
             return None
         t0 = time.perf_counter()
         candidate = build()
+        # Timed as it will be written: with lowbit's shape annotations left in, ONNX Runtime fuses
+        # differently (`io.drop_shape_annotations`) and the search would time another model.
+        drop_shape_annotations(candidate.model)
         session = make_session(candidate.model, threads=self.run.threads)
         cosine, top1, accuracy = self.scorer.fidelity(session)
         drop = self.scorer.drop(cosine, top1, accuracy)
@@ -277,7 +324,35 @@ class _Search:
         trial.seconds = time.perf_counter() - t0
         self.trials.append(trial)
         self.built[name] = _Built(candidate.model, candidate.plan)
+        del session, candidate
+        self._keep_needed()
         return trial
+
+    def _keep_needed(self) -> None:
+        """Drop the built models that cannot win: over budget, unless none is within and it is the most accurate."""
+        met = {t.name for t in self.trials if t.met}
+        keep = met or {max(self.trials, key=_fidelity_key).name}
+        for name in [n for n in self.built if n not in keep]:
+            del self.built[name]
+
+    def retime_close_calls(self) -> None:
+        """Time the close calls again, together in one interleaved run with float, and take the
+        noise of that run as the tie margin. Close: the candidates within RETIME_BAND of the
+        fastest (at most MAX_RETIMED), or a fastest one within RETIME_BAND of float."""
+        timed = sorted((t for t in self.trials if t.met and t.speedup is not None), key=lambda t: -t.speedup)
+        if not timed:
+            return
+        close = [t for t in timed if t.speedup >= timed[0].speedup * (1 - RETIME_BAND)][:MAX_RETIMED]
+        if len(close) < 2 and abs(timed[0].speedup - 1.0) > RETIME_BAND:
+            return
+        sessions = [make_session(self.built[t.name].model, threads=self.run.threads) for t in close]
+        speedups, spread = self.scorer.retime(sessions)
+        del sessions
+        for trial, speedup in zip(close, speedups):
+            retimed = f"re-timed together: {trial.speedup:.2f}x -> {speedup:.2f}x"
+            trial.note = "; ".join(filter(None, [trial.note, retimed]))
+            trial.speedup = speedup
+        self.noise = min(MAX_NOISE, max(SPEED_NOISE, spread))
 
     def choose(self) -> tuple[str, str]:
         met = [t for t in self.trials if t.met]
@@ -290,11 +365,11 @@ class _Search:
             best = max(met, key=lambda t: (-t.size_bytes, _fidelity_key(t)))
             return best.name, f"speed not measured (--no-speed): the smallest of the {len(met)} within the budget"
         fastest = max(t.speedup for t in timed)
-        ties = [t for t in timed if t.speedup >= fastest * (1 - SPEED_NOISE)]
+        ties = [t for t in timed if t.speedup >= fastest * (1 - self.noise)]
         best = max(ties, key=_fidelity_key)
         others = f" of the {len(met)} candidates within the budget" if len(met) > 1 else ", the only candidate " \
             "within the budget"
-        tie = (f" (tied within {100 * SPEED_NOISE:g}% with {', '.join(t.name for t in ties if t is not best)}; "
+        tie = (f" (tied within {100 * self.noise:.0f}% with {', '.join(t.name for t in ties if t is not best)}; "
                "more accurate)") if len(ties) > 1 else ""
         over = len(self.trials) - len(met)
         return best.name, (f"fastest ({best.speedup:.2f}x float){others}{tie}, {self._score_text(best)}"
@@ -331,15 +406,18 @@ def _profile(pipeline: StaticPipeline) -> dict:
     convs, matmuls = [], []
     params = {"conv": 0, "matmul": 0}
     for node in model.graph.node:
-        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+        rule = rule_for(node)
+        if rule is None or rule.kind != "compute":
+            continue
+        weight = initializers.get(node.input[rule.weight_input]) if len(node.input) > rule.weight_input else None
         if weight is None:
             continue
         size = int(np.prod(weight.dims))
-        if node.op_type in ("Conv", "ConvTranspose"):
+        if rule.weight_only != "matmul":  # convolutions
             params["conv"] += size
             if node.name in active:
                 convs.append(node)
-        elif node.op_type in ("MatMul", "Gemm") and len(weight.dims) == 2:
+        elif len(weight.dims) == 2:  # matrix products: dynamic and weight-only candidates too
             params["matmul"] += size
             if not {node.name, node.op_type, *node.output} & set(pipeline.exclude):
                 matmuls.append(node.name)
@@ -373,7 +451,8 @@ def _outlier_heavy_matmuls(pipeline: StaticPipeline) -> list[str]:
     minmax, percentile = pipeline.stats_for("minmax").ranges, pipeline.stats_for("percentile").ranges
     heavy = []
     for node in pipeline.model.graph.node:
-        if node.op_type not in ("MatMul", "Gemm") or node.name not in pipeline.planner.active:
+        rule = rule_for(node)
+        if rule is None or rule.kind != "compute" or rule.dynamic is None or node.name not in pipeline.planner.active:
             continue
         tensor = node.input[0]
         if tensor not in minmax or tensor not in percentile:

@@ -60,6 +60,7 @@ from lowbit.onnx.config import StaticConfig
 from lowbit.onnx.io import load_model, save_model
 from lowbit.onnx.pipeline import Candidate, StaticPipeline, prepare_model, write_candidate
 from lowbit.onnx.planner import INT16_OPSET
+from lowbit.onnx.registry import rule_for
 from lowbit.onnx.session import make_session
 from lowbit.onnx.verify import (OutputErrors, VerifyReport, batches_with_calls, compare_models, label_accuracy,
                                 looks_like_class_scores, time_pair)
@@ -393,8 +394,7 @@ def _fallback_units(model: onnx.ModelProto, names: list[str]) -> dict[str, list[
     for node in model.graph.node:
         if node.name not in wanted:
             continue
-        inputs = node.input[:2] if node.op_type == "MatMul" else node.input[:1]
-        for tensor in inputs:
+        for tensor in unit_inputs(node):
             if not tensor or tensor in constants:
                 continue
             if tensor in reader:
@@ -410,8 +410,13 @@ def _fallback_units(model: onnx.ModelProto, names: list[str]) -> dict[str, list[
 def _unit_inputs(model: onnx.ModelProto, members: list[str]) -> set[str]:
     constants = {t.name for t in model.graph.initializer}
     chosen = set(members)
-    return {t for node in model.graph.node if node.name in chosen
-            for t in (node.input[:2] if node.op_type == "MatMul" else node.input[:1]) if t and t not in constants}
+    return {t for node in model.graph.node if node.name in chosen for t in unit_inputs(node) if t and t not in constants}
+
+
+def unit_inputs(node: onnx.NodeProto) -> list[str]:
+    """The activation tensors a weighted layer reads (those whose Q/DQ pair its readers share)."""
+    rule = rule_for(node)
+    return [node.input[i] for i in rule.unit_inputs() if i < len(node.input)] if rule is not None else []
 
 
 def _choose_ranges(units: dict[str, list[str]], model: onnx.ModelProto, stats: ActivationStats,

@@ -11,6 +11,8 @@ and one evaluation on ONNX Runtime. Activations stay float, so there is no share
 quantization and each MatMul is its own fallback unit. The int8 step rounds to nearest (at 8 bits
 GPTQ's error compensation gains nothing measurable and would cost a second pass per layer); for AWQ
 it rounds the scaled weight W*s, and a float AWQ site keeps W*s, because its input stays divided by s.
+Embedding tables are rounded to `embedding_bits` in every candidate, as `--mode weight-only` does
+(they carry no MACs, so they are not fallback units; 0 keeps them float).
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
 from lowbit.onnx.pipeline import prepare_model
 from lowbit.onnx.stored_plan import attach_plan
 from lowbit.onnx.verify import compare_models
-from lowbit.onnx.weight_only import (NEEDS_CALIBRATION, apply_input_scales, check_options, collect_input_statistics,
-                                     find_sites, quantize_sites, rewrite, weight_matrix, weight_only_spec)
+from lowbit.onnx.weight_only import (apply_input_scales, check_options, collect_input_statistics,
+                                     embedding_tables, find_sites, quantize_sites, rewrite, weight_matrix, weight_only_spec)
+from lowbit.onnx.registry import rule_for
 from lowbit.plan import PlanEntry, QuantPlan
+from lowbit.weight_algorithms import algorithm_named
 
 WEIGHT_FALLBACK_LEVELS = ("int8", "float")  # cheapest first
 
@@ -65,7 +69,8 @@ def search_weight_precision(float_path: str | os.PathLike, out_path: str | os.Pa
                             act_order: bool = False, weight_format: str = "matmulnbits", accuracy_level: int = 0,
                             exclude: tuple[str, ...] | list[str] = (), samples: int | None = None,
                             batch_size: int = 16, threads: int | None = None, measure_speed: bool = True,
-                            fallback: str | tuple[str, ...] | list[str] | None = None) -> BudgetResult:
+                            fallback: str | tuple[str, ...] | list[str] | None = None,
+                            embedding_bits: int = 8) -> BudgetResult:
     """Weight-only quantization of `float_path`'s MatMul/Gemm weights at `bits` with per-layer
     fallback (`fallback`, default int8 then float) so the model stays within `max_drop` of float.
     `evaluate(path) -> score` (higher is better) replaces `metric`. Always writes the best candidate
@@ -77,7 +82,7 @@ def search_weight_precision(float_path: str | os.PathLike, out_path: str | os.Pa
     ladder = parse_weight_fallback(fallback, bits)
     spec, stored_bits = check_options(bits=bits, group_size=group_size, algo=algo, has_calibration=calib is not None,
                                       symmetric=symmetric, act_order=act_order, weight_format=weight_format,
-                                      accuracy_level=accuracy_level)
+                                      accuracy_level=accuracy_level, embedding_bits=embedding_bits)
     if calib is None and eval_data is None:
         raise LowbitError("the accuracy-budget search compares the quantized model with the float one on data; "
                           "pass --eval EVAL.npz (or --calib CALIB.npz)")
@@ -92,13 +97,16 @@ def search_weight_precision(float_path: str | os.PathLike, out_path: str | os.Pa
         raise LowbitError("no MatMul/Gemm with a constant 2-D float weight was found; weight-only quantization has "
                           "nothing to do here (try --mode static)")
     statistics = None
-    if algo in NEEDS_CALIBRATION:
+    if algorithm_named(algo).needs_statistics:
         statistics = collect_input_statistics(model, sites, calib_data, batch_size=batch_size, threads=threads)
     working = onnx.ModelProto()
     working.CopyFrom(model)
     low, awq = quantize_sites(working, sites, spec, algo, statistics, act_order=act_order)
     if awq:
         apply_input_scales(working, awq)
+    embeddings = embedding_tables(working, exclude, embedding_bits, group_size=group_size, symmetric=symmetric,
+                                  weight_format=weight_format)
+    kept.update(embeddings.kept)
     fallbacks = _Fallbacks(model, sites, awq, weight_only_spec(8, group_size, symmetric))
 
     def build(assignment: dict[str, str]) -> onnx.ModelProto:
@@ -106,9 +114,10 @@ def search_weight_precision(float_path: str | os.PathLike, out_path: str | os.Pa
         quantized_sites = [s for s in sites if assignment.get(s.node) != "float"]
         weights = {s.node: fallbacks.int8(s.node) if assignment.get(s.node) == "int8" else low[s.node]
                    for s in quantized_sites}
-        return rewrite(base, quantized_sites, weights, bits=stored_bits, group_size=group_size,
-                       weight_format=weight_format, accuracy_level=accuracy_level,
-                       site_bits={n: 8 for n, level in assignment.items() if level == "int8"})
+        return rewrite(base, quantized_sites + embeddings.sites, {**weights, **embeddings.quantized}, bits=stored_bits,
+                       group_size=group_size, weight_format=weight_format, accuracy_level=accuracy_level,
+                       site_bits={**{n: 8 for n, level in assignment.items() if level == "int8"},
+                                  **embeddings.site_bits()})
 
     names = [s.node for s in sites]
     macs = layer_macs(model, names, eval_set.first_batch(1), threads=threads)
@@ -130,12 +139,17 @@ def search_weight_precision(float_path: str | os.PathLike, out_path: str | os.Pa
     best = best_trial(record.trials)
     quantized = build(best.precision)
     plan = _plan(sites, kept, best.precision, spec, fallbacks.spec8, algo, weight_format)
+    for entry in embeddings.entries(weight_format):
+        plan.add(entry)
     plan.settings = {"per_channel": group_size <= 0, "exclude": list(exclude),
                      "samples": None if calib_data is None else calib_data.num_samples, "source": float_path.name,
                      "weight_only": {"algorithm": algo, "bits": bits, "stored_bits": stored_bits,
                                      "group_size": group_size, "symmetric": symmetric, "act_order": act_order,
                                      "format": weight_format, "accuracy_level": accuracy_level,
-                                     "int8_fallback": "rtn" if algo != "awq" else "rtn of the AWQ-scaled weight"},
+                                     "embedding_bits": embedding_bits,
+                                     "embedding_tables": [t.node for t in embeddings.sites],
+                                     "int8_fallback": "rtn" if not algorithm_named(algo).scales_inputs
+                                     else f"rtn of the {algo.upper()}-scaled weight"},
                      "budget": {"metric": metric, "max_drop": max_drop, "met": best.met, "drop": best.drop,
                                 "fallback": list(ladder), "fell_back": best.excluded, "precision": best.precision,
                                 f"{start}_mac_fraction": best.int8_mac_fraction}}
@@ -190,7 +204,7 @@ class _Fallbacks:
             values = matrix if site.transposed else matrix.T
             tensor = numpy_helper.from_array(np.ascontiguousarray(values, np.float32), f"{site.weight}_{node}_awq")
             out.graph.initializer.append(tensor)
-            by_name[node].input[1] = tensor.name
+            by_name[node].input[rule_for(by_name[node]).weight_input] = tensor.name
         return out
 
 

@@ -41,7 +41,7 @@ from lowbit.onnx.io import load_model
 from lowbit.onnx.passes.bias_correction import BiasCorrectionRecord
 from lowbit.onnx.passes.outlier_split import OutlierSplitRecord
 from lowbit.onnx.pipeline import StaticPipeline, prepare_model
-from lowbit.onnx.planner import plan_dynamic
+from lowbit.onnx.dynamic import plan_dynamic
 from lowbit.onnx.session import make_session
 from lowbit.onnx.stored_plan import StoredSettings, read_plan
 from lowbit.onnx.verify import cosine_per_row, looks_like_class_scores

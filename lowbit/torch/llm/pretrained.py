@@ -135,10 +135,11 @@ def quantize_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike
         model = skeleton(model_class_for(config, trust_remote_code), config)
     else:
         model = load_model(model_dir, config, trust_remote_code)
-    blocks_name, blocks = find_blocks(model, architecture_for(model, need_scale_groups=algorithm == "awq"))
+    scales_inputs = ALGORITHMS[algorithm].scales_inputs
+    blocks_name, blocks = find_blocks(model, architecture_for(model, need_scale_groups=scales_inputs))
     _check_expressible(model, blocks, spec, algorithm)
     options = dict(device=device, act_order=act_order, rtn_mse=rtn_mse)
-    calibration = calib_batches if algorithm != "rtn" else None
+    calibration = calib_batches if ALGORITHMS[algorithm].needs_statistics else None
 
     if low_memory:
         quantization, cosine, sqnr = _streamed(model, model_dir, out_dir, blocks_name, len(blocks), spec,
@@ -154,7 +155,7 @@ def quantize_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     if low_memory:
         notes.append("streamed block by block (--low-memory): the float model never existed whole, so fidelity "
                      "was not measured")
-    elif algorithm == "rtn" and text is None:
+    elif text is None:
         notes.append("no --calib-text given: fidelity not measured")
     dtype = next(model.parameters()).dtype if not low_memory else _checkpoint_dtype(config)
     if dtype != torch.float32:
@@ -168,7 +169,7 @@ def quantize_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike
 
 def _read_text(path: str | os.PathLike | None, algorithm: str) -> str | None:
     if path is None:
-        if algorithm != "rtn":
+        if ALGORITHMS[algorithm].needs_statistics:
             raise LowbitError(f"{algorithm.upper()} needs calibration text; pass --calib-text FILE with a few pages of "
                               "representative text (or use --algo rtn, which needs none)")
         return None
@@ -188,12 +189,12 @@ def _check_expressible(model: nn.Module, blocks: nn.ModuleList, spec: QuantSpec,
         # them on load (llm-compressor issues 1618 and 1704), so the loaded model would be wrong.
         raise LowbitError("asymmetric weights are not exported: transformers does not load the zero points of "
                           "compressed-tensors pack-quantized checkpoints correctly yet; use --symmetric")
-    if algorithm == "awq":
+    if ALGORITHMS[algorithm].scales_inputs:
         architecture = architecture_for(model, need_scale_groups=True)
         through = [group.producer for group in architecture.scale_groups
                    if group.kind == "activation" and _has_attribute(blocks[0], group.producer)]
         if through:
-            raise LowbitError(f"AWQ on this model type scales the output of {through[0]!r} (an activation function), "
+            raise LowbitError(f"{algorithm.upper()} on this model type scales the output of {through[0]!r} (an activation function), "
                               "which a standard transformers model loaded from a compressed-tensors checkpoint "
                               "cannot reproduce; use --algo gptq (or rtn) for this export")
 

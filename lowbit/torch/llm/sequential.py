@@ -13,9 +13,11 @@
    them just before the block is quantized and writes and frees them right after, so a model
    bigger than memory can be quantized from its shards.
 
-Algorithms: "rtn" (no data), "gptq", "awq" (scale search in the float block, folded into the
-producing op, then clipping search + rounding). Linears inside the repeated blocks are
-quantized; embeddings, heads and poolers stay float, as in the GPTQ and AWQ papers.
+Algorithms come from `lowbit.weight_algorithms` ("rtn" without data, "gptq", "awq", ...): one
+that scales inputs (AWQ) first searches its scales per scale group of the architecture in the
+float block and folds them into the producing op; then each input group is quantized by the
+algorithm's `quantize` hook. Linears inside the repeated blocks are quantized; embeddings, heads
+and poolers stay float, as in the GPTQ and AWQ papers.
 
 The model is modified in place (copying an LLM would double its memory): pass a copy to keep
 the original. The quantized weights are stored dequantized, so the model runs as before; the
@@ -33,9 +35,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from lowbit.algorithms import (WEIGHT_ALGORITHMS, HessianAccumulator, QuantizedWeight, clip_search, gptq_quantize,
-                               rtn_quantize)
-from lowbit.algorithms.awq import search_awq_scales
+from lowbit.algorithms import HessianAccumulator, QuantizedWeight
 from lowbit.algorithms.weight_layout import weight_spec
 from lowbit.errors import LowbitError
 from lowbit.numerics import QParams, dequantize
@@ -44,8 +44,7 @@ from lowbit.spec import QuantSpec
 from lowbit.torch.llm.architectures import ArchitectureMap, architecture_for, find_blocks
 from lowbit.torch.llm.linears import find_linears, in_features, set_weight_matrix, weight_matrix
 from lowbit.torch.llm.scaling import divide_output, producer_width
-
-ALGORITHMS = WEIGHT_ALGORITHMS
+from lowbit.weight_algorithms import ALGORITHMS, WeightAlgorithm, WeightOptions
 __all__ = ["ALGORITHMS", "BlockStore", "LLMQuantization", "QuantizedLinear", "quantize_llm"]
 
 
@@ -87,7 +86,7 @@ class BlockStore(Protocol):
 def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
                  calibration: Iterable[Mapping[str, torch.Tensor]] | None = None, *,
                  device: torch.device | str | None = None, block_size: int = 128, percdamp: float = 0.01,
-                 act_order: bool = True, static_groups: bool = True, true_sequential: bool = False,
+                 act_order: bool = True, static_groups: bool = True, true_sequential: bool | None = None,
                  awq_grid: int = 20, awq_clip: bool = True, rtn_mse: bool = False,
                  store: BlockStore | None = None) -> LLMQuantization:
     """Quantize the linears of `model`'s repeated blocks in place; see the module docstring.
@@ -97,7 +96,8 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
     `device` is where blocks are processed: by default a CUDA GPU when present, else the
     model's own device. GPTQ's defaults are llm-compressor's: columns by decreasing activation
     (`act_order`), group scales from the original weights (`static_groups`), each block's Hessians
-    from one pass through the float block (`true_sequential=False`); together they measured
+    from one pass through the float block (`true_sequential` None means False for GPTQ, True
+    for the others, whose defaults were measured that way); together they measured
     better than the GPTQ reference's defaults (no act-order, scales from the updated weights,
     true-sequential) on MiniLM (int4 g128 sentence cosine 0.98545 vs 0.98176) and on a
     Qwen2-shaped LM (token cosine 0.99245 vs 0.99214), see BENCHMARKS.md.
@@ -105,9 +105,15 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
     `store` loads each block's weights just in time and writes it out afterwards."""
     if algorithm not in ALGORITHMS:
         raise LowbitError(f"unknown weight algorithm {algorithm!r}; use one of {', '.join(ALGORITHMS)}")
-    if algorithm != "rtn":
+    algo = ALGORITHMS[algorithm]
+    if algo.needs_integer_grid:
         weight_spec(spec, algorithm.upper())  # validate early: GPTQ and AWQ need integer grids
-    architecture = architecture_for(model, need_scale_groups=algorithm == "awq")
+    if true_sequential is None:
+        true_sequential = not algo.one_pass_by_default
+    options = WeightOptions(act_order=act_order, block_size=block_size, percdamp=percdamp, rtn_mse=rtn_mse,
+                            awq_grid=awq_grid, awq_clip=awq_clip, static_groups=static_groups,
+                            true_sequential=true_sequential)
+    architecture = architecture_for(model, need_scale_groups=algo.scales_inputs)
     blocks_name, blocks = find_blocks(model, architecture)
     home = next(model.parameters()).device
     home = torch.device("cpu") if home.type == "meta" else home  # a streamed skeleton: blocks come to the CPU
@@ -117,7 +123,7 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
     was_training = model.training
     model.eval()  # no dropout while calibrating
     try:
-        batches = _capture_block_inputs(model, blocks[0], calibration, home, work) if algorithm != "rtn" else None
+        batches = _capture_block_inputs(model, blocks[0], calibration, home, work) if algo.needs_statistics else None
         for index, block in enumerate(progress(blocks, desc=f"{algorithm} blocks", unit="block")):
             start = time.perf_counter()
             if store is not None:
@@ -125,16 +131,11 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
             block.to(work)
             prefix = f"{blocks_name}.{index}."
             with torch.no_grad():
-                if algorithm == "rtn":
-                    _rtn_block(block, spec, prefix, result, rtn_mse)
-                else:
-                    if algorithm == "gptq":
-                        _gptq_block(block, batches, spec, prefix, result, block_size, percdamp, act_order,
-                                    static_groups, true_sequential)
-                    else:
-                        _awq_block(block, batches, spec, prefix, result, architecture, awq_grid, awq_clip)
-                    if index + 1 < len(blocks):
-                        batches = [batch.with_hidden(_run(block, batch)) for batch in batches]
+                if algo.scales_inputs:
+                    _scale_inputs(block, batches, spec, prefix, result, architecture, algo, options)
+                _quantize_block(block, batches, spec, prefix, result, algo, options)
+                if algo.needs_statistics and index + 1 < len(blocks):
+                    batches = [batch.with_hidden(_run(block, batch)) for batch in batches]
             block.to(home)
             if work.type == "cuda":
                 torch.cuda.synchronize(work)
@@ -302,36 +303,33 @@ def _store(result: LLMQuantization, module: nn.Module, full_name: str, quantized
         qparams.spec, torch.as_tensor(qparams.scale).cpu(), torch.as_tensor(qparams.zero_point).cpu()))
 
 
-def _rtn_block(block: nn.Module, spec: QuantSpec, prefix: str, result: LLMQuantization, mse: bool = False) -> None:
-    for name, module in find_linears(block).items():
-        _store(result, module, prefix + name, rtn_quantize(weight_matrix(module), spec, prefix + name, mse=mse))
-
-
-def _gptq_block(block, batches, spec, prefix, result, block_size, percdamp, act_order, static_groups,
-                true_sequential) -> None:
-    """GPTQ on each input group of the block. `true_sequential`: each group's Hessian comes from
-    the block with the earlier groups already quantized (so o_proj sees what the quantized q/k/v
-    produce); otherwise all Hessians come from one pass through the float block."""
+def _quantize_block(block: nn.Module, batches, spec: QuantSpec, prefix: str, result: LLMQuantization,
+                    algo: WeightAlgorithm, options: WeightOptions) -> None:
+    """Quantize every linear of `block`: input group by input group, in forward order (without
+    statistics: one at a time). With `options.true_sequential` each group's statistics come from
+    the partly quantized block (o_proj sees what the quantized q/k/v produce); without, all
+    groups' statistics come from one pass through the block as it was before any rounding."""
     linears = find_linears(block)
-    groups = _input_groups(block, batches)
-    hessians = {} if true_sequential else _collect(block, batches, [group[0] for group in groups])
+    groups = _input_groups(block, batches) if algo.needs_statistics else [[name] for name in linears]
+    one_pass = algo.needs_statistics and not options.true_sequential
+    first_pass = _collect(block, batches, [group[0] for group in groups]) if one_pass else {}
     for group in groups:
-        stats = hessians.pop(group[0]) if group[0] in hessians else _collect(block, batches, group[:1])[group[0]]
-        hessian = stats.hessian
-        del stats  # only the Hessian stays alive
+        stats = None
+        if algo.needs_statistics:  # one accumulator per group: its linears read the same tensor
+            stats = first_pass.pop(group[0]) if group[0] in first_pass else _collect(block, batches, group[:1])[group[0]]
         for name in group:
-            quantized = gptq_quantize(weight_matrix(linears[name]), hessian, spec,
-                                      block_size=block_size, percdamp=percdamp, act_order=act_order,
-                                      static_groups=static_groups, name=prefix + name)
+            quantized, = algo.quantize([weight_matrix(linears[name])], stats, spec, options, [prefix + name])
             _store(result, linears[name], prefix + name, quantized)
-            result.damping[prefix + name] = quantized.percdamp
-        del hessian
+            if getattr(quantized, "percdamp", None) is not None:
+                result.damping[prefix + name] = quantized.percdamp
+        del stats  # free the group's in x in statistics before the next group's
 
 
-def _awq_block(block, batches, spec, prefix, result, architecture: ArchitectureMap, grid: int, clip: bool) -> None:
+def _scale_inputs(block, batches, spec, prefix, result, architecture: ArchitectureMap, algo: WeightAlgorithm,
+                  options: WeightOptions) -> None:
+    """Search each scale group's input scales on the float block and fold them in: the producer's
+    output divided by s, the readers' weights multiplied by s (the block's function is unchanged)."""
     linears = find_linears(block)
-    resolved = weight_spec(spec, "AWQ")
-    # 1. Scale search on the float block; each fold leaves the block's function unchanged.
     for group in architecture.scale_groups:
         if not all(name in linears for name in group.linears):
             continue
@@ -340,16 +338,8 @@ def _awq_block(block, batches, spec, prefix, result, architecture: ArchitectureM
             continue  # e.g. grouped-query attention: v_proj is narrower than o_proj's input
         stats = _collect(block, batches, group.linears[:1])[group.linears[0]]
         matrices = [weight_matrix(linears[name]) for name in group.linears]
-        scales, _ = search_awq_scales(matrices, stats.gram.float(), stats.abs_mean.float(), resolved, n_grid=grid)
+        scales, _ = algo.input_scales(matrices, stats, spec, options)
         divide_output(block, group, scales)
         for name, matrix in zip(group.linears, matrices):
             set_weight_matrix(linears[name], matrix * scales[None, :])
         result.awq_scales[prefix + group.producer] = scales.cpu()
-    # 2. Clipping search and rounding, group by group on the partly quantized block.
-    for group in _input_groups(block, batches):
-        gram = _collect(block, batches, group[:1])[group[0]].gram.float() if clip else None
-        for name in group:
-            matrix = weight_matrix(linears[name])
-            quantized = (clip_search(matrix, gram, resolved) if clip
-                         else rtn_quantize(matrix, resolved, prefix + name))
-            _store(result, linears[name], prefix + name, quantized)
