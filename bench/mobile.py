@@ -4,7 +4,7 @@
     python bench/mobile.py [--qat-epochs 2] [--batch 1] [--repeats 50] [--json out.json]
 
 Models: the zoo's MobileNetV2-style net on 32x32 digits, static int8 by `quantize_onnx` (256
-calibration images) and W8A8 QAT (`lowbit.torch`: prepare, calibrate, distillation fine-tune,
+calibration images; per-channel, and per-tensor after cross-layer equalization) and W8A8 QAT (`lowbit.torch`: prepare, calibrate, distillation fine-tune,
 export_onnx) and W4A8 QAT; the digits CNN with W4A8 QAT (int4 weights in int8 containers, int8
 activations); a digits MLP (64-512-256-10) with weight-only int4 and int8 per-channel weights
 (MatMulNBits, and int8 also as DequantizeLinear).
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lowbit.deploy.export import TARGETS, export_model, missing_extra, target_for  # noqa: E402
 from lowbit.errors import LowbitError  # noqa: E402
-from lowbit.onnx.config import WeightOnlyConfig  # noqa: E402
+from lowbit.onnx.config import StaticConfig, WeightOnlyConfig  # noqa: E402
 from lowbit.onnx.quantize import quantize_onnx  # noqa: E402
 from lowbit.torch import calibrate, distill_finetune, export_onnx, prepare  # noqa: E402
 from lowbit.zoo._export import export_to_onnx  # noqa: E402
@@ -57,6 +57,7 @@ def qat_model(teacher: torch.nn.Module, recipe: str, x_train: torch.Tensor, y_tr
 def build_models(work: Path, epochs: int, seed: int) -> list[tuple[str, Path, Path]]:
     """(label, QDQ model, test-data .npz) for each benchmarked model; reused when `work` has them."""
     models = [("MobileNetV2-style, static int8 (quantize_onnx)", work / "mobilenet_int8.onnx", work / "mobilenet_test.npz"),
+              ("MobileNetV2-style, static int8 per-tensor+CLE", work / "mobilenet_int8_pt.onnx", work / "mobilenet_test.npz"),
               ("MobileNetV2-style, QAT W8A8", work / "mobilenet_w8a8.onnx", work / "mobilenet_test.npz"),
               ("MobileNetV2-style, QAT W4A8", work / "mobilenet_w4a8.onnx", work / "mobilenet_test.npz"),
               ("digits CNN, QAT W4A8", work / "digits_w4a8.onnx", work / "digits_test.npz"),
@@ -74,6 +75,10 @@ def build_models(work: Path, epochs: int, seed: int) -> list[tuple[str, Path, Pa
         mobilenet, _ = train_mobilenet_digits(seed=seed)
         export_mobilenet(mobilenet, work / "mobilenet_fp32.onnx")
         quantize_onnx(work / "mobilenet_fp32.onnx", work / "mobilenet_int8.onnx", mode="static",
+                      calib=work / "mobilenet_calib.npz", measure_speed=False)
+        # one scale per tensor (channels equalized first): no per-channel vectors to store, the smallest file
+        quantize_onnx(work / "mobilenet_fp32.onnx", work / "mobilenet_int8_pt.onnx",
+                      StaticConfig(per_channel=False, equalize=True, calib_method="auto"),
                       calib=work / "mobilenet_calib.npz", measure_speed=False)
         qat_model(mobilenet, "w8a8", x_train, raw.y_train, x_test, work / "mobilenet_w8a8.onnx", epochs, seed)
         qat_model(mobilenet, "w4a8", x_train, raw.y_train, x_test, work / "mobilenet_w4a8.onnx", epochs, seed)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from lowbit.onnx.collect import with_outputs
 from lowbit.onnx.registry import OpRule, rule_for
-from lowbit.onnx.session import make_session
+from lowbit.onnx.statistics import Shapes, collect
 
 
 def layer_macs(model: onnx.ModelProto, nodes: list[str], feed: dict[str, np.ndarray], *,
@@ -25,8 +24,9 @@ def layer_macs(model: onnx.ModelProto, nodes: list[str], feed: dict[str, np.ndar
     ports = {node.name: (node.input[0], node.input[rule_for(node).weight_input], node.output[0]) for node in wanted}
     tensors = list(dict.fromkeys(name for names in ports.values() for name in names
                                  if name not in inits and name not in feed))
-    session = make_session(with_outputs(model, tensors), threads=threads, optimize=False)
-    shapes = {name: tuple(value.shape) for name, value in zip(tensors, session.run(tensors, feed))}
+    measured = Shapes(tensors)
+    collect(model, [feed], [measured], threads=threads)
+    shapes = dict(measured.shapes)
     shapes.update({k: tuple(np.shape(v)) for k, v in feed.items()})
     shapes.update(inits)
     macs = dict.fromkeys(nodes, 0)

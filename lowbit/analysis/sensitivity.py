@@ -7,8 +7,9 @@ Both models run on ONNX Runtime over the same data, batch by batch. In the QDQ m
 read are the DequantizeLinear outputs of the activations recorded in the stored plan (and the
 QuantizeLinear inputs just before them); in the float model, the same tensor names after the same
 pre-processing `quantize_onnx` applies (constant folding and Conv+BN fusion rename tensors, so the
-raw float graph would not match). Only running sums are kept (signal, noise, cross products in
-float64), so memory is one batch of activations whatever the data size.
+raw float graph would not match). Both models stream through `collect.ActivationStream` in
+memory-bounded chunks and a float value waits only until its quantized partner arrives
+(`statistics.Partners`); only running sums are kept (signal, noise, cross products in float64).
 
 Per tensor:
 - `sqnr_db` and `cosine`: quantized model vs float model, i.e. the error accumulated up to and
@@ -27,6 +28,7 @@ rounding).
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,10 +38,10 @@ from onnx import numpy_helper
 from lowbit.analysis.sensitivity_report import SensitivityReport, Sums, TensorSensitivity
 from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import CalibrationData
-from lowbit.onnx.collect import with_outputs
+from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStream
 from lowbit.onnx.io import load_model
 from lowbit.onnx.pipeline import reference_model
-from lowbit.onnx.session import make_session
+from lowbit.onnx.statistics import Partners
 from lowbit.onnx.stored_plan import StoredSettings, read_plan
 from lowbit.plan import QuantPlan
 from lowbit.progress import progress
@@ -62,42 +64,53 @@ def layer_sensitivity(float_path: str | os.PathLike, quant_path: str | os.PathLi
                       data: str | os.PathLike | dict, *, samples: int | None = None, batch_size: int = 16,
                       threads: int | None = None, memory_budget_mb: float | None = None) -> SensitivityReport:
     """SQNR and cosine of every quantized activation of the QDQ model at `quant_path` vs the float
-    model at `float_path`, over `data` (see the module docstring). For a dynamic int8 model: of
-    every quantized layer's output, see `lowbit.analysis.sensitivity_dynamic` (whose streams keep
-    the exposed activations within `memory_budget_mb`; None: the calibration default)."""
+    model at `float_path`, over `data` (see the module docstring); for a dynamic int8 model, of
+    every quantized layer's output (`lowbit.analysis.sensitivity_dynamic`). Both models stream
+    through `collect.ActivationStream`, each within half of `memory_budget_mb` (None: the
+    calibration default), so their exposed activations together stay within the one budget."""
     if batch_size < 1:
         raise LowbitError(f"batch size must be at least 1, got {batch_size}")
     quant = load_model(quant_path)
     plan = _analyzable_plan(quant, quant_path)
     if plan.mode == "dynamic":
         from lowbit.analysis.sensitivity_dynamic import dynamic_sensitivity
-        from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB
 
         return dynamic_sensitivity(float_path, quant_path, quant, plan, data, samples=samples, batch_size=batch_size,
                                    threads=threads, memory_budget_mb=memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB)
     original = load_model(float_path)
     reference = reference_model(original, StoredSettings.of(plan).records)
     dataset = CalibrationData(data, original, samples=samples, what="analysis data")
+    del original  # the prepared reference is what runs: the raw float model would only hold memory
     probes, tensors = _probes(plan, reference, quant)
     if not probes:
         raise LowbitError(f"{quant_path} has no quantized activation that matches a tensor of {float_path}; "
                           "pass the float model it was quantized from")
-    inputs = {i.name for i in reference.graph.input}
-    ref_names = [p.reference for p in probes if p.reference not in inputs]
-    quant_names = list(dict.fromkeys(n for p in probes for n in (p.quantized, p.before) if n not in inputs))
-    ref_session = make_session(with_outputs(reference, ref_names), threads=threads, optimize=False)
-    quant_session = make_session(with_outputs(quant, quant_names), threads=threads, optimize=False)
+    budget = (memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB) / 2  # two streams share the one budget
+    ref_stream = ActivationStream(reference, list(dict.fromkeys(p.reference for p in probes)),
+                                  memory_budget_mb=budget, threads=threads)
+    quant_stream = ActivationStream(quant, list(dict.fromkeys(n for p in probes for n in (p.before, p.quantized))),
+                                    memory_budget_mb=budget, threads=threads)
+    by_output: dict[str, list[_Probe]] = {}
+    for p in probes:
+        by_output.setdefault(p.quantized, []).append(p)
+    ref_uses = Counter(p.reference for p in probes)
+    before_uses = Counter(p.before for p in probes)
     sums = {p.entry.tensor: Sums() for p in probes}
     seen = 0
     total = -(-dataset.num_samples // dataset.feed_batch_size(batch_size))
     with progress(total=total, desc="analyzing", unit="batch") as bar:
         for batch in dataset.batches(batch_size):
-            ref = {**batch, **dict(zip(ref_names, ref_session.run(ref_names, batch)))}
-            got = {**batch, **dict(zip(quant_names, quant_session.run(quant_names, batch)))}
-            for p in probes:
-                if ref[p.reference].dtype.kind == "f" and got[p.quantized].dtype.kind == "f":
-                    sums[p.entry.tensor].add(ref[p.reference], got[p.quantized], got[p.before], p.step)
-            del ref, got  # one batch of activations at a time
+            partners = Partners(ref_stream.chunks(batch), ref_uses)
+            befores = Partners(iter(()), before_uses)  # a Q input waits for its DQ output (just after it)
+            for found in quant_stream.chunks(batch):
+                befores.held.update((n, v) for n, v in found.items() if n in before_uses)
+                for name, got in found.items():
+                    for p in by_output.get(name, ()):
+                        ref, before = partners.take(p.reference), befores.take(p.before)
+                        if ref.dtype.kind == "f" and got.dtype.kind == "f":
+                            sums[p.entry.tensor].add(ref, got, before, p.step)
+                del found  # one chunk of activations at a time
+            partners.finish()
             seen += next(iter(batch.values())).shape[0] if batch else 0
             bar.update(1)
     for p in probes:

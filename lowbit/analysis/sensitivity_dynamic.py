@@ -22,7 +22,6 @@ arrives, and only running sums are kept.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -33,6 +32,7 @@ from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStream
 from lowbit.onnx.io import load_model
 from lowbit.onnx.pipeline import reference_model
+from lowbit.onnx.statistics import Partners
 from lowbit.onnx.stored_plan import StoredSettings
 from lowbit.plan import QuantPlan
 from lowbit.progress import progress
@@ -54,18 +54,27 @@ def dynamic_sensitivity(float_path: str | os.PathLike, quant_path: str | os.Path
         raise LowbitError(f"no quantized layer of {quant_path} matches a node of {float_path}; "
                           "pass the float model it was quantized from")
     dataset = CalibrationData(data, original, samples=samples, what="analysis data")
+    del original  # the prepared reference is what runs: the raw float model would only hold memory
     notes: list[str] = []
     own = _add_own_copies(reference, quant, [t.nodes[0] for t in measured], notes)
     outputs = [t.tensor for t in measured]
-    ref_stream = ActivationStream(reference, outputs + list(own.values()), memory_budget_mb=memory_budget_mb,
-                                  threads=threads)
-    quant_stream = ActivationStream(quant, outputs, memory_budget_mb=memory_budget_mb, threads=threads)
+    half = memory_budget_mb / 2  # the two streams share the one budget
+    ref_stream = ActivationStream(reference, outputs + list(own.values()), memory_budget_mb=half, threads=threads)
+    quant_stream = ActivationStream(quant, outputs, memory_budget_mb=half, threads=threads)
     sums = {t.tensor: Sums() for t in measured}
+    uses = {t.tensor: 1 + (t.tensor in own) for t in measured}  # the quantized model's value, the own copy's
+    own_of = {copy: tensor for tensor, copy in own.items()}
+
+    def own_copy(name: str, value: np.ndarray, take) -> None:
+        ref = take(own_of[name])  # a copy runs right after its layer, whose value is held by now
+        if _is_float(ref) and _is_float(value):
+            sums[own_of[name]].add_own(ref, value)
+
     seen = 0
     total = -(-dataset.num_samples // dataset.feed_batch_size(batch_size))
     with progress(total=total, desc="analyzing", unit="batch") as bar:
         for batch in dataset.batches(batch_size):
-            partners = _Partners(ref_stream.chunks(batch), own, sums)
+            partners = Partners(ref_stream.chunks(batch), uses, on_extra=own_copy)
             for found in quant_stream.chunks(batch):
                 for name, got in found.items():
                     ref = partners.take(name)
@@ -78,46 +87,6 @@ def dynamic_sensitivity(float_path: str | os.PathLike, quant_path: str | os.Path
     for t in measured:
         sums[t.tensor].result(t)
     return SensitivityReport(str(float_path), str(quant_path), seen, layers, notes, mode="dynamic")
-
-
-class _Partners:
-    """The float model's side of one batch: layer outputs held until their partners (the quantized
-    model's output, the own copy's output) have read them, then dropped. The float stream is
-    advanced only as far as the quantized one needs, so few values wait at a time."""
-
-    def __init__(self, chunks: Iterator[dict[str, np.ndarray]], own: dict[str, str], sums: dict[str, Sums]):
-        self.chunks = chunks
-        self.own_of = {copy: tensor for tensor, copy in own.items()}
-        self.uses = {tensor: 1 + (tensor in own) for tensor in sums}
-        self.sums = sums
-        self.held: dict[str, np.ndarray] = {}
-
-    def take(self, name: str) -> np.ndarray:
-        """The float model's value of `name`, running the float model further if needed."""
-        while name not in self.held:
-            self._receive(next(self.chunks))
-        return self._use(name)
-
-    def finish(self) -> None:
-        """Run the rest of the float model: own copies of the last layers."""
-        for chunk in self.chunks:
-            self._receive(chunk)
-        self.held.clear()
-
-    def _use(self, name: str) -> np.ndarray:
-        value = self.held[name]
-        self.uses[name] -= 1
-        if not self.uses[name]:
-            del self.held[name]
-        return value
-
-    def _receive(self, chunk: dict[str, np.ndarray]) -> None:
-        self.held.update((n, v) for n, v in chunk.items() if n not in self.own_of)
-        for copy in [n for n in chunk if n in self.own_of]:
-            tensor = self.own_of[copy]  # a copy runs right after its layer, whose value is held by now
-            ref = self._use(tensor)
-            if _is_float(ref) and _is_float(chunk[copy]):
-                self.sums[tensor].add_own(ref, chunk[copy])
 
 
 def _layers(plan: QuantPlan, reference: onnx.ModelProto, quant: onnx.ModelProto) -> list[TensorSensitivity]:

@@ -42,7 +42,6 @@ from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import Batch, CalibrationData
 from lowbit.onnx.session import make_session
 from lowbit.onnx.subgraphs import defined_in, expose, has_subgraphs, node_reads
-from lowbit.progress import progress
 from lowbit.spec import QuantSpec
 
 # Values this large in an activation are masks or sentinels, not signal.
@@ -106,44 +105,29 @@ def collect_activation_stats(model: onnx.ModelProto, tensors: list[str], data: C
     """Run `data` through `model` batch by batch and return calibrated ranges of `tensors`.
 
     memory_budget_mb: upper bound for the activations exposed at once (None or inf: unbounded)."""
+    from lowbit.onnx.statistics import Ranges, collect
+
     started = time.perf_counter()
-    stream = ActivationStream(model, tensors, memory_budget_mb=memory_budget_mb, threads=threads)
-    observers = ObserverSet(**(observer_options or {}))
-    mask_like: set[str] = set()
-    non_float: set[str] = set()
-    batches = samples = 0
-    total = -(-data.num_samples // data.feed_batch_size(batch_size))
-    with progress(total=total, desc="calibrating", unit="batch") as bar:
+    ranges = Ranges(tensors, **(observer_options or {}))
+    batches = []  # samples per batch
+
+    def counted() -> Iterator[Batch]:
         for batch in data.batches(batch_size):
-            for found in stream.chunks(batch):
-                float_values = {}
-                for name, value in found.items():
-                    if value.dtype.kind != "f":
-                        non_float.add(name)
-                        continue
-                    value = value.astype(np.float32, copy=False)
-                    if name in mask_like or not value.size:
-                        float_values[name] = value
-                        continue
-                    lo, hi = float(value.min()), float(value.max())  # NaN and inf propagate here
-                    if _looks_like_mask_range(lo, hi):
-                        mask_like.add(name)
-                        float_values[name] = value
-                    else:
-                        float_values[name] = observed_sample(value, lo, hi)
-                observers.update(float_values)
-                del found, float_values  # one chunk of one batch's activations at a time
-            batches += 1
-            samples += next(iter(batch.values())).shape[0] if batch else 0
-            bar.update(1)
-    if batches == 0:
+            batches.append(next(iter(batch.values())).shape[0] if batch else 0)
+            yield batch
+
+    total = -(-data.num_samples // data.feed_batch_size(batch_size))
+    stream = collect(model, counted(), [ranges], threads=threads, memory_budget_mb=memory_budget_mb,
+                     total=total, desc="calibrating")
+    if not batches:
         raise LowbitError("calibration produced no batch (the model's fixed batch size is larger than the "
                           "number of samples); provide at least one full batch of samples")
+    observers = ranges.observers
     observers.warn_nonfinite()
-    wanted = [t for t in tensors if t not in non_float and t not in mask_like]
-    ranges = _ranges(observers, wanted, method, spec)
-    return ActivationStats(ranges, mask_like, non_float, batches, samples, time.perf_counter() - started,
-                           stream.runs_per_batch, stream.peak_bytes, observers)
+    wanted = [t for t in tensors if t not in ranges.non_float and t not in ranges.mask_like]
+    return ActivationStats(_ranges(observers, wanted, method, spec), ranges.mask_like, ranges.non_float,
+                           len(batches), sum(batches), time.perf_counter() - started, stream.runs_per_batch,
+                           stream.peak_bytes, observers)
 
 
 @dataclass
@@ -438,10 +422,10 @@ def pack_by_size(names: list[str], sizes: dict[str, int], budget: float) -> list
 def _looks_like_mask(value: np.ndarray) -> bool:
     """Mask-sized or non-finite values. Two reductions and no temporaries: on a 736x992
     detector the former abs/isfinite passes took 31 s of a 180 s calibration."""
-    return _looks_like_mask_range(float(value.min()), float(value.max()))  # NaN and inf propagate
+    return looks_like_mask_range(float(value.min()), float(value.max()))  # NaN and inf propagate
 
 
-def _looks_like_mask_range(lo: float, hi: float) -> bool:
+def looks_like_mask_range(lo: float, hi: float) -> bool:
     if math.isfinite(lo) and math.isfinite(hi):
         return max(-lo, hi) >= MASK_MAGNITUDE
     return True

@@ -24,7 +24,8 @@ from lowbit.algorithms.bias_correction import corrected_bias
 from lowbit.algorithms.equalization import Layer, equalize_chain
 from lowbit.numerics import dequantize, quantize
 from lowbit.onnx.calib_data import CalibrationData
-from lowbit.onnx.session import make_session
+from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB
+from lowbit.onnx.statistics import ChannelMeans, collect
 from lowbit.plan import QuantPlan
 
 
@@ -149,24 +150,13 @@ def _add_initializer(graph: onnx.GraphProto, name: str, values: np.ndarray) -> s
 
 
 def channel_means(model: onnx.ModelProto, tensors: list[str], data: CalibrationData, *, batch_size: int = 16,
-                  threads: int | None = None) -> dict[str, np.ndarray]:
-    """Mean of each axis-1 channel (NCHW / (N, C)) of the given tensors over the data."""
-    from lowbit.onnx.collect import with_outputs
-
-    inputs = {i.name for i in model.graph.input}
-    produced = [t for t in tensors if t not in inputs]
-    session = make_session(with_outputs(model, produced), threads=threads, optimize=False)
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for batch in data.batches(batch_size):
-        values = dict(zip(produced, session.run(produced, batch)))
-        values.update({t: batch[t] for t in tensors if t in inputs})
-        for name, value in values.items():
-            value = np.asarray(value, np.float64)
-            moved = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1)
-            sums[name] = sums.get(name, 0.0) + moved.sum(axis=1)
-            counts[name] = counts.get(name, 0) + moved.shape[1]
-    return {name: sums[name] / counts[name] for name in sums}
+                  threads: int | None = None, memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB
+                  ) -> dict[str, np.ndarray]:
+    """Mean of each axis-1 channel (NCHW / (N, C)) of the given tensors over the data, streamed
+    through the one statistics pass (`lowbit.onnx.statistics`, memory-bounded)."""
+    means = ChannelMeans(tensors, axis=1)
+    collect(model, data.batches(batch_size), [means], threads=threads, memory_budget_mb=memory_budget_mb)
+    return means.result()
 
 
 def conv_bias_targets(model: onnx.ModelProto, plan: QuantPlan) -> list[onnx.NodeProto]:

@@ -3,6 +3,7 @@ build as many candidate models as wanted from that one calibration, and write an
 
     prepare_model (opset >= 13, pre-process, node names)          every entry point, once
     StaticPipeline(model, config, data).calibrate()
+        channel peaks every pass will read, one statistics pass
         graph passes (outlier split, equalization)   -> typed records
         planner -> planned passes (SmoothQuant) -> planner of the rewritten model
         one calibration pass (observers kept: every range method comes from it)
@@ -109,6 +110,7 @@ class StaticPipeline:
 
     def calibrate(self) -> StaticPipeline:
         """Rewrite passes, planning, one calibration pass and the built passes' statistics."""
+        self._prefetch([p for p in PASSES if p.stage in ("graph", "planned") and p.enabled(self.config, self.ctx)])
         self.run_passes("graph")
         self._plan_and_calibrate(run_planned=True)
         return self
@@ -120,6 +122,7 @@ class StaticPipeline:
         decisions); `mismatched` lists those that did not come out as stored. calibrate=False: only
         the rewritten float model (for analysis references)."""
         pipeline = cls(model, config, data, batch_size=batch_size, threads=threads)
+        pipeline._prefetch([p for p in PASSES if any(isinstance(r, p.Record) for r in records)])
         for stage in ("graph", "planned"):
             for record in records:
                 rewrite = next(p for p in PASSES if isinstance(record, p.Record))
@@ -131,6 +134,12 @@ class StaticPipeline:
         if calibrate:
             pipeline._plan_and_calibrate(run_planned=False)
         return pipeline
+
+    def _prefetch(self, passes: list) -> None:
+        """The channel peaks `passes` read, in one pass over the data before any rewrite."""
+        started = time.perf_counter()
+        self.ctx.prefetch(passes)
+        self.seconds += time.perf_counter() - started
 
     def _plan_and_calibrate(self, *, run_planned: bool) -> None:
         self.planner = self._planner(self.exclude, self.config.per_channel)
@@ -264,25 +273,19 @@ def activation_channel_spread(model: onnx.ModelProto, data: CalibrationData, *, 
     `ops` node, on one batch of `data`: how much of one int8 scale the typical channel gets. A
     per-channel rescaling between layers (folded BatchNorm, dead units) shows up here, and
     cross-layer equalization is what evens it out."""
-    from lowbit.onnx.collect import with_outputs
-    from lowbit.onnx.session import make_session
+    from lowbit.onnx.statistics import ChannelAbsMax, collect
 
     initializers = {t.name for t in model.graph.initializer}
-    inputs = {i.name for i in model.graph.input}
     tensors = list(dict.fromkeys(n.input[0] for n in model.graph.node
                                  if n.op_type in ops and n.input and n.input[0] not in initializers))
     if not tensors:
         return {}
-    produced = [t for t in tensors if t not in inputs]
-    batch = data.first_batch(batch_size)
-    session = make_session(with_outputs(model, produced), threads=threads, optimize=False)
-    values = dict(zip(produced, session.run(produced, batch)))
+    absmax = ChannelAbsMax(tensors, axis=1)
+    collect(model, [data.first_batch(batch_size)], [absmax], threads=threads)
     spreads = {}
-    for name in tensors:
-        value = values.get(name, batch.get(name))
-        if value is None or value.dtype.kind != "f" or value.ndim < 3 or value.shape[1] < 2:
+    for name, peaks in absmax.result().items():
+        if name in absmax.non_float or len(absmax.shapes[name]) < 3 or peaks.size < 2:
             continue
-        peaks = np.abs(np.moveaxis(np.asarray(value, np.float32), 1, 0).reshape(value.shape[1], -1)).max(axis=1)
         median = float(np.median(peaks))
         if median > 0:
             spreads[name] = float(peaks.max() / median)

@@ -89,20 +89,13 @@ def channel_absmax(model: onnx.ModelProto, tensors: list[str], data: Calibration
 
     Activations stream through in chunks that fit `memory_budget_mb` (None: the calibration
     default, `lowbit.onnx.collect.DEFAULT_MEMORY_BUDGET_MB`)."""
-    from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStream
+    from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB
+    from lowbit.onnx.statistics import ChannelAbsMax, collect
 
-    budget = DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
-    stream = ActivationStream(model, tensors, memory_budget_mb=budget, threads=threads)
-    result: dict[str, np.ndarray] = {}
-    for batch in data.batches(batch_size):
-        for values in stream.chunks(batch):
-            for name, value in values.items():
-                value = np.abs(np.asarray(value, np.float32))
-                value = np.where(np.isfinite(value), value, 0.0)
-                peak = value.reshape(-1, value.shape[-1]).max(axis=0)
-                result[name] = peak if name not in result else np.maximum(result[name], peak)
-            del values
-    return result
+    absmax = ChannelAbsMax(tensors)
+    collect(model, data.batches(batch_size), [absmax], threads=threads,
+            memory_budget_mb=DEFAULT_MEMORY_BUDGET_MB if memory_budget_mb is None else memory_budget_mb)
+    return absmax.result()
 
 
 def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup], absmax: dict[str, np.ndarray]

@@ -13,8 +13,9 @@ in the standard "dq" format, as blocked DequantizeLinear feeding the Gather. In 
 encoder the word embeddings are about half the weights, so this is what makes int4 files small.
 
 Activations stay float. Statistics come from the float model in one pass (every layer sees the
-float model's inputs, not those of the already-quantized layers before it); memory holds one
-batch of the exposed activations plus one [in, in] Gram matrix per distinct input.
+float model's inputs, not those of the already-quantized layers before it), streamed through
+`lowbit.onnx.statistics.collect`: memory holds one chunk of exposed activations (the calibration
+memory budget) plus one [in, in] Gram matrix per distinct input.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from lowbit.errors import LowbitError
 from lowbit.onnx.blockwise import (DQ_BITS, DQ_OPSET, FORMATS, MATMULNBITS_BITS, MS_DOMAIN, WeightSite,
                                    blocked_dq_nodes, gather_block_quantized_node, matmulnbits_node, storage_bits)
 from lowbit.onnx.calib_data import CalibrationData
+from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB
 from lowbit.onnx.qdq import drop_unused_initializers, ensure_opset
 from lowbit.onnx.registry import rule_for
-from lowbit.onnx.session import make_session
+from lowbit.onnx.statistics import MASK_INPUTS, InputGram, collect
 from lowbit.plan import PlanEntry, QuantPlan
 from lowbit.spec import QuantSpec, per_channel, per_group
 from lowbit.weight_algorithms import ALGORITHMS, WeightOptions, algorithm_named, option_owners
@@ -42,8 +44,6 @@ from lowbit.weight_algorithms import ALGORITHMS, WeightOptions, algorithm_named,
 EMBEDDING_BITS = (0, 4, 8)  # 0 keeps embedding tables float
 # Consumers that read only a tensor's shape: they do not stop an AWQ scale from folding into LayerNorm.
 _SHAPE_READERS = ("Shape", "Size")
-# Names under which exporters call the padding mask; padded tokens are left out of the statistics.
-_MASK_INPUTS = ("attention_mask", "input_mask")
 
 
 @dataclass
@@ -192,34 +192,17 @@ def weight_matrix(model_initializers: dict[str, onnx.TensorProto], site: WeightS
 # ----------------------------------------------------------------------------- statistics
 
 def collect_input_statistics(model: onnx.ModelProto, sites: list[WeightSite], data: CalibrationData, *,
-                             batch_size: int = 16, threads: int | None = None
+                             batch_size: int = 16, threads: int | None = None,
+                             memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB
                              ) -> dict[str, HessianAccumulator]:
-    """One HessianAccumulator per distinct input of the sites, filled batch by batch.
-
-    Each batch's activations go into the Gram sums and are dropped; rows where the model's
+    """One HessianAccumulator per distinct input of the sites, filled batch by batch through the
+    one statistics pass (`lowbit.onnx.statistics`: activations exposed in chunks within
+    `memory_budget_mb`, each folded into its Gram sums and dropped); rows where the model's
     attention mask is 0 (padding) are left out when the activation's leading shape matches it."""
-    from lowbit.onnx.collect import with_outputs
-
-    widths = {s.activation: s.in_features for s in sites}
-    graph_inputs = {i.name for i in model.graph.input}
-    produced = [t for t in widths if t not in graph_inputs]
-    session = make_session(with_outputs(model, produced), threads=threads, optimize=False)
-    accumulators = {name: HessianAccumulator(width) for name, width in widths.items()}
-    mask_name = next((i.name for i in model.graph.input if i.name in _MASK_INPUTS), None)
-    for batch in data.batches(batch_size):
-        values = dict(zip(produced, session.run(produced, batch))) if produced else {}
-        values.update({t: batch[t] for t in widths if t in graph_inputs})
-        mask = batch.get(mask_name) if mask_name else None
-        for name, value in values.items():
-            if value.dtype.kind != "f":
-                raise LowbitError(f"the input {name!r} of a quantized MatMul is not float; exclude that node")
-            rows = torch.from_numpy(np.asarray(value, np.float32))
-            keep = None
-            if mask is not None and tuple(mask.shape) == tuple(rows.shape[:-1]):
-                keep = torch.from_numpy(np.asarray(mask) != 0)
-            accumulators[name].add(rows, keep)
-        del values
-    return accumulators
+    mask_name = next((i.name for i in model.graph.input if i.name in MASK_INPUTS), None)
+    grams = InputGram({s.activation: s.in_features for s in sites}, mask_name)
+    collect(model, data.batches(batch_size), [grams], threads=threads, memory_budget_mb=memory_budget_mb)
+    return grams.accumulators
 
 
 # ----------------------------------------------------------------------------- quantize

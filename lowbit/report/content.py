@@ -5,7 +5,8 @@ saturates, 1.62 comes back as 1.106; here that error is measured for every quant
 Weights are read from the pre-processed float model and checked against the quantized model's
 stored integers, so a weight rescaled before quantization (SmoothQuant, equalization) is listed
 as not comparable instead of being drawn against the wrong grid. Activation histograms are
-streamed from the float model over the data (re-binning histograms, one batch at a time).
+streamed from the float model over the data (re-binning histograms, `lowbit.onnx.statistics`:
+memory-bounded chunks).
 """
 
 from __future__ import annotations
@@ -19,13 +20,12 @@ import onnx
 from onnx import numpy_helper
 
 from lowbit.analysis.sensitivity import SensitivityReport, layer_sensitivity
-from lowbit.calibration.observer import ObserverSet
 from lowbit.numerics import QParams, expand_to, fake_quantize
 from lowbit.onnx.calib_data import CalibrationData
-from lowbit.onnx.collect import with_outputs
 from lowbit.onnx.io import load_model
 from lowbit.onnx.pipeline import prepare_model
-from lowbit.onnx.session import make_session
+from lowbit.onnx.statistics import Histograms
+from lowbit.onnx.statistics import collect as collect_statistics
 from lowbit.onnx.stored_plan import read_plan
 from lowbit.onnx.verify import VerifyReport, compare_models
 from lowbit.plan import PlanEntry, QuantPlan
@@ -151,17 +151,9 @@ def _activation_histograms(content: ReportContent, reference: onnx.ModelProto, d
         entries.append(entry)
     if not entries:
         return
-    inputs = {i.name for i in reference.graph.input}
-    names = [e.tensor for e in entries if e.tensor not in inputs]
-    session = make_session(with_outputs(reference, names), threads=threads, optimize=False)
-    observers = ObserverSet(bins=2048)
-    for e in entries:
-        observers.add(e.tensor)
-    for batch in data.batches(batch_size):
-        found = dict(zip(names, session.run(names, batch)))
-        found.update({n: batch[n] for n in (e.tensor for e in entries) if n in inputs})
-        observers.update({k: v for k, v in found.items() if np.asarray(v).dtype.kind == "f"})
-        del found
+    histograms = Histograms([e.tensor for e in entries], bins=2048)
+    collect_statistics(reference, data.batches(batch_size), [histograms], threads=threads)
+    observers = histograms.observers
     for entry in entries:
         snapshot = observers[entry.tensor].histogram_snapshot()
         if snapshot is None or snapshot.total == 0:

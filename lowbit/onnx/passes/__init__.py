@@ -44,6 +44,29 @@ class PassContext:
     planner: Any = None  # StaticPlanner of `model`, from stage "planned" on
     options: Any = None  # the StaticConfig
     memory_budget_mb: float | None = None
+    absmax: dict = field(default_factory=dict)  # tensor -> channel peaks measured so far (see channel_absmax)
+
+    def channel_absmax(self, tensors: list[str]) -> dict:
+        """max |x| per last-axis channel of each tensor: the peaks measured up front (`prefetch`),
+        the others measured now on `model`, in one statistics pass."""
+        missing = [t for t in dict.fromkeys(tensors) if t not in self.absmax]
+        if missing:
+            from lowbit.onnx.smooth import channel_absmax
+
+            self.absmax.update(channel_absmax(self.model, missing, self.data, batch_size=self.batch_size,
+                                              threads=self.threads, memory_budget_mb=self.memory_budget_mb))
+        return {t: self.absmax[t] for t in tensors}
+
+    def prefetch(self, passes: list) -> None:
+        """Measure, in one pass over the data, the channel peaks every one of `passes` will read
+        (`absmax_tensors(ctx)`), on the model as it is now. Used before the rewrites: the peaks a
+        later pass reads are those of tensors the earlier passes keep equal in exact arithmetic
+        (the outlier split is exact, equalization does not touch LayerNorm outputs), so they differ
+        from a measurement between the passes by float rounding only, and the data runs once, not
+        once per pass."""
+        tensors = [t for p in passes if hasattr(p, "absmax_tensors") for t in p.absmax_tensors(self)]
+        if tensors and self.data is not None:
+            self.channel_absmax(tensors)
 
 
 def records_from_settings(algorithms: dict) -> list:

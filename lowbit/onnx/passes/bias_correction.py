@@ -57,11 +57,12 @@ class BiasCorrection:
     @staticmethod
     def measure(ctx) -> dict[str, np.ndarray]:
         """Channel means of every Conv input the correction may need, once for all candidates."""
+        from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB
         from lowbit.onnx.equalize import channel_means
 
         tensors = list(dict.fromkeys(n.input[0] for n in ctx.model.graph.node if n.op_type == "Conv"))
-        return channel_means(ctx.model, tensors, ctx.data, batch_size=ctx.batch_size, threads=ctx.threads) \
-            if tensors else {}
+        return channel_means(ctx.model, tensors, ctx.data, batch_size=ctx.batch_size, threads=ctx.threads,
+                             memory_budget_mb=ctx.memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB) if tensors else {}
 
     @staticmethod
     def apply_built(model: onnx.ModelProto, plan, means: dict[str, np.ndarray]) -> BiasCorrectionRecord | None:

@@ -73,18 +73,27 @@ class OutlierSplit:
         return ctx.data is not None and getattr(config, "outlier_split", None) is not False
 
     @staticmethod
-    def apply(ctx) -> OutlierSplitRecord | None:
-        from lowbit.onnx.outlier_split import apply_split, outlier_channels, split_sites
-        from lowbit.onnx.smooth import channel_absmax
+    def _sites(ctx) -> list:
+        from lowbit.onnx.outlier_split import split_sites
 
         skipped = set(ctx.exclude)
         candidates = {n.name for n in ctx.model.graph.node
                       if n.op_type == "MatMul" and not ({n.name, n.op_type, *n.output} & skipped)}
-        sites = split_sites(ctx.model, candidates)
+        return split_sites(ctx.model, candidates)
+
+    @staticmethod
+    def absmax_tensors(ctx) -> list[str]:
+        """The FFN activations whose channel peaks pick the outlier channels."""
+        return [s.activation for s in OutlierSplit._sites(ctx)]
+
+    @staticmethod
+    def apply(ctx) -> OutlierSplitRecord | None:
+        from lowbit.onnx.outlier_split import apply_split, outlier_channels
+
+        sites = OutlierSplit._sites(ctx)
         if not sites:
             return None
-        absmax = channel_absmax(ctx.model, [s.activation for s in sites], ctx.data, batch_size=ctx.batch_size,
-                                threads=ctx.threads)
+        absmax = ctx.channel_absmax([s.activation for s in sites])
         for site in sites:
             site.channels = outlier_channels(absmax[site.activation])
         ctx.model = apply_split(ctx.model, sites)

@@ -47,8 +47,8 @@ def _smooth(model: onnx.ModelProto, planner, ctx, alpha) -> tuple[onnx.ModelProt
     groups = smoothing_groups(model, set(planner.active), alpha=alpha)
     if not groups:
         return model, []
-    absmax = channel_absmax(model, [g.activation for g in groups], ctx.data, batch_size=ctx.batch_size,
-                            threads=ctx.threads)
+    absmax = ctx.channel_absmax([g.activation for g in groups]) if model is ctx.model else \
+        channel_absmax(model, [g.activation for g in groups], ctx.data, batch_size=ctx.batch_size, threads=ctx.threads)
     model = apply_smoothing(model, groups, absmax)
     return model, [{"activation": g.activation, "nodes": g.nodes, "alpha": g.alpha, "folded_into": g.folded_into}
                    for g in groups if g.scales is not None]
@@ -73,6 +73,15 @@ class Smooth:
     @staticmethod
     def enabled(config, ctx) -> bool:
         return ctx.data is not None and getattr(config, "smooth", None) is not False
+
+    @staticmethod
+    def absmax_tensors(ctx) -> list[str]:
+        """Every LayerNorm output a MatMul could be smoothed on (the planner decides later which)."""
+        from lowbit.onnx.smooth import smoothing_groups
+
+        skipped = set(ctx.exclude)
+        kept = {n.name for n in ctx.model.graph.node if not ({n.name, n.op_type, *n.output} & skipped)}
+        return [g.activation for g in smoothing_groups(ctx.model, kept)]
 
     @staticmethod
     def apply(ctx) -> SmoothRecord | None:

@@ -1,0 +1,239 @@
+"""One statistics pass: every activation statistic lowbit measures on an ONNX model streams here.
+
+    collect(model, data.batches(16), [ChannelMeans(...), InputGram(...), Histograms(...)])
+
+runs the batches through `collect.ActivationStream` once and hands each chunk's tensors to the
+reducers that asked for them; a reducer folds a tensor into running sums and drops it. So every
+user (calibration ranges, bias correction's channel means, SmoothQuant's and the outlier split's
+channel abs-max, GPTQ/AWQ input Gram matrices, the report's histograms, the sensitivity sums)
+has the same memory bound:
+
+    peak ~ model + ONNX Runtime's working set for one batch
+           + `memory_budget_mb` of exposed activations (DEFAULT_MEMORY_BUDGET_MB: 256 MB)
+           + what the reducers hold (fixed: O(channels) per tensor, 2048-bin histograms,
+             one [in, in] float64 Gram matrix per distinct GPTQ/AWQ input)
+
+whatever the number of batches or tensors. Two-model analyses (sensitivity) stream both models
+the same way and pair the values with `Partners` (a reference value waits only until its partner
+in the other model arrives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import onnx
+
+from lowbit.calibration import ObserverSet
+from lowbit.errors import LowbitError
+from lowbit.onnx.calib_data import Batch
+from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStream, looks_like_mask_range, observed_sample
+from lowbit.progress import progress
+
+
+class Reducer:
+    """Running statistics of some tensors. `tensors`: the names it reads; `update` folds one
+    tensor of one batch in (`batch`: that batch's graph inputs, e.g. an attention mask)."""
+
+    tensors: list[str] = []
+
+    def update(self, name: str, value: np.ndarray, batch: Batch) -> None:
+        raise NotImplementedError
+
+
+def collect(model: onnx.ModelProto, batches: Iterable[Batch], reducers: list[Reducer], *,
+            threads: int | None = None, memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
+            total: int | None = None,
+            desc: str | None = None) -> ActivationStream:
+    """Stream `batches` through `model` once, feeding every reducer its tensors (see the module
+    docstring for the memory bound; memory_budget_mb None or inf: unbounded). Returns the stream (its
+    `peak_bytes` and `runs_per_batch` say how the activations were chunked)."""
+    wanted: dict[str, list[Reducer]] = {}
+    for reducer in reducers:
+        for name in reducer.tensors:
+            wanted.setdefault(name, []).append(reducer)
+    stream = ActivationStream(model, list(wanted), memory_budget_mb=memory_budget_mb, threads=threads)
+    with progress(total=total, desc=desc or "measuring", unit="batch", disable=True if desc is None else None) as bar:
+        for batch in batches:
+            for found in stream.chunks(batch):
+                for name, value in found.items():
+                    for reducer in wanted.get(name, ()):
+                        reducer.update(name, value, batch)
+                del found  # one chunk of one batch's activations at a time
+            bar.update(1)
+    return stream
+
+
+def _channel_rows(value: np.ndarray, axis: int) -> np.ndarray:
+    """`value` as (channels, everything else)."""
+    return np.moveaxis(value, axis, 0).reshape(value.shape[axis], -1)
+
+
+class ChannelMeans(Reducer):
+    """Mean of each channel along `axis` (NCHW / (N, C): axis 1), summed in float64."""
+
+    def __init__(self, tensors: list[str], axis: int = 1) -> None:
+        self.tensors = list(dict.fromkeys(tensors))
+        self.axis = axis
+        self.sums: dict[str, np.ndarray] = {}
+        self.counts: dict[str, int] = {}
+
+    def update(self, name: str, value: np.ndarray, batch: Batch) -> None:
+        rows = _channel_rows(np.asarray(value, np.float64), self.axis)
+        self.sums[name] = self.sums.get(name, 0.0) + rows.sum(axis=1)
+        self.counts[name] = self.counts.get(name, 0) + rows.shape[1]
+
+    def result(self) -> dict[str, np.ndarray]:
+        return {name: self.sums[name] / self.counts[name] for name in self.sums}
+
+
+class ChannelAbsMax(Reducer):
+    """max |x| of each channel along `axis` (default: the last, a transformer's features), non-finite
+    values ignored."""
+
+    def __init__(self, tensors: list[str], axis: int = -1) -> None:
+        self.tensors = list(dict.fromkeys(tensors))
+        self.axis = axis
+        self.peaks: dict[str, np.ndarray] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}  # last seen; callers skip layouts they cannot use
+        self.non_float: set[str] = set()
+
+    def update(self, name: str, value: np.ndarray, batch: Batch) -> None:
+        self.shapes[name] = value.shape
+        if value.dtype.kind != "f":
+            self.non_float.add(name)
+        if not -value.ndim <= self.axis < value.ndim:
+            return  # no such channel axis (a scalar, or a vector read as NCHW)
+        value = np.abs(np.asarray(value, np.float32))
+        value = np.where(np.isfinite(value), value, 0.0)
+        peak = (value.reshape(-1, value.shape[-1]) if self.axis in (-1, value.ndim - 1)
+                else _channel_rows(value, self.axis).T).max(axis=0)
+        self.peaks[name] = peak if name not in self.peaks else np.maximum(self.peaks[name], peak)
+
+    def result(self) -> dict[str, np.ndarray]:
+        return self.peaks
+
+
+# Names under which exporters call the padding mask; padded tokens are left out of input statistics.
+MASK_INPUTS = ("attention_mask", "input_mask")
+
+
+class InputGram(Reducer):
+    """GPTQ/AWQ input statistics: one `HessianAccumulator` (Gram matrix, mean |x|) per tensor of
+    the given width. Rows where the batch's attention mask is 0 (padding) are left out when the
+    tensor's leading shape matches the mask."""
+
+    def __init__(self, widths: dict[str, int], mask_input: str | None = None) -> None:
+        from lowbit.algorithms import HessianAccumulator
+
+        self.tensors = list(widths)
+        self.mask_input = mask_input
+        self.accumulators = {name: HessianAccumulator(width) for name, width in widths.items()}
+
+    def update(self, name: str, value: np.ndarray, batch: Batch) -> None:
+        import torch
+
+        if value.dtype.kind != "f":
+            raise LowbitError(f"the input {name!r} of a quantized MatMul is not float; exclude that node")
+        rows = torch.from_numpy(np.asarray(value, np.float32))
+        mask = batch.get(self.mask_input) if self.mask_input else None
+        keep = None
+        if mask is not None and tuple(mask.shape) == tuple(rows.shape[:-1]):
+            keep = torch.from_numpy(np.asarray(mask) != 0)
+        self.accumulators[name].add(rows, keep)
+
+
+class Histograms(Reducer):
+    """Streaming min/max and re-binning histograms (an `ObserverSet`, one observer per tensor
+    even if it is never float) of the float tensors."""
+
+    def __init__(self, tensors: list[str], **observer_options) -> None:
+        self.tensors = list(dict.fromkeys(tensors))
+        self.observers = ObserverSet(**observer_options)
+        for name in self.tensors:
+            self.observers.add(name)
+
+    def update(self, name: str, value: np.ndarray, batch: Batch) -> None:
+        if np.asarray(value).dtype.kind == "f":
+            self.observers.update({name: value})
+
+
+class Ranges(Reducer):
+    """Calibration: the `Histograms` of float tensors, plus which tensors are not float or ever
+    held mask-sized values (|x| >= MASK_MAGNITUDE or +-inf; kept whole, the planner keeps them
+    float). Large tensors are observed through `observed_sample` (exact min/max)."""
+
+    def __init__(self, tensors: list[str], **observer_options) -> None:
+        self.tensors = list(dict.fromkeys(tensors))
+        self.observers = ObserverSet(**observer_options)
+        self.mask_like: set[str] = set()
+        self.non_float: set[str] = set()
+
+    def update(self, name: str, value: np.ndarray, batch: Batch) -> None:
+        if value.dtype.kind != "f":
+            self.non_float.add(name)
+            return
+        value = value.astype(np.float32, copy=False)
+        if name not in self.mask_like and value.size:
+            lo, hi = float(value.min()), float(value.max())  # NaN and inf propagate here
+            if looks_like_mask_range(lo, hi):
+                self.mask_like.add(name)
+            else:
+                value = observed_sample(value, lo, hi)
+        self.observers.update({name: value})
+
+
+class Shapes(Reducer):
+    """The shape each tensor had (for one feed: what MAC counts need)."""
+
+    def __init__(self, tensors: list[str]) -> None:
+        self.tensors = list(dict.fromkeys(tensors))
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def update(self, name: str, value: np.ndarray, batch: Batch) -> None:
+        self.shapes[name] = tuple(value.shape)
+
+
+class Partners:
+    """One side (the reference model) of a two-model comparison, for one batch: its values are
+    held until the other side has read them `uses[name]` times, then dropped. The reference
+    stream is advanced only as far as the other side needs, so few values wait at a time.
+    `on_extra(name, value, take)`: values of chunks not asked for by name (e.g. a layer's
+    shadow copy), called as they arrive."""
+
+    def __init__(self, chunks: Iterator[dict[str, np.ndarray]], uses: dict[str, int],
+                 on_extra: Callable[[str, np.ndarray, Callable[[str], np.ndarray]], None] | None = None) -> None:
+        self.chunks = chunks
+        self.uses = dict(uses)
+        self.on_extra = on_extra
+        self.held: dict[str, np.ndarray] = {}
+
+    def take(self, name: str) -> np.ndarray:
+        """The reference value of `name`, running the reference model further if needed."""
+        while name not in self.held:
+            self._receive(next(self.chunks))
+        return self._use(name)
+
+    def finish(self) -> None:
+        """Run the rest of the reference model (extras after the last taken value)."""
+        for chunk in self.chunks:
+            self._receive(chunk)
+        self.held.clear()
+
+    def _use(self, name: str) -> np.ndarray:
+        value = self.held[name]
+        self.uses[name] -= 1
+        if not self.uses[name]:
+            del self.held[name]
+        return value
+
+    def _receive(self, chunk: dict[str, np.ndarray]) -> None:
+        self.held.update((n, v) for n, v in chunk.items() if n in self.uses)
+        if self.on_extra is not None:
+            for name in [n for n in chunk if n not in self.uses]:
+                self.on_extra(name, chunk[name], self._use)
+
+
+__all__ = ["ChannelAbsMax", "ChannelMeans", "Histograms", "InputGram", "MASK_INPUTS", "Partners", "Ranges", "Reducer", "Shapes",
+           "collect"]
