@@ -31,12 +31,30 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def watch_shards(parent: Path, name: str, stop: threading.Event, seen: dict[str, float]) -> None:
-    """Record when each output shard appears in the run's temporary folder (`.NAME.*.lowbit-tmp`)."""
-    while not stop.wait(1.0):
+def resident_bytes(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def watch_shards(parent: Path, name: str, pid: int, stop: threading.Event, seen: dict[str, float],
+                 peaks: dict[str, int]) -> None:
+    """Record when each output shard appears in the run's temporary folder (`.NAME.*.lowbit-tmp`)
+    and the child's peak resident memory while each shard was being made (sampled every 0.5 s),
+    printing one line per shard so a long run can be followed."""
+    peak = 0
+    while not stop.wait(0.5):
+        peak = max(peak, resident_bytes(pid) or 0)
         for folder in parent.glob(f".{name}.*.lowbit-tmp"):
-            for shard in folder.glob("model-*.safetensors"):
-                seen.setdefault(shard.name, time.time())
+            for shard in sorted(folder.glob("model-*.safetensors")):
+                if shard.name not in seen:
+                    seen[shard.name], peaks[shard.name] = time.time(), peak
+                    print(f"{time.strftime('%H:%M:%S')} {shard.name}: peak RSS so far {peak / 1e9:.2f} GB, "
+                          f"load {os.getloadavg()[0]:.1f}", flush=True)
 
 
 def load_check(out: Path, layers: int, float_bytes: int) -> str:
@@ -98,11 +116,15 @@ def main() -> None:
     print(f"checkpoint: {size / 1e9:.2f} GB, {layers} blocks, {args.dtype}; load {os.getloadavg()}", flush=True)
     print("$ " + shlex.join(command), flush=True)
     seen: dict[str, float] = {}
+    peaks: dict[str, int] = {}
     stop = threading.Event()
-    watcher = threading.Thread(target=watch_shards, args=(out.parent, out.name, stop, seen), daemon=True)
-    watcher.start()
     start = time.time()
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    watcher = threading.Thread(target=watch_shards, args=(out.parent, out.name, child.pid, stop, seen, peaks),
+                               daemon=True)
+    watcher.start()
+    stdout, stderr = child.communicate()
+    done = subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
     wall = time.time() - start
     stop.set()
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024

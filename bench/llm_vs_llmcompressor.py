@@ -96,6 +96,7 @@ def run_llmcompressor(variant: str, model_dir: Path, out: Path) -> None:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
+    cpu_only_pinning_shim()
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     ids = torch.cat([batch["input_ids"] for batch in rows(model_dir, "calib.txt", CALIB)])
@@ -114,6 +115,21 @@ def run_llmcompressor(variant: str, model_dir: Path, out: Path) -> None:
             num_calibration_samples=CALIB, shuffle_calibration_samples=False)
     model.save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
+
+
+def cpu_only_pinning_shim() -> None:
+    """Let llm-compressor's AWQ run on a torch without an accelerator.
+
+    AWQModifier._apply_smoothing (llmcompressor 0.14.0.1, modifiers/transform/awq/base.py:507)
+    calls `IntermediatesCache.pin_memory` on the cached block inputs before its grid search, so
+    that later host-to-device copies can be non-blocking; `Tensor.pin_memory()` raises
+    "RuntimeError: Cannot access accelerator device when none is available" on CPU-only torch.
+    Pinning moves no values (the tensors stay on the CPU, bit for bit), so on such a torch the
+    bench makes it a no-op; nothing else of llm-compressor is touched."""
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    if not torch.accelerator.is_available():
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
 
 
 def worker(tool: str, variant: str, model_dir: Path, out: Path) -> None:

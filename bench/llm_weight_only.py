@@ -117,6 +117,9 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--act-order", action="store_true", help="GPTQ with act-order")
+    parser.add_argument("--static-groups", action="store_true", help="GPTQ group scales from the original weights")
+    parser.add_argument("--one-pass", action="store_true",
+                        help="GPTQ Hessians of a block from one float pass (not true-sequential)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
@@ -138,7 +141,8 @@ def main() -> None:
             model = copy.deepcopy(float_model)
             with PeakMemory(device) as memory:
                 result = quantize_llm(model, FORMATS[fmt], algorithm, calibration, device=device,
-                                      act_order=args.act_order)
+                                      act_order=args.act_order, static_groups=args.static_groups,
+                                      true_sequential=not args.one_pass)
             cosines = np.sum(reference * embeddings(model, evaluation), axis=-1)
             rows.append(Row(fmt, algorithm, float(cosines.mean()), float(cosines.min()),
                             float(np.mean(result.block_seconds)), memory.extra_mib))

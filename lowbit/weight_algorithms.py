@@ -39,6 +39,8 @@ class WeightOptions:
     rtn_mse: bool = False  # RTN: shrink ranges to the least squared weight error
     awq_grid: int = 20  # AWQ: alpha grid of the scale search
     awq_clip: bool = True  # AWQ: clipping search after scaling (else round to nearest)
+    static_groups: bool = False  # GPTQ: group scales from the original weights, not the updated ones
+    true_sequential: bool = True  # LLM blocks: statistics from the partly quantized block (else one float pass)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class WeightAlgorithm:
     scales_inputs: bool = False  # searches input scales the adapter folds into the input's producer
     needs_integer_grid: bool = False  # refuses non-integer weight types (fp8, binary, ...)
     options: tuple[str, ...] = ()  # the user-facing options only it takes (checked by the front ends)
+    one_pass_by_default: bool = False  # LLM blocks: all statistics from one float pass (llm-compressor's GPTQ)
 
     def hooks(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -67,7 +70,7 @@ class WeightAlgorithm:
 _ALGORITHMS = (
     WeightAlgorithm("rtn", "round to nearest (no data)", "lowbit.algorithms.rtn"),
     WeightAlgorithm("gptq", "error-compensating rounding", "lowbit.algorithms.gptq", needs_statistics=True,
-                    needs_integer_grid=True, options=("act_order",)),
+                    needs_integer_grid=True, options=("act_order",), one_pass_by_default=True),
     WeightAlgorithm("awq", "activation-aware scaling", "lowbit.algorithms.awq", needs_statistics=True,
                     scales_inputs=True, needs_integer_grid=True),
 )

@@ -126,8 +126,9 @@ def test_every_scale_fold_leaves_the_float_model_unchanged(kind):
         assert any(isinstance(m, ScaledActivation) for m in model.modules())
 
 
-def test_each_layer_is_calibrated_on_the_inputs_of_the_quantized_model(monkeypatch):
-    """Block 1 sees block 0's quantized outputs; inside a block, o_proj sees quantized q/k/v."""
+def _recorded_gptq(monkeypatch, **options):
+    """A float llama model, its GPTQ copy, the calibration batch and the Hessian accumulators
+    GPTQ created, in creation order."""
     created: list[HessianAccumulator] = []
 
     class Recording(HessianAccumulator):
@@ -139,27 +140,51 @@ def test_each_layer_is_calibrated_on_the_inputs_of_the_quantized_model(monkeypat
     float_model = _model("llama")
     model = copy.deepcopy(float_model)
     batches = _batches(5, 1)
-    quantize_llm(model, SPEC, "gptq", batches)
+    quantize_llm(model, SPEC, "gptq", batches, **options)
+    return float_model, model, batches, created
 
-    def linear_inputs(net):
-        inputs: dict[str, torch.Tensor] = {}
-        hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a[0]))
-                 for n, m in find_linears(net.layers).items()]
-        with torch.no_grad():
-            net(**batches[0])
-        for hook in hooks:
-            hook.remove()
-        return inputs
 
-    quantized_inputs, float_inputs = linear_inputs(model), linear_inputs(float_model)
-    assert len(created) == len(quantized_inputs) == 14
+def _linear_inputs(net, batch) -> dict[str, torch.Tensor]:
+    """Each block linear's input on `batch`, by name, first of each input group only (k/v read
+    q's input, up reads gate's), in the order the forward pass reaches them."""
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a[0]))
+             for n, m in find_linears(net.layers).items() if not n.endswith(("k_proj", "v_proj", "up_proj"))]
+    with torch.no_grad():
+        net(**batch)
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
+def _gram(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    rows = x[mask].double()
+    return rows.T @ rows / len(rows)
+
+
+def test_each_layer_is_calibrated_on_the_inputs_of_the_quantized_model(monkeypatch):
+    """Block 1 sees block 0's quantized outputs; inside a block, o_proj sees quantized q/k/v.
+    One accumulator per input group (q/k/v share one, gate/up share one)."""
+    float_model, model, batches, created = _recorded_gptq(monkeypatch, true_sequential=True)
+    quantized_inputs, float_inputs = _linear_inputs(model, batches[0]), _linear_inputs(float_model, batches[0])
+    assert len(created) == len(quantized_inputs) == 8
     mask = batches[0]["attention_mask"].bool()
     for accumulator, (name, x) in zip(created, quantized_inputs.items()):
-        rows = x[mask].double()
-        torch.testing.assert_close(accumulator.gram, rows.T @ rows / len(rows), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(accumulator.gram, _gram(x, mask), rtol=1e-4, atol=1e-6)
         if name.startswith("1.") or name.endswith("o_proj"):
-            drift = float_inputs[name][mask].double()
-            assert not torch.allclose(accumulator.gram, drift.T @ drift / len(drift), rtol=1e-4, atol=1e-6), name
+            assert not torch.allclose(accumulator.gram, _gram(float_inputs[name], mask), rtol=1e-4, atol=1e-6), name
+
+
+def test_without_true_sequential_a_block_is_calibrated_in_one_float_pass(monkeypatch):
+    """true_sequential=False (the default, llm-compressor's way): every group of block 0 is calibrated on the
+    float model's inputs, o_proj included, all before any of the block's weights change."""
+    float_model, model, batches, created = _recorded_gptq(monkeypatch, true_sequential=False)
+    float_inputs = _linear_inputs(float_model, batches[0])
+    mask = batches[0]["attention_mask"].bool()
+    assert len(created) == 8
+    block0 = [(name, x) for name, x in float_inputs.items() if name.startswith("0.")]
+    for accumulator, (name, x) in zip(created, block0):
+        torch.testing.assert_close(accumulator.gram, _gram(x, mask), rtol=1e-4, atol=1e-6)
 
 
 def test_rtn_needs_no_data_and_quantizes_only_block_linears():

@@ -223,7 +223,8 @@ def test_checkpoint_is_smaller_and_summary_names_the_format(tmp_path):
 
 @pytest.mark.parametrize("flags, groups, smoothed", [
     ([], ["norm", "linear"], 6),  # default: 4 norms, up_proj -> down_proj in both blocks (v -> o needs MHA)
-    (["--smooth-groups", "norm"], ["norm"], 4)])
+    (["--smooth-groups", "norm"], ["norm"], 4),
+    (["--mode", "dynamic"], ["norm"], 4)])  # dynamic per-token inputs: the norm groups by default
 def test_cli_writes_w8a8_checkpoint(tmp_path, capsys, flags, groups, smoothed):
     model_dir = _save_model("llama", tmp_path / "model")
     code = main(["quantize", str(model_dir), "-o", str(tmp_path / "out"), "--mode", "static", "--algo", "smoothquant",
@@ -240,7 +241,8 @@ def test_cli_writes_w8a8_checkpoint(tmp_path, capsys, flags, groups, smoothed):
     assert config["lowbit"]["alpha"] == 0.6 and config["lowbit"]["smooth_groups"] == groups
     assert config["lowbit"]["smoothed"] == report["smoothed"]
     loaded = load(tmp_path / "out", "llama")
-    assert loaded.model.layers[0].mlp.down_proj.quantization_scheme.input_activations.strategy == "tensor"
+    inputs = loaded.model.layers[0].mlp.down_proj.quantization_scheme.input_activations
+    assert inputs.strategy == ("token" if "dynamic" in flags else "tensor")
 
 
 def _fails(argv, capsys) -> str:

@@ -44,7 +44,8 @@ class GPTQResult(QuantizedWeight):
 
 
 def gptq_quantize(weight, hessian, spec: QuantSpec, *, block_size: int = 128, percdamp: float = 0.01,
-                  act_order: bool = False, mse: bool = False, name: str = "weight") -> GPTQResult:
+                  act_order: bool = False, static_groups: bool = False, mse: bool = False,
+                  name: str = "weight") -> GPTQResult:
     """Quantize a `[out, in]` weight with GPTQ under `spec`, given the `[in, in]` Hessian of its inputs.
 
     Returns the dequantized weight, its integers and qparams (groups along `in`), and the
@@ -62,17 +63,25 @@ def gptq_quantize(weight, hessian, spec: QuantSpec, *, block_size: int = 128, pe
     # Inputs that never fired carry no information: their weights become 0 (exact on any grid)
     # and their Hessian entry 1 so the factorization exists.
     W = original.clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-
-    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(n_in)
-    perm = perm.to(W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv, used_damp = _damped_inverse_cholesky(H, percdamp, name)
+    diagonal = torch.diagonal(H).clone()
     del H
+    dead = diagonal == 0
+    diagonal[dead] = 1.0
+    W[:, dead] = 0.0
+    perm = (torch.argsort(diagonal, descending=True, stable=True) if act_order else torch.arange(n_in)).to(W.device)
+    if act_order:
+        W = W[:, perm]
 
-    scales = _ColumnScales(original, spec, perm, mse)
+    def private_hessian() -> torch.Tensor:
+        """A fresh float64 copy of H (dead inputs fixed, columns in `perm`'s order): the
+        factorization overwrites it, and `hessian` may be shared by the linears of one group."""
+        H = _checked_hessian(hessian, n_in, original.device, name)
+        H[dead, dead] = 1.0
+        return H.index_select(0, perm).index_select(1, perm) if act_order else H
+
+    Hinv, used_damp = _damped_inverse_cholesky(private_hessian, percdamp, name)
+
+    scales = _ColumnScales(original, spec, perm, mse, static_groups)
     Q = torch.zeros_like(W)
     for i1 in range(0, n_in, block_size):
         i2 = min(i1 + block_size, n_in)
@@ -105,23 +114,26 @@ def _checked_hessian(hessian, n_in: int, device: torch.device, name: str) -> tor
     return H
 
 
-def _damped_inverse_cholesky(H: torch.Tensor, percdamp: float, name: str) -> tuple[torch.Tensor, float]:
+def _damped_inverse_cholesky(private_hessian, percdamp: float, name: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 in float32, raising the damping
-    tenfold while the factorization fails. Returns the factor and the damping ratio used."""
-    diagonal = torch.diagonal(H)  # a view: H is damped in place (it is the caller's private copy)
-    undamped = diagonal.clone()
-    mean_diag = float(undamped.mean())
+    tenfold while the factorization fails. Returns the factor and the damping ratio used.
+    `private_hessian()` gives a fresh copy of H for each attempt: the inverse and its factor
+    overwrite that copy, so at most two in x in float64 matrices are alive (H and its factor L)."""
     damp = percdamp
     for _ in range(DAMPING_STEPS):
-        diagonal.copy_(undamped + damp * mean_diag)
+        H = private_hessian()
+        diagonal = torch.diagonal(H)  # a view: H is damped in place
+        diagonal += damp * float(diagonal.mean())
         L, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(L)
-            del L  # O(in^2) each: keep at most three such matrices alive
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
-                return U.to(torch.float32), damp
+        factorized = int(info) == 0
+        if factorized:
+            torch.cholesky_inverse(L, out=H)
+        del L
+        if factorized:
+            torch.linalg.cholesky_ex(H, upper=True, out=(H, info))
+            if int(info) == 0 and bool(torch.isfinite(H).all()):
+                return H.to(torch.float32), damp
+        del H
         damp = damp * 10 if damp > 0 else 1e-4
     raise LowbitError(f"the Hessian of {name} is not positive definite even with damping {damp / 10:g}; "
                       "calibrate with more (and more varied) samples")
@@ -134,7 +146,8 @@ class _ColumnScales:
     Per-group qparams are chosen the first time a column of the group is reached, from the
     current (error-updated) values of all the group's columns."""
 
-    def __init__(self, original: torch.Tensor, spec: QuantSpec, perm: torch.Tensor, mse: bool = False) -> None:
+    def __init__(self, original: torch.Tensor, spec: QuantSpec, perm: torch.Tensor, mse: bool = False,
+                 static_groups: bool = False) -> None:
         self.spec = spec
         self.mse = mse
         self.column_spec = replace(spec, granularity=per_channel(0))  # one scale per row of a column
@@ -148,6 +161,11 @@ class _ColumnScales:
             self.scale = torch.zeros(original.shape[0], n_groups, device=original.device)
             self.zero_point = torch.zeros(original.shape[0], n_groups, dtype=torch.int32, device=original.device)
             self.ready = [False] * n_groups
+            if static_groups:  # every group's qparams from the original weights, before any update
+                whole = weight_qparams_for(original, spec, mse=mse)
+                self.scale.copy_(whole.scale.reshape(self.scale.shape))
+                self.zero_point.copy_(whole.zero_point.reshape(self.zero_point.shape))
+                self.ready = [True] * n_groups
         else:
             self.whole = weight_qparams_for(original, spec, mse=mse)
             self.column = self.whole if kind == "tensor" else QParams(self.column_spec, self.whole.scale,
@@ -176,5 +194,7 @@ class _ColumnScales:
 
 def quantize_group(matrices, statistics, spec: QuantSpec, options, names: list[str]) -> list[GPTQResult]:
     """The `lowbit.weight_algorithms` hook: every matrix with the Hessian of their shared input."""
-    return [gptq_quantize(matrix, statistics.hessian, spec, block_size=options.block_size, percdamp=options.percdamp,
-                          act_order=options.act_order, name=name) for matrix, name in zip(matrices, names)]
+    hessian = statistics.hessian
+    return [gptq_quantize(matrix, hessian, spec, block_size=options.block_size, percdamp=options.percdamp,
+                          act_order=options.act_order, static_groups=options.static_groups, name=name)
+            for matrix, name in zip(matrices, names)]

@@ -53,7 +53,7 @@ def run_budget(args: argparse.Namespace) -> int:
 
         result = search_weight_precision(
             args.model, args.output, calib=args.calib, bits=args.weight_bits, group_size=args.group_size,
-            algo=args.algo, symmetric=args.symmetric, act_order=args.act_order, weight_format=args.weight_format,
+            algo=args.algo, symmetric=args.symmetric, act_order=bool(args.act_order), weight_format=args.weight_format,
             accuracy_level=args.accuracy_level, embedding_bits=args.embedding_bits, **common)
     else:
         from lowbit.commands.quantize import config_from_args

@@ -37,7 +37,7 @@ def run_hf(args: argparse.Namespace) -> int:
 
     result = quantize_pretrained(
         args.model, args.output, bits=args.weight_bits, group_size=args.group_size, algorithm=args.algo,
-        calib_text=args.calib_text, symmetric=args.symmetric, act_order=args.act_order, samples=args.samples,
+        calib_text=args.calib_text, symmetric=args.symmetric, act_order=args.act_order is not False, samples=args.samples,
         seq_len=args.seq_len, trust_remote_code=args.trust_remote_code, low_memory=args.low_memory)
     if args.json:
         print(json.dumps({
@@ -54,14 +54,14 @@ def run_hf(args: argparse.Namespace) -> int:
 
 
 def _run_w8a8(args: argparse.Namespace) -> int:
-    from lowbit.torch.llm.pretrained_w8a8 import DEFAULT_SMOOTH_GROUPS, smoothquant_pretrained
+    from lowbit.torch.llm.pretrained_w8a8 import smoothquant_pretrained
 
     groups = args.smooth_groups
     if groups is not None and args.smooth is False:
         raise LowbitError("--smooth-groups and --no-smooth contradict each other; drop one of them")
     result = smoothquant_pretrained(
         args.model, args.output, calib_text=args.calib_text, alpha=args.smooth_alpha,
-        smooth=args.smooth is not False, smooth_groups=DEFAULT_SMOOTH_GROUPS if groups is None else groups,
+        smooth=args.smooth is not False, smooth_groups=groups,
         samples=args.samples, seq_len=args.seq_len, trust_remote_code=args.trust_remote_code, activations=args.mode)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0

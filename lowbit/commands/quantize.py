@@ -62,7 +62,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     weights.add_argument("--algo", choices=(*WEIGHT_ALGORITHMS, "smoothquant"), default="gptq",
                          help=f"{cli_help()} (default: gptq); smoothquant: W8A8 of a Hugging Face model directory, "
                               "with --mode static and --calib-text")
-    weights.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
+    weights.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                         help="GPTQ: quantize columns by decreasing activation energy (default: on for Hugging Face "
+                              "models, off for ONNX)")
     weights.add_argument("--symmetric", dest="symmetric", action="store_true", default=True,
                          help="zero point fixed at 0 (default)")
     weights.add_argument("--asymmetric", dest="symmetric", action="store_false", help="a zero point per scale group")
@@ -151,7 +153,7 @@ def config_from_args(args: argparse.Namespace):
     options.update(calib_method=args.calib_method, per_channel=not args.per_tensor, exclude=tuple(args.exclude),
                    calib_memory_mb=args.calib_memory_mb)
     if args.mode == "weight-only":
-        options.update(bits=args.weight_bits, group_size=args.group_size, algo=args.algo, act_order=args.act_order,
+        options.update(bits=args.weight_bits, group_size=args.group_size, algo=args.algo, act_order=bool(args.act_order),
                        symmetric=args.symmetric, weight_format=args.weight_format,
                        accuracy_level=args.accuracy_level, embedding_bits=args.embedding_bits)
     if args.mode == "auto":

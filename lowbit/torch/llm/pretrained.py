@@ -40,7 +40,8 @@ from lowbit.torch.llm.hf_io import (available_memory, check_paths, check_sample_
 from lowbit.torch.llm.linears import find_linears, in_features, is_conv1d
 from lowbit.torch.llm.scaling import ScaledActivation
 from lowbit.torch.llm.sequential import ALGORITHMS, LLMQuantization, quantize_llm
-from lowbit.torch.llm.streamed import ShardReader, ShardStore, materialize_outside_blocks, skeleton
+from lowbit.torch.llm.streamed import (ShardReader, ShardStore, map_large_allocations, materialize_outside_blocks,
+                                       skeleton)
 
 
 
@@ -96,7 +97,7 @@ def weight_only_spec(bits: int, group_size: int | None, symmetric: bool = True) 
 
 def quantize_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, bits: int = 4,
                         group_size: int | None = 128, algorithm: str = "gptq", calib_text: str | os.PathLike | None = None,
-                        symmetric: bool = True, act_order: bool = False, samples: int | None = None,
+                        symmetric: bool = True, act_order: bool = True, samples: int | None = None,
                         seq_len: int | None = None, trust_remote_code: bool = False,
                         device: str | torch.device | None = None, rtn_mse: bool = False,
                         low_memory: bool | None = None) -> PretrainedQuantization:
@@ -211,6 +212,7 @@ def _has_attribute(root: nn.Module, dotted: str) -> bool:
 def _streamed(model, model_dir: Path, out_dir: Path, blocks_name: str, n_blocks: int, spec: QuantSpec,
               algorithm: str, calibration, tokenizer, options: dict) -> LLMQuantization:
     """Quantize the weightless `model` block by block from `model_dir`'s shards into `out_dir`."""
+    map_large_allocations()
     reader = ShardReader(model_dir)
     # The calibration text reaches block 0 through the embeddings; they are freed right after.
     loaded = materialize_outside_blocks(model, blocks_name, reader) if calibration is not None else []

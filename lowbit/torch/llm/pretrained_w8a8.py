@@ -56,6 +56,16 @@ EXPORTABLE_GROUPS: tuple[ProducerKind, ...] = ("norm", "linear")  # what "all" m
 # +0.89% with norm groups only (no gain), +0.20% with norm and linear groups; up_proj -> down_proj
 # does that work (+0.21% with it alone beside the norms), v_proj -> o_proj is neutral (+0.91%).
 DEFAULT_SMOOTH_GROUPS: tuple[ProducerKind, ...] = EXPORTABLE_GROUPS
+# With dynamic per-token inputs the norm groups alone do better: each token gets its own scale,
+# so the input outliers the linear groups tame cost less, while their scales still coarsen the
+# weights' per-channel grids. bench/llm_vs_llmcompressor.py (Qwen2-shaped, W8A8 dynamic, token
+# cosine vs fp32): norm+linear 0.99862, norm only 0.99897 (llm-compressor, norm groups: 0.99886).
+DEFAULT_DYNAMIC_SMOOTH_GROUPS: tuple[ProducerKind, ...] = ("norm",)
+
+
+def default_smooth_groups(activations: str) -> tuple[ProducerKind, ...]:
+    """The scale groups smoothed when none are asked for: see the two defaults above."""
+    return DEFAULT_DYNAMIC_SMOOTH_GROUPS if activations == "dynamic" else DEFAULT_SMOOTH_GROUPS
 
 
 @dataclass
@@ -113,7 +123,7 @@ class PretrainedW8A8:
 
 def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                            calib_text: str | os.PathLike | None, alpha: float = DEFAULT_ALPHA, smooth: bool = True,
-                           smooth_groups: str | Iterable[str] = DEFAULT_SMOOTH_GROUPS,
+                           smooth_groups: str | Iterable[str] | None = None,
                            samples: int | None = None, seq_len: int | None = None, trust_remote_code: bool = False,
                            activations: str = "static", device: str | torch.device | None = None) -> PretrainedW8A8:
     """SmoothQuant W8A8 the Hugging Face model in `model_dir` and write a compressed-tensors
@@ -121,7 +131,7 @@ def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathL
     `out_dir`. `calib_text` is a UTF-8 text file of representative text; `samples` caps the
     calibration rows (default: all the text gives, at most 128), each `seq_len` tokens long;
     `smooth_groups` picks the scale groups ("norm", "linear" or "all", a sequence or a comma-separated
-    string; default norm and linear); `smooth=False` quantizes without smoothing; `activations`
+    string; default norm and linear with static inputs, norm with dynamic ones); `smooth=False` quantizes without smoothing; `activations`
     "static" (per-tensor input scales from calibration) or "dynamic" (per-token scales at run
     time, compressed-tensors' W8A8 dynamic scheme); `device` runs
     calibration there (default: where the model loads, the CPU). See the module docstring."""
@@ -130,6 +140,8 @@ def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathL
     check_paths(model_dir, out_dir)
     if not 0.0 <= alpha <= 1.0:
         raise LowbitError(f"SmoothQuant alpha must be between 0 and 1, got {alpha}; 0.5 is the usual choice")
+    if smooth_groups is None:
+        smooth_groups = default_smooth_groups(activations)
     groups = parse_smooth_groups(smooth_groups) if smooth else ()
     config = load_config(model_dir, trust_remote_code)
     seq_len = seq_len_for(config, seq_len)
@@ -232,5 +244,5 @@ def _check_expressible(model: nn.Module, blocks: nn.ModuleList) -> None:
                           "lowbit.torch.llm.smooth_quantize_w8a8 instead")
 
 
-__all__ = ["DEFAULT_SMOOTH_GROUPS", "EXPORTABLE_GROUPS", "PretrainedW8A8", "parse_smooth_groups",
+__all__ = ["DEFAULT_DYNAMIC_SMOOTH_GROUPS", "DEFAULT_SMOOTH_GROUPS", "EXPORTABLE_GROUPS", "default_smooth_groups", "PretrainedW8A8", "parse_smooth_groups",
            "smoothquant_pretrained"]
