@@ -36,7 +36,7 @@ from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.onnx.config import StaticConfig, WeightOnlyConfig  # noqa: E402
 from lowbit.onnx.quantize import quantize_onnx  # noqa: E402
 from lowbit.torch import calibrate, distill_finetune, export_onnx, prepare  # noqa: E402
-from lowbit.zoo._export import export_to_onnx  # noqa: E402
+from lowbit.zoo.onnx_export import export_to_onnx  # noqa: E402
 from lowbit.zoo.digits import load_digits_split, torch_threads, train_classifier, train_digits_cnn  # noqa: E402
 from lowbit.zoo.mobilenet import IMAGE_SIZE, train_mobilenet_digits  # noqa: E402
 from lowbit.zoo.mobilenet import export_onnx as export_mobilenet  # noqa: E402

@@ -35,7 +35,7 @@ from qat_digits import ort_metrics  # noqa: E402  same folder
 
 from lowbit.torch import calibrate, distill_finetune, export_onnx, prepare, sensitive_layers  # noqa: E402
 from lowbit.torch.fold import fold_batchnorm  # noqa: E402
-from lowbit.zoo._export import export_to_onnx  # noqa: E402
+from lowbit.zoo.onnx_export import export_to_onnx  # noqa: E402
 from lowbit.zoo.depthwise_digits import digits_16, train_depthwise_digits  # noqa: E402
 from lowbit.zoo.digits import evaluate, load_digits_split, torch_threads  # noqa: E402
 

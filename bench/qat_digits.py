@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowbit.onnx.session import make_session  # noqa: E402
 from lowbit.torch import calibrate, distill_finetune, export_onnx, prepare  # noqa: E402
 from lowbit.torch.fold import fold_batchnorm  # noqa: E402
-from lowbit.zoo._export import export_to_onnx  # noqa: E402
+from lowbit.zoo.onnx_export import export_to_onnx  # noqa: E402
 from lowbit.zoo.digits import evaluate, load_digits_split, torch_threads, train_digits_cnn  # noqa: E402
 
 ROWS = [("PTQ", "w8a8"), ("PTQ", "w4a8"), ("PTQ", "w2a8"), ("PTQ", "w1a8"),

@@ -81,7 +81,7 @@ def digits_images(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def build_digits() -> tuple[Path, dict, dict, int]:
     import torch
 
-    from lowbit.zoo._export import export_to_onnx
+    from lowbit.zoo.onnx_export import export_to_onnx
     from lowbit.zoo.digits import load_digits_split, train_digits_cnn
 
     path = ARTIFACTS / "digits_cnn.onnx"
@@ -121,7 +121,7 @@ def build_gru() -> tuple[Path, dict, dict, int]:
     import torch
     from torch import nn
 
-    from lowbit.zoo._export import export_to_onnx
+    from lowbit.zoo.onnx_export import export_to_onnx
     from lowbit.zoo.digits import load_digits_split, train_classifier
     from lowbit.zoo.upscaled_digits import digits_as_rgb
 

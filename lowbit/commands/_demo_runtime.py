@@ -27,7 +27,7 @@ def run_onnx_section(model: torch.nn.Module, data: Any, workdir: Path) -> dict[s
     from lowbit.onnx.quantize import quantize_onnx
     from lowbit.onnx.session import make_session
     from lowbit.onnx.verify import time_pair
-    from lowbit.zoo._export import export_to_onnx
+    from lowbit.zoo.onnx_export import export_to_onnx
 
     fp32_path = export_to_onnx(model, (data.x_train[:2],), workdir / "digits_fp32.onnx",
                                input_names=["input"], output_names=["output"],

@@ -67,7 +67,7 @@ def rescale_channels(net: DepthwiseNet, *, seed: int = 0, spread: float = 3.0, h
 
 
 def export_depthwise(net: nn.Module, path: Path, size: int = 16) -> Path:
-    from lowbit.zoo._export import export_to_onnx
+    from lowbit.zoo.onnx_export import export_to_onnx
 
     return export_to_onnx(net.eval(), (torch.zeros(1, 3, size, size),), path, input_names=["input"],
                           output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})

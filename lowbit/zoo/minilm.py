@@ -58,7 +58,7 @@ def export_onnx(path: str | Path, *, opset: int = 17) -> Path:
     output last_hidden_state [batch, sequence, 384]; batch and sequence axes are dynamic."""
     import torch
 
-    from lowbit.zoo._export import export_to_onnx
+    from lowbit.zoo.onnx_export import export_to_onnx
 
     model = load_torch_model()
 

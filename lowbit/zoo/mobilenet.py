@@ -123,7 +123,7 @@ def depthwise_range_spread(model: nn.Module) -> list[float]:
 
 def export_onnx(model: nn.Module, path: str | Path, *, opset: int = 17) -> Path:
     """Export with a dynamic batch axis; input "input" [N,3,32,32], output "logits" [N,10]."""
-    from lowbit.zoo._export import export_to_onnx
+    from lowbit.zoo.onnx_export import export_to_onnx
 
     return export_to_onnx(model, (torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE),), path, input_names=["input"],
                           output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},

@@ -86,7 +86,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, image_size: int = IMAGE_S
     """Export with a dynamic batch axis; input "input" [N,3,H,W], output "logits" [N,10].
 
     `fold_constants=False` keeps BatchNormalization nodes, like exports from other tools do."""
-    from lowbit.zoo._export import export_to_onnx
+    from lowbit.zoo.onnx_export import export_to_onnx
 
     example = torch.zeros(1, 3, image_size, image_size)
     return export_to_onnx(model, (example,), path, input_names=["input"], output_names=["logits"],
