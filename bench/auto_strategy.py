@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from field_quantize import quantize_nncf, quantize_ort, read_calls  # noqa: E402  (the peers' recipes)
+from ptq_onnx import build as run_worker  # noqa: E402
 from ptq_onnx import peak_rss_mb  # noqa: E402
 
 THREADS = 2
@@ -88,13 +88,7 @@ def _worker(spec: dict) -> dict:
 
 
 def build(spec: dict) -> dict:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(THREADS)}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          env=env)
-    if proc.returncode != 0:
-        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["?"]
-        return {"error": tail[0][:200]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(spec, script=__file__, threads=THREADS)
 
 
 # ----------------------------------------------------------------------------- models and their data

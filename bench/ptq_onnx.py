@@ -100,10 +100,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build(spec: dict) -> dict:
-    """Run `_worker(spec)` in a fresh Python so peak memory belongs to this build alone."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(THREADS)}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+def build(spec: dict, script: str = __file__, threads: int = THREADS) -> dict:
+    """Run `script --worker SPEC` (this file's `_worker(spec)` by default) in a fresh Python so peak
+    memory belongs to this build alone; its last stdout line is the JSON result."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], capture_output=True, text=True,
                           env=env)
     if proc.returncode != 0:
         tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["?"]
