@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -380,6 +381,40 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # ----------------------------------------------------------------------------- the whole pass
 
+@dataclass
+class RoundedWeights:
+    """What one weight-only rounding produced: `model`, a copy with AWQ's input scales folded in;
+    the rounded weight of each site; AWQ's scales by input; the rounded embedding tables."""
+
+    model: onnx.ModelProto
+    weights: dict[str, QuantizedWeight]
+    awq: dict
+    embeddings: EmbeddingTables
+    used_statistics: bool
+    statistics_seconds: float
+
+
+def round_weights(model: onnx.ModelProto, sites: list[WeightSite], calib: CalibrationData | None, spec: Any,
+                  algo: str, *, act_order: bool, exclude: tuple[str, ...] | list[str], embedding_bits: int,
+                  group_size: int, symmetric: bool, weight_format: str, batch_size: int = 16,
+                  threads: int | None = None) -> RoundedWeights:
+    """Collect the input statistics `algo` needs, round every site's weight, fold AWQ's input
+    scales into a copy of `model` and round its embedding tables: the steps `--mode weight-only`
+    and the weight budget search share."""
+    statistics, seconds = None, 0.0
+    working = _copy(model)
+    if algorithm_named(algo).needs_statistics and sites:
+        started = time.perf_counter()
+        statistics = collect_input_statistics(model, sites, calib, batch_size=batch_size, threads=threads)
+        seconds = time.perf_counter() - started
+    weights, awq = quantize_sites(working, sites, spec, algo, statistics, act_order=act_order)
+    if awq:
+        apply_input_scales(working, awq)
+    embeddings = embedding_tables(working, exclude, embedding_bits, group_size=group_size, symmetric=symmetric,
+                                  weight_format=weight_format)
+    return RoundedWeights(working, weights, awq, embeddings, statistics is not None, seconds)
+
+
 def quantize_weight_only(model: onnx.ModelProto, calib: CalibrationData | None, *, bits: int = 4,
                          group_size: int = 32, algo: str = "rtn", symmetric: bool = True, act_order: bool = False,
                          weight_format: str = "matmulnbits", accuracy_level: int = 0,
@@ -396,17 +431,10 @@ def quantize_weight_only(model: onnx.ModelProto, calib: CalibrationData | None, 
         warnings.append(f"{weight_format} has no {bits}-bit codes: {bits}-bit weights are stored in {stored_bits}-bit "
                         f"codes (the accuracy of {bits} bits, the size of {stored_bits})")
     sites, kept = find_sites(model, set(exclude))
-    statistics, seconds = None, 0.0
-    working = _copy(model)
-    if algorithm_named(algo).needs_statistics and sites:
-        started = time.perf_counter()
-        statistics = collect_input_statistics(model, sites, calib, batch_size=batch_size, threads=threads)
-        seconds = time.perf_counter() - started
-    quantized, awq = quantize_sites(working, sites, spec, algo, statistics, act_order=act_order)
-    if awq:
-        apply_input_scales(working, awq)
-    embeddings = embedding_tables(working, exclude, embedding_bits, group_size=group_size, symmetric=symmetric,
-                                  weight_format=weight_format)
+    rounded = round_weights(model, sites, calib, spec, algo, act_order=act_order, exclude=exclude,
+                            embedding_bits=embedding_bits, group_size=group_size, symmetric=symmetric,
+                            weight_format=weight_format, batch_size=batch_size, threads=threads)
+    working, quantized, awq, embeddings = rounded.model, rounded.weights, rounded.awq, rounded.embeddings
     kept.update(embeddings.kept)
     tables = embeddings.sites
     quantized.update(embeddings.quantized)
@@ -419,14 +447,14 @@ def quantize_weight_only(model: onnx.ModelProto, calib: CalibrationData | None, 
         "algorithm": algo, "bits": bits, "stored_bits": stored_bits, "group_size": group_size,
         "symmetric": symmetric, "act_order": act_order, "format": weight_format, "accuracy_level": accuracy_level,
         "embedding_bits": embedding_bits, "embedding_tables": [t.node for t in tables],
-        "statistics": "float model, one pass" if statistics else None,
+        "statistics": "float model, one pass" if rounded.used_statistics else None,
         "awq_scales": [{"input": a, "alpha": i["alpha"], "nodes": i["nodes"], "folded_into": i.get("folded_into")}
                        for a, i in awq.items()],
         "gptq_damping": _damping(sites, quantized),
     }
     if not sites:
         warnings.append("no MatMul/Gemm with a constant 2-D float weight was found; nothing was quantized")
-    return WeightOnlyResult(written, plan, seconds, warnings)
+    return WeightOnlyResult(written, plan, rounded.statistics_seconds, warnings)
 
 
 def _damping(sites: list[WeightSite], quantized: dict[str, QuantizedWeight]) -> dict[str, float] | None:

@@ -38,8 +38,8 @@ from lowbit.onnx.io import drop_shape_annotations, load_model, save_model
 from lowbit.onnx.pipeline import prepare_model
 from lowbit.onnx.stored_plan import attach_plan
 from lowbit.onnx.verify import compare_models
-from lowbit.onnx.weight_only import (apply_input_scales, check_options, collect_input_statistics,
-                                     embedding_tables, find_sites, quantize_sites, rewrite, weight_matrix, weight_only_spec)
+from lowbit.onnx.weight_only import (check_options, find_sites, rewrite, round_weights, weight_matrix,
+                                     weight_only_spec)
 from lowbit.onnx.registry import rule_for
 from lowbit.plan import PlanEntry, QuantPlan
 from lowbit.weight_algorithms import algorithm_named
@@ -96,16 +96,10 @@ def search_weight_precision(float_path: str | os.PathLike, out_path: str | os.Pa
     if not sites:
         raise LowbitError("no MatMul/Gemm with a constant 2-D float weight was found; weight-only quantization has "
                           "nothing to do here (try --mode static)")
-    statistics = None
-    if algorithm_named(algo).needs_statistics:
-        statistics = collect_input_statistics(model, sites, calib_data, batch_size=batch_size, threads=threads)
-    working = onnx.ModelProto()
-    working.CopyFrom(model)
-    low, awq = quantize_sites(working, sites, spec, algo, statistics, act_order=act_order)
-    if awq:
-        apply_input_scales(working, awq)
-    embeddings = embedding_tables(working, exclude, embedding_bits, group_size=group_size, symmetric=symmetric,
-                                  weight_format=weight_format)
+    rounded = round_weights(model, sites, calib_data, spec, algo, act_order=act_order, exclude=exclude,
+                            embedding_bits=embedding_bits, group_size=group_size, symmetric=symmetric,
+                            weight_format=weight_format, batch_size=batch_size, threads=threads)
+    working, low, awq, embeddings = rounded.model, rounded.weights, rounded.awq, rounded.embeddings
     kept.update(embeddings.kept)
     fallbacks = _Fallbacks(model, sites, awq, weight_only_spec(8, group_size, symmetric))
 
