@@ -121,16 +121,18 @@ def quantize_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     seq_len = seq_len_for(config, seq_len)
     text = _read_text(calib_text, algorithm)
     check_sample_options(config if text is not None else None, samples, seq_len)  # positions matter with text only
+    input_bytes = weight_bytes(model_dir)
+    if low_memory is None:
+        memory = available_memory()
+        low_memory = memory is not None and input_bytes > memory / 2
+    if low_memory:
+        map_large_allocations()  # before tokenizing: the heap must not keep its first large frees
     tokenizer = load_tokenizer(model_dir, trust_remote_code) if text is not None else None
     calib_batches, eval_batches, eval_source, used = [], [], "none", 0
     if text is not None:
         cut = text_batches(tokenizer, text, seq_len=seq_len, samples=samples)
         calib_batches, eval_batches, eval_source, used = cut.calibration, cut.evaluation, cut.eval_source, cut.samples
 
-    input_bytes = weight_bytes(model_dir)
-    if low_memory is None:
-        memory = available_memory()
-        low_memory = memory is not None and input_bytes > memory / 2
     if low_memory:
         model = skeleton(model_class_for(config, trust_remote_code), config)
     else:
@@ -212,7 +214,6 @@ def _has_attribute(root: nn.Module, dotted: str) -> bool:
 def _streamed(model, model_dir: Path, out_dir: Path, blocks_name: str, n_blocks: int, spec: QuantSpec,
               algorithm: str, calibration, tokenizer, options: dict) -> LLMQuantization:
     """Quantize the weightless `model` block by block from `model_dir`'s shards into `out_dir`."""
-    map_large_allocations()
     reader = ShardReader(model_dir)
     # The calibration text reaches block 0 through the embeddings; they are freed right after.
     loaded = materialize_outside_blocks(model, blocks_name, reader) if calibration is not None else []
