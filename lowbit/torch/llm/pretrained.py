@@ -33,10 +33,11 @@ from lowbit.errors import LowbitError
 from lowbit.spec import QuantSpec, per_channel, per_group
 from lowbit.torch.llm.architectures import architecture_for, find_blocks
 from lowbit.torch.llm.calib_text import load_tokenizer
-from lowbit.torch.llm.compressed_checkpoint import check_exportable, write_checkpoint
-from lowbit.torch.llm.hf_io import (available_memory, check_paths, check_sample_options, copy_tokenizer, fidelity,
-                                    load_config, load_model, main_output, model_class_for, model_outputs, read_text,
-                                    seq_len_for, text_batches, weight_bytes, write_atomically)
+from lowbit.torch.llm.compressed_checkpoint import check_exportable, quantization_config, write_checkpoint
+from lowbit.torch.llm.hf_io import (available_memory, check_paths, check_sample_options, checkpoint_dtype,
+                                    copy_tokenizer, fidelity, load_config, load_model, main_output, model_class_for,
+                                    model_outputs, read_text, seq_len_for, text_batches, weight_bytes,
+                                    write_atomically)
 from lowbit.torch.llm.linears import find_linears, in_features, is_conv1d
 from lowbit.torch.llm.scaling import ScaledActivation
 from lowbit.torch.llm.sequential import ALGORITHMS, LLMQuantization, quantize_llm
@@ -159,7 +160,7 @@ def quantize_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike
                      "was not measured")
     elif text is None:
         notes.append("no --calib-text given: fidelity not measured")
-    dtype = next(model.parameters()).dtype if not low_memory else _checkpoint_dtype(config)
+    dtype = next(model.parameters()).dtype if not low_memory else checkpoint_dtype(config)
     if dtype != torch.float32:
         notes.append(f"scales are stored in {dtype} (the model's dtype), so loaded "
                      "weights can differ from lowbit's float32 ones by one scale rounding")
@@ -223,16 +224,11 @@ def _streamed(model, model_dir: Path, out_dir: Path, blocks_name: str, n_blocks:
         store = ShardStore(reader, directory, blocks_name, n_blocks, calibration_only=loaded)
         done.append(quantize_llm(model, spec, algorithm, calibration, store=store, **options))
         store.copy_rest()
-        store.finish(model_dir, done[0])
+        store.finish(model_dir, quantization_config(done[0], blocks_name, store.quantized))
         copy_tokenizer(model_dir, directory, tokenizer)
 
     write_atomically(out_dir, write)
     return done[0]
-
-
-def _checkpoint_dtype(config) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _write(model, quantization, blocks_name: str, model_dir: Path, directory: Path, tokenizer) -> None:

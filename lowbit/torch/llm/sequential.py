@@ -45,7 +45,8 @@ from lowbit.torch.llm.architectures import ArchitectureMap, architecture_for, fi
 from lowbit.torch.llm.linears import find_linears, in_features, set_weight_matrix, weight_matrix
 from lowbit.torch.llm.scaling import divide_output, producer_width
 from lowbit.weight_algorithms import ALGORITHMS, WeightAlgorithm, WeightOptions
-__all__ = ["ALGORITHMS", "BlockStore", "LLMQuantization", "QuantizedLinear", "quantize_llm"]
+__all__ = ["ALGORITHMS", "BlockInput", "BlockStore", "LLMQuantization", "QuantizedLinear", "capture_block_inputs",
+           "quantize_llm", "run_block"]
 
 
 @dataclass
@@ -129,7 +130,7 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
     was_training = model.training
     model.eval()  # no dropout while calibrating
     try:
-        batches = _capture_block_inputs(model, blocks[0], calibration, home, work) if algo.needs_statistics else None
+        batches = capture_block_inputs(model, blocks[0], calibration, home, work) if algo.needs_statistics else None
         for index, block in enumerate(progress(blocks, desc=f"{algorithm} blocks", unit="block")):
             start = time.perf_counter()
             if store is not None:
@@ -141,7 +142,7 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
                     _scale_inputs(block, batches, spec, prefix, result, architecture, algo, options)
                 _quantize_block(block, batches, spec, prefix, result, algo, options)
                 if algo.needs_statistics and index + 1 < len(blocks):
-                    batches = [batch.with_hidden(_run(block, batch)) for batch in batches]
+                    batches = [batch.with_hidden(run_block(block, batch)) for batch in batches]
             block.to(home)
             if work.type == "cuda":
                 torch.cuda.synchronize(work)
@@ -156,7 +157,7 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
 # --------------------------------------------------------------------------- block inputs
 
 @dataclass
-class _BlockInput:
+class BlockInput:
     """One calibration batch at a block boundary: hidden states, other call arguments, token mask."""
 
     hidden: torch.Tensor
@@ -164,26 +165,27 @@ class _BlockInput:
     kwargs: dict[str, Any]
     mask: torch.Tensor | None
 
-    def with_hidden(self, hidden: torch.Tensor) -> _BlockInput:
-        return _BlockInput(hidden, self.args, self.kwargs, self.mask)
+    def with_hidden(self, hidden: torch.Tensor) -> BlockInput:
+        return BlockInput(hidden, self.args, self.kwargs, self.mask)
 
 
 class _StopForward(Exception):
     pass
 
 
-def _capture_block_inputs(model: nn.Module, first_block: nn.Module, calibration, home: torch.device,
-                          work: torch.device) -> list[_BlockInput]:
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, calibration, home: torch.device,
+                         work: torch.device) -> list[BlockInput]:
+    """Each calibration batch as `first_block` receives it (the forward pass stops there)."""
     if calibration is None:
         raise LowbitError("GPTQ and AWQ need calibration data; pass a few batches of representative text "
                           "(or use --algo rtn, which needs none)")
-    captured: list[_BlockInput] = []
+    captured: list[BlockInput] = []
     current_mask: list[torch.Tensor | None] = [None]
 
     def grab(module, args, kwargs):
         hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
         kwargs = {key: _no_cache(key, value) for key, value in kwargs.items()}
-        captured.append(_BlockInput(_to(hidden, work), _to(rest, work), _to(kwargs, work), current_mask[0]))
+        captured.append(BlockInput(_to(hidden, work), _to(rest, work), _to(kwargs, work), current_mask[0]))
         raise _StopForward
 
     accepts_use_cache = "use_cache" in inspect.signature(model.forward).parameters
@@ -223,14 +225,14 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _run(block: nn.Module, batch: _BlockInput) -> torch.Tensor:
+def run_block(block: nn.Module, batch: BlockInput) -> torch.Tensor:
     output = block(batch.hidden, *batch.args, **batch.kwargs)
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
 # --------------------------------------------------------------------------- statistics
 
-def _input_groups(block: nn.Module, batches: list[_BlockInput]) -> list[list[str]]:
+def _input_groups(block: nn.Module, batches: list[BlockInput]) -> list[list[str]]:
     """Linears grouped by the tensor they read, in the order the forward pass reaches them."""
     linears = find_linears(block)
     seen: dict[int, list[str]] = {}
@@ -250,7 +252,7 @@ def _input_groups(block: nn.Module, batches: list[_BlockInput]) -> list[list[str
 
     handles = [module.register_forward_pre_hook(record(name)) for name, module in linears.items()]
     try:
-        _run(block, batches[0])
+        run_block(block, batches[0])
     finally:
         for handle in handles:
             handle.remove()
@@ -259,7 +261,7 @@ def _input_groups(block: nn.Module, batches: list[_BlockInput]) -> list[list[str
     return groups + [[name] for name in unreached]
 
 
-def _collect(block: nn.Module, batches: list[_BlockInput], names: list[str],
+def _collect(block: nn.Module, batches: list[BlockInput], names: list[str],
              options: WeightOptions) -> dict[str, HessianAccumulator]:
     """Input statistics of the named linears over all batches (padding tokens left out). Name
     one linear per input group: the linears of a group read the very same tensor, so one
@@ -293,7 +295,7 @@ def _collect(block: nn.Module, batches: list[_BlockInput], names: list[str],
             mask[0] = batch.mask
             pending.update(names)
             try:
-                _run(block, batch)
+                run_block(block, batch)
             except _StopForward:
                 pass
     finally:
