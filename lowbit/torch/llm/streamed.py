@@ -177,7 +177,7 @@ class ShardStore:
         prefix = f"{self.blocks_name}.{index}."
         dtype = next(block.parameters()).dtype
         layers = {name: compressed_tensors(result.layers.pop(prefix + name), dtype)
-                  for name in [name for name, _ in block.named_modules() if prefix + name in result.layers]}
+                  for name, _ in block.named_modules() if prefix + name in result.layers}
         self.save_block(index, block, layers)
 
     def save_block(self, index: int, block: nn.Module, layers: dict[str, dict[str, torch.Tensor]]) -> None:
