@@ -70,8 +70,10 @@ class QDQModule(nn.Module):
             buffer = f"c{index}"
             self.register_buffer(buffer, value)
             self._buffer_of[name] = buffer
-            if name in self.weights and name not in self.float_weights and self.weights[name].grid.axis is not None:
+            if (weight_form != "plain" and name in self.weights and name not in self.float_weights
+                    and self.weights[name].grid.axis is not None):
                 # Per-channel grids as buffers: converters read them as named constants of the program.
+                # Not in the float export: torch.export keeps unused buffers as program constants.
                 scale, zero_point = _channel_params(self.weights[name].grid)
                 self.register_buffer(f"{buffer}_scale", scale)
                 self.register_buffer(f"{buffer}_zero_point", zero_point)
