@@ -42,9 +42,13 @@ class QDQModule(nn.Module):
         self.weight_form = weight_form
         self._buffer_of: dict[str, str] = {}
         # Layers whose float output is a graph output have no output grid to requantize to, so no
-        # integer kernel: their weights go in as the (exact) dequantized floats and run float.
-        self.float_weights = {name for op in graph.ops if set(op.outputs) & set(graph.outputs)
-                              for name in op.inputs if name in graph.weights} if graph.precision == "static" else set()
+        # integer kernel: their weights go in as the (exact) dequantized floats and run float. In
+        # integer form a linear layer's weight stays an int8 buffer dequantized in the program (the
+        # same float values, a quarter of the bytes; ExecuTorch runs that layer in float).
+        output_layers = [op for op in graph.ops if set(op.outputs) & set(graph.outputs)]
+        self.float_weights = {name for op in output_layers for name in op.inputs if name in graph.weights
+                              and not (weight_form == "int" and op.op_type in ("Gemm", "MatMul"))
+                              } if graph.precision == "static" else set()
         # Weight-only models in integer form: activations into linear layers are quantized per row
         # at run time (XNNPACK's dynamic-quantization kernels: int8 activations, int8/int4 weights).
         self.dynamic_activations = weight_form == "int" and graph.precision == "weight-only"
