@@ -98,7 +98,7 @@ def tflite_breakdown(data: bytes) -> Counter:
                 size = len(buffer.data)
                 if tensor.type == schema.TensorType.INT8 or tensor.type == schema.TensorType.INT4:
                     parts["int8 weights"] += size
-                elif tensor.type == schema.TensorType.INT32 and tensor.quantization is not None:
+                elif tensor.type == schema.TensorType.INT32 and tensor.quantization is not None and tensor.quantization.scale is not None:
                     parts["int32 biases"] += size
                 elif tensor.type == schema.TensorType.FLOAT32:
                     parts["float data"] += size
@@ -148,10 +148,12 @@ def pte_breakdown(data: bytes) -> Counter:
             parts[category] += len(buffer)
     # constants the program keeps outside the delegate (typed by the program's tensors)
     plan = pte.program.execution_plan[0]
+    counted = set()
     for value in plan.values:
         tensor = value.val
         index = getattr(tensor, "data_buffer_idx", 0)
-        if index and hasattr(tensor, "scalar_type"):
+        if index and hasattr(tensor, "scalar_type") and index not in counted:
+            counted.add(index)
             size = len(pte.program.constant_buffer[index].storage)
             scalar = int(tensor.scalar_type)
             parts[{1: "int8 weights", 3: "int32 biases", 6: "float data"}.get(scalar, "zero points")] += size
