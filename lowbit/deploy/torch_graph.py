@@ -40,7 +40,7 @@ class QDQModule(nn.Module):
         super().__init__()
         self.graph = graph
         self.weight_form = weight_form
-        self._buffer_of: dict[str, str] = {}
+        self.buffer_of: dict[str, str] = {}  # ONNX tensor name -> name of the buffer holding it
         # Layers whose float output is a graph output have no output grid to requantize to, so no
         # integer kernel: their weights go in as the (exact) dequantized floats and run float. In
         # integer form a linear layer's weight stays an int8 buffer dequantized in the program (the
@@ -73,7 +73,7 @@ class QDQModule(nn.Module):
                 continue
             buffer = f"c{index}"
             self.register_buffer(buffer, value)
-            self._buffer_of[name] = buffer
+            self.buffer_of[name] = buffer
             if (weight_form != "plain" and name in self.weights and name not in self.float_weights
                     and self.weights[name].grid.axis is not None):
                 # Per-channel grids as buffers: converters read them as named constants of the program.
@@ -98,9 +98,9 @@ class QDQModule(nn.Module):
                 return _dequantize(q, grid, None)
             if name in env:
                 return env[name]
-            tensor = getattr(self, self._buffer_of[name])
+            tensor = getattr(self, self.buffer_of[name])
             if name in self.weights and name not in self.float_weights:
-                tensor = self._weight(self._buffer_of[name], self.weights[name], self._is_matmul_weight(name))
+                tensor = self._weight(self.buffer_of[name], self.weights[name], self._is_matmul_weight(name))
             return tensor
 
         for op in self.graph.ops:
