@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Any
 
 import flatbuffers
-import numpy as np
 from flatbuffers import number_types as N
 from flatbuffers.table import Table
 
@@ -39,8 +38,10 @@ def repack(data: bytes, schema: Schema, root: str, file_identifier: bytes | None
     """`data` rewritten with each distinct sub-object stored once, or None when the file holds a
     field `schema` does not describe."""
     data = bytes(data)
+    buffer = bytearray(data)  # what FlatBuffers' Table reader takes
+    reader = Table(buffer, 0)
     builder = flatbuffers.Builder(len(data))
-    memo: dict[Any, int] = {}
+    memo: dict[Any, int] = {}  # content key -> offset of the one copy written
 
     def string(pos: int) -> int:
         value = bytes(reader.String(pos))
@@ -60,9 +61,8 @@ def repack(data: bytes, schema: Schema, root: str, file_identifier: bytes | None
     def table(pos: int, type_name: str) -> int:
         tab = Table(buffer, pos)
         fields = schema[type_name]
-        vtable = pos - N.SOffsetTFlags.py_type(np.frombuffer(data, "<i4", 1, pos)[0])
-        vtable_size = int(np.frombuffer(data, "<u2", 1, vtable)[0])
-        slots = (vtable_size - 4) // 2
+        vtable = pos - int.from_bytes(data[pos:pos + 4], "little", signed=True)
+        slots = (int.from_bytes(data[vtable:vtable + 2], "little") - 4) // 2  # vtable: size, table size, slots
         values: list[tuple] = []
         for slot in range(slots):
             offset = tab.Offset(4 + 2 * slot)
@@ -118,10 +118,8 @@ def repack(data: bytes, schema: Schema, root: str, file_identifier: bytes | None
         memo[key] = builder.EndObject()
         return memo[key]
 
-    buffer = bytearray(data)
-    reader = Table(buffer, 0)
     try:
-        root_table = table(N.UOffsetTFlags.py_type(np.frombuffer(data, "<u4", 1, 0)[0]), root)
+        root_table = table(int.from_bytes(data[:4], "little"), root)
     except _Unknown:
         return None
     builder.Finish(root_table, file_identifier=file_identifier)
