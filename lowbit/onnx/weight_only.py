@@ -35,6 +35,7 @@ from lowbit.onnx.blockwise import (DQ_BITS, DQ_OPSET, FORMATS, MATMULNBITS_BITS,
                                    blocked_dq_nodes, gather_block_quantized_node, matmulnbits_node, storage_bits)
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB
+from lowbit.onnx.graph_index import insert_after
 from lowbit.onnx.qdq import drop_unused_initializers, ensure_opset
 from lowbit.onnx.registry import rule_for
 from lowbit.onnx.statistics import MASK_INPUTS, InputGram, collect
@@ -333,17 +334,7 @@ def apply_input_scales(model: onnx.ModelProto, awq: dict[str, dict]) -> None:
             node.input[0] = scaled
         info["folded_into"] = "inserted Mul"
     if inserted:
-        _insert_after_producers(graph, inserted)
-
-
-def _insert_after_producers(graph: onnx.GraphProto, inserted: dict[str, onnx.NodeProto]) -> None:
-    inputs = {i.name for i in graph.input}
-    ordered = [node for tensor, node in inserted.items() if tensor in inputs]
-    for node in graph.node:
-        ordered.append(node)
-        ordered.extend(inserted[o] for o in node.output if o in inserted)
-    del graph.node[:]
-    graph.node.extend(ordered)
+        insert_after(graph, {tensor: [node] for tensor, node in inserted.items()})
 
 
 # ----------------------------------------------------------------------------- write
