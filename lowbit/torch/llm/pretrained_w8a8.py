@@ -223,7 +223,7 @@ def _streamed(model: nn.Module, model_dir: Path, out_dir: Path, blocks_name: str
 
     def write(directory: Path) -> None:
         store = ShardStore(reader, directory, blocks_name, n_blocks, calibration_only=loaded)
-        result, _ = smooth_quantize_w8a8_streamed(model, calibration, store, **options)
+        result = smooth_quantize_w8a8_streamed(model, calibration, store, **options)
         done.append(result)
         store.copy_rest()
         store.finish(model_dir, w8a8_quantization_config(result, blocks_name, store.quantized))

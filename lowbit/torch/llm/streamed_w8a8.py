@@ -13,7 +13,6 @@ calibration: each block is only read, quantized and written.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -31,18 +30,16 @@ from lowbit.torch.llm.w8a8_checkpoint import w8a8_tensors
 
 def smooth_quantize_w8a8_streamed(model: nn.Module, calibration: Iterable[Mapping[str, torch.Tensor]] | None,
                                   store: ShardStore, *, alpha: float, smooth: bool,
-                                  kinds: tuple[ProducerKind, ...], activations: str) -> tuple[SmoothQuantResult, list[float]]:
+                                  kinds: tuple[ProducerKind, ...], activations: str) -> SmoothQuantResult:
     """`smooth_quantize_w8a8` on the weightless `model`, block by block from and to `store`.
-    Returns the result (its `weights` and `inputs` emptied as each block is written) and the
-    seconds per block."""
+    Returns the result, its `weights` and `inputs` emptied as each block is written (the
+    written linears' names are in `store.quantized`)."""
     result = SmoothQuantResult(alpha, tuple(kinds) if smooth else (), activations=activations)
     blocks_name, blocks = find_blocks(model, architecture_for(model, need_scale_groups=False))
     calibrated = smooth or activations == "static"
     cpu = torch.device("cpu")
     batches = capture_block_inputs(model, blocks[0], calibration, cpu, cpu) if calibrated else []
-    seconds = []
     for index, block in enumerate(progress(blocks, desc="w8a8 blocks", unit="block")):
-        start = time.perf_counter()
         store.load(index, block)
         prefix = f"{blocks_name}.{index}."
         with torch.no_grad():
@@ -60,8 +57,7 @@ def smooth_quantize_w8a8_streamed(model: nn.Module, calibration: Iterable[Mappin
             layers = {name: w8a8_tensors(result.weights.pop(prefix + name), result.inputs.pop(prefix + name, None),
                                          dtype) for name in wrappers}
             store.save_block(index, block, layers)
-        seconds.append(time.perf_counter() - start)
-    return result, seconds
+    return result
 
 
 def _float_pass(block: nn.Module, prefix: str, batches: list[BlockInput]
