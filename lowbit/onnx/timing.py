@@ -14,6 +14,11 @@ alone, 0.19-0.38 ms in these turns, 1 thread; see BENCHMARKS.md "Timing agreemen
 median of its `repeats` timed runs; a speedup is the ratio of medians. Spin-waiting stays off: with
 ONNX Runtime's default the threads of the session that just ran keep spinning and slow the next
 session's run.
+
+What is timed is the user's data, not one arbitrary call: a run is one pass over `feeds`
+(`representative_feeds`): the first batch when every batch has the same shapes, else up to
+MAX_TIMED_FEEDS batches evenly spaced through the data, so each input shape (text lines of
+different widths, say) counts in proportion to how often it occurs.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ MAX_REPEATS = 300  # the most timed runs `min_seconds` may ask for per model
 # choice): at 3-10 ms a call, ten runs moved a captcha CRNN's speedup from 2.6x to 2.2x between two
 # measurements of the same pair; a second of runs per model keeps the median steady.
 MIN_TIMED_SECONDS = 1.0
+MAX_TIMED_FEEDS = 8  # batches per timed run when the data's shapes vary
 ModelLike = str | os.PathLike | bytes | onnx.ModelProto | ort.InferenceSession
 
 
@@ -73,10 +79,62 @@ class Timing:
                 "method": self.method()}
 
 
-def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray], *, threads: int | None = None,
-                warmup: int = 5, repeats: int = 30, min_seconds: float = 0.0) -> Timing:
+def shape_key(feed: dict[str, np.ndarray]) -> tuple:
+    """The input shapes of one feed (what decides the cost of a run)."""
+    return tuple((name, tuple(np.shape(value))) for name, value in feed.items())
+
+
+def evenly_spaced(count: int, most: int = MAX_TIMED_FEEDS) -> list[int]:
+    """Up to `most` indices spread evenly over range(count), the first included."""
+    return sorted({i * count // min(count, most) for i in range(min(count, most))}) if count else []
+
+
+class TimingSample:
+    """The feeds a timed run passes over, picked while the data streams by (`add` each batch in
+    order): every `stride`-th batch is kept, the stride doubling (every other one dropped) when more
+    than 2 x MAX_TIMED_FEEDS are held, so memory stays bounded whatever the data's length."""
+
+    def __init__(self) -> None:
+        self.kept: list[tuple[dict, int]] = []
+        self.shapes: set[tuple] = set()
+        self.stride, self.seen = 1, 0
+
+    def add(self, feed: dict[str, np.ndarray], calls: int = 1) -> None:
+        self.shapes.add(shape_key(feed))
+        if self.seen % self.stride == 0:
+            self.kept.append((feed, calls))
+            if len(self.kept) > 2 * MAX_TIMED_FEEDS:
+                self.kept, self.stride = self.kept[::2], 2 * self.stride
+        self.seen += 1
+
+    def picked(self) -> list[tuple[dict, int]]:
+        """(feed, calls) of the timed run: the first batch when all have the same shapes, else up
+        to MAX_TIMED_FEEDS evenly spaced ones (each shape in proportion to how often it occurs)."""
+        if len(self.shapes) <= 1:
+            return self.kept[:1]
+        return [self.kept[i] for i in evenly_spaced(len(self.kept))]
+
+
+def representative_feeds(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """`TimingSample` over `feeds`: what a timed run on this data passes over."""
+    sample = TimingSample()
+    for feed in feeds:
+        sample.add(feed)
+    return [feed for feed, _ in sample.picked()]
+
+
+def describe_shapes(feeds: Sequence[dict[str, np.ndarray]]) -> str:
+    """'1x3x736x1088' or '4 shapes, 1x3x48x160 to 1x3x48x800': what a timed run was made of."""
+    keys = sorted({shape_key(f) for f in feeds}, key=lambda k: [int(np.prod(s)) for _, s in k])
+    text = [", ".join("x".join(map(str, s)) or "scalar" for _, s in k) for k in keys]
+    return text[0] if len(text) == 1 else f"{len(text)} shapes, {text[0]} to {text[-1]}"
+
+
+def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray] | Sequence[dict[str, np.ndarray]], *,
+                threads: int | None = None, warmup: int = 5, repeats: int = 30, min_seconds: float = 0.0) -> Timing:
     """Time `models` (paths, serialized bytes, ModelProtos, or sessions made by `make_session`) on
-    `feed` with the method of the module docstring. Models given as files or protos get sessions with
+    `feed` (one feed, or a sequence of feeds: then a run is one pass over them, in order) with the
+    method of the module docstring. Models given as files or protos get sessions with
     `threads` intra-op threads (default: every core this process may use); sessions given must all
     have the same thread count and spin-waiting off. Runners of other runtimes (any object with
     `run(None, feed)` and no ONNX Runtime session options, e.g. `lowbit.deploy`'s ExecuTorch and
@@ -93,13 +151,21 @@ def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray], *, thr
     stated = {_threads_of(s) if hasattr(s, "get_session_options") else threads for s in sessions}
     if len(stated) != 1:
         raise ValueError(f"sessions timed together must use the same thread count, got {sorted(stated, key=str)}")
+    feeds = [feed] if isinstance(feed, dict) else list(feed)
+    if not feeds:
+        raise ValueError("time_models needs at least one feed")
+
+    def one_run(session) -> None:
+        for each in feeds:
+            session.run(None, each)
+
     for session in sessions:
-        session.run(None, feed)
+        one_run(session)
     warm_ms: list[list[float]] = [[] for _ in sessions]
     for _ in range(warmup):
         for i, session in enumerate(sessions):
             start = time.perf_counter()
-            session.run(None, feed)
+            one_run(session)
             warm_ms[i].append(1000 * (time.perf_counter() - start))
     if min_seconds > 0 and warmup:
         typical_ms = float(np.mean([np.median(runs) for runs in warm_ms]))
@@ -108,10 +174,10 @@ def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray], *, thr
     for turn in range(-(-repeats // RUNS_PER_TURN)):
         order = range(len(sessions)) if turn % 2 == 0 else reversed(range(len(sessions)))
         for i in order:
-            sessions[i].run(None, feed)  # warms the caches the other model used
+            one_run(sessions[i])  # warms the caches the other model used
             for _ in range(min(RUNS_PER_TURN, repeats - turn * RUNS_PER_TURN)):
                 start = time.perf_counter()
-                sessions[i].run(None, feed)
+                one_run(sessions[i])
                 latencies[i].append(1000 * (time.perf_counter() - start))
     return Timing(latencies, stated.pop(), warmup, repeats)
 

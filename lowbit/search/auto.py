@@ -49,7 +49,7 @@ from lowbit.onnx.pipeline import StaticPipeline, activation_channel_spread, weig
 from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
 from lowbit.onnx.registry import rule_for
 from lowbit.onnx.session import make_session
-from lowbit.onnx.timing import time_models
+from lowbit.onnx.timing import representative_feeds, time_models
 from lowbit.onnx.verify import OutputErrors, batches_with_calls, label_accuracy, looks_like_class_scores
 from lowbit.plan import QuantPlan
 
@@ -140,8 +140,10 @@ class _Scorer:
         batches = list(batches_with_calls(run.eval_set, run.batch_size))
         self.batches, self.calls = [b for b, _ in batches], [c for _, c in batches]
         self.expected = [session.run(self.names, b) for b in self.batches]
+        self.timing_feeds = representative_feeds(self.batches)  # what the final verification times too
         started = time.perf_counter()
-        session.run(self.names, self.batches[0])
+        for feed in self.timing_feeds:
+            session.run(self.names, feed)
         latency = time.perf_counter() - started
         del session
         runs = math.ceil(MIN_TIMED_SECONDS / max(latency, 1e-6))
@@ -178,13 +180,14 @@ class _Scorer:
         return self._float_session
 
     def speedup(self, session) -> float:
-        timing = time_models([self.float_session(), session], self.batches[0], warmup=2, repeats=self.repeats)
+        timing = time_models([self.float_session(), session], self.timing_feeds, warmup=2, repeats=self.repeats)
         return timing.speedup or float("inf")
 
     def retime(self, sessions: list) -> tuple[list[float], float]:
         """Speedups of `sessions`, timed together with float in one interleaved run (twice the
         repeats), and the float model's relative spread in that run (interquartile range / median)."""
-        timing = time_models([self.float_session(), *sessions], self.batches[0], warmup=2, repeats=2 * self.repeats)
+        timing = time_models([self.float_session(), *sessions], self.timing_feeds, warmup=2,
+                             repeats=2 * self.repeats)
         medians = timing.medians_ms
         q1, q3 = np.percentile(timing.latencies_ms[0], [25, 75])
         return [medians[0] / m if m > 0 else float("inf") for m in medians[1:]], float((q3 - q1) / medians[0])
@@ -197,8 +200,10 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     per_channel_options = [False] if config.per_channel is False else [True, False]
     static_config = StaticConfig(calib_method=config.calib_method, per_channel=per_channel_options[0],
                                  exclude=config.exclude, calib_memory_mb=config.calib_memory_mb)
+    # Bias correction's channel means come from the calibration pass itself when it may be tried.
+    built = ("bias_correction",) if _has_biased_conv(model) else ()
     pipeline = StaticPipeline(model, static_config, run.calib, batch_size=run.batch_size, threads=run.threads,
-                              source=run.model_path.name).calibrate()
+                              source=run.model_path.name).calibrate(built=built)
     # After calibration, whose peak memory is the run's peak: the float outputs are not held through it.
     scorer = _Scorer(model, run, config.metric)
     max_drop = config.max_drop if config.max_drop is not None else DEFAULT_MAX_DROP[scorer.metric]
@@ -232,8 +237,9 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     if worth:
         eq_config = StaticConfig(calib_method=config.calib_method, per_channel=True, exclude=config.exclude,
                                  equalize=True, calib_memory_mb=config.calib_memory_mb)
+        # Only the tensors equalization rescales are measured again (exact: see `StaticPipeline`).
         equalized = StaticPipeline(model, eq_config, run.calib, batch_size=run.batch_size, threads=run.threads,
-                                   source=run.model_path.name).calibrate()
+                                   source=run.model_path.name).calibrate(built=built, reuse=pipeline)
         search.calibrations += 1
         for per_channel in per_channel_options:
             search.add(f"{_granularity_name(per_channel)} + equalization",
@@ -409,6 +415,11 @@ def _granularity_name(per_channel: bool) -> str:
 
 def _handled(done: Handled) -> _Built:
     return _Built(done.model, done.plan)
+
+
+def _has_biased_conv(model: onnx.ModelProto) -> bool:
+    initializers = {t.name for t in model.graph.initializer}
+    return any(n.op_type == "Conv" and len(n.input) > 2 and n.input[2] in initializers for n in model.graph.node)
 
 
 def _profile(pipeline: StaticPipeline) -> dict:

@@ -56,6 +56,13 @@ class EqualizeRecord:
         return rescaled
 
 
+    def rescaled_exactly(self, model: onnx.ModelProto) -> set[str] | None:
+        """The tensors whose float values this rewrite changed in `model` (the equalized graph), when
+        it only rescaled them per channel (Relu links: every other tensor keeps its float values up to
+        rounding); None when a ReLU6 became a Relu (then what follows it may change too)."""
+        return None if self.relu6_replaced else set(self.rescaled(model))
+
+
 class Equalize:
     name = "equalize"
     stage = "graph"
