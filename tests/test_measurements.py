@@ -278,3 +278,39 @@ def test_bench_counts_an_unbatched_run_as_one_call(tmp_path):
     assert report.models[0].throughput == pytest.approx(1000 / report.models[0].median_ms)
     batched = _linear_model(tmp_path / "b.onnx", np.ones((16, 4)), np.zeros(4))
     assert bench_models([batched], shapes={"x": (5, 16)}, threads=1, warmup=1, repeats=3).models[0].batch == 5
+
+
+def test_a_timed_run_passes_over_the_data_shapes_in_proportion(tmp_path):
+    """Batches of one shape: the first is timed. Shapes that vary (text lines of different widths):
+    up to MAX_TIMED_FEEDS batches evenly spaced through the data, and a run is one pass over them;
+    the quantize report times those and states the shapes."""
+    from lowbit.onnx.timing import MAX_TIMED_FEEDS, describe_shapes, representative_feeds
+
+    same = [{"x": np.full((1, 3, 8, 8), i, np.float32)} for i in range(20)]
+    assert len(representative_feeds(same)) == 1 and representative_feeds(same)[0]["x"][0, 0, 0, 0] == 0
+    widths = [16 if i % 4 else 64 for i in range(40)]  # a quarter of the calls are 4x wider
+    varied = [{"x": np.full((1, 3, 8, w), i, np.float32)} for i, w in enumerate(widths)] + [{"x": np.zeros((1, 3, 8, 9))}]
+    picked = representative_feeds(varied)
+    assert len(picked) == MAX_TIMED_FEEDS
+    order = [int(f["x"][0, 0, 0, 0]) for f in picked]
+    assert order == sorted(order) and order[0] == 0 and order[-1] >= 30  # spread over the whole data
+    assert sum(f["x"].shape[3] == 64 for f in picked) == MAX_TIMED_FEEDS // 4
+    assert describe_shapes(picked) == "2 shapes, 1x3x8x16 to 1x3x8x64"
+
+    class Counting:  # a runner: counts the calls of each width
+        def __init__(self):
+            self.widths = []
+
+        def run(self, names, feed):
+            self.widths.append(feed["x"].shape[3])
+
+    runner = Counting()
+    timing = time_models([runner], picked, threads=1, warmup=0, repeats=3)
+    assert len(timing.latencies_ms[0]) == 3 and len(runner.widths) == (1 + 3 + 1) * MAX_TIMED_FEEDS
+    assert runner.widths.count(64) * 4 == len(runner.widths)
+
+    float_path = _linear_model(tmp_path / "f.onnx", np.ones((16, 4)), np.zeros(4))
+    quant_path = _linear_model(tmp_path / "q.onnx", np.ones((16, 4)), np.zeros(4))
+    rows = {"x": np.ones((40, 16), np.float32)}
+    report = compare_models(float_path, quant_path, CalibrationData(rows, onnx.load(float_path)), batch_size=16)
+    assert report.timed_calls == 16 and report.timed_shapes == "16x16"  # batches of 16, 16 and a partial 8

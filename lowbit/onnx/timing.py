@@ -89,38 +89,18 @@ def evenly_spaced(count: int, most: int = MAX_TIMED_FEEDS) -> list[int]:
     return sorted({i * count // min(count, most) for i in range(min(count, most))}) if count else []
 
 
-class TimingSample:
-    """The feeds a timed run passes over, picked while the data streams by (`add` each batch in
-    order): every `stride`-th batch is kept, the stride doubling (every other one dropped) when more
-    than 2 x MAX_TIMED_FEEDS are held, so memory stays bounded whatever the data's length."""
-
-    def __init__(self) -> None:
-        self.kept: list[tuple[dict, int]] = []
-        self.shapes: set[tuple] = set()
-        self.stride, self.seen = 1, 0
-
-    def add(self, feed: dict[str, np.ndarray], calls: int = 1) -> None:
-        self.shapes.add(shape_key(feed))
-        if self.seen % self.stride == 0:
-            self.kept.append((feed, calls))
-            if len(self.kept) > 2 * MAX_TIMED_FEEDS:
-                self.kept, self.stride = self.kept[::2], 2 * self.stride
-        self.seen += 1
-
-    def picked(self) -> list[tuple[dict, int]]:
-        """(feed, calls) of the timed run: the first batch when all have the same shapes, else up
-        to MAX_TIMED_FEEDS evenly spaced ones (each shape in proportion to how often it occurs)."""
-        if len(self.shapes) <= 1:
-            return self.kept[:1]
-        return [self.kept[i] for i in evenly_spaced(len(self.kept))]
+def timed_indices(shapes: Sequence[tuple]) -> list[int]:
+    """Which of the data's batches (given by their `shape_key`s, in order) a timed run passes over:
+    the first when all have the same shapes, else up to MAX_TIMED_FEEDS evenly spaced ones (each
+    shape in proportion to how often the data has it). The last batch, often a partial one of a
+    batched data set, is left out when there are others."""
+    shapes = shapes[:-1] if len(shapes) > 1 else shapes
+    return [0] if len(set(shapes)) <= 1 else evenly_spaced(len(shapes))
 
 
 def representative_feeds(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """`TimingSample` over `feeds`: what a timed run on this data passes over."""
-    sample = TimingSample()
-    for feed in feeds:
-        sample.add(feed)
-    return [feed for feed, _ in sample.picked()]
+    """The feeds a timed run on `feeds` passes over (`timed_indices`)."""
+    return [feeds[i] for i in timed_indices([shape_key(f) for f in feeds])] if feeds else []
 
 
 def describe_shapes(feeds: Sequence[dict[str, np.ndarray]]) -> str:

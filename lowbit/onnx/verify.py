@@ -14,7 +14,7 @@ evaluation arrays), whether the model runs it alone or stacked with others in a 
 Size before/after, and speed: both models timed by `lowbit.onnx.timing.time_models` (the method
 every lowbit speed figure uses) on the evaluation data: the first batch when every batch has the
 same shapes, else up to `timing.MAX_TIMED_FEEDS` batches evenly spaced through it (the report
-states the calls and shapes timed). Benches reuse `compare_models`.
+states the calls and shapes timed; the data is read once more, for its shapes only, to pick them). Benches reuse `compare_models`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import Batch, CalibrationData
 from lowbit.onnx.io import load_model, model_size_bytes
 from lowbit.onnx.session import default_threads, make_session
-from lowbit.onnx.timing import MIN_TIMED_SECONDS, TimingSample, describe_shapes, time_models
+from lowbit.onnx.timing import MIN_TIMED_SECONDS, describe_shapes, shape_key, time_models, timed_indices
 
 # A call yielding fewer numbers than this gets its cosine across calls: the cosine of a 1-, 2- or
 # 3-vector barely moves with the error (1.0 exactly for one number of the same sign).
@@ -247,10 +247,12 @@ def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike,
     names = [o.name for o in float_session.get_outputs()]
     errors = {n: OutputErrors(n) for n in names}
     calls = 0
-    sample = TimingSample()  # what the timed run passes over (see `timing.TimingSample`)
-    for batch, run_calls in batches_with_calls(data, batch_size):
-        if speed:
-            sample.add(batch, run_calls or 1)
+    # The batches the timed run passes over (`timing.timed_indices`), kept as the data streams by.
+    wanted = set(timed_indices([shape_key(b) for b in data.batches(batch_size)])) if speed else set()
+    timed: list[tuple[Batch, int]] = []
+    for index, (batch, run_calls) in enumerate(batches_with_calls(data, batch_size)):
+        if index in wanted:
+            timed.append((batch, run_calls or 1))
         reference = float_session.run(names, batch)
         candidate = quant_session.run(names, batch)
         for name, ref, got in zip(names, reference, candidate):
@@ -265,7 +267,6 @@ def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike,
     if labels is not None:
         _add_label_accuracy(report, errors, labels[:calls])
     if speed:
-        timed = sample.picked()
         feeds = [batch for batch, _ in timed]
         timing = time_models([float_session, quant_session], feeds, warmup=warmup, repeats=repeats,
                              min_seconds=min_seconds)
