@@ -314,3 +314,25 @@ def test_a_timed_run_passes_over_the_data_shapes_in_proportion(tmp_path):
     rows = {"x": np.ones((40, 16), np.float32)}
     report = compare_models(float_path, quant_path, CalibrationData(rows, onnx.load(float_path)), batch_size=16)
     assert report.timed_calls == 16 and report.timed_shapes == "16x16"  # batches of 16, 16 and a partial 8
+
+
+def test_runs_of_many_milliseconds_go_without_the_untimed_run_per_turn():
+    import time
+
+    from lowbit.onnx.timing import COLD_CACHE_MS
+
+    class SleepingRunner:
+        def __init__(self, seconds):
+            self.seconds, self.calls = seconds, 0
+
+        def run(self, names, feed):
+            self.calls += 1
+            time.sleep(self.seconds)
+
+    slow = [SleepingRunner(COLD_CACHE_MS / 1000 * 1.2), SleepingRunner(COLD_CACHE_MS / 1000 * 1.5)]
+    timing = time_models(slow, {}, threads=1, warmup=1, repeats=3)
+    assert [r.calls for r in slow] == [1 + 1 + 3] * 2 and timing.untimed_per_turn == 0
+    assert "turns of 0 untimed + 3 timed" in timing.method()
+    fast = [SleepingRunner(0.001), SleepingRunner(0.001)]
+    assert time_models(fast, {}, threads=1, warmup=1, repeats=3).untimed_per_turn == 1
+    assert [r.calls for r in fast] == [1 + 1 + 1 + 3] * 2

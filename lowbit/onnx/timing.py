@@ -10,7 +10,9 @@ model back to back: the untimed run brings the model's weights, kernels and buff
 caches the other model just used, so the timed runs measure the warm, back-to-back latency of a
 model serving requests, the latency a process timing that model alone measures. (Timed right after
 the other model, the fp32 session of a GRU of many tiny ops measured 0.59-0.89 ms, 0.16-0.21 ms
-alone, 0.19-0.38 ms in these turns, 1 thread; see BENCHMARKS.md "Timing agreement".) A model's latency is the
+alone, 0.19-0.38 ms in these turns, 1 thread; see BENCHMARKS.md "Timing agreement".) Models whose
+runs take COLD_CACHE_MS or more go without the untimed run (the caches refill within the first
+fraction of such a run; the untimed run would only double the cost). A model's latency is the
 median of its `repeats` timed runs; a speedup is the ratio of medians. Spin-waiting stays off: with
 ONNX Runtime's default the threads of the session that just ran keep spinning and slow the next
 session's run.
@@ -35,6 +37,7 @@ import onnxruntime as ort
 from lowbit.onnx.session import SPIN_WAIT_OFF, default_threads, make_session
 
 RUNS_PER_TURN = 3  # timed runs per turn, after one untimed run
+COLD_CACHE_MS = 10.0  # runs at least this long (every model of the timing): no untimed run per turn
 MAX_REPEATS = 300  # the most timed runs `min_seconds` may ask for per model
 # Timed seconds per model behind every speedup lowbit prints (quantize table, `lowbit bench`, auto's
 # choice): at 3-10 ms a call, ten runs moved a captcha CRNN's speedup from 2.6x to 2.2x between two
@@ -52,6 +55,7 @@ class Timing:
     threads: int | None  # intra-op threads of every session (None: ONNX Runtime's default)
     warmup: int
     repeats: int
+    untimed_per_turn: int = 1
 
     @property
     def medians_ms(self) -> list[float]:
@@ -70,7 +74,7 @@ class Timing:
         threads = "ONNX Runtime's default intra-op threads" if self.threads is None else \
             f"{self.threads} intra-op thread{'s' if self.threads != 1 else ''}"
         return (f"{threads}, 1 inter-op, spin-waiting off; median of {self.repeats} timed runs per model after "
-                f"{self.warmup} warm-up, interleaved in one process in turns of 1 untimed + {RUNS_PER_TURN} timed "
+                f"{self.warmup} warm-up, interleaved in one process in turns of {self.untimed_per_turn} untimed + {RUNS_PER_TURN} timed "
                 "runs (order alternating)")
 
     def to_dict(self) -> dict:
@@ -147,19 +151,23 @@ def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray] | Seque
             start = time.perf_counter()
             one_run(session)
             warm_ms[i].append(1000 * (time.perf_counter() - start))
-    if min_seconds > 0 and warmup:
+    untimed = 1
+    if warmup:
         typical_ms = float(np.mean([np.median(runs) for runs in warm_ms]))
-        repeats = max(repeats, min(MAX_REPEATS, int(np.ceil(1000 * min_seconds / max(typical_ms, 1e-3)))))
+        untimed = 0 if min(min(runs) for runs in warm_ms) >= COLD_CACHE_MS else 1
+        if min_seconds > 0:
+            repeats = max(repeats, min(MAX_REPEATS, int(np.ceil(1000 * min_seconds / max(typical_ms, 1e-3)))))
     latencies: list[list[float]] = [[] for _ in sessions]
     for turn in range(-(-repeats // RUNS_PER_TURN)):
         order = range(len(sessions)) if turn % 2 == 0 else reversed(range(len(sessions)))
         for i in order:
-            one_run(sessions[i])  # warms the caches the other model used
+            for _ in range(untimed):
+                one_run(sessions[i])  # warms the caches the other model used
             for _ in range(min(RUNS_PER_TURN, repeats - turn * RUNS_PER_TURN)):
                 start = time.perf_counter()
                 one_run(sessions[i])
                 latencies[i].append(1000 * (time.perf_counter() - start))
-    return Timing(latencies, stated.pop(), warmup, repeats)
+    return Timing(latencies, stated.pop(), warmup, repeats, untimed)
 
 
 def _threads_of(session) -> int | None:

@@ -49,7 +49,7 @@ from lowbit.onnx.pipeline import StaticPipeline, activation_channel_spread, weig
 from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
 from lowbit.onnx.registry import rule_for
 from lowbit.onnx.session import make_session
-from lowbit.onnx.timing import representative_feeds, time_models
+from lowbit.onnx.timing import evenly_spaced, representative_feeds, time_models
 from lowbit.onnx.verify import OutputErrors, batches_with_calls, label_accuracy, looks_like_class_scores
 from lowbit.plan import QuantPlan
 
@@ -64,6 +64,10 @@ MAX_NOISE = 0.15  # a noisier machine still does not make candidates further apa
 TIMING_REPEATS = 6  # per candidate at least; the kept model is timed again (10 repeats) by the final verification
 MAX_TIMING_REPEATS = 600
 MIN_TIMED_SECONDS = 0.3  # per model and timing: a 0.1 ms model gets hundreds of runs, not 6
+# Candidates are scored on evenly spaced batches worth about SCORE_SECONDS of float compute, at
+# least MIN_SCORED_BATCHES: on a 736x1088 text detector (0.13 s a call) 4 of 8 calls per candidate.
+SCORE_SECONDS = 0.5
+MIN_SCORED_BATCHES = 4
 RETIME_BAND = 0.15  # candidates this close to the fastest (or the fastest this close to float) are timed again
 MAX_RETIMED = 3  # candidates timed together in that second run (each holds a session)
 # Weight-only kernels (MatMulNBits) dequantize weights and compute in float: they win when the
@@ -99,18 +103,23 @@ class AutoReport:
     seconds: float
     calibrations: int
     skipped: list[str] = field(default_factory=list)  # candidates the statistics ruled out, and why
+    scored_calls: int = 0  # evaluation calls each candidate was scored on
+    total_calls: int = 0  # of the evaluation calls the written model is verified on
 
     def to_dict(self) -> dict:
         return {"metric": self.metric, "max_drop": self.max_drop, "winner": self.winner, "reason": self.reason,
                 "seconds": self.seconds, "calibrations": self.calibrations, "skipped": self.skipped,
+                "scored_calls": self.scored_calls, "total_calls": self.total_calls,
                 "candidates": [asdict(t) for t in self.trials]}
 
     def table(self) -> str:
         labeled = any(t.accuracy is not None for t in self.trials)
         budget = (f"{'label accuracy' if labeled else 'top-1 agreement'} drop <= {100 * self.max_drop:g} pt"
                   if self.metric == "top1" else f"cosine drop <= {self.max_drop:g}")
+        scored = (f"; scored on {self.scored_calls} of the {self.total_calls} evaluation calls"
+                  if self.scored_calls < self.total_calls else "")
         lines = [f"auto: {len(self.trials)} candidates from {self.calibrations} calibration(s) in "
-                 f"{self.seconds:.1f} s; budget {budget}",
+                 f"{self.seconds:.1f} s; budget {budget}{scored}",
                  f"  {'candidate':<52} {'top-1':>7} {'cosine':>8} {'speed':>7} {'size':>9}"
                  + (f" {'accuracy':>9}" if labeled else "")]
         for t in self.trials:
@@ -138,13 +147,29 @@ class _Scorer:
         session = make_session(reference, threads=run.threads)  # closed below: only its outputs are kept
         self.names = [o.name for o in session.get_outputs()]
         batches = list(batches_with_calls(run.eval_set, run.batch_size))
-        self.batches, self.calls = [b for b, _ in batches], [c for _, c in batches]
-        self.expected = [session.run(self.names, b) for b in self.batches]
-        self.timing_feeds = representative_feeds(self.batches)  # what the final verification times too
+        feeds = [b for b, _ in batches]
+        self.timing_feeds = representative_feeds(feeds)  # what the final verification times too
+        first = session.run(self.names, feeds[0])
         started = time.perf_counter()
-        for feed in self.timing_feeds:
-            session.run(self.names, feed)
-        latency = time.perf_counter() - started
+        session.run(self.names, feeds[0])
+        per_batch = time.perf_counter() - started
+        # Candidates are compared on a bounded, evenly spaced subset of the batches (all of them
+        # when the data holds labels or is small); the written model is verified on all of them.
+        scored = list(range(len(feeds)))
+        if run.eval_set.labels is None and len(feeds) > MIN_SCORED_BATCHES:
+            scored = evenly_spaced(len(feeds), max(MIN_SCORED_BATCHES, int(SCORE_SECONDS / max(per_batch, 1e-6))))
+        self.batches, self.calls = [feeds[i] for i in scored], [batches[i][1] for i in scored]
+        self.expected = [first if i == 0 else session.run(self.names, feeds[i]) for i in scored]
+        self.scored_calls = sum(c or 1 for c in self.calls)
+        self.total_calls = sum(c or 1 for _, c in batches)
+        del batches, feeds
+        if len(self.timing_feeds) == 1:
+            latency = per_batch
+        else:
+            started = time.perf_counter()
+            for feed in self.timing_feeds:
+                session.run(self.names, feed)
+            latency = time.perf_counter() - started
         del session
         runs = math.ceil(MIN_TIMED_SECONDS / max(latency, 1e-6))
         self.repeats = int(min(MAX_TIMING_REPEATS, max(TIMING_REPEATS, runs)))
@@ -287,7 +312,7 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     trial = next(t for t in search.trials if t.name == winner)
     candidate = search.built[winner]
     report = AutoReport(scorer.metric, max_drop, search.trials, winner, reason, time.perf_counter() - started,
-                        search.calibrations, skipped)
+                        search.calibrations, skipped, scorer.scored_calls, scorer.total_calls)
     plan = candidate.plan
     plan.settings = {**plan.settings, "auto": {"winner": winner, "reason": reason, "metric": scorer.metric,
                                                "max_drop": max_drop, "met": trial.met,
