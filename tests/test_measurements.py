@@ -296,6 +296,9 @@ def test_a_timed_run_passes_over_the_data_shapes_in_proportion(tmp_path):
     assert order == sorted(order) and order[0] == 0 and order[-1] >= 30  # spread over the whole data
     assert sum(f["x"].shape[3] == 64 for f in picked) == MAX_TIMED_FEEDS // 4
     assert describe_shapes(picked) == "2 shapes, 1x3x8x16 to 1x3x8x64"
+    from lowbit.onnx.timing import evenly_spaced
+
+    assert {i % 2 for i in evenly_spaced(8, 4)} == {0, 1}  # alternating data (paper, photo): both kinds
 
     class Counting:  # a runner: counts the calls of each width
         def __init__(self):

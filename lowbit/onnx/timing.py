@@ -89,8 +89,12 @@ def shape_key(feed: dict[str, np.ndarray]) -> tuple:
 
 
 def evenly_spaced(count: int, most: int = MAX_TIMED_FEEDS) -> list[int]:
-    """Up to `most` indices spread evenly over range(count), the first included."""
-    return sorted({i * count // min(count, most) for i in range(min(count, most))}) if count else []
+    """Up to `most` indices spread evenly over range(count), the first and the last included (so a
+    stride of 2 never picks only the even calls of data that alternates, e.g. pages on paper and
+    on photos)."""
+    if count <= most:
+        return list(range(count))
+    return sorted({int(round(i * (count - 1) / (most - 1))) for i in range(most)}) if most > 1 else [0]
 
 
 def timed_indices(shapes: Sequence[tuple]) -> list[int]:
