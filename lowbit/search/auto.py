@@ -6,14 +6,17 @@
          Convs with biases and per-tensor or depthwise weights     -> bias correction
          MatMul inputs whose min/max range is far past their 99.99th percentile -> hybrid (those
            MatMuls dynamic int8, the rest static)
-         MatMul/Gemm with constant weights                         -> dynamic int8
+         MatMul/Gemm with constant weights                         -> dynamic int8, and dynamic int8
+                                                                      with the output layer float
          ... holding most parameters, activations of a few rows   -> weight-only int8/int4 (MatMulNBits)
          a CPU with fp16 arithmetic (avx512_fp16, amx_fp16)         -> fp16
          a static candidate within budget                          -> the same with one layer kind
            (each compute op type, depthwise Convs apart; int8 elementwise ops) float at a time,
            then the kinds that measured faster in float all together (int8 where it pays)
-    -> each candidate: built from the one calibration (no model run), scored on the evaluation
-       data against float outputs computed once; the candidates within the budget are timed
+    -> each candidate: built from the one calibration (no model run), scored on a bounded, evenly
+       spaced subset of the evaluation batches (SCORE_SECONDS of float compute, at least
+       MIN_SCORED_BATCHES; all of them with labels) against float outputs computed once; the
+       written model is verified on all of them; the candidates within the budget are timed
        against the float model as the user gave it, the candidate as it will be written (no shape
        annotations), interleaved, same session options, median (`lowbit.onnx.timing.time_models`),
        with enough repeats to cover MIN_TIMED_SECONDS per model (sub-millisecond models too)
@@ -28,7 +31,10 @@ session closed right after; only the candidates within the budget (or, while non
 accurate one) are kept; the float model is opened again, as the user gave it, at the first timing.
 
 Only equalization needs a second calibration (it rescales activations per channel, so ranges of
-the unequalized graph do not carry over); it runs only when the statistics say it can matter.
+the unequalized graph do not carry over); it runs only when the statistics say it can matter, and
+measures only the tensors equalization rescales (Relu links: every other tensor keeps its float
+values, so its statistics come from the first calibration; `StaticPipeline.calibrate(reuse=)`).
+Bias correction's channel means are measured in the calibration pass itself.
 """
 
 from __future__ import annotations
@@ -288,6 +294,10 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
             search.add("hybrid: static Convs, every MatMul/Gemm dynamic",
                        lambda: _hybrid(pipeline, profile["matmuls"], best_static))
         search.add("dynamic int8", lambda: _dynamic(pipeline))
+        heads = [n for n in output_layers(pipeline.model) if n in profile["matmuls"]]
+        if heads and len(heads) < len(profile["matmuls"]):
+            search.add(f"dynamic int8, output layer{'s' if len(heads) > 1 else ''} float",
+                       lambda: _dynamic(pipeline, keep_float=heads), note=", ".join(heads))
     else:
         skipped.append("dynamic and hybrid: no MatMul/Gemm with a constant weight")
     rows = _rows_per_call(scorer.batches[0])
@@ -611,9 +621,40 @@ def _rename(model: onnx.ModelProto, names: set[str]) -> None:
         tensor.name = mapping.get(tensor.name, tensor.name)
 
 
-def _dynamic(pipeline: StaticPipeline) -> _Built:
+def output_layers(model: onnx.ModelProto) -> list[str]:
+    """The compute nodes (Conv, MatMul, Gemm ...) whose result reaches a graph output through a
+    chain of ops of one activation input each (bias Add, Softmax, Sigmoid, reshapes): the layers
+    that make the logits. Their int8 error moves the outputs directly, and a decision taken on them
+    (the argmax of a CTC frame between blank and a space, a class) flips where float itself is
+    nearly tied. A residual Add or a Concat ends the chain (what feeds it is not one layer's)."""
+    graph = model.graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    # Integer tensors (a Reshape's target shape from Shape) are not activations.
+    constants |= {v.name for v in [*graph.value_info, *graph.input] if v.type.tensor_type.elem_type
+                  in (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL)}
+    producer = {o: n for n in graph.node for o in n.output}
+    found: list[str] = []
+    seen: set[str] = set()
+    stack = [o.name for o in graph.output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        rule = rule_for(node)
+        activations = [i for i in node.input if i and i not in constants]
+        if rule is not None and rule.kind == "compute":
+            found.append(node.name)
+        elif len(activations) == 1:
+            stack.extend(activations)
+    return found
+
+
+def _dynamic(pipeline: StaticPipeline, keep_float: list[str] = ()) -> _Built:
     config = DynamicConfig(exclude=pipeline.config.exclude)
-    plan = plan_dynamic(pipeline.model, per_channel_weights=True, exclude=pipeline.exclude)
+    plan = plan_dynamic(pipeline.model, per_channel_weights=True, exclude=[*pipeline.exclude, *keep_float])
+    for name in keep_float:
+        plan.float_nodes[name] = "kept float by --mode auto: an output layer"
     model = write_dynamic(pipeline.model, plan)
     algorithms: dict = {}
     for record in pipeline.records:
