@@ -186,6 +186,7 @@ class StaticPipeline:
         theirs = [r.to_settings() for r in other.records]
         extra = [r for r, settings in zip(self.records, mine) if settings not in theirs]
         if (other.stats is None or other.stats.observers is None or other.data is not self.data
+                or other.ctx.batch_size != self.ctx.batch_size
                 or other.config.calib_method != self.config.calib_method or any(s not in mine for s in theirs)
                 or not all(hasattr(r, "rescaled_exactly") for r in extra)
                 or [n.output[:] for n in self.model.graph.node] != [n.output[:] for n in other.model.graph.node]):
