@@ -453,8 +453,15 @@ def _handled(done: Handled) -> _Built:
 
 
 def _has_biased_conv(model: onnx.ModelProto) -> bool:
+    """A convolution with a constant bias: bias correction may be tried (its means are then
+    measured in the calibration pass)."""
     initializers = {t.name for t in model.graph.initializer}
-    return any(n.op_type == "Conv" and len(n.input) > 2 and n.input[2] in initializers for n in model.graph.node)
+    for node in model.graph.node:
+        rule = rule_for(node)
+        if (rule is not None and rule.kind == "compute" and rule.weight_only != "matmul" and rule.bias_input is not None
+                and len(node.input) > rule.bias_input and node.input[rule.bias_input] in initializers):
+            return True
+    return False
 
 
 def _profile(pipeline: StaticPipeline) -> dict:
