@@ -11,6 +11,8 @@ shards) and runs a forward pass. Delete the big folders afterwards (--clean).
     python bench/llm_streamed.py /work/big/llama-25g --size-gb 25 --dtype float32 --algo rtn --clean
     python bench/llm_streamed.py /work/big/llama-4g --size-gb 4.2 --dtype float32 --hidden 2048 \\
         --intermediate 2816 --heads 16 --kv-heads 16 --algo gptq --samples 16 --seq-len 128 --clean
+    python bench/llm_streamed.py /work/big/llama-1g --size-gb 1.2 --dtype float32 --hidden 2048 \\
+        --intermediate 2816 --heads 16 --kv-heads 16 --algo smoothquant --mode static --clean
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -70,11 +72,42 @@ def load_check(out: Path, layers: int, float_bytes: int) -> str:
             logits = model(input_ids=torch.tensor([[1, 5, 9, 200]])).logits
     scheme = model.model.layers[kept - 1].mlp.down_proj.quantization_scheme.weights
     finite = bool(torch.isfinite(logits).all())
+    inputs = model.model.layers[kept - 1].mlp.down_proj.quantization_scheme.input_activations
+    activations = f", inputs int{inputs.num_bits} {inputs.strategy}" if inputs is not None else ""
     return (f"loaded {kept} of {layers} blocks with transformers + compressed-tensors ({scheme.num_bits}-bit "
-            f"{scheme.strategy}, group {scheme.group_size}); forward pass finite: {finite}")
+            f"{scheme.strategy}, group {scheme.group_size}{activations}); forward pass finite: {finite}")
+
+
+def llmcompressor_worker(model: Path, out: Path, samples: int, seq_len: int) -> None:
+    """llm-compressor's `oneshot` GPTQ W4A16 (group 128, lm_head float) on the CPU, on the very
+    token rows lowbit calibrates with; it loads the whole float model first."""
+    import torch
+    import transformers
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    from lowbit.torch.llm.calib_text import load_tokenizer
+    from lowbit.torch.llm.hf_io import text_batches
+
+    start = time.perf_counter()
+    cut = text_batches(load_tokenizer(model), (model / "calib.txt").read_text(), seq_len=seq_len, samples=samples)
+    ids = torch.cat([batch["input_ids"] for batch in cut.calibration])
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq_len] * len(ids)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        float_model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype="float32")
+    oneshot(model=float_model, tokenizer=transformers.AutoTokenizer.from_pretrained(model), dataset=dataset,
+            recipe=[GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"])], max_seq_length=seq_len,
+            num_calibration_samples=len(ids), shuffle_calibration_samples=False)
+    float_model.save_pretrained(out, save_compressed=True)
+    print(json.dumps({"seconds": time.perf_counter() - start}))
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--llmcompressor-worker":
+        llmcompressor_worker(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, help="checkpoint folder (written first when missing)")
     parser.add_argument("--size-gb", type=float, default=25.0)
@@ -83,10 +116,14 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=11008)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=32)
-    parser.add_argument("--algo", default="rtn", choices=["rtn", "gptq", "awq"])
+    parser.add_argument("--algo", default="rtn", choices=["rtn", "gptq", "awq", "smoothquant"])
+    parser.add_argument("--mode", default="weight-only", choices=["weight-only", "static", "dynamic"],
+                        help="static / dynamic: W8A8 (with --algo smoothquant), per-tensor or per-token inputs")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tool", default="lowbit", choices=["lowbit", "llm-compressor"],
+                        help="llm-compressor: its oneshot GPTQ W4A16 g128 in memory (bench venv only)")
     parser.add_argument("--clean", action="store_true", help="delete the checkpoint and the output afterwards")
     args = parser.parse_args()
 
@@ -101,11 +138,13 @@ def main() -> None:
     config = json.loads((args.model / "config.json").read_text())
     layers = config["num_hidden_layers"]
     size = sum(p.stat().st_size for p in args.model.glob("*.safetensors"))
-    out = args.model.with_name(args.model.name + f"-{args.algo}")
+    out = args.model.with_name(args.model.name + f"-{args.algo}" + ("" if args.mode == "weight-only" else f"-{args.mode}"))
     if out.exists():
         shutil.rmtree(out)
-    command = [sys.executable, "-m", "lowbit", "quantize", str(args.model), "-o", str(out), "--mode", "weight-only",
-               "--algo", args.algo, "--group-size", "128", "--low-memory", "--json"]
+    command = [sys.executable, "-m", "lowbit", "quantize", str(args.model), "-o", str(out), "--mode", args.mode,
+               "--algo", args.algo, "--low-memory", "--json"]
+    if args.mode == "weight-only":
+        command += ["--group-size", "128"]
     if args.algo != "rtn":
         text = args.model / "calib.txt"
         if not text.is_file():
@@ -113,21 +152,32 @@ def main() -> None:
 
             text.write_text("\n".join(pydoc_data.topics.topics.values()))
         command += ["--calib-text", str(text), "--samples", str(args.samples), "--seq-len", str(args.seq_len)]
+    if args.tool == "llm-compressor":
+        if args.algo != "gptq":
+            parser.error("--tool llm-compressor runs GPTQ only")
+        out = out.with_name(out.name + "-llmcompressor")
+        shutil.rmtree(out, ignore_errors=True)
+        command = [sys.executable, __file__, "--llmcompressor-worker", str(args.model), str(out), str(args.samples),
+                   str(args.seq_len)]
     print(f"checkpoint: {size / 1e9:.2f} GB, {layers} blocks, {args.dtype}; load {os.getloadavg()}", flush=True)
     print("$ " + shlex.join(command), flush=True)
     seen: dict[str, float] = {}
     peaks: dict[str, int] = {}
     stop = threading.Event()
     start = time.time()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    watcher = threading.Thread(target=watch_shards, args=(out.parent, out.name, child.pid, stop, seen, peaks),
-                               daemon=True)
-    watcher.start()
-    stdout, stderr = child.communicate()
-    done = subprocess.CompletedProcess(command, child.returncode, stdout, stderr)
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True, env=env)
+        watcher = threading.Thread(target=watch_shards, args=(out.parent, out.name, child.pid, stop, seen, peaks),
+                                   daemon=True)
+        watcher.start()
+        # wait4: this child's own peak (RUSAGE_CHILDREN would include the checkpoint generator's)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0), stderr.seek(0)
+        done = subprocess.CompletedProcess(command, child.returncode, stdout.read(), stderr.read())
     wall = time.time() - start
     stop.set()
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    peak = usage.ru_maxrss * 1024
     times = sorted(seen.values())
     per_block = [b - a for a, b in zip([start] + times, times)][1:layers] if len(times) > 1 else []
     report = {"checkpoint_bytes": size, "blocks": layers, "dtype": args.dtype, "algorithm": args.algo,
@@ -136,9 +186,9 @@ def main() -> None:
               "median_seconds_per_block": sorted(per_block)[len(per_block) // 2] if per_block else None,
               "load_average_end": os.getloadavg()}
     if done.returncode == 0:
-        result = json.loads(done.stdout)
+        result = json.loads(done.stdout.strip().splitlines()[-1] if args.tool == "llm-compressor" else done.stdout)
         report.update(written_bytes=sum(p.stat().st_size for p in out.iterdir()),
-                      lowbit_block_seconds=result["block_seconds"], lowbit_seconds=result["seconds"])
+                      lowbit_block_seconds=result.get("block_seconds"), lowbit_seconds=result["seconds"])
         report["load_check"] = load_check(out, layers, size)
     else:
         report["stderr"] = done.stderr[-2000:]

@@ -41,6 +41,7 @@ class WeightOptions:
     awq_clip: bool = True  # AWQ: clipping search after scaling (else round to nearest)
     static_groups: bool = False  # GPTQ: group scales from the original weights, not the updated ones
     true_sequential: bool = True  # LLM blocks: statistics from the partly quantized block (else one float pass)
+    statistics_dtype: str = "float64"  # LLM blocks: precision of the input Gram / Hessian sums (torch dtype name)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class WeightAlgorithm:
     needs_integer_grid: bool = False  # refuses non-integer weight types (fp8, binary, ...)
     options: tuple[str, ...] = ()  # the user-facing options only it takes (checked by the front ends)
     one_pass_by_default: bool = False  # LLM blocks: all statistics from one float pass (llm-compressor's GPTQ)
+    statistics_dtype: str = "float64"  # LLM blocks: default precision of the input statistics' sums
 
     def hooks(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -70,7 +72,8 @@ class WeightAlgorithm:
 _ALGORITHMS = (
     WeightAlgorithm("rtn", "round to nearest (no data)", "lowbit.algorithms.rtn"),
     WeightAlgorithm("gptq", "error-compensating rounding", "lowbit.algorithms.gptq", needs_statistics=True,
-                    needs_integer_grid=True, options=("act_order",), one_pass_by_default=True),
+                    needs_integer_grid=True, options=("act_order",), one_pass_by_default=True,
+                    statistics_dtype="float32"),
     WeightAlgorithm("awq", "activation-aware scaling", "lowbit.algorithms.awq", needs_statistics=True,
                     scales_inputs=True, needs_integer_grid=True),
 )

@@ -121,19 +121,46 @@ def _reference_static_group_gptq(w: np.ndarray, h: np.ndarray, group: int, bits:
 
 
 @pytest.mark.parametrize("act_order", [False, True])
-def test_static_groups_match_the_textbook_algorithm(act_order):
+@pytest.mark.parametrize("hessian_dtype", [torch.float64, torch.float32])  # float32: factorized in float32
+def test_static_groups_match_the_textbook_algorithm(act_order, hessian_dtype):
     x = activations(n=300, d=32, rank=8, n_salient=3, seed=12)
     w = weight(12, 32, seed=14)  # no weight lands on a rounding tie (-7.5 steps) in float64 but not float32
-    hessian = 2 * x.double().T @ x.double() / 300
+    hessian = (2 * x.double().T @ x.double() / 300).to(hessian_dtype)
     spec = QuantSpec("int4", granularity=per_group(8))
     original = hessian.clone()
     result = gptq_quantize(w, hessian, spec, block_size=5, act_order=act_order, static_groups=True)
     assert torch.equal(hessian, original)  # the caller's Hessian is untouched (linears of a group share it)
-    expected = _reference_static_group_gptq(w.numpy(), hessian.numpy(), 8, 4, 0.01, act_order)
+    expected = _reference_static_group_gptq(w.numpy(), hessian.double().numpy(), 8, 4, 0.01, act_order)
     np.testing.assert_allclose(result.qparams.scale.numpy(),
                                np.abs(w.numpy().reshape(12, 4, 8)).max(axis=2) / 7.5, rtol=1e-6)
     steps = np.abs(result.weight.numpy() - expected) / np.repeat(result.qparams.scale.numpy(), 8, axis=1)
     assert np.mean(steps < 1e-3) > 0.99 and steps.max() < 1.01
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("hessian_dtype", [torch.float64, torch.float32])
+def test_an_input_that_never_fired_gets_zero_weights_and_leaves_the_others_alone(act_order, hessian_dtype):
+    """Column 4's input is always 0: its weights become 0, and the other columns come out as GPTQ
+    on the layer without that input (textbook GPTQ without act-order; no damping, so the two
+    problems are the same)."""
+    x = torch.randn(200, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x[:, 4] = 0
+    w = weight(6, 12, seed=9)
+    w[:, 4] *= 0.1  # below each row's max: the per-channel scales are those of the layer without it
+    alive = [j for j in range(12) if j != 4]
+    hessian = (2 * x.T @ x / 200).to(hessian_dtype)
+    spec = QuantSpec("int4", granularity=per_channel())
+    result = gptq_quantize(w, hessian, spec, percdamp=0.0, act_order=act_order)
+    assert torch.equal(result.weight[:, 4], torch.zeros(6))
+    if act_order:
+        expected = gptq_quantize(w[:, alive], hessian[alive][:, alive], spec, percdamp=0.0, act_order=True).weight
+        steps = (result.weight[:, alive] - expected).abs() / result.qparams.scale[:, None]
+    else:
+        expected = _reference_gptq(w[:, alive].numpy(), hessian[alive][:, alive].double().numpy(),
+                                   spec.with_axis(0), 0.0)
+        steps = np.abs(result.weight[:, alive].numpy() - expected) / result.qparams.scale.numpy()[:, None]
+    assert float((steps < 1e-3).float().mean() if act_order else np.mean(steps < 1e-3)) > 0.95
+    assert float(steps.max()) < 1.01
 
 
 def test_lazy_block_updates_do_not_change_the_result(layer):

@@ -74,6 +74,38 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, algorithm, kind)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activations, smooth", [("static", True), ("dynamic", True), ("dynamic", False)])
+def test_streamed_w8a8_checkpoint_equals_the_in_memory_one(tmp_path, activations, smooth):
+    """SmoothQuant W8A8 (static per-tensor and dynamic per-token inputs; plain dynamic reads no
+    calibration) streamed block by block writes the in-memory path's tensors, which load in
+    transformers + compressed-tensors and compute what lowbit's quantized model computes."""
+    pytest.importorskip("compressed_tensors")
+    from lowbit.torch.llm.pretrained_w8a8 import smoothquant_pretrained
+
+    model_dir = _save(tmp_path / "model", "llama", shard="200KB")
+    options = dict(calib_text=text_file(tmp_path), samples=4, seq_len=32, activations=activations, smooth=smooth,
+                   smooth_groups="norm,linear" if smooth else None)
+    whole = smoothquant_pretrained(model_dir, tmp_path / "whole", low_memory=False, **options)
+    streamed_result = smoothquant_pretrained(model_dir, tmp_path / "streamed", low_memory=True, **options)
+    assert streamed_result.cosine is None and any("streamed" in note for note in streamed_result.notes)
+    assert sorted(streamed_result.result.smoothing) == sorted(whole.result.smoothing)
+
+    expected, actual = _tensors(tmp_path / "whole"), _tensors(tmp_path / "streamed")
+    assert sorted(actual) == sorted(expected)
+    assert any(name.endswith("down_proj.weight") and tensor.dtype == torch.int8 for name, tensor in actual.items())
+    assert any(name.endswith("input_scale") for name in actual) == (activations == "static")
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+    config = json.loads((tmp_path / "streamed" / "config.json").read_text())["quantization_config"]
+    reference = json.loads((tmp_path / "whole" / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"] == reference["config_groups"]
+
+    loaded = load(tmp_path / "streamed", "llama")
+    for want, got in zip(outputs(whole.model, whole.eval_batches, main_output),
+                         outputs(loaded, whole.eval_batches, main_output)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_only_one_block_holds_weights_at_a_time(tmp_path, monkeypatch):
     model_dir = _save(tmp_path / "model")
     seen = []

@@ -49,7 +49,9 @@ def gptq_quantize(weight, hessian, spec: QuantSpec, *, block_size: int = 128, pe
     """Quantize a `[out, in]` weight with GPTQ under `spec`, given the `[in, in]` Hessian of its inputs.
 
     Returns the dequantized weight, its integers and qparams (groups along `in`), and the
-    damping ratio used. Computes in float32 on the weight's device (the Cholesky in float64).
+    damping ratio used. Computes in float32 on the weight's device; the Hessian is damped,
+    inverted and factorized in its own precision (float64, or float32 for a float32 Hessian, as
+    llm-compressor does: half the memory of the in x in matrices).
     """
     if block_size < 1:
         raise LowbitError(f"GPTQ block size must be a positive number of columns, not {block_size}")
@@ -58,26 +60,29 @@ def gptq_quantize(weight, hessian, spec: QuantSpec, *, block_size: int = 128, pe
     original = as_weight_matrix(weight, name)
     spec = weight_spec(spec, "GPTQ")
     n_out, n_in = original.shape
-    H = _checked_hessian(hessian, n_in, original.device, name)
+    hessian = _checked_hessian(hessian, n_in, name)
+    precision = torch.float64 if hessian.dtype == torch.float64 else torch.float32
 
     # Inputs that never fired carry no information: their weights become 0 (exact on any grid)
     # and their Hessian entry 1 so the factorization exists.
-    W = original.clone()
-    diagonal = torch.diagonal(H).clone()
-    del H
+    diagonal = torch.diagonal(hessian).to(original.device, precision, copy=True)
     dead = diagonal == 0
     diagonal[dead] = 1.0
-    W[:, dead] = 0.0
-    perm = (torch.argsort(diagonal, descending=True, stable=True) if act_order else torch.arange(n_in)).to(W.device)
-    if act_order:
-        W = W[:, perm]
+    perm = (torch.argsort(diagonal, descending=True, stable=True) if act_order
+            else torch.arange(n_in)).to(original.device)
+    W = original[:, perm] if act_order else original.clone()  # the working copy, columns in `perm`'s order
+    W[:, dead[perm]] = 0.0
 
     def private_hessian() -> torch.Tensor:
-        """A fresh float64 copy of H (dead inputs fixed, columns in `perm`'s order): the
-        factorization overwrites it, and `hessian` may be shared by the linears of one group."""
-        H = _checked_hessian(hessian, n_in, original.device, name)
-        H[dead, dead] = 1.0
-        return H.index_select(0, perm).index_select(1, perm) if act_order else H
+        """A fresh copy of H (dead inputs fixed, columns in `perm`'s order): the factorization
+        overwrites it, and `hessian` may be shared by the linears of one group."""
+        if act_order:
+            H = hessian.index_select(0, perm.to(hessian.device)).to(original.device, precision)
+            H = H.index_select(1, perm)
+        else:
+            H = hessian.to(original.device, precision, copy=True)
+        H[dead[perm], dead[perm]] = 1.0
+        return H
 
     Hinv, used_damp = _damped_inverse_cholesky(private_hessian, percdamp, name)
 
@@ -98,13 +103,17 @@ def gptq_quantize(weight, hessian, spec: QuantSpec, *, block_size: int = 128, pe
             err_block[:, i] = err
         W[:, i2:] -= err_block @ Hinv[i1:i2, i2:]
 
+    del W, W1, err_block, Hinv, Hinv1  # before the output's copies: the peak of a large layer
     Q = Q[:, torch.argsort(perm)]
     result = quantized_from_qparams(Q, scales.final_qparams())
     return GPTQResult(result.weight, result.values, result.qparams, percdamp=used_damp)
 
 
-def _checked_hessian(hessian, n_in: int, device: torch.device, name: str) -> torch.Tensor:
-    H = torch.as_tensor(hessian).detach().to(device, torch.float64).clone()
+def _checked_hessian(hessian, n_in: int, name: str) -> torch.Tensor:
+    """`hessian` as a tensor (not copied) after checking its shape and values."""
+    H = torch.as_tensor(hessian).detach()
+    if not H.is_floating_point():
+        H = H.to(torch.float64)
     if tuple(H.shape) != (n_in, n_in):
         raise LowbitError(f"the Hessian for {name} has shape {tuple(H.shape)} but the weight has {n_in} input "
                           f"features; accumulate it from this layer's inputs ([{n_in}, {n_in}])")
@@ -118,7 +127,7 @@ def _damped_inverse_cholesky(private_hessian, percdamp: float, name: str) -> tup
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1 in float32, raising the damping
     tenfold while the factorization fails. Returns the factor and the damping ratio used.
     `private_hessian()` gives a fresh copy of H for each attempt: the inverse and its factor
-    overwrite that copy, so at most two in x in float64 matrices are alive (H and its factor L)."""
+    overwrite that copy, so at most two in x in matrices are alive (H and its factor L)."""
     damp = percdamp
     for _ in range(DAMPING_STEPS):
         H = private_hessian()

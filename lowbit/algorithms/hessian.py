@@ -16,16 +16,19 @@ from lowbit.errors import CalibrationError
 class HessianAccumulator:
     """Running H = 2/n * sum x x^T and mean |x| per input feature over rows x of width `in_features`.
 
-    Running sums are kept in float64 (long calibration runs add many small terms); each batch's
-    product is computed in the input's precision, at least float32. Rows may come from
+    Running sums are kept in `dtype`: float64 by default (long calibration runs add many small
+    terms), float32 where memory matters more (llm-compressor's GPTQ accumulates in float32; half
+    the in^2 memory); each batch's product is computed in the input's precision, at least
+    float32. Rows may come from
     any leading shape `[..., in_features]`; an optional boolean `mask` over the leading shape
     keeps only the real tokens (padding rows would otherwise bias the statistics).
     """
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, in_features: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float64) -> None:
         self.in_features = in_features
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self._gram = torch.zeros(in_features, in_features, dtype=torch.float64, device=self.device)
+        self._gram = torch.zeros(in_features, in_features, dtype=dtype, device=self.device)
         self._abs_sum = torch.zeros(in_features, dtype=torch.float64, device=self.device)
         self._abs_max = torch.zeros(in_features, dtype=torch.float64, device=self.device)
         self.count = 0
@@ -46,7 +49,7 @@ class HessianAccumulator:
         if not bool(torch.isfinite(rows).all()):
             raise CalibrationError("calibration activations contain NaN or infinite values; "
                                    "check the calibration data and the float model (fp16 overflow?)")
-        self._gram += (rows.T @ rows).to(torch.float64)
+        self._gram += (rows.T @ rows).to(self._gram.dtype)
         magnitude = rows.abs()
         self._abs_sum += magnitude.sum(dim=0, dtype=torch.float64)
         self._abs_max = torch.maximum(self._abs_max, magnitude.amax(dim=0).to(torch.float64))
@@ -59,14 +62,15 @@ class HessianAccumulator:
 
     @property
     def gram(self) -> torch.Tensor:
-        """X^T X / n (float64): the mean second moment of the inputs."""
+        """X^T X / n (in the accumulator's dtype): the mean second moment of the inputs."""
         self._require_samples()
         return self._gram / self.count
 
     @property
     def hessian(self) -> torch.Tensor:
-        """H = 2 X^T X / n (float64), the Hessian GPTQ works with."""
-        return 2.0 * self.gram
+        """H = 2 X^T X / n (in the accumulator's dtype), the Hessian GPTQ works with."""
+        self._require_samples()
+        return self._gram * (2.0 / self.count)
 
     @property
     def abs_mean(self) -> torch.Tensor:

@@ -62,6 +62,7 @@ def _run_w8a8(args: argparse.Namespace) -> int:
     result = smoothquant_pretrained(
         args.model, args.output, calib_text=args.calib_text, alpha=args.smooth_alpha,
         smooth=args.smooth is not False, smooth_groups=groups,
-        samples=args.samples, seq_len=args.seq_len, trust_remote_code=args.trust_remote_code, activations=args.mode)
+        samples=args.samples, seq_len=args.seq_len, trust_remote_code=args.trust_remote_code, activations=args.mode,
+        low_memory=args.low_memory)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
     return 0

@@ -277,3 +277,9 @@ def available_memory() -> int | None:
 def weight_bytes(directory: Path) -> int:
     """Bytes of the weight files directly in `directory`."""
     return sum(path.stat().st_size for path in directory.iterdir() if path.suffix in WEIGHT_SUFFIXES and path.is_file())
+
+
+def checkpoint_dtype(config) -> torch.dtype:
+    """The weights' dtype a config.json names (float32 when it names none)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype

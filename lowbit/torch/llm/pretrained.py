@@ -33,10 +33,11 @@ from lowbit.errors import LowbitError
 from lowbit.spec import QuantSpec, per_channel, per_group
 from lowbit.torch.llm.architectures import architecture_for, find_blocks
 from lowbit.torch.llm.calib_text import load_tokenizer
-from lowbit.torch.llm.compressed_checkpoint import check_exportable, write_checkpoint
-from lowbit.torch.llm.hf_io import (available_memory, check_paths, check_sample_options, copy_tokenizer, fidelity,
-                                    load_config, load_model, main_output, model_class_for, model_outputs, read_text,
-                                    seq_len_for, text_batches, weight_bytes, write_atomically)
+from lowbit.torch.llm.compressed_checkpoint import check_exportable, quantization_config, write_checkpoint
+from lowbit.torch.llm.hf_io import (available_memory, check_paths, check_sample_options, checkpoint_dtype,
+                                    copy_tokenizer, fidelity, load_config, load_model, main_output, model_class_for,
+                                    model_outputs, read_text, seq_len_for, text_batches, weight_bytes,
+                                    write_atomically)
 from lowbit.torch.llm.linears import find_linears, in_features, is_conv1d
 from lowbit.torch.llm.scaling import ScaledActivation
 from lowbit.torch.llm.sequential import ALGORITHMS, LLMQuantization, quantize_llm
@@ -121,16 +122,18 @@ def quantize_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     seq_len = seq_len_for(config, seq_len)
     text = _read_text(calib_text, algorithm)
     check_sample_options(config if text is not None else None, samples, seq_len)  # positions matter with text only
+    input_bytes = weight_bytes(model_dir)
+    if low_memory is None:
+        memory = available_memory()
+        low_memory = memory is not None and input_bytes > memory / 2
+    if low_memory:
+        map_large_allocations()  # before tokenizing: the heap must not keep its first large frees
     tokenizer = load_tokenizer(model_dir, trust_remote_code) if text is not None else None
     calib_batches, eval_batches, eval_source, used = [], [], "none", 0
     if text is not None:
         cut = text_batches(tokenizer, text, seq_len=seq_len, samples=samples)
         calib_batches, eval_batches, eval_source, used = cut.calibration, cut.evaluation, cut.eval_source, cut.samples
 
-    input_bytes = weight_bytes(model_dir)
-    if low_memory is None:
-        memory = available_memory()
-        low_memory = memory is not None and input_bytes > memory / 2
     if low_memory:
         model = skeleton(model_class_for(config, trust_remote_code), config)
     else:
@@ -157,7 +160,7 @@ def quantize_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike
                      "was not measured")
     elif text is None:
         notes.append("no --calib-text given: fidelity not measured")
-    dtype = next(model.parameters()).dtype if not low_memory else _checkpoint_dtype(config)
+    dtype = next(model.parameters()).dtype if not low_memory else checkpoint_dtype(config)
     if dtype != torch.float32:
         notes.append(f"scales are stored in {dtype} (the model's dtype), so loaded "
                      "weights can differ from lowbit's float32 ones by one scale rounding")
@@ -212,7 +215,6 @@ def _has_attribute(root: nn.Module, dotted: str) -> bool:
 def _streamed(model, model_dir: Path, out_dir: Path, blocks_name: str, n_blocks: int, spec: QuantSpec,
               algorithm: str, calibration, tokenizer, options: dict) -> LLMQuantization:
     """Quantize the weightless `model` block by block from `model_dir`'s shards into `out_dir`."""
-    map_large_allocations()
     reader = ShardReader(model_dir)
     # The calibration text reaches block 0 through the embeddings; they are freed right after.
     loaded = materialize_outside_blocks(model, blocks_name, reader) if calibration is not None else []
@@ -222,16 +224,11 @@ def _streamed(model, model_dir: Path, out_dir: Path, blocks_name: str, n_blocks:
         store = ShardStore(reader, directory, blocks_name, n_blocks, calibration_only=loaded)
         done.append(quantize_llm(model, spec, algorithm, calibration, store=store, **options))
         store.copy_rest()
-        store.finish(model_dir, done[0])
+        store.finish(model_dir, quantization_config(done[0], blocks_name, store.quantized))
         copy_tokenizer(model_dir, directory, tokenizer)
 
     write_atomically(out_dir, write)
     return done[0]
-
-
-def _checkpoint_dtype(config) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _write(model, quantization, blocks_name: str, model_dir: Path, directory: Path, tokenizer) -> None:

@@ -41,12 +41,16 @@ from lowbit.errors import LowbitError
 from lowbit.torch.llm.architectures import (ARCHITECTURES, ProducerKind, ScaleGroup, architecture_for, find_blocks,
                                             model_type)
 from lowbit.torch.llm.calib_text import load_tokenizer
-from lowbit.torch.llm.hf_io import (check_paths, check_sample_options, copy_tokenizer, fidelity, load_config,
-                                    load_model, model_outputs, read_text, seq_len_for, text_batches,
-                                    weight_bytes, write_atomically)
+from lowbit.torch.llm.hf_io import (available_memory, check_paths, check_sample_options, checkpoint_dtype,
+                                    copy_tokenizer, fidelity, load_config, load_model, model_class_for,
+                                    model_outputs, read_text, seq_len_for, text_batches, weight_bytes,
+                                    write_atomically)
 from lowbit.torch.llm.linears import find_linears, is_conv1d
 from lowbit.torch.llm.smoothquant import SmoothQuantResult, smooth_quantize_w8a8, smoothable_groups
-from lowbit.torch.llm.w8a8_checkpoint import FORMAT, write_w8a8_checkpoint
+from lowbit.torch.llm.streamed import (ShardReader, ShardStore, map_large_allocations, materialize_outside_blocks,
+                                       skeleton)
+from lowbit.torch.llm.streamed_w8a8 import smooth_quantize_w8a8_streamed
+from lowbit.torch.llm.w8a8_checkpoint import FORMAT, w8a8_quantization_config, write_w8a8_checkpoint
 
 EXPORTABLE_GROUPS: tuple[ProducerKind, ...] = ("norm", "linear")  # what "all" means here
 # Default: every exportable group. Both kinds are exact in float and live in weights the checkpoint
@@ -81,8 +85,8 @@ class PretrainedW8A8:
     calibration_samples: int
     eval_batches: list[dict[str, torch.Tensor]]
     eval_source: str
-    cosine: float
-    sqnr_db: float
+    cosine: float | None  # None when streamed (--low-memory): the float model never existed whole
+    sqnr_db: float | None
     input_bytes: int
     output_bytes: int
     seconds: float
@@ -102,7 +106,10 @@ class PretrainedW8A8:
                  f"int8 inputs, {smoothing})",
                  f"  quantized linears : {len(r.weights)}, smoothed groups: {len(r.smoothing)}"
                  + (f" ({counts})" if r.smoothing else "") + f", calibration samples: {self.calibration_samples}",
-                 f"  output vs float   : cosine {self.cosine:.5f}, SQNR {self.sqnr_db:.1f} dB ({self.eval_source} text)"]
+                 ]
+        if self.cosine is not None:
+            lines.append(f"  output vs float   : cosine {self.cosine:.5f}, SQNR {self.sqnr_db:.1f} dB "
+                         f"({self.eval_source} text)")
         ratio = self.output_bytes / self.input_bytes if self.input_bytes else float("nan")
         lines.append(f"  weights on disk   : {self.input_bytes / 1e6:.2f} MB -> {self.output_bytes / 1e6:.2f} MB "
                      f"({ratio:.3f}x)")
@@ -125,7 +132,8 @@ def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathL
                            calib_text: str | os.PathLike | None, alpha: float = DEFAULT_ALPHA, smooth: bool = True,
                            smooth_groups: str | Iterable[str] | None = None,
                            samples: int | None = None, seq_len: int | None = None, trust_remote_code: bool = False,
-                           activations: str = "static", device: str | torch.device | None = None) -> PretrainedW8A8:
+                           activations: str = "static", device: str | torch.device | None = None,
+                           low_memory: bool | None = None) -> PretrainedW8A8:
     """SmoothQuant W8A8 the Hugging Face model in `model_dir` and write a compressed-tensors
     `int-quantized` checkpoint (loadable by `transformers.AutoModel*.from_pretrained`) to the new
     `out_dir`. `calib_text` is a UTF-8 text file of representative text; `samples` caps the
@@ -134,7 +142,9 @@ def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathL
     string; default norm and linear with static inputs, norm with dynamic ones); `smooth=False` quantizes without smoothing; `activations`
     "static" (per-tensor input scales from calibration) or "dynamic" (per-token scales at run
     time, compressed-tensors' W8A8 dynamic scheme); `device` runs
-    calibration there (default: where the model loads, the CPU). See the module docstring."""
+    calibration there (default: where the model loads, the CPU). `low_memory` streams the
+    checkpoint block by block (`streamed_w8a8`; default: when it is bigger than half the
+    available memory); fidelity is then not measured. See the module docstring."""
     start = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_paths(model_dir, out_dir)
@@ -154,35 +164,73 @@ def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathL
                           "few pages of representative text")
     check_sample_options(config, samples, seq_len)
     text = read_text(calib_text)
+    input_bytes = weight_bytes(model_dir)
+    if low_memory is None:
+        memory = available_memory()
+        low_memory = memory is not None and input_bytes > memory / 2
+    if low_memory:
+        map_large_allocations()  # before tokenizing: the heap must not keep its first large frees
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     cut = text_batches(tokenizer, text, seq_len=seq_len, samples=samples)
 
-    model = load_model(model_dir, config, trust_remote_code)
+    if low_memory:
+        model = skeleton(model_class_for(config, trust_remote_code), config)
+    else:
+        model = load_model(model_dir, config, trust_remote_code)
     blocks_name, blocks = find_blocks(model, architecture_for(model, need_scale_groups=False))
     _check_expressible(model, blocks)
     planned = _plan_smoothing(model, groups) if groups else []
     smoothed_kinds = {prefix + group.producer: group.kind for prefix, group in planned}
-    if device is not None:
+    if device is not None and not low_memory:
         model.to(device)
 
-    reference = model_outputs(model, cut.evaluation)
-    result = smooth_quantize_w8a8(model, cut.calibration, alpha, smooth=bool(groups), kinds=groups,
-                                  activations=activations)
-    cosine, sqnr = fidelity(reference, model_outputs(model, cut.evaluation))
+    notes = []
+    if low_memory:
+        result = _streamed(model, model_dir, out_dir, blocks_name, len(blocks), cut.calibration, tokenizer,
+                           alpha=alpha, smooth=bool(groups), kinds=groups, activations=activations)
+        cosine = sqnr = None
+        notes.append("streamed block by block (--low-memory): the float model never existed whole, so fidelity "
+                     "was not measured")
+    else:
+        reference = model_outputs(model, cut.evaluation)
+        result = smooth_quantize_w8a8(model, cut.calibration, alpha, smooth=bool(groups), kinds=groups,
+                                      activations=activations)
+        cosine, sqnr = fidelity(reference, model_outputs(model, cut.evaluation))
 
-    def write(directory: Path) -> None:
-        write_w8a8_checkpoint(model, result, blocks_name, directory)
-        copy_tokenizer(model_dir, directory, tokenizer)
+        def write(directory: Path) -> None:
+            write_w8a8_checkpoint(model, result, blocks_name, directory)
+            copy_tokenizer(model_dir, directory, tokenizer)
 
-    write_atomically(out_dir, write)
-    notes = _skipped_group_notes(model, groups, planned) if groups else []
-    dtype = next(model.parameters()).dtype
+        write_atomically(out_dir, write)
+    notes += _skipped_group_notes(model, groups, planned) if groups else []
+    dtype = checkpoint_dtype(config) if low_memory else next(model.parameters()).dtype
     if dtype != torch.float32:
         notes.append(f"the model runs in {dtype}: lowbit rounds activations to the int8 grid in float32, "
                      f"transformers in {dtype}, so the loaded model can differ by one grid step on a few values")
     return PretrainedW8A8(out_dir, model, result, cut.samples, cut.evaluation, cut.eval_source, cosine, sqnr,
-                          weight_bytes(model_dir), weight_bytes(out_dir), time.perf_counter() - start,
+                          input_bytes, weight_bytes(out_dir), time.perf_counter() - start,
                           smoothed_kinds, notes)
+
+
+def _streamed(model: nn.Module, model_dir: Path, out_dir: Path, blocks_name: str, n_blocks: int, calibration,
+              tokenizer, **options) -> SmoothQuantResult:
+    """W8A8 of the weightless `model` block by block from `model_dir`'s shards into `out_dir`."""
+    reader = ShardReader(model_dir)
+    calibrated = options["smooth"] or options["activations"] == "static"
+    # The calibration text reaches block 0 through the embeddings; they are freed right after.
+    loaded = materialize_outside_blocks(model, blocks_name, reader) if calibrated else []
+    done: list[SmoothQuantResult] = []
+
+    def write(directory: Path) -> None:
+        store = ShardStore(reader, directory, blocks_name, n_blocks, calibration_only=loaded)
+        result = smooth_quantize_w8a8_streamed(model, calibration, store, **options)
+        done.append(result)
+        store.copy_rest()
+        store.finish(model_dir, w8a8_quantization_config(result, blocks_name, store.quantized))
+        copy_tokenizer(model_dir, directory, tokenizer)
+
+    write_atomically(out_dir, write)
+    return done[0]
 
 
 def parse_smooth_groups(groups: str | Iterable[str]) -> tuple[ProducerKind, ...]:

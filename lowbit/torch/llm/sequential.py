@@ -45,7 +45,8 @@ from lowbit.torch.llm.architectures import ArchitectureMap, architecture_for, fi
 from lowbit.torch.llm.linears import find_linears, in_features, set_weight_matrix, weight_matrix
 from lowbit.torch.llm.scaling import divide_output, producer_width
 from lowbit.weight_algorithms import ALGORITHMS, WeightAlgorithm, WeightOptions
-__all__ = ["ALGORITHMS", "BlockStore", "LLMQuantization", "QuantizedLinear", "quantize_llm"]
+__all__ = ["ALGORITHMS", "BlockInput", "BlockStore", "LLMQuantization", "QuantizedLinear", "capture_block_inputs",
+           "quantize_llm", "run_block"]
 
 
 @dataclass
@@ -88,6 +89,7 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
                  device: torch.device | str | None = None, block_size: int = 128, percdamp: float = 0.01,
                  act_order: bool = True, static_groups: bool = True, true_sequential: bool | None = None,
                  awq_grid: int = 20, awq_clip: bool = True, rtn_mse: bool = False,
+                 statistics_dtype: torch.dtype | None = None,
                  store: BlockStore | None = None) -> LLMQuantization:
     """Quantize the linears of `model`'s repeated blocks in place; see the module docstring.
 
@@ -101,6 +103,9 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
     better than the GPTQ reference's defaults (no act-order, scales from the updated weights,
     true-sequential) on MiniLM (int4 g128 sentence cosine 0.98545 vs 0.98176) and on a
     Qwen2-shaped LM (token cosine 0.99245 vs 0.99214), see BENCHMARKS.md.
+    `statistics_dtype` is the precision of the input statistics (None: the algorithm's default,
+    float32 for GPTQ as llm-compressor, which measured 0.99267 vs 0.99245 for float64 on the
+    Qwen2-shaped LM and halves the memory of the in x in Hessians; float64 for AWQ).
     `rtn_mse` searches RTN's clipping ranges for the least weight error.
     `store` loads each block's weights just in time and writes it out afterwards."""
     if algorithm not in ALGORITHMS:
@@ -112,7 +117,9 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
         true_sequential = not algo.one_pass_by_default
     options = WeightOptions(act_order=act_order, block_size=block_size, percdamp=percdamp, rtn_mse=rtn_mse,
                             awq_grid=awq_grid, awq_clip=awq_clip, static_groups=static_groups,
-                            true_sequential=true_sequential)
+                            true_sequential=true_sequential,
+                            statistics_dtype=(str(statistics_dtype).removeprefix("torch.") if statistics_dtype
+                                              else algo.statistics_dtype))
     architecture = architecture_for(model, need_scale_groups=algo.scales_inputs)
     blocks_name, blocks = find_blocks(model, architecture)
     home = next(model.parameters()).device
@@ -123,7 +130,7 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
     was_training = model.training
     model.eval()  # no dropout while calibrating
     try:
-        batches = _capture_block_inputs(model, blocks[0], calibration, home, work) if algo.needs_statistics else None
+        batches = capture_block_inputs(model, blocks[0], calibration, home, work) if algo.needs_statistics else None
         for index, block in enumerate(progress(blocks, desc=f"{algorithm} blocks", unit="block")):
             start = time.perf_counter()
             if store is not None:
@@ -135,7 +142,7 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
                     _scale_inputs(block, batches, spec, prefix, result, architecture, algo, options)
                 _quantize_block(block, batches, spec, prefix, result, algo, options)
                 if algo.needs_statistics and index + 1 < len(blocks):
-                    batches = [batch.with_hidden(_run(block, batch)) for batch in batches]
+                    batches = [batch.with_hidden(run_block(block, batch)) for batch in batches]
             block.to(home)
             if work.type == "cuda":
                 torch.cuda.synchronize(work)
@@ -150,7 +157,7 @@ def quantize_llm(model: nn.Module, spec: QuantSpec, algorithm: str = "gptq",
 # --------------------------------------------------------------------------- block inputs
 
 @dataclass
-class _BlockInput:
+class BlockInput:
     """One calibration batch at a block boundary: hidden states, other call arguments, token mask."""
 
     hidden: torch.Tensor
@@ -158,26 +165,27 @@ class _BlockInput:
     kwargs: dict[str, Any]
     mask: torch.Tensor | None
 
-    def with_hidden(self, hidden: torch.Tensor) -> _BlockInput:
-        return _BlockInput(hidden, self.args, self.kwargs, self.mask)
+    def with_hidden(self, hidden: torch.Tensor) -> BlockInput:
+        return BlockInput(hidden, self.args, self.kwargs, self.mask)
 
 
 class _StopForward(Exception):
     pass
 
 
-def _capture_block_inputs(model: nn.Module, first_block: nn.Module, calibration, home: torch.device,
-                          work: torch.device) -> list[_BlockInput]:
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, calibration, home: torch.device,
+                         work: torch.device) -> list[BlockInput]:
+    """Each calibration batch as `first_block` receives it (the forward pass stops there)."""
     if calibration is None:
         raise LowbitError("GPTQ and AWQ need calibration data; pass a few batches of representative text "
                           "(or use --algo rtn, which needs none)")
-    captured: list[_BlockInput] = []
+    captured: list[BlockInput] = []
     current_mask: list[torch.Tensor | None] = [None]
 
     def grab(module, args, kwargs):
         hidden, rest = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
         kwargs = {key: _no_cache(key, value) for key, value in kwargs.items()}
-        captured.append(_BlockInput(_to(hidden, work), _to(rest, work), _to(kwargs, work), current_mask[0]))
+        captured.append(BlockInput(_to(hidden, work), _to(rest, work), _to(kwargs, work), current_mask[0]))
         raise _StopForward
 
     accepts_use_cache = "use_cache" in inspect.signature(model.forward).parameters
@@ -217,14 +225,14 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _run(block: nn.Module, batch: _BlockInput) -> torch.Tensor:
+def run_block(block: nn.Module, batch: BlockInput) -> torch.Tensor:
     output = block(batch.hidden, *batch.args, **batch.kwargs)
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
 # --------------------------------------------------------------------------- statistics
 
-def _input_groups(block: nn.Module, batches: list[_BlockInput]) -> list[list[str]]:
+def _input_groups(block: nn.Module, batches: list[BlockInput]) -> list[list[str]]:
     """Linears grouped by the tensor they read, in the order the forward pass reaches them."""
     linears = find_linears(block)
     seen: dict[int, list[str]] = {}
@@ -244,7 +252,7 @@ def _input_groups(block: nn.Module, batches: list[_BlockInput]) -> list[list[str
 
     handles = [module.register_forward_pre_hook(record(name)) for name, module in linears.items()]
     try:
-        _run(block, batches[0])
+        run_block(block, batches[0])
     finally:
         for handle in handles:
             handle.remove()
@@ -253,7 +261,8 @@ def _input_groups(block: nn.Module, batches: list[_BlockInput]) -> list[list[str
     return groups + [[name] for name in unreached]
 
 
-def _collect(block: nn.Module, batches: list[_BlockInput], names: list[str]) -> dict[str, HessianAccumulator]:
+def _collect(block: nn.Module, batches: list[BlockInput], names: list[str],
+             options: WeightOptions) -> dict[str, HessianAccumulator]:
     """Input statistics of the named linears over all batches (padding tokens left out). Name
     one linear per input group: the linears of a group read the very same tensor, so one
     accumulator serves them all (one in^2 float64 matrix per group, not per linear).
@@ -261,7 +270,8 @@ def _collect(block: nn.Module, batches: list[_BlockInput], names: list[str]) -> 
     The forward pass stops once every named linear has seen its input (each linear of a
     transformer block runs once per forward), which saves the rest of the block's compute."""
     linears = find_linears(block)
-    stats = {name: HessianAccumulator(in_features(linears[name]), device=linears[name].weight.device)
+    dtype = getattr(torch, options.statistics_dtype)
+    stats = {name: HessianAccumulator(in_features(linears[name]), device=linears[name].weight.device, dtype=dtype)
              for name in names}
     mask: list[torch.Tensor | None] = [None]
     pending: set[str] = set()
@@ -285,7 +295,7 @@ def _collect(block: nn.Module, batches: list[_BlockInput], names: list[str]) -> 
             mask[0] = batch.mask
             pending.update(names)
             try:
-                _run(block, batch)
+                run_block(block, batch)
             except _StopForward:
                 pass
     finally:
@@ -312,11 +322,11 @@ def _quantize_block(block: nn.Module, batches, spec: QuantSpec, prefix: str, res
     linears = find_linears(block)
     groups = _input_groups(block, batches) if algo.needs_statistics else [[name] for name in linears]
     one_pass = algo.needs_statistics and not options.true_sequential
-    first_pass = _collect(block, batches, [group[0] for group in groups]) if one_pass else {}
+    first_pass = _collect(block, batches, [group[0] for group in groups], options) if one_pass else {}
     for group in groups:
         stats = None
         if algo.needs_statistics:  # one accumulator per group: its linears read the same tensor
-            stats = first_pass.pop(group[0]) if group[0] in first_pass else _collect(block, batches, group[:1])[group[0]]
+            stats = first_pass.pop(group[0]) if group[0] in first_pass else _collect(block, batches, group[:1], options)[group[0]]
         for name in group:
             quantized, = algo.quantize([weight_matrix(linears[name])], stats, spec, options, [prefix + name])
             _store(result, linears[name], prefix + name, quantized)
@@ -336,7 +346,7 @@ def _scale_inputs(block, batches, spec, prefix, result, architecture: Architectu
         width = in_features(linears[group.linears[0]])
         if producer_width(block, group) not in (None, width):
             continue  # e.g. grouped-query attention: v_proj is narrower than o_proj's input
-        stats = _collect(block, batches, group.linears[:1])[group.linears[0]]
+        stats = _collect(block, batches, group.linears[:1], options)[group.linears[0]]
         matrices = [weight_matrix(linears[name]) for name in group.linears]
         scales, _ = algo.input_scales(matrices, stats, spec, options)
         divide_output(block, group, scales)

@@ -96,6 +96,32 @@ def collect_input_absmax(model: nn.Module, calibration: Iterable[Mapping[str, to
     blocks_name, blocks = find_blocks(model, architecture)
     targets = {f"{blocks_name}.{index}.{name}": module
                for index, block in enumerate(blocks) for name, module in find_linears(block).items()}
+    if calibration is None:
+        raise LowbitError("SmoothQuant needs calibration data; pass a few batches of representative text")
+    was_training, seen = model.training, 0
+    model.eval()
+    home = next(model.parameters()).device
+    try:
+        with torch.no_grad(), recording_input_absmax(targets) as (absmax, mask):
+            for batch in calibration:
+                batch = {key: value.to(home) for key, value in batch.items()}
+                token_mask = batch.get("attention_mask")
+                mask[0] = None if token_mask is None else token_mask.bool()
+                model(**batch)
+                seen += 1
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise LowbitError("the calibration data is empty; pass at least one batch of tokenized text")
+    return absmax
+
+
+@contextmanager
+def recording_input_absmax(targets: Mapping[str, nn.Module]
+                           ) -> Iterator[tuple[dict[str, torch.Tensor], list[torch.Tensor | None]]]:
+    """While inside, each forward call of a `targets` linear raises its entry of the yielded
+    per-input-channel max |x| (float32, CPU); tokens where the yielded one-element list's mask
+    ([batch, tokens], set it before each batch) is false are left out."""
     absmax = {name: torch.zeros(in_features(module)) for name, module in targets.items()}
     mask: list[torch.Tensor | None] = [None]
 
@@ -112,39 +138,27 @@ def collect_input_absmax(model: nn.Module, calibration: Iterable[Mapping[str, to
                 absmax[name] = torch.maximum(absmax[name], batch_max)
         return hook
 
-    if calibration is None:
-        raise LowbitError("SmoothQuant needs calibration data; pass a few batches of representative text")
     handles = [module.register_forward_pre_hook(record(name)) for name, module in targets.items()]
-    was_training, seen = model.training, 0
-    model.eval()
-    home = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            for batch in calibration:
-                batch = {key: value.to(home) for key, value in batch.items()}
-                token_mask = batch.get("attention_mask")
-                mask[0] = None if token_mask is None else token_mask.bool()
-                model(**batch)
-                seen += 1
+        yield absmax, mask
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
-    if seen == 0:
-        raise LowbitError("the calibration data is empty; pass at least one batch of tokenized text")
-    return absmax
 
 
-def smoothable_groups(model: nn.Module, kinds: tuple[ProducerKind, ...] = ("norm",)
-                      ) -> list[tuple[str, ScaleGroup]]:
+def smoothable_groups(model: nn.Module, kinds: tuple[ProducerKind, ...] = ("norm",), *,
+                      block_index: int | None = None) -> list[tuple[str, ScaleGroup]]:
     """The scale groups of kind `kinds` that `smooth_model` smooths, as (block prefix, group):
     those whose linears are all present and whose producer emits exactly their input width
     (under grouped-query attention v_proj is narrower than o_proj's input, so v -> o is left out).
-    Reads the model only, so callers can check what would happen before calibrating."""
+    `block_index` limits them to that block. Reads the model only (parameter shapes; they may
+    be on the meta device), so callers can check what would happen before calibrating."""
     architecture = architecture_for(model, need_scale_groups=True)
     blocks_name, blocks = find_blocks(model, architecture)
     found = []
     for index, block in enumerate(blocks):
+        if block_index is not None and index != block_index:
+            continue
         linears = find_linears(block)
         for group in architecture.scale_groups:
             if group.kind not in kinds or not all(name in linears for name in group.linears):
@@ -156,15 +170,17 @@ def smoothable_groups(model: nn.Module, kinds: tuple[ProducerKind, ...] = ("norm
 
 
 def smooth_model(model: nn.Module, input_absmax: dict[str, torch.Tensor], alpha: float = DEFAULT_ALPHA, *,
-                 kinds: tuple[ProducerKind, ...] = ("norm",)) -> dict[str, torch.Tensor]:
+                 kinds: tuple[ProducerKind, ...] = ("norm",), block_index: int | None = None
+                 ) -> dict[str, torch.Tensor]:
     """Fold SmoothQuant scales into the model in place (exact in float) and update `input_absmax`
     to what the smoothed model's linears see. Returns the scales per producer (full name).
 
     `kinds` picks the scale groups: "norm" (the paper's choice), plus optionally "linear"
-    (v_proj -> o_proj, up_proj -> down_proj) and "activation" (GPT-2's MLP activation)."""
+    (v_proj -> o_proj, up_proj -> down_proj) and "activation" (GPT-2's MLP activation).
+    `block_index` smooths that block only (a model streamed block by block)."""
     modules = dict(model.named_modules())
     applied: dict[str, torch.Tensor] = {}
-    for prefix, group in smoothable_groups(model, kinds):
+    for prefix, group in smoothable_groups(model, kinds, block_index=block_index):
         block = modules[prefix[:-1]]
         linears = [modules[prefix + name] for name in group.linears]
         absmax = input_absmax[prefix + group.linears[0]]
@@ -266,5 +282,5 @@ def smooth_quantize_w8a8(model: nn.Module, calibration: Iterable[Mapping[str, to
 
 
 __all__ = ["ACTIVATIONS", "ACTIVATION_SPEC", "DYNAMIC_ACTIVATION_SPEC", "SmoothQuantResult", "W8A8Linear", "WEIGHT_SPEC", "collect_input_absmax",
-           "fake_quantize_per_token", "plain_linears", "quantize_w8a8", "smooth_model", "smooth_quantize_w8a8",
-           "smoothable_groups"]
+           "fake_quantize_per_token", "plain_linears", "quantize_w8a8", "recording_input_absmax", "smooth_model",
+           "smooth_quantize_w8a8", "smoothable_groups"]

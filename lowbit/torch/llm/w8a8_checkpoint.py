@@ -25,6 +25,7 @@ quantized like any other weight.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -54,9 +55,10 @@ def w8a8_tensors(weights: QuantizedLinear, input_qparams: QParams | None, dtype:
     return tensors
 
 
-def w8a8_quantization_config(result: SmoothQuantResult, blocks_name: str) -> dict:
-    """config.json's `quantization_config` for the W8A8 linears of `result` inside `blocks_name`."""
-    group = {"targets": targets(result.weights, blocks_name),
+def w8a8_quantization_config(result: SmoothQuantResult, blocks_name: str, names: Iterable[str] | None = None) -> dict:
+    """config.json's `quantization_config` for the W8A8 linears of `result` inside `blocks_name`
+    (`names`: those linears' full names, by default the keys of `result.weights`)."""
+    group = {"targets": targets(result.weights if names is None else names, blocks_name),
              "weights": {**_INT8, "strategy": "channel", "dynamic": False},
              "input_activations": {**_INT8, "strategy": "token", "dynamic": True} if result.activations == "dynamic"
              else {**_INT8, "strategy": "tensor", "dynamic": False},
