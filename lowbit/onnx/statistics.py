@@ -55,14 +55,26 @@ def collect(model: onnx.ModelProto, batches: Iterable[Batch], reducers: list[Red
             wanted.setdefault(name, []).append(reducer)
     stream = ActivationStream(model, list(wanted), memory_budget_mb=memory_budget_mb, threads=threads)
     with progress(total=total, desc=desc or "measuring", unit="batch", disable=True if desc is None else None) as bar:
-        for batch in batches:
-            for found in stream.chunks(batch):
+        for batch, last in with_last(batches):
+            for found in stream.chunks(batch, last=last):
                 for name, value in found.items():
                     for reducer in wanted.get(name, ()):
                         reducer.update(name, value, batch)
                 del found  # one chunk of one batch's activations at a time
             bar.update(1)
     return stream
+
+
+def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
+    """(item, whether it is the last one), reading one item ahead."""
+    items = iter(items)
+    pending = next(items, _END)
+    while pending is not _END:
+        item, pending = pending, next(items, _END)
+        yield item, pending is _END
+
+
+_END = object()
 
 
 def _channel_rows(value: np.ndarray, axis: int) -> np.ndarray:
@@ -236,4 +248,4 @@ class Partners:
 
 
 __all__ = ["ChannelAbsMax", "ChannelMeans", "Histograms", "InputGram", "MASK_INPUTS", "Partners", "Ranges", "Reducer", "Shapes",
-           "collect"]
+           "collect", "with_last"]
