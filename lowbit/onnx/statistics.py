@@ -187,13 +187,15 @@ class Ranges(Reducer):
             self.non_float.add(name)
             return
         value = value.astype(np.float32, copy=False)
+        bounds = None
         if name not in self.mask_like and value.size:
             lo, hi = float(value.min()), float(value.max())  # NaN and inf propagate here
             if looks_like_mask_range(lo, hi):
                 self.mask_like.add(name)
             else:
-                value = observed_sample(value, lo, hi)
-        self.observers.update({name: value})
+                value = observed_sample(value, lo, hi)  # a sample keeps the extremes
+                bounds = {name: (lo, hi)}
+        self.observers.update({name: value}, bounds)
 
 
 class Shapes(Reducer):
