@@ -245,9 +245,21 @@ class ActivationStream:
                 inferred = onnx.shape_inference.infer_shapes(fixed, check_type=False, strict_mode=False)
             except Exception:  # inference is an estimate only: measurement remains the fallback
                 return {}
-            known = unsized_tensors(inferred, self.produced, batch)
+            unknown = unsized_tensors(inferred, self.produced, batch)
+            if unknown and not self.model.graph.value_info:
+                # A saved model (lowbit drops the annotations on write): onnx cannot follow shapes
+                # computed by Shape -> Gather -> Concat -> Reshape, ONNX Runtime's symbolic
+                # inference can. On MiniLM's QDQ model 165 of 258 tensors were left unsized, each
+                # then run as a chunk of its own in the first batch (96 segment sessions).
+                from lowbit.onnx.preprocess import infer_shapes
+
+                try:
+                    inferred = infer_shapes(fixed, symbolic=True)
+                    unknown = unsized_tensors(inferred, self.produced, batch)
+                except Exception:  # an estimate only, as above
+                    pass
             self._concrete = {n: size for n, size in estimate_nbytes(inferred, self.produced, batch).items()
-                              if n not in known}
+                              if n not in unknown}
         return {n: self._concrete[n] for n in names if n in self._concrete}
 
     def _unbounded(self, batch: Batch, first: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
