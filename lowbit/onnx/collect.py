@@ -214,7 +214,7 @@ class ActivationStream:
                 if segment.session is None:
                     segment.session = self._session(segment, batch, live)
                 feed = {n: batch[n] if n in batch else live[n] for n in segment.inputs}
-                release = release_run_options() if last and index == len(groups) - 1 else None
+                release = release_run_options() if last and index == len(groups) - 1 and shared_arena() else None
                 live.update(zip(segment.outputs, segment.session.run(segment.outputs, feed, release)))
                 del feed
             found = {**(first if index == 0 else {}), **{t: live[t] for t in group}}
