@@ -66,6 +66,41 @@ def test_plain_form_drops_every_quantizer():
     torch.testing.assert_close(QDQModule(graph, "plain")(x)[0], expected)
 
 
+def output_layer_model() -> onnx.ModelProto:
+    """The linear model without its output Q/DQ: the Gemm's float output is the graph output."""
+    model = linear_model(False)
+    nodes = [n for n in model.graph.node if n.output[0] not in ("hq", "hd", "y")]
+    nodes[-1].output[0] = "y"
+    return make(nodes, {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                        if t.name not in ("ys", "yz")})
+
+
+@pytest.mark.parametrize("form, dtype", [("int", torch.int8), ("float", torch.float32)])
+def test_output_layer_runs_float_on_its_exact_weights(form, dtype):
+    """No output grid, so no integer kernel: integer form keeps the weight int8 (dequantized in the
+    program, a quarter of the bytes), float form the dequantized floats; both compute ONNX Runtime's
+    float Gemm on the same weights."""
+    model = output_layer_model()
+    graph = read_qdq_graph(model)
+    module = QDQModule(graph, form)
+    weight = getattr(module, module.buffer_of["wd"])
+    assert weight.dtype == dtype
+    x = np.random.default_rng(2).standard_normal((2, 4)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    expected = ort.InferenceSession(model.SerializeToString(), options,
+                                    providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(module(torch.from_numpy(x))[0].numpy(), expected, atol=1e-6)
+
+
+def test_plain_form_has_no_quantization_buffers():
+    """torch.export keeps every registered buffer as a program constant, used or not."""
+    names = [name for name, _ in QDQModule(read_qdq_graph(linear_model(False)), "plain").named_buffers()]
+    assert names and not any(name.endswith(("_scale", "_zero_point")) for name in names)
+    assert any(name.endswith("_scale") for name, _ in QDQModule(read_qdq_graph(linear_model(False)),
+                                                                 "int").named_buffers())
+
+
 def test_a_quantize_without_dequantize_is_refused():
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])]
     model = make(nodes, {"s": np.array(0.1, np.float32), "z": np.array(0, np.int8)}, out_shape=(2, 4))

@@ -13,6 +13,8 @@ not compute exactly the float-activation model ONNX Runtime runs; the parity che
 
 from __future__ import annotations
 
+import contextlib
+import types
 from pathlib import Path
 
 import numpy as np
@@ -59,14 +61,50 @@ def write(graph: QDQGraph, onnx_model: onnx.ModelProto, example: dict[str, np.nd
     import executorch.kernels.quantized  # noqa: F401  (out variants of the q/dq ops left outside the delegate)
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
     from lowbit.deploy.torch_graph import export_program
 
     inputs = tuple(torch.from_numpy(example[name]) for name in graph.inputs)
     program = export_program(graph, "plain" if as_float else "int", inputs)
-    lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    with short_constant_keys():
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+    lowered = lowered.to_executorch(ExecutorchBackendConfig(segment_alignment=SEGMENT_ALIGNMENT))
     Path(path).write_bytes(lowered.buffer)
+
+
+# ExecuTorch's default (128) starts every constant of the delegate on a 128-byte boundary; XNNPACK
+# packs the weights into its own buffers when the program loads, so 16 bytes (its SIMD width) do.
+SEGMENT_ALIGNMENT = 16
+
+
+@contextlib.contextmanager
+def short_constant_keys():
+    """While lowering: the XNNPACK delegate names each constant it stores (weights, biases,
+    per-channel scales) by the SHA-256 of its bytes, 64 hex characters written twice (the
+    program's named-data table and the delegate's graph), 7 KB on a small net. This gives every
+    distinct content a short key ("0", "1", ...) instead: constants with equal bytes still share
+    one key and one copy, and the runtime reads the same data. (A rewrite of the finished file
+    would go through flatc's JSON, which prints the scales with 6 digits.)"""
+    import hashlib
+
+    from executorch.backends.xnnpack.operators import node_visitor
+
+    keys: dict[str, str] = {}
+
+    class ShortDigest:
+        def __init__(self, data: bytes) -> None:
+            self.full = hashlib.sha256(data).hexdigest()
+
+        def hexdigest(self) -> str:
+            return keys.setdefault(self.full, str(len(keys)))
+
+    original = node_visitor.hashlib
+    node_visitor.hashlib = types.SimpleNamespace(sha256=ShortDigest)
+    try:
+        yield
+    finally:
+        node_visitor.hashlib = original
 
 
 class _Runner:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from lowbit.deploy.flatbuffer_repack import repack
 from lowbit.deploy.qdq_graph import PACKED_OP, QDQGraph, matmulnbits_dequantized
 
 NAME = "ORT Mobile"
@@ -30,6 +31,9 @@ def check(graph: QDQGraph) -> None:
 
 def write(graph: QDQGraph, onnx_model: onnx.ModelProto, example: dict[str, np.ndarray], path: Path,
           *, as_float: bool = False) -> None:
+    """Short names, ARM-optimized, one initializer per distinct constant, converted, then repacked
+    so that identical FlatBuffers objects (type-and-shape entries, attributes, strings) are stored
+    once (`flatbuffer_repack`; 22 KB of 276 KB on the MobileNetV2-style net). Outputs unchanged."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     model = onnx.ModelProto()
@@ -39,10 +43,43 @@ def write(graph: QDQGraph, onnx_model: onnx.ModelProto, example: dict[str, np.nd
         source, optimized = Path(scratch) / "source.onnx", Path(scratch) / "model.onnx"
         onnx.save_model(model, source)
         optimize_for_arm(source, optimized)
+        fused = onnx.load(optimized)
+        share_initializers(fused)
+        short_names(fused)  # the optimizer's new nodes carry long names and doc strings
+        onnx.save_model(fused, optimized)
         with contextlib.redirect_stdout(io.StringIO()):  # the tool prints one line per step
             convert_onnx_models_to_ort(optimized, Path(scratch), optimization_styles=[OptimizationStyle.Fixed],
                                        target_platform="arm")
-        Path(path).write_bytes((Path(scratch) / "model.ort").read_bytes())
+        content = (Path(scratch) / "model.ort").read_bytes()
+        Path(path).write_bytes(repack(content, ORT_SCHEMA, "InferenceSession", b"ORTM") or content)
+
+
+def share_initializers(model: onnx.ModelProto) -> None:
+    """One initializer per distinct constant: the fused QLinear nodes each name their own scale and
+    zero-point scalars (50 duplicates on the MobileNetV2-style net), and the .ort stores a tensor
+    and a typed entry for each."""
+    from onnx import numpy_helper
+
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
+           for a in n.attribute):
+        return  # subgraphs may name outer initializers: left as they are
+    boundary = {v.name for v in model.graph.input} | {v.name for v in model.graph.output}
+    first: dict[tuple, str] = {}
+    renamed: dict[str, str] = {}
+    kept = []
+    for tensor in model.graph.initializer:
+        key = (tensor.data_type, tuple(tensor.dims), numpy_helper.to_array(tensor).tobytes())
+        if key in first and tensor.name not in boundary:
+            renamed[tensor.name] = first[key]
+        else:
+            first[key] = tensor.name
+            kept.append(tensor)
+    if not renamed:
+        return
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    for node in model.graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
 
 
 def short_names(model: onnx.ModelProto) -> None:
@@ -135,3 +172,40 @@ def _topological(nodes: list) -> list:
     for node in nodes:
         visit(node)
     return ordered
+
+
+# The ORT format's tables (onnxruntime/core/flatbuffers/schema/ort.fbs), for `flatbuffer_repack`.
+_S, _I32, _I64 = ("string",), ("scalar", 4), ("scalar", 8)
+ORT_SCHEMA = {
+    "InferenceSession": {0: _S, 1: ("table", "Model"), 3: ("table", "KernelTypeStrResolver")},
+    "Model": {0: _I64, 1: ("tables", "OperatorSetId"), 2: _S, 3: _S, 4: _S, 5: _I64, 6: _S, 7: ("table", "Graph"),
+              8: _S, 9: ("tables", "StringStringEntry")},
+    "OperatorSetId": {0: _S, 1: _I64},
+    "StringStringEntry": {0: _S, 1: _S},
+    "Graph": {0: ("tables", "Tensor"), 1: ("tables", "ValueInfo"), 2: ("tables", "Node"), 3: _I32,
+              4: ("tables", "NodeEdge"), 5: ("strings",), 6: ("strings",), 7: ("tables", "SparseTensor"),
+              8: ("table", "RuntimeOptimizations")},
+    # written empty for an optimized model; any content makes the repack give up (file kept as is)
+    "SparseTensor": {}, "RuntimeOptimizations": {0: ("tables", "RuntimeOptimizationRecordContainerEntry")},
+    "RuntimeOptimizationRecordContainerEntry": {},
+    "Tensor": {0: _S, 1: _S, 2: ("scalars", 8), 3: _I32, 4: ("scalars", 1), 5: ("strings",), 6: _I64},
+    "ValueInfo": {0: _S, 1: _S, 2: ("table", "TypeInfo")},
+    "TypeInfo": {0: _S, 1: ("scalar", 1),
+                 2: ("union", 1, {1: "TensorTypeAndShape", 2: "SequenceType", 3: "MapType"})},
+    "TensorTypeAndShape": {0: _I32, 1: ("table", "Shape")},
+    "SequenceType": {0: ("table", "TypeInfo")},
+    "MapType": {0: _I32, 1: ("table", "TypeInfo")},
+    "Shape": {0: ("tables", "Dimension")},
+    "Dimension": {0: ("table", "DimensionValue"), 1: _S},
+    "DimensionValue": {0: ("scalar", 1), 1: _I64, 2: _S},
+    "Node": {0: _S, 1: _S, 2: _S, 3: _I32, 4: _I32, 5: _S, 6: _I32, 7: _S, 8: ("strings",), 9: ("strings",),
+             10: ("tables", "Attribute"), 11: ("scalars", 4), 12: ("strings",)},
+    "Attribute": {0: _S, 1: _S, 2: _I32, 3: ("scalar", 4), 4: _I64, 5: _S, 6: ("table", "Tensor"), 7: ("table", "Graph"),
+                  8: ("scalars", 4), 9: ("scalars", 8), 10: ("strings",), 11: ("tables", "Tensor"),
+                  12: ("tables", "Graph")},
+    "NodeEdge": {0: _I32, 1: ("scalars", 12), 2: ("scalars", 12)},
+    "KernelTypeStrResolver": {0: ("tables", "OpIdKernelTypeStrArgsEntry")},
+    "OpIdKernelTypeStrArgsEntry": {0: _S, 1: ("tables", "KernelTypeStrArgsEntry")},
+    "KernelTypeStrArgsEntry": {0: _S, 1: ("tables", "ArgTypeAndIndex")},
+    "ArgTypeAndIndex": {0: ("scalar", 1), 1: _I32},
+}

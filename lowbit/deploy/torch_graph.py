@@ -40,11 +40,15 @@ class QDQModule(nn.Module):
         super().__init__()
         self.graph = graph
         self.weight_form = weight_form
-        self._buffer_of: dict[str, str] = {}
+        self.buffer_of: dict[str, str] = {}  # ONNX tensor name -> name of the buffer holding it
         # Layers whose float output is a graph output have no output grid to requantize to, so no
-        # integer kernel: their weights go in as the (exact) dequantized floats and run float.
-        self.float_weights = {name for op in graph.ops if set(op.outputs) & set(graph.outputs)
-                              for name in op.inputs if name in graph.weights} if graph.precision == "static" else set()
+        # integer kernel: their weights go in as the (exact) dequantized floats and run float. In
+        # integer form a linear layer's weight stays an int8 buffer dequantized in the program (the
+        # same float values, a quarter of the bytes; ExecuTorch runs that layer in float).
+        output_layers = [op for op in graph.ops if set(op.outputs) & set(graph.outputs)]
+        self.float_weights = {name for op in output_layers for name in op.inputs if name in graph.weights
+                              and not (weight_form == "int" and op.op_type in ("Gemm", "MatMul"))
+                              } if graph.precision == "static" else set()
         # Weight-only models in integer form: activations into linear layers are quantized per row
         # at run time (XNNPACK's dynamic-quantization kernels: int8 activations, int8/int4 weights).
         self.dynamic_activations = weight_form == "int" and graph.precision == "weight-only"
@@ -69,9 +73,11 @@ class QDQModule(nn.Module):
                 continue
             buffer = f"c{index}"
             self.register_buffer(buffer, value)
-            self._buffer_of[name] = buffer
-            if name in self.weights and name not in self.float_weights and self.weights[name].grid.axis is not None:
+            self.buffer_of[name] = buffer
+            if (weight_form != "plain" and name in self.weights and name not in self.float_weights
+                    and self.weights[name].grid.axis is not None):
                 # Per-channel grids as buffers: converters read them as named constants of the program.
+                # Not in the float export: torch.export keeps unused buffers as program constants.
                 scale, zero_point = _channel_params(self.weights[name].grid)
                 self.register_buffer(f"{buffer}_scale", scale)
                 self.register_buffer(f"{buffer}_zero_point", zero_point)
@@ -92,9 +98,9 @@ class QDQModule(nn.Module):
                 return _dequantize(q, grid, None)
             if name in env:
                 return env[name]
-            tensor = getattr(self, self._buffer_of[name])
+            tensor = getattr(self, self.buffer_of[name])
             if name in self.weights and name not in self.float_weights:
-                tensor = self._weight(self._buffer_of[name], self.weights[name], self._is_matmul_weight(name))
+                tensor = self._weight(self.buffer_of[name], self.weights[name], self._is_matmul_weight(name))
             return tensor
 
         for op in self.graph.ops:
