@@ -219,6 +219,12 @@ class ObserverSet:
         self._observers[name] = RangeObserver(name, **{**self.observer_kwargs, **overrides})
         return self._observers[name]
 
+    def include(self, other: ObserverSet, names: Iterable[str]) -> None:
+        """Take `other`'s observers of `names` as they are (shared, not copied): statistics of
+        tensors measured in another pass over the same data."""
+        for name in names:
+            self._observers[name] = other[name]
+
     def update(self, outputs: Mapping[str, Any], bounds: Mapping[str, tuple[float, float]] | None = None) -> None:
         """Fold in one batch of each named tensor; `bounds`: (min, max) of those already known."""
         for name, batch in outputs.items():
