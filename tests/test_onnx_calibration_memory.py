@@ -158,3 +158,16 @@ def test_a_non_positive_budget_is_refused_with_the_fix(bad):
         budget_bytes(bad)
     assert budget_bytes(None) == math.inf and budget_bytes(math.inf) == math.inf
     assert budget_bytes(2) == 2 * 2**20
+
+
+def test_statistics_are_the_same_without_the_shared_arena(encoder, monkeypatch):
+    """Segment sessions share one ONNX Runtime arena where it can be registered; without it
+    (fallback: no arena per session, nothing to shrink after the last batch) the statistics are
+    the same bit for bit."""
+    import lowbit.onnx.collect as collect
+
+    model, data, _, _ = encoder
+    shared = _stats(model, data, 1e-6)
+    assert collect.shared_arena()
+    monkeypatch.setattr(collect, "_ARENA", [False])
+    _assert_same_stats(shared, _stats(model, data, 1e-6))

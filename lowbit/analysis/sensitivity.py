@@ -41,7 +41,7 @@ from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStream
 from lowbit.onnx.io import load_model
 from lowbit.onnx.pipeline import reference_model
-from lowbit.onnx.statistics import Partners
+from lowbit.onnx.statistics import Partners, with_last
 from lowbit.onnx.stored_plan import StoredSettings, read_plan
 from lowbit.plan import QuantPlan
 from lowbit.progress import progress
@@ -99,10 +99,10 @@ def layer_sensitivity(float_path: str | os.PathLike, quant_path: str | os.PathLi
     seen = 0
     total = -(-dataset.num_samples // dataset.feed_batch_size(batch_size))
     with progress(total=total, desc="analyzing", unit="batch") as bar:
-        for batch in dataset.batches(batch_size):
-            partners = Partners(ref_stream.chunks(batch), ref_uses)
+        for batch, last in with_last(dataset.batches(batch_size)):
+            partners = Partners(ref_stream.chunks(batch, last=last), ref_uses)
             befores = Partners(iter(()), before_uses)  # a Q input waits for its DQ output (just after it)
-            for found in quant_stream.chunks(batch):
+            for found in quant_stream.chunks(batch, last=last):
                 befores.held.update((n, v) for n, v in found.items() if n in before_uses)
                 for name, got in found.items():
                     for p in by_output.get(name, ()):

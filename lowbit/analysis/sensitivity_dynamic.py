@@ -32,7 +32,7 @@ from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStream
 from lowbit.onnx.io import load_model
 from lowbit.onnx.pipeline import reference_model
-from lowbit.onnx.statistics import Partners
+from lowbit.onnx.statistics import Partners, with_last
 from lowbit.onnx.stored_plan import StoredSettings
 from lowbit.plan import QuantPlan
 from lowbit.progress import progress
@@ -73,9 +73,9 @@ def dynamic_sensitivity(float_path: str | os.PathLike, quant_path: str | os.Path
     seen = 0
     total = -(-dataset.num_samples // dataset.feed_batch_size(batch_size))
     with progress(total=total, desc="analyzing", unit="batch") as bar:
-        for batch in dataset.batches(batch_size):
-            partners = Partners(ref_stream.chunks(batch), uses, on_extra=own_copy)
-            for found in quant_stream.chunks(batch):
+        for batch, last in with_last(dataset.batches(batch_size)):
+            partners = Partners(ref_stream.chunks(batch, last=last), uses, on_extra=own_copy)
+            for found in quant_stream.chunks(batch, last=last):
                 for name, got in found.items():
                     ref = partners.take(name)
                     if _is_float(ref) and _is_float(got):

@@ -117,14 +117,18 @@ class StreamingHistogram:
     def _add(self, values: np.ndarray, weight: int = 1) -> None:
         flat = values.reshape(-1)
         scale = self.bins / (self.hi - self.lo)
+        buffer = np.empty(min(flat.size, _CHUNK), dtype=np.float64)  # reused: one allocation per call
         for start in range(0, flat.size, _CHUNK):
-            chunk = flat[start:start + _CHUNK].astype(np.float64)
-            # (x - lo) * scale is exact enough: float64 keeps ~1e-16 relative error, far below
-            # one bin; the clip puts x == hi (and rounding spill-over) into the edge bins.
-            np.subtract(chunk, self.lo, out=chunk)
+            part = flat[start:start + _CHUNK]
+            chunk = buffer[:part.size]
+            # (x - lo) * scale in float64 is exact enough: ~1e-16 relative error, far below one
+            # bin. It is >= 0 (lo <= every value, and float subtraction keeps that order), so
+            # truncation is floor; the minimum puts x == hi (and rounding spill-over) into the
+            # last bin.
+            np.subtract(part, self.lo, out=chunk, dtype=np.float64)
             np.multiply(chunk, scale, out=chunk)
-            np.clip(chunk, 0, self.bins - 1, out=chunk)
             index = chunk.astype(np.intp)
+            np.minimum(index, self.bins - 1, out=index)
             self.counts += np.bincount(index, minlength=self.bins) * weight
 
     def _grow(self, vmin: float, vmax: float) -> None:

@@ -65,19 +65,20 @@ class RangeObserver:
 
     # ----------------------------------------------------------------------- feeding
 
-    def update(self, batch: Any) -> None:
-        """Fold in one batch (any float or integer array; NumPy or a CPU torch tensor)."""
+    def update(self, batch: Any, bounds: tuple[float, float] | None = None) -> None:
+        """Fold in one batch (any float or integer array; NumPy or a CPU torch tensor). `bounds`:
+        the batch's (min, max) when the caller has computed them already (per-tensor observers)."""
         x = _as_float_array(batch, self.name)
         if x.size == 0:
             return
         if self.axis is None:
-            self._update_tensor(x)
+            self._update_tensor(x, bounds)
         else:
             self._update_channels(x)
         self.batches += 1
 
-    def _update_tensor(self, x: np.ndarray) -> None:
-        vmin, vmax = float(x.min()), float(x.max())  # NaN propagates through min/max
+    def _update_tensor(self, x: np.ndarray, bounds: tuple[float, float] | None = None) -> None:
+        vmin, vmax = bounds if bounds is not None else (float(x.min()), float(x.max()))  # NaN propagates
         if np.isnan(vmin) or np.isnan(vmax):
             self._raise_nan(x)
         if self._all_usable(vmin, vmax):
@@ -224,10 +225,11 @@ class ObserverSet:
         for name in names:
             self._observers[name] = other[name]
 
-    def update(self, outputs: Mapping[str, Any]) -> None:
+    def update(self, outputs: Mapping[str, Any], bounds: Mapping[str, tuple[float, float]] | None = None) -> None:
+        """Fold in one batch of each named tensor; `bounds`: (min, max) of those already known."""
         for name, batch in outputs.items():
             observer = self._observers.get(name) or self.add(name)
-            observer.update(batch)
+            observer.update(batch, bounds.get(name) if bounds else None)
 
     def __getitem__(self, name: str) -> RangeObserver:
         return self._observers[name]

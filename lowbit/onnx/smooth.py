@@ -144,6 +144,13 @@ def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup], absmax: d
             node.input[0] = smoothed_x
         inserted.setdefault(x, []).append(helper.make_node("Mul", [x, inverse], [smoothed_x], name=f"{x}_SmoothMul"))
     insert_after(graph, inserted)
+    # X * (1/s) has X's type and shape: say so, so the statistics pass sizes it without a
+    # shape inference of the whole graph.
+    known = {v.name: v for v in graph.value_info}
+    for x, muls in inserted.items():
+        for mul in muls:
+            if x in known:
+                graph.value_info.append(helper.make_value_info(mul.output[0], known[x].type))
     drop_unused_initializers(graph)
     return out
 

@@ -55,14 +55,26 @@ def collect(model: onnx.ModelProto, batches: Iterable[Batch], reducers: list[Red
             wanted.setdefault(name, []).append(reducer)
     stream = ActivationStream(model, list(wanted), memory_budget_mb=memory_budget_mb, threads=threads)
     with progress(total=total, desc=desc or "measuring", unit="batch", disable=True if desc is None else None) as bar:
-        for batch in batches:
-            for found in stream.chunks(batch):
+        for batch, last in with_last(batches):
+            for found in stream.chunks(batch, last=last):
                 for name, value in found.items():
                     for reducer in wanted.get(name, ()):
                         reducer.update(name, value, batch)
                 del found  # one chunk of one batch's activations at a time
             bar.update(1)
     return stream
+
+
+def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
+    """(item, whether it is the last one), reading one item ahead."""
+    items = iter(items)
+    pending = next(items, _END)
+    while pending is not _END:
+        item, pending = pending, next(items, _END)
+        yield item, pending is _END
+
+
+_END = object()
 
 
 def _channel_rows(value: np.ndarray, axis: int) -> np.ndarray:
@@ -207,13 +219,15 @@ class Ranges(Reducer):
             self.non_float.add(name)
             return
         value = value.astype(np.float32, copy=False)
+        bounds = None
         if name not in self.mask_like and value.size:
             lo, hi = float(value.min()), float(value.max())  # NaN and inf propagate here
             if looks_like_mask_range(lo, hi):
                 self.mask_like.add(name)
             else:
-                value = observed_sample(value, lo, hi)
-        self.observers.update({name: value})
+                value = observed_sample(value, lo, hi)  # a sample keeps the extremes
+                bounds = {name: (lo, hi)}
+        self.observers.update({name: value}, bounds)
 
 
 class Shapes(Reducer):
@@ -268,4 +282,4 @@ class Partners:
 
 
 __all__ = ["ChannelAbsMax", "ChannelMeans", "Histograms", "InputGram", "MASK_INPUTS", "Partners", "Ranges", "Reducer", "Shapes",
-           "collect"]
+           "collect", "with_last"]
