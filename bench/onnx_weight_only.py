@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -87,18 +86,13 @@ def ort_rows(python: str, source: Path, workdir: Path, block: int) -> list[dict]
     return rows
 
 
-def timed(sessions: dict, feed: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    for sess in sessions.values():
-        for _ in range(warmup):
-            sess.run(None, feed)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(repeats):
-        for name, sess in sessions.items():
-            sess.run(None, feed)  # untimed: lets the previous session's spinning threads settle
-            started = time.perf_counter()
-            sess.run(None, feed)
-            times[name].append(time.perf_counter() - started)
-    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+def timed(sessions: dict, feed: dict, repeats: int) -> dict[str, float]:
+    """Median ms per session, all timed together by lowbit's one timing method
+    (`lowbit.onnx.timing.time_models`: interleaved turns, spin-waiting off, stated threads)."""
+    from lowbit.onnx.timing import time_models
+
+    timing = time_models(list(sessions.values()), feed, threads=base.THREADS, repeats=repeats)
+    return dict(zip(sessions, timing.medians_ms))
 
 
 def main(argv: list[str] | None = None) -> int:

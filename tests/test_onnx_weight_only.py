@@ -193,6 +193,46 @@ def test_input_statistics_match_a_numpy_gram_matrix_and_gptq_weights_are_stored(
     np.testing.assert_array_equal(dequantized_matmulnbits(done.model, "gemm2_MatMulNBits"), expected)
 
 
+def shared_weight_model() -> onnx.ModelProto:
+    """An unrolled RNN's shape: one weight W [K1, N1] read by two MatMuls on different inputs
+    (x, and relu(x) + 1), their outputs added."""
+    w = np.random.default_rng(5).standard_normal((K1, N1)).astype(np.float32) * 0.2
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Add", ["r", "one"], ["s"], name="shift"),
+             helper.make_node("MatMul", ["x", "W"], ["a"], name="step1"),
+             helper.make_node("MatMul", ["s", "W"], ["b"], name="step2"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", K1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", N1])],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.float32(1.0), "one")])
+    return helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("algo", ["rtn", "gptq"])
+def test_a_shared_weight_is_rounded_once_with_the_pooled_statistics_and_stored_once(algo):
+    model = shared_weight_model()
+    feed = inputs(40, seed=4)
+    data = CalibrationData(feed, model)
+    sites, _ = find_sites(model, set())
+    # Batches of one row: the Gram updates wait for enough rows, and every row still counts once.
+    stats = collect_input_statistics(model, sites, data, batch_size=1)
+    x, s = feed["x"].astype(np.float64), run(with_outputs(model, ["s"]), feed, ["s"])[0].astype(np.float64)
+    assert list(stats) == ["x"] and stats["x"].count == 80
+    np.testing.assert_allclose(stats["x"].hessian.numpy(), 2 * (x.T @ x + s.T @ s) / 80, rtol=1e-5, atol=1e-6)
+    done = quantize_weight_only(model, data if algo == "gptq" else None, bits=4, group_size=32, algo=algo,
+                                batch_size=1)
+    out = done.model
+    first, second = (next(n for n in out.graph.node if n.name == f"{step}_MatMulNBits") for step in ("step1", "step2"))
+    assert list(first.input[1:]) == list(second.input[1:])  # one stored copy of W's codes and scales
+    assert sum(t.name.endswith("_4bit") for t in out.graph.initializer) == 1
+    w = initializer(model, "W").T
+    spec = weight_only_spec(4, 32)
+    expected = (gptq_quantize(w, stats["x"].hessian, spec) if algo == "gptq" else rtn_quantize(w, spec)).weight.numpy()
+    deq = dequantized_matmulnbits(out, "step1_MatMulNBits")
+    np.testing.assert_array_equal(deq, expected)
+    np.testing.assert_allclose(run(out, feed)[0], (x + s) @ deq.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+
+
 def test_padding_rows_are_left_out_of_the_statistics(tmp_path):
     path = tiny_encoder(tmp_path / "enc.onnx")
     model = onnx.load(str(path))

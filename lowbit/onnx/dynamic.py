@@ -29,7 +29,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.numerics import quantize, qparams_for
-from lowbit.onnx.planner import DYNAMIC_ACTIVATION_SPEC, WEIGHT_SPEC, GraphIndex, check_exclude, classify_nodes
+from lowbit.onnx.graph_index import GraphIndex
+from lowbit.onnx.planner import DYNAMIC_ACTIVATION_SPEC, WEIGHT_SPEC, check_exclude, classify_nodes
 from lowbit.onnx.qdq import drop_unused_initializers
 from lowbit.onnx.recurrent import write_int8_lstms
 from lowbit.onnx.registry import OpRule, ops_where, rule_for, weight_axis

@@ -25,6 +25,7 @@ from lowbit.algorithms.equalization import Layer, equalize_chain
 from lowbit.numerics import dequantize, quantize
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB
+from lowbit.onnx.graph_index import readers_of
 from lowbit.onnx.statistics import ChannelMeans, collect
 from lowbit.plan import QuantPlan
 
@@ -56,10 +57,7 @@ def find_chains(model: onnx.ModelProto, skip: set[str] = frozenset()) -> list[li
     """Chains of (conv, activation-after-it or None) whose consecutive convs can be equalized."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = readers_of(graph)
     outputs = {o.name for o in graph.output}
 
     def conv_ok(node: onnx.NodeProto) -> bool:

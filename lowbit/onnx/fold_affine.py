@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from lowbit.onnx.graph_index import readers_of
+
 _FOLDABLE = ("Conv", "ConvTranspose")
 _FOLLOWERS = ("Mul", "Add", "BatchNormalization")
 
@@ -46,10 +48,7 @@ def fold_conv_affine(model: onnx.ModelProto) -> int:
 def _fold_one(graph: onnx.GraphProto) -> int:
     """One pass over the graph; folds each Conv's next Mul/Add at most once. Returns the count."""
     initializers = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = readers_of(graph)
     outputs = {o.name for o in graph.output}
     names = {t.name for t in graph.initializer}
     removed: set[int] = set()

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from lowbit.onnx.planner import GraphIndex
+from lowbit.onnx.graph_index import GraphIndex
 from lowbit.plan import PlanEntry, QuantPlan
 from lowbit.spec import QuantSpec
 

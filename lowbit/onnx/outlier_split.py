@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from lowbit.onnx.graph_index import producers_of, readers_of
 from lowbit.onnx.qdq import drop_unused_initializers
 
 # Element-wise ops an activation chain may consist of (other inputs must be scalar constants).
@@ -53,8 +54,8 @@ class SplitSite:
 def split_sites(model: onnx.ModelProto, candidates: set[str]) -> list[SplitSite]:
     """FFNs whose down projection is in `candidates` and whose chain maps 0 to 0."""
     init = {t.name: t for t in model.graph.initializer}
-    made_by = {o: n for n in model.graph.node for o in n.output}
-    readers = _readers(model.graph)
+    made_by = producers_of(model.graph)
+    readers = readers_of(model.graph)
     outputs = {o.name for o in model.graph.output}
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     sites = []
@@ -131,7 +132,7 @@ def apply_split(model: onnx.ModelProto, sites: list[SplitSite]) -> onnx.ModelPro
     graph = out.graph
     init = {t.name: t for t in graph.initializer}
     nodes = {n.name: n for n in graph.node}
-    readers = _readers(graph)
+    readers = readers_of(graph)
     inserted: dict[str, list[onnx.NodeProto]] = {}
     for site in sites:
         if not site.channels:
@@ -189,15 +190,6 @@ def apply_split(model: onnx.ModelProto, sites: list[SplitSite]) -> onnx.ModelPro
     graph.node.extend(ordered)
     drop_unused_initializers(graph)
     return out
-
-
-def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    """Tensor name -> the nodes that read it."""
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    return readers
 
 
 def _matrix(init: dict, name: str) -> bool:

@@ -14,15 +14,14 @@ activation's output is quantized); shape ops pass their input's quantization thr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from lowbit.errors import LowbitError
 from lowbit.numerics import QParams, choose_qparams, qparams_for
 from lowbit.onnx.collect import ActivationStats
+from lowbit.onnx.graph_index import GraphIndex
 from lowbit.onnx.recurrent import int8_lstm_ok
 from lowbit.onnx.registry import OpRule, node_matches, rule_for, weight_axis
 from lowbit.plan import PlanEntry, QuantPlan
@@ -34,51 +33,6 @@ from lowbit.spec import PER_TENSOR, QuantSpec, per_channel
 ACTIVATION_SPEC = QuantSpec("uint8", symmetric=False)
 WEIGHT_SPEC = QuantSpec("int8", symmetric=True)
 DYNAMIC_ACTIVATION_SPEC = QuantSpec("uint8", symmetric=False, dynamic=True)
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT}
-
-
-@dataclass
-class GraphIndex:
-    """Lookups over one graph: producers, consumers, constants and tensor types."""
-
-    model: onnx.ModelProto
-    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
-    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
-    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
-    elem_type: dict[str, int] = field(default_factory=dict)
-    graph_inputs: set[str] = field(default_factory=set)
-    graph_outputs: set[str] = field(default_factory=set)
-
-    @classmethod
-    def of(cls, model: onnx.ModelProto) -> GraphIndex:
-        index = cls(model)
-        graph = model.graph
-        index.initializers = {t.name: t for t in graph.initializer}
-        for node in graph.node:
-            for name in node.output:
-                index.producer[name] = node
-            for name in node.input:
-                if name:
-                    index.consumers.setdefault(name, []).append(node)
-        for value in list(graph.input) + list(graph.output) + list(graph.value_info):
-            if value.type.HasField("tensor_type"):
-                index.elem_type[value.name] = value.type.tensor_type.elem_type
-        for t in graph.initializer:
-            index.elem_type[t.name] = t.data_type
-        index.graph_inputs = {i.name for i in graph.input} - set(index.initializers)
-        index.graph_outputs = {o.name for o in graph.output}
-        return index
-
-    def is_float(self, name: str) -> bool:
-        """Float32 tensor, or of unknown type (calibration will tell)."""
-        return bool(name) and self.elem_type.get(name, onnx.TensorProto.FLOAT) in _FLOAT_TYPES
-
-    def is_constant(self, name: str) -> bool:
-        return name in self.initializers
-
-    def constant(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.initializers[name])
 
 
 def node_names(model: onnx.ModelProto) -> None:

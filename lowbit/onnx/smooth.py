@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 from lowbit.algorithms.smoothquant import (DEFAULT_ALPHA, smooth_activation_producer, smooth_weights,
                                            smoothing_scales)
 from lowbit.onnx.calib_data import CalibrationData
+from lowbit.onnx.graph_index import insert_after, producers_of, readers_of
 from lowbit.onnx.qdq import drop_unused_initializers
 
 # Consumers that read only X's shape, not its values: they do not block folding into LayerNorm.
@@ -106,12 +107,8 @@ def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup], absmax: d
     graph = out.graph
     initializers = {t.name: t for t in graph.initializer}
     nodes = {n.name: n for n in graph.node}
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    inserted: list[tuple[str, onnx.NodeProto]] = []  # (tensor it follows, Mul node)
+    producer, readers = producers_of(graph), readers_of(graph)
+    inserted: dict[str, list[onnx.NodeProto]] = {}  # tensor -> the Mul nodes reading it
     for group in groups:
         if group.activation not in absmax:
             continue
@@ -145,8 +142,8 @@ def apply_smoothing(model: onnx.ModelProto, groups: list[SmoothGroup], absmax: d
         for node_name in group.nodes:
             node = nodes[node_name]
             node.input[0] = smoothed_x
-        inserted.append((x, helper.make_node("Mul", [x, inverse], [smoothed_x], name=f"{x}_SmoothMul")))
-    _insert_after(graph, inserted)
+        inserted.setdefault(x, []).append(helper.make_node("Mul", [x, inverse], [smoothed_x], name=f"{x}_SmoothMul"))
+    insert_after(graph, inserted)
     drop_unused_initializers(graph)
     return out
 
@@ -159,22 +156,6 @@ def _constant_affine(node: onnx.NodeProto, initializers: dict) -> bool:
 def _last_axis(node: onnx.NodeProto) -> bool:
     axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
     return axis == -1  # gamma then spans exactly the last (channel) axis
-
-
-def _insert_after(graph: onnx.GraphProto, inserted: list[tuple[str, onnx.NodeProto]]) -> None:
-    if not inserted:
-        return
-    after: dict[str, list[onnx.NodeProto]] = {}
-    for tensor, node in inserted:
-        after.setdefault(tensor, []).append(node)
-    inputs = {i.name for i in graph.input}
-    ordered = [n for t, ns in after.items() if t in inputs for n in ns]
-    for node in graph.node:
-        ordered.append(node)
-        for out in node.output:
-            ordered.extend(after.get(out, []))
-    del graph.node[:]
-    graph.node.extend(ordered)
 
 
 __all__ = ["SmoothGroup", "apply_smoothing", "channel_absmax", "smoothing_groups"]

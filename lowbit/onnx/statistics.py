@@ -119,17 +119,36 @@ class ChannelAbsMax(Reducer):
 MASK_INPUTS = ("attention_mask", "input_mask")
 
 
+# Rows of one input wait until there are this many (at most: the input's width) before they
+# update its Gram matrix: each update pays a fixed pass over the [in, in] float64 sums, which
+# a few rows per call (an RNN step at batch 1) would otherwise pay every time. Waiting rows take
+# at most 256 x in x 4 bytes, less than the Gram matrix itself.
+GRAM_MIN_ROWS = 256
+
+
 class InputGram(Reducer):
     """GPTQ/AWQ input statistics: one `HessianAccumulator` (Gram matrix, mean |x|) per tensor of
-    the given width. Rows where the batch's attention mask is 0 (padding) are left out when the
-    tensor's leading shape matches the mask."""
+    the given width, or per pool where `pooled` maps tensors to a shared accumulator's name (the
+    inputs of one shared weight). Rows where the batch's attention mask is 0 (padding) are left
+    out when the tensor's leading shape matches the mask."""
 
-    def __init__(self, widths: dict[str, int], mask_input: str | None = None) -> None:
+    def __init__(self, widths: dict[str, int], mask_input: str | None = None,
+                 pooled: dict[str, str] | None = None) -> None:
         from lowbit.algorithms import HessianAccumulator
 
         self.tensors = list(widths)
         self.mask_input = mask_input
-        self.accumulators = {name: HessianAccumulator(width) for name, width in widths.items()}
+        self.pool = {name: (pooled or {}).get(name, name) for name in widths}
+        self._accumulators = {}
+        for name, width in widths.items():
+            self._accumulators.setdefault(self.pool[name], HessianAccumulator(width))
+        self._pending: dict[str, list] = {}  # pool -> rows waiting (GRAM_MIN_ROWS)
+
+    @property
+    def accumulators(self) -> dict:
+        for pool in list(self._pending):
+            self._flush(pool)
+        return self._accumulators
 
     def update(self, name: str, value: np.ndarray, batch: Batch) -> None:
         import torch
@@ -138,10 +157,23 @@ class InputGram(Reducer):
             raise LowbitError(f"the input {name!r} of a quantized MatMul is not float; exclude that node")
         rows = torch.from_numpy(np.asarray(value, np.float32))
         mask = batch.get(self.mask_input) if self.mask_input else None
-        keep = None
         if mask is not None and tuple(mask.shape) == tuple(rows.shape[:-1]):
-            keep = torch.from_numpy(np.asarray(mask) != 0)
-        self.accumulators[name].add(rows, keep)
+            rows = rows[torch.from_numpy(np.asarray(mask) != 0)]
+        pool = self.pool[name]
+        width = self._accumulators[pool].in_features
+        if rows.shape[-1] != width:
+            self._accumulators[pool].add(rows)  # says which layer and width
+        pending = self._pending.setdefault(pool, [])
+        pending.append(rows.reshape(-1, width))
+        if sum(len(r) for r in pending) >= min(GRAM_MIN_ROWS, width):
+            self._flush(pool)
+
+    def _flush(self, pool: str) -> None:
+        import torch
+
+        pending = self._pending.pop(pool, [])
+        if pending:
+            self._accumulators[pool].add(torch.cat(pending))
 
 
 class Histograms(Reducer):

@@ -35,6 +35,7 @@ from lowbit.onnx.blockwise import (DQ_BITS, DQ_OPSET, FORMATS, MATMULNBITS_BITS,
                                    blocked_dq_nodes, gather_block_quantized_node, matmulnbits_node, storage_bits)
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB
+from lowbit.onnx.graph_index import insert_after
 from lowbit.onnx.qdq import drop_unused_initializers, ensure_opset
 from lowbit.onnx.registry import rule_for
 from lowbit.onnx.statistics import MASK_INPUTS, InputGram, collect
@@ -192,16 +193,41 @@ def weight_matrix(model_initializers: dict[str, onnx.TensorProto], site: WeightS
 
 # ----------------------------------------------------------------------------- statistics
 
+def site_groups(sites: list[WeightSite]) -> dict[str, list[WeightSite]]:
+    """The sites rounded together, keyed by their first input: sites reading one input (GPTQ/AWQ
+    share its statistics) and sites sharing one weight (an unrolled RNN's cell reuses one weight at
+    every step: it is written once, so it is rounded once, with the statistics of all its inputs)."""
+    parent = list(range(len(sites)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, str], int] = {}
+    for index, site in enumerate(sites):
+        for key in (("input", site.activation), ("weight", site.weight)):
+            other = first.setdefault(key, index)
+            parent[root(index)] = root(other)
+    groups: dict[int, list[WeightSite]] = {}
+    for index, site in enumerate(sites):
+        groups.setdefault(root(index), []).append(site)
+    return {group[0].activation: group for group in groups.values()}
+
+
 def collect_input_statistics(model: onnx.ModelProto, sites: list[WeightSite], data: CalibrationData, *,
                              batch_size: int = 16, threads: int | None = None,
                              memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB
                              ) -> dict[str, HessianAccumulator]:
-    """One HessianAccumulator per distinct input of the sites, filled batch by batch through the
-    one statistics pass (`lowbit.onnx.statistics`: activations exposed in chunks within
-    `memory_budget_mb`, each folded into its Gram sums and dropped); rows where the model's
-    attention mask is 0 (padding) are left out when the activation's leading shape matches it."""
+    """One HessianAccumulator per group of `site_groups` (the rows of all its inputs pooled),
+    filled batch by batch through the one statistics pass (`lowbit.onnx.statistics`: activations
+    exposed in chunks within `memory_budget_mb`, each folded into its Gram sums and dropped); rows
+    where the model's attention mask is 0 (padding) are left out when the activation's leading
+    shape matches it."""
     mask_name = next((i.name for i in model.graph.input if i.name in MASK_INPUTS), None)
-    grams = InputGram({s.activation: s.in_features for s in sites}, mask_name)
+    pooled = {site.activation: key for key, group in site_groups(sites).items() for site in group}
+    grams = InputGram({s.activation: s.in_features for s in sites}, mask_name, pooled=pooled)
     collect(model, data.batches(batch_size), [grams], threads=threads, memory_budget_mb=memory_budget_mb)
     return grams.accumulators
 
@@ -212,29 +238,30 @@ def quantize_sites(model: onnx.ModelProto, sites: list[WeightSite], spec: QuantS
                    statistics: dict[str, HessianAccumulator] | None, *, act_order: bool = False
                    ) -> tuple[dict[str, QuantizedWeight], dict[str, dict]]:
     """Quantize every site's weight with the algorithm called `algo` (`lowbit.weight_algorithms`),
-    the sites that read one input together. Returns node -> QuantizedWeight ([out, in]; with input
-    scales s, of the scaled weight W * s) and, for an algorithm that scales inputs (AWQ),
-    activation -> {"scales", "alpha", "nodes"} where alpha > 0."""
+    one group of `site_groups` at a time (each distinct weight once; sites sharing a weight share
+    its QuantizedWeight). Returns node -> QuantizedWeight ([out, in]; with input scales s, of the
+    scaled weight W * s) and, for an algorithm that scales inputs (AWQ), activation ->
+    {"scales", "alpha", "nodes"} where alpha > 0."""
     algorithm = algorithm_named(algo)
     options = WeightOptions(act_order=act_order)
     initializers = {t.name: t for t in model.graph.initializer}
     results: dict[str, QuantizedWeight] = {}
     scaled: dict[str, dict] = {}
-    by_input: dict[str, list[WeightSite]] = {}
-    for site in sites:
-        by_input.setdefault(site.activation, []).append(site)
-    for activation, group in by_input.items():
-        stats = statistics[activation] if algorithm.needs_statistics else None
-        matrices = [weight_matrix(initializers, s) for s in group]
+    for key, group in site_groups(sites).items():
+        stats = statistics[key] if algorithm.needs_statistics else None
+        distinct = list({s.weight: s for s in group}.values())
+        matrices = [weight_matrix(initializers, s) for s in distinct]
         if algorithm.scales_inputs:
             scales, alpha = algorithm.input_scales(matrices, stats, spec, options)
             matrices = [matrix * scales[None, :] for matrix in matrices]
             stats = DividedInput(stats, scales)
             if alpha > 0:
-                scaled[activation] = {"scales": scales.numpy().astype(np.float32), "alpha": alpha,
-                                      "nodes": [s.node for s in group]}
-        quantized = algorithm.quantize(matrices, stats, spec, options, [s.weight for s in group])
-        results.update({site.node: q for site, q in zip(group, quantized)})
+                for activation in dict.fromkeys(s.activation for s in group):
+                    scaled[activation] = {"scales": scales.numpy().astype(np.float32), "alpha": alpha,
+                                          "nodes": [s.node for s in group if s.activation == activation]}
+        quantized = dict(zip((s.weight for s in distinct),
+                             algorithm.quantize(matrices, stats, spec, options, [s.weight for s in distinct])))
+        results.update({site.node: quantized[site.weight] for site in group})
     return results, scaled
 
 
@@ -307,17 +334,7 @@ def apply_input_scales(model: onnx.ModelProto, awq: dict[str, dict]) -> None:
             node.input[0] = scaled
         info["folded_into"] = "inserted Mul"
     if inserted:
-        _insert_after_producers(graph, inserted)
-
-
-def _insert_after_producers(graph: onnx.GraphProto, inserted: dict[str, onnx.NodeProto]) -> None:
-    inputs = {i.name for i in graph.input}
-    ordered = [node for tensor, node in inserted.items() if tensor in inputs]
-    for node in graph.node:
-        ordered.append(node)
-        ordered.extend(inserted[o] for o in node.output if o in inserted)
-    del graph.node[:]
-    graph.node.extend(ordered)
+        insert_after(graph, {tensor: [node] for tensor, node in inserted.items()})
 
 
 # ----------------------------------------------------------------------------- write
@@ -332,6 +349,7 @@ def rewrite(model: onnx.ModelProto, sites: list[WeightSite], quantized: dict[str
     graph = out.graph
     by_node = {s.node: s for s in sites}
     new_inits: list[onnx.TensorProto] = []
+    written: dict[tuple[str, int], list[str]] = {}  # (weight, id of its rounding) -> initializer names
     ordered: list[onnx.NodeProto] = []
     for node in graph.node:
         site = by_node.get(node.name)
@@ -340,6 +358,7 @@ def rewrite(model: onnx.ModelProto, sites: list[WeightSite], quantized: dict[str
             continue
         width = (site_bits or {}).get(node.name, bits)
         rule = rule_for(node)
+        start = len(ordered)
         table = rule.weight_only == "table"
         if table and weight_format == "matmulnbits":
             replacement, inits = gather_block_quantized_node(
@@ -362,7 +381,13 @@ def rewrite(model: onnx.ModelProto, sites: list[WeightSite], quantized: dict[str
                                          block_size=block_size_for(site, group_size, weight_format))
             node.input[rule.weight_input] = dq.output[0]
             ordered += [dq, node]
-        new_inits += inits
+        shared = written.setdefault((site.weight, id(quantized[node.name])), [t.name for t in inits])
+        if shared[0] == inits[0].name:
+            new_inits += inits
+        else:  # a weight shared by several nodes is stored once
+            renamed = dict(zip((t.name for t in inits), shared))
+            for reader in ordered[start:]:
+                reader.input[:] = [renamed.get(name, name) for name in reader.input]
     del graph.node[:]
     graph.node.extend(ordered)
     drop_unused_initializers(graph)
@@ -522,5 +547,5 @@ def _plan(sites: list[WeightSite], kept: dict[str, str], spec: QuantSpec, algo: 
 
 
 __all__ = ["ALGORITHMS", "DividedInput", "EMBEDDING_BITS", "EmbeddingTables", "embedding_tables", "WeightOnlyResult", "apply_input_scales", "block_size_for", "check_options",
-           "collect_input_statistics", "find_sites", "find_tables", "quantize_sites", "quantize_tables",
+           "collect_input_statistics", "find_sites", "site_groups", "find_tables", "quantize_sites", "quantize_tables",
            "quantize_weight_only", "rewrite", "weight_only_spec"]

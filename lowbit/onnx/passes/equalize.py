@@ -4,8 +4,9 @@ that equalized ReLU6 links become ReLU. Needs no statistics: replaying it is re-
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
+
+from lowbit.onnx.graph_index import readers_of
 
 if TYPE_CHECKING:
     import onnx
@@ -39,10 +40,7 @@ class EqualizeRecord:
     def rescaled(self, reference: onnx.ModelProto) -> dict[str, str]:
         """Every link but the last conv's output is scaled (and the ReLU/Clip right after it)."""
         nodes = {n.name: n for n in reference.graph.node}
-        readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in reference.graph.node:
-            for name in node.input:
-                readers.setdefault(name, []).append(node)
+        readers = readers_of(reference.graph)
         rescaled = {}
         for chain in self.chains:
             for conv in chain[:-1]:
