@@ -124,6 +124,7 @@ def time_models(paths: dict[str, Path], feeds: list[dict], repeats: int) -> dict
 def speed_feeds(fp32: Path, feeds: list[dict], target_seconds: float = 0.4) -> list[dict]:
     """As many recorded evaluation calls as make one fp32 pass last about `target_seconds`."""
     session = corpus.open_session(fp32)
+    session.run(None, feeds[0])  # the first run allocates: it would count a large model as 2x slower
     start = time.perf_counter()
     session.run(None, feeds[0])
     session.run(None, feeds[0])

@@ -278,3 +278,64 @@ def test_bench_counts_an_unbatched_run_as_one_call(tmp_path):
     assert report.models[0].throughput == pytest.approx(1000 / report.models[0].median_ms)
     batched = _linear_model(tmp_path / "b.onnx", np.ones((16, 4)), np.zeros(4))
     assert bench_models([batched], shapes={"x": (5, 16)}, threads=1, warmup=1, repeats=3).models[0].batch == 5
+
+
+def test_a_timed_run_passes_over_the_data_shapes_in_proportion(tmp_path):
+    """Batches of one shape: the first is timed. Shapes that vary (text lines of different widths):
+    up to MAX_TIMED_FEEDS batches evenly spaced through the data, and a run is one pass over them;
+    the quantize report times those and states the shapes."""
+    from lowbit.onnx.timing import MAX_TIMED_FEEDS, describe_shapes, representative_feeds
+
+    same = [{"x": np.full((1, 3, 8, 8), i, np.float32)} for i in range(20)]
+    assert len(representative_feeds(same)) == 1 and representative_feeds(same)[0]["x"][0, 0, 0, 0] == 0
+    widths = [16 if i % 4 else 64 for i in range(40)]  # a quarter of the calls are 4x wider
+    varied = [{"x": np.full((1, 3, 8, w), i, np.float32)} for i, w in enumerate(widths)] + [{"x": np.zeros((1, 3, 8, 9))}]
+    picked = representative_feeds(varied)
+    assert len(picked) == MAX_TIMED_FEEDS
+    order = [int(f["x"][0, 0, 0, 0]) for f in picked]
+    assert order == sorted(order) and order[0] == 0 and order[-1] >= 30  # spread over the whole data
+    assert sum(f["x"].shape[3] == 64 for f in picked) == MAX_TIMED_FEEDS // 4
+    assert describe_shapes(picked) == "2 shapes, 1x3x8x16 to 1x3x8x64"
+    from lowbit.onnx.timing import evenly_spaced
+
+    assert {i % 2 for i in evenly_spaced(8, 4)} == {0, 1}  # alternating data (paper, photo): both kinds
+
+    class Counting:  # a runner: counts the calls of each width
+        def __init__(self):
+            self.widths = []
+
+        def run(self, names, feed):
+            self.widths.append(feed["x"].shape[3])
+
+    runner = Counting()
+    timing = time_models([runner], picked, threads=1, warmup=0, repeats=3)
+    assert len(timing.latencies_ms[0]) == 3 and len(runner.widths) == (1 + 3 + 1) * MAX_TIMED_FEEDS
+    assert runner.widths.count(64) * 4 == len(runner.widths)
+
+    float_path = _linear_model(tmp_path / "f.onnx", np.ones((16, 4)), np.zeros(4))
+    quant_path = _linear_model(tmp_path / "q.onnx", np.ones((16, 4)), np.zeros(4))
+    rows = {"x": np.ones((40, 16), np.float32)}
+    report = compare_models(float_path, quant_path, CalibrationData(rows, onnx.load(float_path)), batch_size=16)
+    assert report.timed_calls == 16 and report.timed_shapes == "16x16"  # batches of 16, 16 and a partial 8
+
+
+def test_runs_of_many_milliseconds_go_without_the_untimed_run_per_turn():
+    import time
+
+    from lowbit.onnx.timing import COLD_CACHE_MS
+
+    class SleepingRunner:
+        def __init__(self, seconds):
+            self.seconds, self.calls = seconds, 0
+
+        def run(self, names, feed):
+            self.calls += 1
+            time.sleep(self.seconds)
+
+    slow = [SleepingRunner(COLD_CACHE_MS / 1000 * 1.2), SleepingRunner(COLD_CACHE_MS / 1000 * 1.5)]
+    timing = time_models(slow, {}, threads=1, warmup=1, repeats=3)
+    assert [r.calls for r in slow] == [1 + 1 + 3] * 2 and timing.untimed_per_turn == 0
+    assert "turns of 0 untimed + 3 timed" in timing.method()
+    fast = [SleepingRunner(0.001), SleepingRunner(0.001)]
+    assert time_models(fast, {}, threads=1, warmup=1, repeats=3).untimed_per_turn == 1
+    assert [r.calls for r in fast] == [1 + 1 + 1 + 3] * 2

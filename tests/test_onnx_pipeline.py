@@ -136,3 +136,38 @@ def test_weight_spread_skips_constant_operands_of_elementwise_ops(tmp_path):
     plan = pipeline.build().plan
     assert {e.nodes[0] for e in plan.quantized("weight")} > {"conv"}  # the Mul/Add constants are int8 too
     assert weight_channel_spread(pipeline.model, plan) == {"conv": pytest.approx(50.0)}
+
+
+def test_equalized_calibration_measures_only_what_equalization_rescales(tmp_path, monkeypatch):
+    """--mode auto's second calibration (equalized graph) reuses the plain one for every tensor
+    equalization leaves unchanged: ranges and bias correction's channel means equal those of a
+    full calibration of the equalized graph, yet only the rescaled tensors are measured."""
+    import lowbit.onnx.pipeline as pipeline_module
+
+    path, calib = small_cnn(tmp_path / "m.onnx"), image_calib(tmp_path / "c.npz", n=16)
+    original = onnx.load(str(path))
+    model, data = prepare_model(original), CalibrationData(str(calib), model_inputs(original))
+    config = StaticConfig(calib_method="minmax", equalize=True)
+    plain = StaticPipeline(model, StaticConfig(calib_method="minmax"), data, batch_size=8).calibrate(
+        built=("bias_correction",))
+    full = StaticPipeline(model, config, data, batch_size=8).calibrate(built=("bias_correction",))
+    measured = []
+    real = pipeline_module.collect_activation_stats
+    monkeypatch.setattr(pipeline_module, "collect_activation_stats",
+                        lambda m, tensors, *a, **k: measured.extend(tensors) or real(m, tensors, *a, **k))
+    reused = StaticPipeline(model, config, data, batch_size=8).calibrate(built=("bias_correction",), reuse=plain)
+    rescaled = reused.records[0].rescaled(reused.model)
+    assert measured and set(measured) <= set(rescaled) and len(measured) < len(full.stats.ranges)
+    assert reused.stats.ranges.keys() == full.stats.ranges.keys()
+    for name, (lo, hi) in full.stats.ranges.items():
+        np.testing.assert_allclose(reused.stats.ranges[name][0], lo, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(reused.stats.ranges[name][1], hi, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert any(not np.allclose(plain.stats.ranges[t][1], full.stats.ranges[t][1]) for t in measured)
+    full_means = full._built_stats["bias_correction"]
+    means = reused._built_stats["bias_correction"]
+    assert means.keys() == full_means.keys()
+    for name, value in full_means.items():
+        np.testing.assert_allclose(means[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    # A pipeline that calibrated differently (another range method) is not reused.
+    other = StaticPipeline(model, StaticConfig(), data, batch_size=8).calibrate()
+    assert StaticPipeline(model, config, data, batch_size=8).changed_tensors(other) is None

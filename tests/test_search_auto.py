@@ -211,3 +211,32 @@ def test_only_candidates_that_can_win_stay_in_memory():
         search.built[trial.name] = object()
         search._keep_needed()
     assert sorted(search.built) == ["c", "e"]
+
+
+def test_output_layers_are_the_compute_nodes_that_make_the_logits():
+    """MatMul -> Add(bias) -> Softmax -> Reshape(shape from Shape) ends at a graph output: that MatMul
+    is the output layer; a residual Add of two activations ends the chain."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowbit.onnx.pipeline import prepare_model
+    from lowbit.search.auto import output_layers
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+               for n, s in (("w1", (8, 8)), ("w2", (8, 5)), ("b2", (5,)), ("w3", (8, 8)))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="hidden"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["logits0"], name="head"),
+             helper.make_node("Add", ["logits0", "b2"], ["logits"], name="bias"),
+             helper.make_node("Softmax", ["logits"], ["p"], name="softmax", axis=-1),
+             helper.make_node("Shape", ["logits"], ["shape"], name="shape"),
+             helper.make_node("Reshape", ["p", "shape"], ["probs"], name="reshape"),
+             helper.make_node("MatMul", ["r", "w3"], ["m"], name="branch"),
+             helper.make_node("Relu", ["m"], ["rm"], name="branch_relu"),
+             helper.make_node("Add", ["rm", "h"], ["residual"], name="residual_add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [2, 5]),
+                               helper.make_tensor_value_info("residual", TensorProto.FLOAT, [2, 8])], weights)
+    model = prepare_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    heads = output_layers(model)  # ONNX Runtime's optimizer fuses the MatMul and its bias Add into a Gemm
+    assert len(heads) == 1 and heads[0].startswith("head")

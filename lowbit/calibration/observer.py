@@ -218,6 +218,12 @@ class ObserverSet:
         self._observers[name] = RangeObserver(name, **{**self.observer_kwargs, **overrides})
         return self._observers[name]
 
+    def include(self, other: ObserverSet, names: Iterable[str]) -> None:
+        """Take `other`'s observers of `names` as they are (shared, not copied): statistics of
+        tensors measured in another pass over the same data."""
+        for name in names:
+            self._observers[name] = other[name]
+
     def update(self, outputs: Mapping[str, Any]) -> None:
         for name, batch in outputs.items():
             observer = self._observers.get(name) or self.add(name)

@@ -101,10 +101,12 @@ def budget_bytes(memory_budget_mb: float | None) -> float:
 def collect_activation_stats(model: onnx.ModelProto, tensors: list[str], data: CalibrationData, *,
                              method: str = "auto", spec: QuantSpec, batch_size: int = 16,
                              threads: int | None = None, observer_options: dict | None = None,
-                             memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB) -> ActivationStats:
+                             memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB,
+                             also: list | None = None) -> ActivationStats:
     """Run `data` through `model` batch by batch and return calibrated ranges of `tensors`.
 
-    memory_budget_mb: upper bound for the activations exposed at once (None or inf: unbounded)."""
+    memory_budget_mb: upper bound for the activations exposed at once (None or inf: unbounded).
+    also: more `statistics.Reducer`s fed in the same pass (e.g. bias correction's channel means)."""
     from lowbit.onnx.statistics import Ranges, collect
 
     started = time.perf_counter()
@@ -117,7 +119,7 @@ def collect_activation_stats(model: onnx.ModelProto, tensors: list[str], data: C
             yield batch
 
     total = -(-data.num_samples // data.feed_batch_size(batch_size))
-    stream = collect(model, counted(), [ranges], threads=threads, memory_budget_mb=memory_budget_mb,
+    stream = collect(model, counted(), [ranges, *(also or [])], threads=threads, memory_budget_mb=memory_budget_mb,
                      total=total, desc="calibrating")
     if not batches:
         raise LowbitError("calibration produced no batch (the model's fixed batch size is larger than the "

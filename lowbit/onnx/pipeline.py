@@ -2,12 +2,16 @@
 build as many candidate models as wanted from that one calibration, and write any of them.
 
     prepare_model (opset >= 13, pre-process, node names)          every entry point, once
-    StaticPipeline(model, config, data).calibrate()
+    StaticPipeline(model, config, data).calibrate(built=, reuse=)
         channel peaks every pass will read, one statistics pass
         graph passes (outlier split, equalization)   -> typed records
         planner -> planned passes (SmoothQuant) -> planner of the rewritten model
-        one calibration pass (observers kept: every range method comes from it)
-        statistics of the "built" passes (bias correction's channel means)
+        one calibration pass (observers kept: every range method comes from it), which also
+          measures the statistics of the `built` passes named (bias correction's channel means);
+          with `reuse` (a calibrated pipeline of the same float model whose rewrites differ only by
+          a per-channel rescaling, e.g. equalization without ReLU6 links), only the tensors the
+          rescaling changes are measured and the others' statistics are taken from `reuse`
+        statistics of the other "built" passes, when a candidate first needs them
     .build(exclude=, precision=, per_channel=, calib_method=, ranges=, bias_correction=)
         plan -> built passes on a copy -> QDQ model               per candidate, no model run
     .write(candidate, path)                                       plan in metadata, atomic save
@@ -108,11 +112,12 @@ class StaticPipeline:
         self.records += records
         self.seconds += seconds
 
-    def calibrate(self) -> StaticPipeline:
-        """Rewrite passes, planning, one calibration pass and the built passes' statistics."""
+    def calibrate(self, *, built: tuple[str, ...] = (), reuse: StaticPipeline | None = None) -> StaticPipeline:
+        """Rewrite passes, planning, one calibration pass (see the module docstring for `built`
+        and `reuse`)."""
         self._prefetch([p for p in PASSES if p.stage in ("graph", "planned") and p.enabled(self.config, self.ctx)])
         self.run_passes("graph")
-        self._plan_and_calibrate(run_planned=True)
+        self._plan_and_calibrate(run_planned=True, built=built, reuse=reuse)
         return self
 
     @classmethod
@@ -141,7 +146,8 @@ class StaticPipeline:
         self.ctx.prefetch(passes)
         self.seconds += time.perf_counter() - started
 
-    def _plan_and_calibrate(self, *, run_planned: bool) -> None:
+    def _plan_and_calibrate(self, *, run_planned: bool, built: tuple[str, ...] = (),
+                            reuse: StaticPipeline | None = None) -> None:
         self.planner = self._planner(self.exclude, self.config.per_channel)
         if run_planned:
             self.ctx.planner = self.planner
@@ -150,13 +156,48 @@ class StaticPipeline:
             if self.ctx.model is not before:
                 self.planner = self._planner(self.exclude, self.config.per_channel)
         bodies = BodyPlanners(self.model, per_channel_weights=self.config.per_channel, exclude=self.exclude)
-        self.stats = collect_activation_stats(
-            self.model, self.planner.candidates() + bodies.candidates(), self.data, method=self.config.calib_method,
-            spec=ACTIVATION_SPEC,
+        tensors = self.planner.candidates() + bodies.candidates()
+        changed = self.changed_tensors(reuse) if reuse is not None else None
+        measured = tensors if changed is None else [t for t in tensors if t in changed or t not in reuse.stats.observers]
+        passes = [p for p in PASSES if p.stage == "built" and p.name in built and hasattr(p, "reducer")]
+        reducers = {}
+        for rewrite in passes:
+            reused = reuse._built_stats.get(rewrite.name) if changed is not None else None
+            reducers[rewrite.name] = (rewrite.reducer(self.ctx, only=None if reused is None else changed), reused)
+        stats = collect_activation_stats(
+            self.model, measured, self.data, method=self.config.calib_method, spec=ACTIVATION_SPEC,
             batch_size=self.ctx.batch_size, threads=self.ctx.threads,
-            memory_budget_mb=self.config.calib_memory_mb or DEFAULT_MEMORY_BUDGET_MB)
+            memory_budget_mb=self.config.calib_memory_mb or DEFAULT_MEMORY_BUDGET_MB,
+            also=[reducer for reducer, _ in reducers.values()])
+        if changed is not None:
+            stats = _merged(stats, reuse.stats, tensors)
+        self.stats = stats
         self.seconds += self.stats.seconds
         self._stats_by_method[self.config.calib_method] = self.stats
+        for name, (reducer, reused) in reducers.items():
+            self._built_stats[name] = {**(reused or {}), **reducer.result()}
+
+    def changed_tensors(self, other: StaticPipeline) -> set[str] | None:
+        """The tensors whose float values differ between this pipeline's model and `other`'s when
+        the two differ only by exact per-channel rescalings (this one's extra records all say which
+        tensors they rescale, `rescaled_exactly`); None when they differ otherwise or `other`
+        calibrated differently (then everything is measured)."""
+        mine = [r.to_settings() for r in self.records]
+        theirs = [r.to_settings() for r in other.records]
+        extra = [r for r, settings in zip(self.records, mine) if settings not in theirs]
+        if (other.stats is None or other.stats.observers is None or other.data is not self.data
+                or other.ctx.batch_size != self.ctx.batch_size
+                or other.config.calib_method != self.config.calib_method or any(s not in mine for s in theirs)
+                or not all(hasattr(r, "rescaled_exactly") for r in extra)
+                or [n.output[:] for n in self.model.graph.node] != [n.output[:] for n in other.model.graph.node]):
+            return None
+        changed: set[str] = set()
+        for record in extra:
+            rescaled = record.rescaled_exactly(self.model)
+            if rescaled is None:
+                return None
+            changed |= rescaled
+        return changed
 
     def _planner(self, exclude, per_channel: bool) -> StaticPlanner:
         return StaticPlanner(self.model, per_channel_weights=per_channel, exclude=exclude)
@@ -223,6 +264,22 @@ class StaticPipeline:
                 "exclude": list(self.config.exclude), "samples": self.data.num_samples, "source": self.source,
                 "algorithms": algorithms,
                 "calibration_runs_per_batch": self.stats.runs_per_batch if self.stats is not None else 1}
+
+
+def _merged(measured: ActivationStats, reused: ActivationStats, tensors: list[str]) -> ActivationStats:
+    """`measured` (the changed tensors) completed with `reused`'s statistics of the other `tensors`
+    (same range method: their ranges are taken as they are)."""
+    from lowbit.calibration import ObserverSet
+
+    observers = ObserverSet(**measured.observers.observer_kwargs)
+    own = [t for t in tensors if t in measured.observers]
+    observers.include(measured.observers, own)
+    observers.include(reused.observers, [t for t in tensors if t not in measured.observers and t in reused.observers])
+    mask_like = measured.mask_like | (reused.mask_like - set(own))
+    non_float = measured.non_float | (reused.non_float - set(own))
+    ranges = {t: (measured.ranges if t in measured.observers else reused.ranges)[t] for t in tensors
+              if t in measured.ranges or t not in measured.observers and t in reused.ranges}
+    return replace(measured, ranges=ranges, mask_like=mask_like, non_float=non_float, observers=observers)
 
 
 def reference_model(original: onnx.ModelProto, records: list) -> onnx.ModelProto:

@@ -10,10 +10,17 @@ model back to back: the untimed run brings the model's weights, kernels and buff
 caches the other model just used, so the timed runs measure the warm, back-to-back latency of a
 model serving requests, the latency a process timing that model alone measures. (Timed right after
 the other model, the fp32 session of a GRU of many tiny ops measured 0.59-0.89 ms, 0.16-0.21 ms
-alone, 0.19-0.38 ms in these turns, 1 thread; see BENCHMARKS.md "Timing agreement".) A model's latency is the
+alone, 0.19-0.38 ms in these turns, 1 thread; see BENCHMARKS.md "Timing agreement".) Models whose
+runs take COLD_CACHE_MS or more go without the untimed run (the caches refill within the first
+fraction of such a run; the untimed run would only double the cost). A model's latency is the
 median of its `repeats` timed runs; a speedup is the ratio of medians. Spin-waiting stays off: with
 ONNX Runtime's default the threads of the session that just ran keep spinning and slow the next
 session's run.
+
+What is timed is the user's data, not one arbitrary call: a run is one pass over `feeds`
+(`representative_feeds`): the first batch when every batch has the same shapes, else up to
+MAX_TIMED_FEEDS batches evenly spaced through the data, so each input shape (text lines of
+different widths, say) counts in proportion to how often it occurs.
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ import onnxruntime as ort
 from lowbit.onnx.session import SPIN_WAIT_OFF, default_threads, make_session
 
 RUNS_PER_TURN = 3  # timed runs per turn, after one untimed run
+COLD_CACHE_MS = 10.0  # runs at least this long (every model of the timing): no untimed run per turn
 MAX_REPEATS = 300  # the most timed runs `min_seconds` may ask for per model
 # Timed seconds per model behind every speedup lowbit prints (quantize table, `lowbit bench`, auto's
 # choice): at 3-10 ms a call, ten runs moved a captcha CRNN's speedup from 2.6x to 2.2x between two
 # measurements of the same pair; a second of runs per model keeps the median steady.
 MIN_TIMED_SECONDS = 1.0
+MAX_TIMED_FEEDS = 8  # batches per timed run when the data's shapes vary
 ModelLike = str | os.PathLike | bytes | onnx.ModelProto | ort.InferenceSession
 
 
@@ -46,6 +55,7 @@ class Timing:
     threads: int | None  # intra-op threads of every session (None: ONNX Runtime's default)
     warmup: int
     repeats: int
+    untimed_per_turn: int = 1
 
     @property
     def medians_ms(self) -> list[float]:
@@ -64,7 +74,7 @@ class Timing:
         threads = "ONNX Runtime's default intra-op threads" if self.threads is None else \
             f"{self.threads} intra-op thread{'s' if self.threads != 1 else ''}"
         return (f"{threads}, 1 inter-op, spin-waiting off; median of {self.repeats} timed runs per model after "
-                f"{self.warmup} warm-up, interleaved in one process in turns of 1 untimed + {RUNS_PER_TURN} timed "
+                f"{self.warmup} warm-up, interleaved in one process in turns of {self.untimed_per_turn} untimed + {RUNS_PER_TURN} timed "
                 "runs (order alternating)")
 
     def to_dict(self) -> dict:
@@ -73,10 +83,46 @@ class Timing:
                 "method": self.method()}
 
 
-def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray], *, threads: int | None = None,
-                warmup: int = 5, repeats: int = 30, min_seconds: float = 0.0) -> Timing:
+def shape_key(feed: dict[str, np.ndarray]) -> tuple:
+    """The input shapes of one feed (what decides the cost of a run)."""
+    return tuple((name, tuple(np.shape(value))) for name, value in feed.items())
+
+
+def evenly_spaced(count: int, most: int = MAX_TIMED_FEEDS) -> list[int]:
+    """Up to `most` indices spread evenly over range(count), the first and the last included (so a
+    stride of 2 never picks only the even calls of data that alternates, e.g. pages on paper and
+    on photos)."""
+    if count <= most:
+        return list(range(count))
+    return sorted({int(round(i * (count - 1) / (most - 1))) for i in range(most)}) if most > 1 else [0]
+
+
+def timed_indices(shapes: Sequence[tuple]) -> list[int]:
+    """Which of the data's batches (given by their `shape_key`s, in order) a timed run passes over:
+    the first when all have the same shapes, else up to MAX_TIMED_FEEDS evenly spaced ones (each
+    shape in proportion to how often the data has it). The last batch, often a partial one of a
+    batched data set, is left out when there are others."""
+    shapes = shapes[:-1] if len(shapes) > 1 else shapes
+    return [0] if len(set(shapes)) <= 1 else evenly_spaced(len(shapes))
+
+
+def representative_feeds(feeds: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The feeds a timed run on `feeds` passes over (`timed_indices`)."""
+    return [feeds[i] for i in timed_indices([shape_key(f) for f in feeds])] if feeds else []
+
+
+def describe_shapes(feeds: Sequence[dict[str, np.ndarray]]) -> str:
+    """'1x3x736x1088' or '4 shapes, 1x3x48x160 to 1x3x48x800': what a timed run was made of."""
+    keys = sorted({shape_key(f) for f in feeds}, key=lambda k: [int(np.prod(s)) for _, s in k])
+    text = [", ".join("x".join(map(str, s)) or "scalar" for _, s in k) for k in keys]
+    return text[0] if len(text) == 1 else f"{len(text)} shapes, {text[0]} to {text[-1]}"
+
+
+def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray] | Sequence[dict[str, np.ndarray]], *,
+                threads: int | None = None, warmup: int = 5, repeats: int = 30, min_seconds: float = 0.0) -> Timing:
     """Time `models` (paths, serialized bytes, ModelProtos, or sessions made by `make_session`) on
-    `feed` with the method of the module docstring. Models given as files or protos get sessions with
+    `feed` (one feed, or a sequence of feeds: then a run is one pass over them, in order) with the
+    method of the module docstring. Models given as files or protos get sessions with
     `threads` intra-op threads (default: every core this process may use); sessions given must all
     have the same thread count and spin-waiting off. Runners of other runtimes (any object with
     `run(None, feed)` and no ONNX Runtime session options, e.g. `lowbit.deploy`'s ExecuTorch and
@@ -93,27 +139,39 @@ def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray], *, thr
     stated = {_threads_of(s) if hasattr(s, "get_session_options") else threads for s in sessions}
     if len(stated) != 1:
         raise ValueError(f"sessions timed together must use the same thread count, got {sorted(stated, key=str)}")
+    feeds = [feed] if isinstance(feed, dict) else list(feed)
+    if not feeds:
+        raise ValueError("time_models needs at least one feed")
+
+    def one_run(session) -> None:
+        for each in feeds:
+            session.run(None, each)
+
     for session in sessions:
-        session.run(None, feed)
+        one_run(session)
     warm_ms: list[list[float]] = [[] for _ in sessions]
     for _ in range(warmup):
         for i, session in enumerate(sessions):
             start = time.perf_counter()
-            session.run(None, feed)
+            one_run(session)
             warm_ms[i].append(1000 * (time.perf_counter() - start))
-    if min_seconds > 0 and warmup:
+    untimed = 1
+    if warmup:
         typical_ms = float(np.mean([np.median(runs) for runs in warm_ms]))
-        repeats = max(repeats, min(MAX_REPEATS, int(np.ceil(1000 * min_seconds / max(typical_ms, 1e-3)))))
+        untimed = 0 if min(min(runs) for runs in warm_ms) >= COLD_CACHE_MS else 1
+        if min_seconds > 0:
+            repeats = max(repeats, min(MAX_REPEATS, int(np.ceil(1000 * min_seconds / max(typical_ms, 1e-3)))))
     latencies: list[list[float]] = [[] for _ in sessions]
     for turn in range(-(-repeats // RUNS_PER_TURN)):
         order = range(len(sessions)) if turn % 2 == 0 else reversed(range(len(sessions)))
         for i in order:
-            sessions[i].run(None, feed)  # warms the caches the other model used
+            for _ in range(untimed):
+                one_run(sessions[i])  # warms the caches the other model used
             for _ in range(min(RUNS_PER_TURN, repeats - turn * RUNS_PER_TURN)):
                 start = time.perf_counter()
-                sessions[i].run(None, feed)
+                one_run(sessions[i])
                 latencies[i].append(1000 * (time.perf_counter() - start))
-    return Timing(latencies, stated.pop(), warmup, repeats)
+    return Timing(latencies, stated.pop(), warmup, repeats, untimed)
 
 
 def _threads_of(session) -> int | None:

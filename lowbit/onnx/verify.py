@@ -12,7 +12,9 @@ evaluation arrays), whether the model runs it alone or stacked with others in a 
   evaluation data holds `labels`, the accuracy of both models against them and the drop.
 
 Size before/after, and speed: both models timed by `lowbit.onnx.timing.time_models` (the method
-every lowbit speed figure uses) on the first batch. Benches reuse `compare_models`.
+every lowbit speed figure uses) on the evaluation data: the first batch when every batch has the
+same shapes, else up to `timing.MAX_TIMED_FEEDS` batches evenly spaced through it (the report
+states the calls and shapes timed; the data is read once more, for its shapes only, to pick them). Benches reuse `compare_models`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import Batch, CalibrationData
 from lowbit.onnx.io import load_model, model_size_bytes
 from lowbit.onnx.session import default_threads, make_session
-from lowbit.onnx.timing import MIN_TIMED_SECONDS, time_models
+from lowbit.onnx.timing import MIN_TIMED_SECONDS, describe_shapes, shape_key, time_models, timed_indices
 
 # A call yielding fewer numbers than this gets its cosine across calls: the cosine of a 1-, 2- or
 # 3-vector barely moves with the error (1.0 exactly for one number of the same sign).
@@ -72,7 +74,8 @@ class VerifyReport:
     threads: int | None = None
     notes: list[str] = field(default_factory=list)
     timing_method: str | None = None
-    timed_calls: int | None = None  # calls per timed run (the first batch)
+    timed_calls: int | None = None  # calls per timed run
+    timed_shapes: str | None = None  # the input shapes of the timed run (`timing.describe_shapes`)
     labeled_calls: int = 0
 
     @property
@@ -123,7 +126,9 @@ class VerifyReport:
                          f"(drop {100 * labeled.accuracy_drop:.2f} pt)")
         lines.append(f"size: {_mb(self.size_before)} -> {_mb(self.size_after)} ({self.size_ratio:.2f}x smaller)")
         if self.speedup is not None:
-            lines.append(f"latency per run ({self.timed_calls} calls): float {self.latency_float_ms:.2f} ms, quantized "
+            shapes = f"; {self.timed_shapes}" if self.timed_shapes else ""
+            lines.append(f"latency per run ({self.timed_calls} calls{shapes}): float {self.latency_float_ms:.2f} ms, "
+                         f"quantized "
                          f"{self.latency_quant_ms:.2f} ms -> {self.speedup:.2f}x "
                          f"({'faster' if self.speedup >= 1 else 'SLOWER'})")
             lines.append(f"timing: {self.timing_method}")
@@ -242,7 +247,12 @@ def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike,
     names = [o.name for o in float_session.get_outputs()]
     errors = {n: OutputErrors(n) for n in names}
     calls = 0
-    for batch, run_calls in batches_with_calls(data, batch_size):
+    # The batches the timed run passes over (`timing.timed_indices`), kept as the data streams by.
+    wanted = set(timed_indices([shape_key(b) for b in data.batches(batch_size)])) if speed else set()
+    timed: list[tuple[Batch, int]] = []
+    for index, (batch, run_calls) in enumerate(batches_with_calls(data, batch_size)):
+        if index in wanted:
+            timed.append((batch, run_calls or 1))
         reference = float_session.run(names, batch)
         candidate = quant_session.run(names, batch)
         for name, ref, got in zip(names, reference, candidate):
@@ -257,12 +267,13 @@ def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike,
     if labels is not None:
         _add_label_accuracy(report, errors, labels[:calls])
     if speed:
-        batch, timed_calls = next(batches_with_calls(data, batch_size))
-        timing = time_models([float_session, quant_session], batch, warmup=warmup, repeats=repeats,
+        feeds = [batch for batch, _ in timed]
+        timing = time_models([float_session, quant_session], feeds, warmup=warmup, repeats=repeats,
                              min_seconds=min_seconds)
         report.latency_float_ms, report.latency_quant_ms = timing.medians_ms
         report.timing_method = timing.method()
-        report.timed_calls = timed_calls or 1
+        report.timed_calls = sum(count for _, count in timed)
+        report.timed_shapes = describe_shapes(feeds)
     return report
 
 

@@ -6,14 +6,17 @@
          Convs with biases and per-tensor or depthwise weights     -> bias correction
          MatMul inputs whose min/max range is far past their 99.99th percentile -> hybrid (those
            MatMuls dynamic int8, the rest static)
-         MatMul/Gemm with constant weights                         -> dynamic int8
+         MatMul/Gemm with constant weights                         -> dynamic int8, and dynamic int8
+                                                                      with the output layer float
          ... holding most parameters, activations of a few rows   -> weight-only int8/int4 (MatMulNBits)
          a CPU with fp16 arithmetic (avx512_fp16, amx_fp16)         -> fp16
          a static candidate within budget                          -> the same with one layer kind
            (each compute op type, depthwise Convs apart; int8 elementwise ops) float at a time,
            then the kinds that measured faster in float all together (int8 where it pays)
-    -> each candidate: built from the one calibration (no model run), scored on the evaluation
-       data against float outputs computed once; the candidates within the budget are timed
+    -> each candidate: built from the one calibration (no model run), scored on a bounded, evenly
+       spaced subset of the evaluation batches (SCORE_SECONDS of float compute, at least
+       MIN_SCORED_BATCHES; all of them with labels) against float outputs computed once; the
+       written model is verified on all of them; the candidates within the budget are timed
        against the float model as the user gave it, the candidate as it will be written (no shape
        annotations), interleaved, same session options, median (`lowbit.onnx.timing.time_models`),
        with enough repeats to cover MIN_TIMED_SECONDS per model (sub-millisecond models too)
@@ -28,7 +31,10 @@ session closed right after; only the candidates within the budget (or, while non
 accurate one) are kept; the float model is opened again, as the user gave it, at the first timing.
 
 Only equalization needs a second calibration (it rescales activations per channel, so ranges of
-the unequalized graph do not carry over); it runs only when the statistics say it can matter.
+the unequalized graph do not carry over); it runs only when the statistics say it can matter, and
+measures only the tensors equalization rescales (Relu links: every other tensor keeps its float
+values, so its statistics come from the first calibration; `StaticPipeline.calibrate(reuse=)`).
+Bias correction's channel means are measured in the calibration pass itself.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from lowbit.onnx.pipeline import StaticPipeline, activation_channel_spread, weig
 from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
 from lowbit.onnx.registry import rule_for
 from lowbit.onnx.session import make_session
-from lowbit.onnx.timing import time_models
+from lowbit.onnx.timing import evenly_spaced, representative_feeds, time_models
 from lowbit.onnx.verify import OutputErrors, batches_with_calls, label_accuracy, looks_like_class_scores
 from lowbit.plan import QuantPlan
 
@@ -64,6 +70,10 @@ MAX_NOISE = 0.15  # a noisier machine still does not make candidates further apa
 TIMING_REPEATS = 6  # per candidate at least; the kept model is timed again (10 repeats) by the final verification
 MAX_TIMING_REPEATS = 600
 MIN_TIMED_SECONDS = 0.3  # per model and timing: a 0.1 ms model gets hundreds of runs, not 6
+# Candidates are scored on evenly spaced batches worth about SCORE_SECONDS of float compute, at
+# least MIN_SCORED_BATCHES: on a 736x1088 text detector (0.13 s a call) 4 of 8 calls per candidate.
+SCORE_SECONDS = 0.5
+MIN_SCORED_BATCHES = 4
 RETIME_BAND = 0.15  # candidates this close to the fastest (or the fastest this close to float) are timed again
 MAX_RETIMED = 3  # candidates timed together in that second run (each holds a session)
 # Weight-only kernels (MatMulNBits) dequantize weights and compute in float: they win when the
@@ -99,18 +109,23 @@ class AutoReport:
     seconds: float
     calibrations: int
     skipped: list[str] = field(default_factory=list)  # candidates the statistics ruled out, and why
+    scored_calls: int = 0  # evaluation calls each candidate was scored on
+    total_calls: int = 0  # of the evaluation calls the written model is verified on
 
     def to_dict(self) -> dict:
         return {"metric": self.metric, "max_drop": self.max_drop, "winner": self.winner, "reason": self.reason,
                 "seconds": self.seconds, "calibrations": self.calibrations, "skipped": self.skipped,
+                "scored_calls": self.scored_calls, "total_calls": self.total_calls,
                 "candidates": [asdict(t) for t in self.trials]}
 
     def table(self) -> str:
         labeled = any(t.accuracy is not None for t in self.trials)
         budget = (f"{'label accuracy' if labeled else 'top-1 agreement'} drop <= {100 * self.max_drop:g} pt"
                   if self.metric == "top1" else f"cosine drop <= {self.max_drop:g}")
+        scored = (f"; scored on {self.scored_calls} of the {self.total_calls} evaluation calls"
+                  if self.scored_calls < self.total_calls else "")
         lines = [f"auto: {len(self.trials)} candidates from {self.calibrations} calibration(s) in "
-                 f"{self.seconds:.1f} s; budget {budget}",
+                 f"{self.seconds:.1f} s; budget {budget}{scored}",
                  f"  {'candidate':<52} {'top-1':>7} {'cosine':>8} {'speed':>7} {'size':>9}"
                  + (f" {'accuracy':>9}" if labeled else "")]
         for t in self.trials:
@@ -138,11 +153,29 @@ class _Scorer:
         session = make_session(reference, threads=run.threads)  # closed below: only its outputs are kept
         self.names = [o.name for o in session.get_outputs()]
         batches = list(batches_with_calls(run.eval_set, run.batch_size))
-        self.batches, self.calls = [b for b, _ in batches], [c for _, c in batches]
-        self.expected = [session.run(self.names, b) for b in self.batches]
+        feeds = [b for b, _ in batches]
+        self.timing_feeds = representative_feeds(feeds)  # what the final verification times too
+        first = session.run(self.names, feeds[0])
         started = time.perf_counter()
-        session.run(self.names, self.batches[0])
-        latency = time.perf_counter() - started
+        session.run(self.names, feeds[0])
+        per_batch = time.perf_counter() - started
+        # Candidates are compared on a bounded, evenly spaced subset of the batches (all of them
+        # when the data holds labels or is small); the written model is verified on all of them.
+        scored = list(range(len(feeds)))
+        if run.eval_set.labels is None and len(feeds) > MIN_SCORED_BATCHES:
+            scored = evenly_spaced(len(feeds), max(MIN_SCORED_BATCHES, int(SCORE_SECONDS / max(per_batch, 1e-6))))
+        self.batches, self.calls = [feeds[i] for i in scored], [batches[i][1] for i in scored]
+        self.expected = [first if i == 0 else session.run(self.names, feeds[i]) for i in scored]
+        self.scored_calls = sum(c or 1 for c in self.calls)
+        self.total_calls = sum(c or 1 for _, c in batches)
+        del batches, feeds
+        if len(self.timing_feeds) == 1:
+            latency = per_batch
+        else:
+            started = time.perf_counter()
+            for feed in self.timing_feeds:
+                session.run(self.names, feed)
+            latency = time.perf_counter() - started
         del session
         runs = math.ceil(MIN_TIMED_SECONDS / max(latency, 1e-6))
         self.repeats = int(min(MAX_TIMING_REPEATS, max(TIMING_REPEATS, runs)))
@@ -178,13 +211,14 @@ class _Scorer:
         return self._float_session
 
     def speedup(self, session) -> float:
-        timing = time_models([self.float_session(), session], self.batches[0], warmup=2, repeats=self.repeats)
+        timing = time_models([self.float_session(), session], self.timing_feeds, warmup=2, repeats=self.repeats)
         return timing.speedup or float("inf")
 
     def retime(self, sessions: list) -> tuple[list[float], float]:
         """Speedups of `sessions`, timed together with float in one interleaved run (twice the
         repeats), and the float model's relative spread in that run (interquartile range / median)."""
-        timing = time_models([self.float_session(), *sessions], self.batches[0], warmup=2, repeats=2 * self.repeats)
+        timing = time_models([self.float_session(), *sessions], self.timing_feeds, warmup=2,
+                             repeats=2 * self.repeats)
         medians = timing.medians_ms
         q1, q3 = np.percentile(timing.latencies_ms[0], [25, 75])
         return [medians[0] / m if m > 0 else float("inf") for m in medians[1:]], float((q3 - q1) / medians[0])
@@ -197,8 +231,10 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     per_channel_options = [False] if config.per_channel is False else [True, False]
     static_config = StaticConfig(calib_method=config.calib_method, per_channel=per_channel_options[0],
                                  exclude=config.exclude, calib_memory_mb=config.calib_memory_mb)
+    # Bias correction's channel means come from the calibration pass itself when it may be tried.
+    built = ("bias_correction",) if _has_biased_conv(model) else ()
     pipeline = StaticPipeline(model, static_config, run.calib, batch_size=run.batch_size, threads=run.threads,
-                              source=run.model_path.name).calibrate()
+                              source=run.model_path.name).calibrate(built=built)
     # After calibration, whose peak memory is the run's peak: the float outputs are not held through it.
     scorer = _Scorer(model, run, config.metric)
     max_drop = config.max_drop if config.max_drop is not None else DEFAULT_MAX_DROP[scorer.metric]
@@ -232,8 +268,9 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     if worth:
         eq_config = StaticConfig(calib_method=config.calib_method, per_channel=True, exclude=config.exclude,
                                  equalize=True, calib_memory_mb=config.calib_memory_mb)
+        # Only the tensors equalization rescales are measured again (exact: see `StaticPipeline`).
         equalized = StaticPipeline(model, eq_config, run.calib, batch_size=run.batch_size, threads=run.threads,
-                                   source=run.model_path.name).calibrate()
+                                   source=run.model_path.name).calibrate(built=built, reuse=pipeline)
         search.calibrations += 1
         for per_channel in per_channel_options:
             search.add(f"{_granularity_name(per_channel)} + equalization",
@@ -257,6 +294,10 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
             search.add("hybrid: static Convs, every MatMul/Gemm dynamic",
                        lambda: _hybrid(pipeline, profile["matmuls"], best_static))
         search.add("dynamic int8", lambda: _dynamic(pipeline))
+        heads = [n for n in output_layers(pipeline.model) if n in profile["matmuls"]]
+        if heads and len(heads) < len(profile["matmuls"]):
+            search.add(f"dynamic int8, output layer{'s' if len(heads) > 1 else ''} float",
+                       lambda: _dynamic(pipeline, keep_float=heads), note=", ".join(heads))
     else:
         skipped.append("dynamic and hybrid: no MatMul/Gemm with a constant weight")
     rows = _rows_per_call(scorer.batches[0])
@@ -281,7 +322,7 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     trial = next(t for t in search.trials if t.name == winner)
     candidate = search.built[winner]
     report = AutoReport(scorer.metric, max_drop, search.trials, winner, reason, time.perf_counter() - started,
-                        search.calibrations, skipped)
+                        search.calibrations, skipped, scorer.scored_calls, scorer.total_calls)
     plan = candidate.plan
     plan.settings = {**plan.settings, "auto": {"winner": winner, "reason": reason, "metric": scorer.metric,
                                                "max_drop": max_drop, "met": trial.met,
@@ -409,6 +450,18 @@ def _granularity_name(per_channel: bool) -> str:
 
 def _handled(done: Handled) -> _Built:
     return _Built(done.model, done.plan)
+
+
+def _has_biased_conv(model: onnx.ModelProto) -> bool:
+    """A convolution with a constant bias: bias correction may be tried (its means are then
+    measured in the calibration pass)."""
+    initializers = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        rule = rule_for(node)
+        if (rule is not None and rule.kind == "compute" and rule.weight_only != "matmul" and rule.bias_input is not None
+                and len(node.input) > rule.bias_input and node.input[rule.bias_input] in initializers):
+            return True
+    return False
 
 
 def _profile(pipeline: StaticPipeline) -> dict:
@@ -575,9 +628,40 @@ def _rename(model: onnx.ModelProto, names: set[str]) -> None:
         tensor.name = mapping.get(tensor.name, tensor.name)
 
 
-def _dynamic(pipeline: StaticPipeline) -> _Built:
+def output_layers(model: onnx.ModelProto) -> list[str]:
+    """The compute nodes (Conv, MatMul, Gemm ...) whose result reaches a graph output through a
+    chain of ops of one activation input each (bias Add, Softmax, Sigmoid, reshapes): the layers
+    that make the logits. Their int8 error moves the outputs directly, and a decision taken on them
+    (the argmax of a CTC frame between blank and a space, a class) flips where float itself is
+    nearly tied. A residual Add or a Concat ends the chain (what feeds it is not one layer's)."""
+    graph = model.graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    # Integer tensors (a Reshape's target shape from Shape) are not activations.
+    constants |= {v.name for v in [*graph.value_info, *graph.input] if v.type.tensor_type.elem_type
+                  in (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.BOOL)}
+    producer = {o: n for n in graph.node for o in n.output}
+    found: list[str] = []
+    seen: set[str] = set()
+    stack = [o.name for o in graph.output]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        rule = rule_for(node)
+        activations = [i for i in node.input if i and i not in constants]
+        if rule is not None and rule.kind == "compute":
+            found.append(node.name)
+        elif len(activations) == 1:
+            stack.extend(activations)
+    return found
+
+
+def _dynamic(pipeline: StaticPipeline, keep_float: list[str] = ()) -> _Built:
     config = DynamicConfig(exclude=pipeline.config.exclude)
-    plan = plan_dynamic(pipeline.model, per_channel_weights=True, exclude=pipeline.exclude)
+    plan = plan_dynamic(pipeline.model, per_channel_weights=True, exclude=[*pipeline.exclude, *keep_float])
+    for name in keep_float:
+        plan.float_nodes[name] = "kept float by --mode auto: an output layer"
     model = write_dynamic(pipeline.model, plan)
     algorithms: dict = {}
     for record in pipeline.records:

@@ -55,14 +55,26 @@ class BiasCorrection:
         return bool(getattr(config, "bias_correction", False))
 
     @staticmethod
+    def reducer(ctx, only: set[str] | None = None):
+        """The statistics `measure` returns, as a reducer for a pass over the data that also does
+        other things (the calibration pass): channel means of every Conv input (of those in `only`)."""
+        from lowbit.onnx.statistics import ChannelMeans
+
+        tensors = [t for t in dict.fromkeys(n.input[0] for n in ctx.model.graph.node if n.op_type == "Conv")
+                   if only is None or t in only]
+        return ChannelMeans(tensors, axis=1)
+
+    @staticmethod
     def measure(ctx) -> dict[str, np.ndarray]:
         """Channel means of every Conv input the correction may need, once for all candidates."""
         from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB
-        from lowbit.onnx.equalize import channel_means
+        from lowbit.onnx.statistics import collect
 
-        tensors = list(dict.fromkeys(n.input[0] for n in ctx.model.graph.node if n.op_type == "Conv"))
-        return channel_means(ctx.model, tensors, ctx.data, batch_size=ctx.batch_size, threads=ctx.threads,
-                             memory_budget_mb=ctx.memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB) if tensors else {}
+        means = BiasCorrection.reducer(ctx)
+        if means.tensors:
+            collect(ctx.model, ctx.data.batches(ctx.batch_size), [means], threads=ctx.threads,
+                    memory_budget_mb=ctx.memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB)
+        return means.result()
 
     @staticmethod
     def apply_built(model: onnx.ModelProto, plan, means: dict[str, np.ndarray]) -> BiasCorrectionRecord | None:

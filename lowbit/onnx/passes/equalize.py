@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lowbit.onnx.graph_index import readers_of
 
 if TYPE_CHECKING:
     import onnx
@@ -40,6 +39,8 @@ class EqualizeRecord:
     def rescaled(self, reference: onnx.ModelProto) -> dict[str, str]:
         """Every link but the last conv's output is scaled (and the ReLU/Clip right after it)."""
         nodes = {n.name: n for n in reference.graph.node}
+        from lowbit.onnx.graph_index import readers_of  # lazily: the CLI imports the passes for their flags
+
         readers = readers_of(reference.graph)
         rescaled = {}
         for chain in self.chains:
@@ -52,6 +53,13 @@ class EqualizeRecord:
                         if reader.op_type in ("Relu", "Clip"):
                             rescaled[reader.output[0]] = RESCALED
         return rescaled
+
+
+    def rescaled_exactly(self, model: onnx.ModelProto) -> set[str] | None:
+        """The tensors whose float values this rewrite changed in `model` (the equalized graph), when
+        it only rescaled them per channel (Relu links: every other tensor keeps its float values up to
+        rounding); None when a ReLU6 became a Relu (then what follows it may change too)."""
+        return None if self.relu6_replaced else set(self.rescaled(model))
 
 
 class Equalize:
