@@ -5,14 +5,16 @@
 
 Models: the zoo's MobileNetV2-style net on 32x32 digits, static int8 by `quantize_onnx` (256
 calibration images; per-channel, and per-tensor after cross-layer equalization) and W8A8 QAT (`lowbit.torch`: prepare, calibrate, distillation fine-tune,
-export_onnx) and W4A8 QAT; the digits CNN with W4A8 QAT (int4 weights in int8 containers, int8
+export_onnx) and W4A8 QAT, each with per-channel and with per-tensor weights (`prepare(...,
+per_channel=False)`); the digits CNN with W4A8 QAT (int4 weights in int8 containers, int8
 activations); a digits MLP (64-512-256-10) with weight-only int4 and int8 per-channel weights
 (MatMulNBits, and int8 also as DequantizeLinear).
 Each QDQ model goes through `lowbit.deploy.export_model` to every target whose packages are
 installed; the written file is loaded in that target's runtime and compared with ONNX Runtime on
 the QDQ model over the 450 test images (top-1 agreement, max error in output quantization
 steps), its size with the target's float export of the same network, and its latency with that
-float file (same runtime, same threads, interleaved, median of --repeats). x86 CPU: ExecuTorch
+float file (same runtime, same threads, interleaved, median of --repeats). Top-1 accuracy on the
+labels (ONNX Runtime, float and QDQ models) is printed first and kept in WORK/accuracy.json. x86 CPU: ExecuTorch
 and LiteRT run their XNNPACK kernels here, as on ARM phones, but the ratios are a proxy (see
 docs/deploy.md).
 """
@@ -44,9 +46,9 @@ from lowbit.zoo.upscaled_digits import digits_as_rgb  # noqa: E402
 
 
 def qat_model(teacher: torch.nn.Module, recipe: str, x_train: torch.Tensor, y_train: torch.Tensor,
-              x_test: torch.Tensor, path: Path, epochs: int, seed: int) -> Path:
+              x_test: torch.Tensor, path: Path, epochs: int, seed: int, per_channel: bool = True) -> Path:
     torch.manual_seed(seed)
-    prepared = prepare(teacher, recipe, x_train[:2])
+    prepared = prepare(teacher, recipe, x_train[:2], per_channel=per_channel)
     calibrate(prepared, [x_train[i:i + 128] for i in range(0, 512, 128)])
     distill_finetune(prepared, teacher, x_train, y_train, epochs=epochs, seed=seed, lr=2e-3, batch_size=64)
     prepared.eval()
@@ -60,11 +62,13 @@ def build_models(work: Path, epochs: int, seed: int) -> list[tuple[str, Path, Pa
               ("MobileNetV2-style, static int8 per-tensor+CLE", work / "mobilenet_int8_pt.onnx", work / "mobilenet_test.npz"),
               ("MobileNetV2-style, QAT W8A8", work / "mobilenet_w8a8.onnx", work / "mobilenet_test.npz"),
               ("MobileNetV2-style, QAT W4A8", work / "mobilenet_w4a8.onnx", work / "mobilenet_test.npz"),
+              ("MobileNetV2-style, QAT W8A8 per-tensor", work / "mobilenet_w8a8_pt.onnx", work / "mobilenet_test.npz"),
+              ("MobileNetV2-style, QAT W4A8 per-tensor", work / "mobilenet_w4a8_pt.onnx", work / "mobilenet_test.npz"),
               ("digits CNN, QAT W4A8", work / "digits_w4a8.onnx", work / "digits_test.npz"),
               ("digits MLP, weight-only W4 per-channel", work / "mlp_wo4.onnx", work / "digits_test.npz"),
               ("digits MLP, weight-only W8 per-channel", work / "mlp_wo8.onnx", work / "digits_test.npz"),
               ("digits MLP, weight-only W8 per-channel (dq)", work / "mlp_wo8_dq.onnx", work / "digits_test.npz")]
-    if all(path.is_file() for _, path, _ in models):
+    if all(path.is_file() for _, path, _ in models) and (work / "accuracy.json").is_file():
         return models
     raw = load_digits_split()
     x_train, x_test = digits_as_rgb(raw.x_train, IMAGE_SIZE), digits_as_rgb(raw.x_test, IMAGE_SIZE)
@@ -82,7 +86,13 @@ def build_models(work: Path, epochs: int, seed: int) -> list[tuple[str, Path, Pa
                       calib=work / "mobilenet_calib.npz", measure_speed=False)
         qat_model(mobilenet, "w8a8", x_train, raw.y_train, x_test, work / "mobilenet_w8a8.onnx", epochs, seed)
         qat_model(mobilenet, "w4a8", x_train, raw.y_train, x_test, work / "mobilenet_w4a8.onnx", epochs, seed)
+        # one weight scale per tensor, trained (no equalization: QAT fits the weights to the one grid)
+        for recipe in ("w8a8", "w4a8"):
+            qat_model(mobilenet, recipe, x_train, raw.y_train, x_test, work / f"mobilenet_{recipe}_pt.onnx", epochs,
+                      seed, per_channel=False)
         cnn, _ = train_digits_cnn(epochs=15, seed=seed)
+        export_to_onnx(cnn, (raw.x_train[:1],), work / "digits_fp32.onnx", input_names=["input"],
+                       output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
         qat_model(cnn, "w4a8", raw.x_train, raw.y_train, raw.x_test, work / "digits_w4a8.onnx", epochs, seed)
         torch.manual_seed(seed)
         mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 512), torch.nn.ReLU(),
@@ -96,7 +106,22 @@ def build_models(work: Path, epochs: int, seed: int) -> list[tuple[str, Path, Pa
         # the same in standard DequantizeLinear form (what LiteRT's dynamic-range kernels take)
         quantize_onnx(work / "mlp_fp32.onnx", work / "mlp_wo8_dq.onnx",
                       WeightOnlyConfig(bits=8, group_size=0, algo="rtn", weight_format="dq"), measure_speed=False)
+    float_models = [("MobileNetV2-style, float", work / "mobilenet_fp32.onnx", work / "mobilenet_test.npz"),
+                    ("digits CNN, float", work / "digits_fp32.onnx", work / "digits_test.npz"),
+                    ("digits MLP, float", work / "mlp_fp32.onnx", work / "digits_test.npz")]
+    accuracy = {label: onnx_accuracy(path, np.load(data)["input"], raw.y_test.numpy())
+                for label, path, data in float_models + models}
+    (work / "accuracy.json").write_text(json.dumps(accuracy, indent=2))
     return models
+
+
+def onnx_accuracy(path: Path, x: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of an ONNX model on the labels (ONNX Runtime, CPU)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    return float((logits.argmax(1) == labels).mean())
 
 
 def main() -> int:
@@ -114,6 +139,8 @@ def main() -> int:
     rows = []
     args.work.mkdir(parents=True, exist_ok=True)
     models = build_models(args.work, args.qat_epochs, args.seed)
+    for label, value in json.loads((args.work / "accuracy.json").read_text()).items():
+        print(f"top-1 accuracy on the digits labels: {label:<48} {100 * value:6.2f}%")
     with tempfile.TemporaryDirectory(prefix="lowbit-mobile-") as tmp:
         work = Path(tmp)
         for suffix in TARGETS:

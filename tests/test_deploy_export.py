@@ -399,3 +399,67 @@ def test_qat_model_goes_to_mobile_through_export_onnx(tmp_path):
     got = session.run(None, {"input": x[:4].numpy()})[0]
     assert (got.argmax(1) == fake_quant.argmax(1)).all()  # the file computes the QAT model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["qat.ort"]  # the intermediate ONNX is gone
+
+
+
+def run_in_target(path: Path, x: np.ndarray) -> np.ndarray:
+    """Each sample of `x` through the file's own runtime (batch 1, as exported), float logits out."""
+    import torch
+
+    if path.suffix == ".ort":
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    if path.suffix == ".pte":
+        import executorch.kernels.quantized  # noqa: F401
+        from executorch.runtime import Runtime
+
+        method = Runtime.get().load_program(path).load_method("forward")
+        return np.concatenate([method.execute([torch.from_numpy(x[i:i + 1])])[0].numpy() for i in range(len(x))])
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    detail, outputs = interpreter.get_input_details()[0], []
+    for i in range(len(x)):
+        scale, zero_point = detail["quantization"]
+        sample = x[i:i + 1]
+        if detail["dtype"] == np.int8:
+            sample = np.clip(np.round(sample / scale) + zero_point, -128, 127).astype(np.int8)
+        interpreter.set_tensor(detail["index"], sample)
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy())
+    return np.concatenate(outputs)
+
+
+@pytest.mark.parametrize("suffix", [".ort", pytest.param(".pte", marks=pytest.mark.slow),
+                                    pytest.param(".tflite", marks=pytest.mark.slow)])
+def test_per_tensor_qat_model_goes_to_each_target_with_one_weight_scale(tmp_path, suffix):
+    """prepare(per_channel=False): every weight of the QDQ model has one scale, and the file each
+    target writes computes what ONNX Runtime computes on that model, on inputs the export never saw."""
+    import torch
+
+    from lowbit.deploy.export import missing_extra, target_for
+    from lowbit.torch import calibrate, export_onnx, prepare
+    from lowbit.zoo.digits import DigitsCNN
+
+    if missing_extra(target_for(f"x{suffix}")):
+        pytest.skip(missing_extra(target_for(f"x{suffix}")))
+    torch.manual_seed(0)
+    x = torch.rand(40, 1, 8, 8)
+    model = prepare(DigitsCNN().eval(), "w8a8", x[:2], per_channel=False)
+    assert model.lowbit.recipe.name == "w8a8-per-tensor"
+    calibrate(model, [x[:32]])
+    model.eval()
+    export_onnx(model, x[:2], tmp_path / "qdq.onnx", check_data=x[:32], check_fusion=False)
+    graph = onnx.load(tmp_path / "qdq.onnx").graph
+    initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    weight_scales = [initializers[node.input[1]] for node in graph.node if node.op_type == "DequantizeLinear"
+                     and initializers.get(node.input[0], np.zeros(0, np.float32)).dtype == np.int8]
+    assert len(weight_scales) == len(model.lowbit.quantized) == 4 and all(s.size == 1 for s in weight_scales)
+    np.savez(tmp_path / "x.npz", input=x[:32].numpy())
+    report = export_model(tmp_path / "qdq.onnx", tmp_path / f"qat{suffix}", data=tmp_path / "x.npz", repeats=2)
+    assert report.passed and report.samples == 32, report.describe()
+    unseen = x[32:].numpy()
+    reference = ort_reference_named(tmp_path / "qdq.onnx", "input", unseen)
+    got = run_in_target(tmp_path / f"qat{suffix}", unseen)
+    assert np.abs(got - reference).max() <= MAX_STEPS * step_of(reference) + 1e-6
+    assert (got.argmax(1) == reference.argmax(1)).mean() >= 0.875

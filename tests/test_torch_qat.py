@@ -180,6 +180,38 @@ def test_bad_recipes_are_one_sentence_errors(recipe, match):
         prepare(nn.Sequential(nn.Linear(4, 2)), recipe, torch.zeros(1, 4))
 
 
+
+def test_per_tensor_weights_have_one_scale_and_survive_a_checkpoint(tmp_path):
+    """per_channel=False: one symmetric scale max|W| / 127 per weight (layers kept at int8 too), the
+    recipe renamed, and a packed checkpoint rebuilds the same model."""
+    from lowbit.torch import load_packed, save_packed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    x = torch.rand(16, 3, 6, 6)
+    prepared = prepare(model, "w8a8", x[:2], per_channel=False)
+    assert prepared.lowbit.recipe.name == "w8a8-per-tensor"
+    calibrate(prepared, [x])
+    for index in (0, 3):
+        weight = model[index].weight.detach().numpy()
+        scale = prepared[index].weight_quantizer.qparams(prepared[index].weight).scale
+        np.testing.assert_allclose(np.asarray(scale).reshape(-1), [np.abs(weight).max() / 127], rtol=1e-6)
+    save_packed(prepared, tmp_path / "pt.safetensors")
+    loaded = load_packed(tmp_path / "pt.safetensors", model)
+    assert loaded.lowbit.recipe.name == "w8a8-per-tensor"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), prepared(x), rtol=0, atol=0)
+    # a 2-bit recipe keeps its first and last layers at int8, also with one scale each
+    from lowbit.torch import Int8LayersWarning
+
+    with pytest.warns(Int8LayersWarning):
+        kept = prepare(model, "w2a8", x[:2], per_channel=False)
+    assert set(kept.lowbit.int8_layers) == {"0", "3"}
+    assert kept[0].weight_quantizer.spec.granularity.kind == "tensor" and kept[0].weight_quantizer.spec.bits == 8
+    with pytest.raises(SpecError, match="per_channel=False applies to per-channel weights.*per-group"):
+        prepare(model, "w4a16-g32", x[:2], per_channel=False)
+
+
 def test_shape_mismatches_are_named():
     model = nn.Sequential(nn.Linear(4, 2))
     with pytest.raises(LowbitError, match=r"cannot run on the example inputs of shape \[1, 5\]"):

@@ -10,8 +10,8 @@ al. 2016; DoReFa-Net, Zhou et al. 2016; Bi-Real Net, Liu et al. 2018):
 - depthwise convolutions: 9 weights per output channel (3x3), so one scale per channel cannot fit
   them with 2-3 levels (a residual depthwise CNN at w1a8 loses over 40 points with them binary).
 
-`prepare` keeps exactly these at int8 (per-channel, symmetric) for recipes whose weights have
-fewer than 4 bits (`keep_int8="auto"`, the default). They are a few percent of the weights, so
+`prepare` keeps exactly these at int8 (symmetric, per channel; per tensor with per_channel=False)
+for recipes whose weights have fewer than 4 bits (`keep_int8="auto"`, the default). They are a few percent of the weights, so
 the packed size grows little (`int8_cost_bytes`). `keep_int8="none"` quantizes every layer at the
 recipe's width (the behaviour before); a list of module names keeps exactly those, for example
 the ones `sensitive_layers` picks from a measured per-layer sensitivity, within a weight budget.
@@ -20,6 +20,7 @@ the ones `sensitive_layers` picks from a measured per-layer sensitivity, within 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -32,6 +33,13 @@ from lowbit.torch.weights import quantize_weight
 INT8_WEIGHTS: QuantSpec = PRESETS["w8a8"].weights  # int8, symmetric, per output channel
 MIN_SAFE_BITS = 4  # weights this wide quantize every layer well (w4a8 loses nothing on the zoo's nets)
 KEEP_INT8_MODES = ("auto", "none")
+
+
+def int8_weights(recipe: Recipe) -> QuantSpec:
+    """The spec of layers kept at int8: per channel, or per tensor when the recipe's weights are."""
+    if recipe.weights is not None and recipe.weights.granularity.kind == "tensor":
+        return replace(INT8_WEIGHTS, granularity=recipe.weights.granularity)
+    return INT8_WEIGHTS
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -90,12 +98,12 @@ def int8_layers(recipe: Recipe, keep_int8: str | Iterable[str], model: nn.Module
 
 
 @torch.no_grad()
-def int8_cost_bytes(model: nn.Module, names: Iterable[str], spec: QuantSpec) -> int:
-    """Extra packed bytes of the named layers' weights at int8 instead of `spec` (scales included)."""
+def int8_cost_bytes(model: nn.Module, names: Iterable[str], recipe: Recipe) -> int:
+    """Extra packed bytes of the named layers' weights at int8 instead of the recipe's (scales included)."""
     extra = 0
     for name in names:
         weight = model.get_submodule(name).weight
-        extra += quantize_weight(weight, INT8_WEIGHTS)[1] - quantize_weight(weight, spec)[1]
+        extra += quantize_weight(weight, int8_weights(recipe))[1] - quantize_weight(weight, recipe.weights)[1]
     return extra
 
 

@@ -16,16 +16,16 @@ The copy is an ordinary nn.Module: train it with your own optimizer and loop.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from lowbit.errors import LowbitError, SpecError
-from lowbit.spec import Recipe, get_recipe
+from lowbit.spec import Granularity, Recipe, get_recipe
 from lowbit.torch.fold import fold_batchnorm
-from lowbit.torch.mixed import INT8_WEIGHTS, describe_int8_layers, int8_cost_bytes, int8_layers
+from lowbit.torch.mixed import describe_int8_layers, int8_cost_bytes, int8_layers, int8_weights
 from lowbit.torch.modules import FLOAT_TO_QUANTIZED, QuantAdd, QuantizedLayer
 from lowbit.torch.quantizers import ActivationQuantizer
 from lowbit.torch.points import place_output_quantizers
@@ -70,12 +70,15 @@ class QATState:
         return "\n".join(lines)
 
 
-def resolve_recipe(recipe: str | Recipe) -> Recipe:
-    """A Recipe from a preset name, a JSON text or a Recipe; checks QAT can run it."""
+def resolve_recipe(recipe: str | Recipe, per_channel: bool = True) -> Recipe:
+    """A Recipe from a preset name, a JSON text or a Recipe; checks QAT can run it.
+    `per_channel=False` turns the recipe's per-channel weights into one scale per weight tensor."""
     if isinstance(recipe, str):
         recipe = get_recipe(recipe)
     if not isinstance(recipe, Recipe):
         raise SpecError(f"recipe must be a preset name, a JSON recipe or a Recipe, not {type(recipe).__name__}")
+    if not per_channel:
+        recipe = per_tensor_weights(recipe)
     weights, acts = recipe.weights, recipe.activations
     if weights is None or weights.dtype_info.is_float or weights.dynamic:
         raise SpecError(f"recipe {recipe.name!r} has no integer, binary or ternary weights; QAT in lowbit "
@@ -87,6 +90,21 @@ def resolve_recipe(recipe: str | Recipe) -> Recipe:
     if weights.bits > 8:
         raise SpecError(f"{weights.dtype} weights are wider than 8 bits; use int8 or narrower for QAT")
     return recipe
+
+
+def per_tensor_weights(recipe: Recipe) -> Recipe:
+    """`recipe` with one weight scale per tensor instead of per output channel (named NAME-per-tensor).
+
+    Mobile files store no per-channel scale vectors then (nor, on ExecuTorch and LiteRT, a float
+    bias scale per channel): on small nets that is what keeps a file >= 3.5x smaller than float."""
+    weights = recipe.weights
+    if weights is None or weights.granularity.kind == "tensor":
+        return recipe
+    if weights.granularity.kind != "channel":
+        raise SpecError(f"per_channel=False applies to per-channel weights, but recipe {recipe.name!r} has "
+                        f"{weights.granularity.describe()} weights; use a per-channel recipe such as w8a8 or w4a8")
+    return replace(recipe, name=f"{recipe.name}-per-tensor", weights=replace(weights, granularity=Granularity()),
+                   description=f"{recipe.description}; one weight scale per tensor".lstrip("; "))
 
 
 def as_input_tuple(inputs: Any, what: str = "example inputs") -> tuple[torch.Tensor, ...]:
@@ -136,7 +154,7 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
 def prepare(model: nn.Module, recipe: str | Recipe, example_inputs: Any, *,
             learnable_scales: bool = False, exclude: tuple[str, ...] | list[str] = (),
             strict: bool = False, quantize_adds: bool = True, quantize_outputs: bool = True,
-            keep_int8: str | list[str] | tuple[str, ...] = "auto") -> nn.Module:
+            keep_int8: str | list[str] | tuple[str, ...] = "auto", per_channel: bool = True) -> nn.Module:
     """A fake-quantized copy of `model`, ready for `calibrate` and training.
 
     - recipe: a preset name (w8a8, w4a8, w4a16, w2a8, w1a8, ...), a JSON recipe, or a Recipe;
@@ -154,9 +172,12 @@ def prepare(model: nn.Module, recipe: str | Recipe, example_inputs: Any, *,
       such weights break (see `mixed`; listed in `prepared.lowbit.int8_layers`, their packed cost in
       an Int8LayersWarning); "none": every layer at the recipe's width; or a list of module names
       (e.g. from `lowbit.torch.mixed.sensitive_layers`).
+    - per_channel: False trains one weight scale per tensor instead of one per output channel
+      (as `lowbit quantize --per-tensor`; layers kept at int8 follow). Mobile files then carry no
+      per-channel scale vectors: the smallest .ort/.pte/.tflite (see docs/deploy.md).
 
     The copy is returned in eval mode with BatchNorm folded; call .train() for QAT."""
-    recipe = resolve_recipe(recipe)
+    recipe = resolve_recipe(recipe, per_channel)
     inputs = as_input_tuple(example_inputs)
     if not isinstance(model, nn.Module):
         raise LowbitError(f"prepare needs a torch.nn.Module, got {type(model).__name__}")
@@ -177,7 +198,7 @@ def prepare(model: nn.Module, recipe: str | Recipe, example_inputs: Any, *,
     if state.int8_layers:
         from lowbit.torch.export import model_nbytes  # export imports this module
 
-        state.int8_cost_bytes = int8_cost_bytes(prepared, state.int8_layers, recipe.weights)
+        state.int8_cost_bytes = int8_cost_bytes(prepared, state.int8_layers, recipe)
         warnings.warn(describe_int8_layers(state.int8_layers, recipe, state.int8_cost_bytes,
                                            model_nbytes(prepared)[0]), Int8LayersWarning, stacklevel=2)
     if quantize_outputs and recipe.activations is not None:
@@ -220,7 +241,7 @@ def _swap(parent: nn.Module, prefix: str, recipe: Recipe, learnable: bool, exclu
             # Embedding inputs are token ids: only its table is quantized.
             quantize_input = recipe.activations is not None and not isinstance(child, nn.Embedding)
             act = ActivationQuantizer(f"{name}.input", recipe.activations, learnable) if quantize_input else None
-            weights = INT8_WEIGHTS if name in state.int8_layers else recipe.weights
+            weights = int8_weights(recipe) if name in state.int8_layers else recipe.weights
             setattr(parent, child_name, quantized_type.from_float(child, weights, act, learnable))
             state.quantized.append(name)
             continue
