@@ -31,11 +31,13 @@ def producers_of(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {name: node for node in graph.node for name in node.output}
 
 
-def insert_after(graph: onnx.GraphProto, after: dict[str, list[onnx.NodeProto]]) -> None:
-    """Put each tensor's new nodes right after the node that makes it (first, for a graph input),
-    which keeps the graph topologically sorted."""
+def insert_after(graph: onnx.GraphProto, after: dict[str, list[onnx.NodeProto]],
+                 first: list[onnx.NodeProto] = ()) -> None:
+    """Put each tensor's new nodes right after the node that makes it (at the start, for a graph
+    input), which keeps the graph topologically sorted; `first` (nodes reading only constants)
+    go before everything."""
     inputs = {i.name for i in graph.input}
-    ordered = [node for tensor, nodes in after.items() if tensor in inputs for node in nodes]
+    ordered = list(first) + [node for tensor, nodes in after.items() if tensor in inputs for node in nodes]
     for node in graph.node:
         ordered.append(node)
         for name in node.output:

@@ -23,6 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lowbit.numerics import QParams, quantize, storage_dtype
+from lowbit.onnx.graph_index import insert_after
 from lowbit.onnx.recurrent import write_int8_lstms
 from lowbit.plan import PlanEntry, QuantPlan
 
@@ -81,13 +82,7 @@ def write_qdq(model: onnx.ModelProto, plan: QuantPlan, *, conv_weights_for_qgemm
         _dequantized_constant(name, q, qp, 0 if scale.ndim else None, new_inits, head_nodes)
         _rewire(nodes_by_name, entry, f"{name}_dequantized")
 
-    ordered = list(head_nodes)
-    for node in graph.node:
-        ordered.append(node)
-        for name in node.output:
-            ordered.extend(after.get(name, []))
-    del graph.node[:]
-    graph.node.extend(ordered)
+    insert_after(graph, after, first=head_nodes)
     drop_unused_initializers(graph)
     graph.initializer.extend(new_inits)
     return out

@@ -34,15 +34,14 @@ from lowbit.spec import QuantSpec, per_channel, per_group
 from lowbit.torch.llm.architectures import architecture_for, find_blocks
 from lowbit.torch.llm.calib_text import load_tokenizer
 from lowbit.torch.llm.compressed_checkpoint import check_exportable, quantization_config, write_checkpoint
-from lowbit.torch.llm.hf_io import (available_memory, check_paths, check_sample_options, checkpoint_dtype,
+from lowbit.torch.llm.hf_io import (check_paths, check_sample_options, checkpoint_dtype,
                                     copy_tokenizer, fidelity, load_config, load_model, main_output, model_class_for,
                                     model_outputs, read_text, seq_len_for, text_batches, weight_bytes,
                                     write_atomically)
 from lowbit.torch.llm.linears import find_linears, in_features, is_conv1d
 from lowbit.torch.llm.scaling import ScaledActivation
 from lowbit.torch.llm.sequential import ALGORITHMS, LLMQuantization, quantize_llm
-from lowbit.torch.llm.streamed import (ShardReader, ShardStore, map_large_allocations, materialize_outside_blocks,
-                                       skeleton)
+from lowbit.torch.llm.streamed import ShardReader, ShardStore, materialize_outside_blocks, skeleton, stream_blocks
 
 
 
@@ -123,11 +122,7 @@ def quantize_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathLike
     text = _read_text(calib_text, algorithm)
     check_sample_options(config if text is not None else None, samples, seq_len)  # positions matter with text only
     input_bytes = weight_bytes(model_dir)
-    if low_memory is None:
-        memory = available_memory()
-        low_memory = memory is not None and input_bytes > memory / 2
-    if low_memory:
-        map_large_allocations()  # before tokenizing: the heap must not keep its first large frees
+    low_memory = stream_blocks(input_bytes, low_memory)
     tokenizer = load_tokenizer(model_dir, trust_remote_code) if text is not None else None
     calib_batches, eval_batches, eval_source, used = [], [], "none", 0
     if text is not None:

@@ -41,14 +41,13 @@ from lowbit.errors import LowbitError
 from lowbit.torch.llm.architectures import (ARCHITECTURES, ProducerKind, ScaleGroup, architecture_for, find_blocks,
                                             model_type)
 from lowbit.torch.llm.calib_text import load_tokenizer
-from lowbit.torch.llm.hf_io import (available_memory, check_paths, check_sample_options, checkpoint_dtype,
+from lowbit.torch.llm.hf_io import (check_paths, check_sample_options, checkpoint_dtype,
                                     copy_tokenizer, fidelity, load_config, load_model, model_class_for,
                                     model_outputs, read_text, seq_len_for, text_batches, weight_bytes,
                                     write_atomically)
 from lowbit.torch.llm.linears import find_linears, is_conv1d
 from lowbit.torch.llm.smoothquant import SmoothQuantResult, smooth_quantize_w8a8, smoothable_groups
-from lowbit.torch.llm.streamed import (ShardReader, ShardStore, map_large_allocations, materialize_outside_blocks,
-                                       skeleton)
+from lowbit.torch.llm.streamed import ShardReader, ShardStore, materialize_outside_blocks, skeleton, stream_blocks
 from lowbit.torch.llm.streamed_w8a8 import smooth_quantize_w8a8_streamed
 from lowbit.torch.llm.w8a8_checkpoint import FORMAT, w8a8_quantization_config, write_w8a8_checkpoint
 
@@ -165,11 +164,7 @@ def smoothquant_pretrained(model_dir: str | os.PathLike, out_dir: str | os.PathL
     check_sample_options(config, samples, seq_len)
     text = read_text(calib_text)
     input_bytes = weight_bytes(model_dir)
-    if low_memory is None:
-        memory = available_memory()
-        low_memory = memory is not None and input_bytes > memory / 2
-    if low_memory:
-        map_large_allocations()  # before tokenizing: the heap must not keep its first large frees
+    low_memory = stream_blocks(input_bytes, low_memory)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     cut = text_batches(tokenizer, text, seq_len=seq_len, samples=samples)
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.torch.llm.compressed_checkpoint import compressed_tensors
+from lowbit.torch.llm.hf_io import available_memory
 from lowbit.torch.llm.sequential import LLMQuantization
 
 INDEX = "model.safetensors.index.json"
@@ -278,6 +279,18 @@ def map_large_allocations() -> None:
         pass
 
 
+def stream_blocks(input_bytes: int, low_memory: bool | None) -> bool:
+    """Whether to quantize block by block from the shards: as asked, or (None) when the weights
+    take more than half the available memory. When streaming, glibc is set up at once
+    (`map_large_allocations`: before tokenizing, so the heap keeps none of its first large frees)."""
+    if low_memory is None:
+        memory = available_memory()
+        low_memory = memory is not None and input_bytes > memory / 2
+    if low_memory:
+        map_large_allocations()
+    return low_memory
+
+
 def release_freed_memory() -> None:
     """Collect garbage and hand freed heap memory back to the OS. glibc raises its mmap threshold
     after large frees, so a block's many mid-sized temporaries land on the heap, and without
@@ -310,5 +323,5 @@ def materialize_outside_blocks(model: nn.Module, blocks_name: str, reader: Shard
     return owners
 
 
-__all__ = ["ShardReader", "ShardStore", "assign", "empty_weights", "map_large_allocations",
+__all__ = ["ShardReader", "ShardStore", "assign", "empty_weights", "map_large_allocations", "stream_blocks",
            "materialize_outside_blocks", "release_freed_memory", "skeleton"]
