@@ -39,10 +39,11 @@ from lowbit.onnx.session import SPIN_WAIT_OFF, default_threads, make_session
 RUNS_PER_TURN = 3  # timed runs per turn, after one untimed run
 COLD_CACHE_MS = 10.0  # runs at least this long (every model of the timing): no untimed run per turn
 MAX_REPEATS = 300  # the most timed runs `min_seconds` may ask for per model
-# Timed seconds per model behind every speedup lowbit prints (quantize table, `lowbit bench`, auto's
-# choice): at 3-10 ms a call, ten runs moved a captcha CRNN's speedup from 2.6x to 2.2x between two
-# measurements of the same pair; a second of runs per model keeps the median steady.
-MIN_TIMED_SECONDS = 1.0
+# Timed seconds per model behind the speedup the quantize table prints: at 3-10 ms a call, ten runs
+# moved a captcha CRNN's speedup from 2.6x to 2.2x between two measurements of the same pair; at
+# 130-150 ms (PP-OCRv4 det, quiet machine, one process) medians of 10 runs spread 1.13-1.37x and
+# medians of 30 runs 1.26-1.32x, so the table times about 3 s per model.
+MIN_TIMED_SECONDS = 3.0
 MAX_TIMED_FEEDS = 8  # batches per timed run when the data's shapes vary
 ModelLike = str | os.PathLike | bytes | onnx.ModelProto | ort.InferenceSession
 
