@@ -112,8 +112,11 @@ def time_models(paths: dict[str, Path], feeds: list[dict], repeats: int) -> dict
             session.run(None, feed)
         return time.perf_counter() - start
 
-    for session in sessions.values():
-        one_pass(session)  # warm-up
+    # Warm-up: three passes each. After one, the first timed passes of a fresh process still ran
+    # slow (nudenet-320n: 1.51x in the first of four back-to-back timings, 1.75-1.87x after).
+    for _ in range(3):
+        for session in sessions.values():
+            one_pass(session)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
