@@ -159,6 +159,30 @@ def compare(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> tup
     return cosine, kl
 
 
+def score_settings(argv: list[str], quantize, digits: int = 5) -> None:
+    """The settings drivers (bench/llm_*_settings.py): argv[0] is JSON {name: options}, argv[1] an
+    optional model folder (built if missing). For each variant: load the float model in memory,
+    `quantize(model, calibration rows, options)`, print token cosine and KL vs fp32 as JSON."""
+    torch.set_num_threads(2)
+    folder = Path(argv[1]) if len(argv) > 1 else Path(tempfile.mkdtemp(prefix="lowbit-settings-")) / "model"
+    if not folder.exists():
+        build(folder)
+    calib, evaluation = rows(folder, "calib.txt", CALIB), rows(folder, "eval.txt", EVAL)
+    reference = logits(folder, evaluation)
+    import transformers
+
+    for name, options in json.loads(argv[0]).items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        started = time.perf_counter()
+        quantize(model, calib, options)
+        with torch.no_grad():
+            cosine, kl = compare(reference, [model(**b).logits.float() for b in evaluation])
+        print(json.dumps(dict(variant=name, cosine=round(cosine, digits), kl=round(kl, digits),
+                              s=round(time.perf_counter() - started, 1))), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
