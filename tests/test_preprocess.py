@@ -127,3 +127,36 @@ def test_models_already_holding_runtime_fused_ops_are_accepted():
     x = np.random.default_rng(1).normal(size=(2, 8)).astype(np.float32)
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(run(processed), run(model), rtol=1e-5, atol=1e-5)
+
+
+def test_static_and_auto_onnx_runs_do_not_import_torch(conv_model, tmp_path):
+    """ONNX Runtime's tools package imports torch when installed, and `lowbit.algorithms` holds
+    torch-based weight algorithms: a static or auto run (shape inference, equalization, bias
+    correction) must reach neither (2-4 s and ~160 MB resident per run)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lowbit
+
+    model_path = tmp_path / "m.onnx"
+    onnx.save(conv_model, model_path)
+    name = conv_model.graph.input[0].name
+    shape = [d.dim_value or 1 for d in conv_model.graph.input[0].type.tensor_type.shape.dim]
+    data = np.random.default_rng(0).standard_normal([8, *shape[1:]]).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", **{name: data})
+    script = (
+        "import sys\n"
+        "from lowbit.onnx.quantize import quantize_onnx\n"
+        "from lowbit.onnx.config import AutoConfig, StaticConfig\n"
+        f"quantize_onnx({str(model_path)!r}, {str(tmp_path / 's.onnx')!r}, StaticConfig(), "
+        f"calib={str(tmp_path / 'calib.npz')!r}, verify=False)\n"
+        f"quantize_onnx({str(model_path)!r}, {str(tmp_path / 'a.onnx')!r}, AutoConfig(), "
+        f"calib={str(tmp_path / 'calib.npz')!r}, verify=False, measure_speed=False)\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))[:3])\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(lowbit.__file__).parents[1])}  # this lowbit, wherever run from
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -76,7 +76,9 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     height/width (six Resizes in an FPN) simplifying the nested floor() expressions took 200 s per
     pass; without it 2.6 s, the dims the same values in unsimplified form. None when it gives up."""
     import sympy
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_opset
+
+    shape_infer = _ort_symbolic_shape_infer()
+    SymbolicShapeInference, get_opset = shape_infer.SymbolicShapeInference, shape_infer.get_opset  # noqa: N806
 
     class UnsimplifiedResize(SymbolicShapeInference):
         def _infer_Resize(self, node):  # noqa: N802 (ORT's dispatch name)
@@ -97,6 +99,27 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
         done = inference._infer_impl()
     inference._update_output_from_vi()
     return inference.out_mp_ if done else None
+
+
+def _ort_symbolic_shape_infer():
+    """`onnxruntime.tools.symbolic_shape_infer`, without running `onnxruntime/tools/__init__.py`
+    when nothing has yet: that imports torch whenever it is installed (for an export helper shape
+    inference does not use), which cost a torch-free ONNX quantize run 2-4 s and ~160 MB
+    resident. The module itself needs only onnx, numpy, sympy and packaging. Loaded once, under a
+    name of lowbit's (the real name would be a submodule whose package was never imported)."""
+    import importlib.util
+    import sys
+
+    if "onnxruntime.tools" in sys.modules:
+        return importlib.import_module("onnxruntime.tools.symbolic_shape_infer")
+    name = "lowbit.onnx.ort_symbolic_shape_infer"
+    if name not in sys.modules:
+        path = Path(ort.__file__).parent / "tools" / "symbolic_shape_infer.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
 
 
 def _unsimplified(expression, *args, **kwargs):

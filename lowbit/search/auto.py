@@ -26,9 +26,17 @@
        accurate beats it: the noise is SPEED_NOISE, or the float model's measured spread in that
        run when larger); none within budget: the most accurate, said plainly.
 
-Memory: the float outputs are computed after calibration (whose peak is the run's peak) with a
-session closed right after; only the candidates within the budget (or, while none is, the most
-accurate one) are kept; the float model is opened again, as the user gave it, at the first timing.
+Memory: the float outputs are computed after calibration with a session closed right after; the
+float model is opened again, as the user gave it, at the first timing and stays open. One candidate
+is in memory at a time: built, serialized, its model freed, scored and timed in one session that
+is closed before the next is built. The candidates that can still win (within the budget, or while
+none is, the most accurate) are kept as files in a temporary folder, read back only for the
+re-timing and the winner. Freed memory is handed back to the OS after each (glibc keeps a closed
+session's buffers resident otherwise). Bound: the static run's footprint after calibration + the
+float session + one candidate session (+ at most MAX_RETIMED - 1 more candidate sessions during the
+re-timing, of candidates within RETIME_BAND of the fastest). ResNet-18-style at 16x3x224x224:
+975 MB against the static run's 675 MB; the difference is the float session and a candidate
+with float Convs (each ~250 MB at that batch).
 
 Only equalization needs a second calibration (it rescales activations per channel, so ranges of
 the unequalized graph do not carry over); it runs only when the statistics say it can matter, and
@@ -40,8 +48,10 @@ Bias correction's channel means are measured in the calibration pass itself.
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -54,7 +64,7 @@ from lowbit.onnx.io import drop_shape_annotations
 from lowbit.onnx.pipeline import StaticPipeline, activation_channel_spread, weight_channel_spread
 from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
 from lowbit.onnx.registry import rule_for
-from lowbit.onnx.session import make_session
+from lowbit.onnx.session import make_session, return_freed_memory
 from lowbit.onnx.timing import evenly_spaced, representative_feeds, time_models
 from lowbit.onnx.verify import OutputErrors, batches_with_calls, label_accuracy, looks_like_class_scores
 from lowbit.plan import QuantPlan
@@ -177,6 +187,7 @@ class _Scorer:
                 session.run(self.names, feed)
             latency = time.perf_counter() - started
         del session
+        return_freed_memory()
         runs = math.ceil(MIN_TIMED_SECONDS / max(latency, 1e-6))
         self.repeats = int(min(MAX_TIMING_REPEATS, max(TIMING_REPEATS, runs)))
         self.classifier = any(looks_like_class_scores(np.asarray(o)) for o in self.expected[0])
@@ -226,6 +237,11 @@ class _Scorer:
 
 def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) -> Handled:
     """The `AutoConfig` handler of `quantize_onnx` (see the module docstring)."""
+    with tempfile.TemporaryDirectory(prefix="lowbit-auto-") as folder:  # the kept candidates, removed after
+        return _search(model, config, run, Path(folder))
+
+
+def _search(model: onnx.ModelProto, config: AutoConfig, run: RunInputs, folder: Path) -> Handled:
     started = time.perf_counter()
     deadline = started + config.time_limit
     per_channel_options = [False] if config.per_channel is False else [True, False]
@@ -238,7 +254,7 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     # After calibration, whose peak memory is the run's peak: the float outputs are not held through it.
     scorer = _Scorer(model, run, config.metric)
     max_drop = config.max_drop if config.max_drop is not None else DEFAULT_MAX_DROP[scorer.metric]
-    search = _Search(scorer, max_drop, run, config, deadline)
+    search = _Search(scorer, max_drop, run, config, deadline, folder)
     skipped: list[str] = []
     profile = _profile(pipeline)
 
@@ -320,7 +336,7 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     search.retime_close_calls()
     winner, reason = search.choose()
     trial = next(t for t in search.trials if t.name == winner)
-    candidate = search.built[winner]
+    candidate = search.kept(winner)
     report = AutoReport(scorer.metric, max_drop, search.trials, winner, reason, time.perf_counter() - started,
                         search.calibrations, skipped, scorer.scored_calls, scorer.total_calls)
     plan = candidate.plan
@@ -347,11 +363,21 @@ class _Built:
     plan: QuantPlan
 
 
+@dataclass
+class _Kept:
+    """A candidate that may still win, kept serialized in the search's folder, not in memory."""
+
+    path: Path
+    plan: QuantPlan
+
+
 class _Search:
-    def __init__(self, scorer: _Scorer, max_drop: float, run: RunInputs, config: AutoConfig, deadline: float):
+    def __init__(self, scorer: _Scorer, max_drop: float, run: RunInputs, config: AutoConfig, deadline: float,
+                 folder: Path):
         self.scorer, self.max_drop, self.run, self.config, self.deadline = scorer, max_drop, run, config, deadline
+        self.folder = folder  # the kept candidates' files (a temporary folder of `search_strategy`)
         self.trials: list[Trial] = []
-        self.built: dict[str, _Built] = {}
+        self.built: dict[str, _Kept] = {}
         self.calibrations = 1
         self.timed_out = False
         self.noise = SPEED_NOISE  # ties within this relative speed; raised by a noisy re-timing
@@ -365,29 +391,44 @@ class _Search:
         # Timed as it will be written: with lowbit's shape annotations left in, ONNX Runtime fuses
         # differently (`io.drop_shape_annotations`) and the search would time another model.
         drop_shape_annotations(candidate.model)
-        session = make_session(candidate.model, threads=self.run.threads)
+        payload, plan = candidate.model.SerializeToString(), candidate.plan  # the session's and the file's
+        del candidate
+        return_freed_memory()  # what building it left (copies of the float model) before a session opens
+        session = make_session(payload, threads=self.run.threads)
         cosine, top1, accuracy = self.scorer.fidelity(session)
         drop = self.scorer.drop(cosine, top1, accuracy)
         trial = Trial(name, cosine, top1, drop, drop <= self.max_drop + 1e-12,
-                      size_bytes=candidate.model.ByteSize(), note=note, accuracy=accuracy)
+                      size_bytes=len(payload), note=note, accuracy=accuracy)
         if trial.met and self.config.measure_speed and self.run.measure_speed:
             trial.speedup = self.scorer.speedup(session)
+        del session
         trial.seconds = time.perf_counter() - t0
         self.trials.append(trial)
-        self.built[name] = _Built(candidate.model, candidate.plan)
-        del session, candidate
+        if name in self._needed():
+            path = self.folder / f"candidate{len(self.trials)}.onnx"
+            path.write_bytes(payload)
+            self.built[name] = _Kept(path, plan)
+        del payload
         self._keep_needed()
+        return_freed_memory()  # the session's buffers and the model's bytes
         return trial
 
     def trial(self, name: str) -> Trial | None:
         return next((t for t in self.trials if t.name == name), None)
 
+    def _needed(self) -> set[str]:
+        """The candidates that can still win: those within budget, or while none is, the most accurate."""
+        return {t.name for t in self.trials if t.met} or {max(self.trials, key=_fidelity_key).name}
+
     def _keep_needed(self) -> None:
-        """Drop the built models that cannot win: over budget, unless none is within and it is the most accurate."""
-        met = {t.name for t in self.trials if t.met}
-        keep = met or {max(self.trials, key=_fidelity_key).name}
-        for name in [n for n in self.built if n not in keep]:
-            del self.built[name]
+        """Delete the kept files of candidates that can no longer win."""
+        needed = self._needed()
+        for name in [n for n in self.built if n not in needed]:
+            self.built.pop(name).path.unlink(missing_ok=True)
+
+    def kept(self, name: str) -> _Built:
+        """A kept candidate, read back as it was scored and timed."""
+        return _Built(onnx.load_model(self.built[name].path), self.built[name].plan)
 
     def retime_close_calls(self) -> None:
         """Time the close calls again, together in one interleaved run with float, and take the
@@ -399,9 +440,10 @@ class _Search:
         close = [t for t in timed if t.speedup >= timed[0].speedup * (1 - RETIME_BAND)][:MAX_RETIMED]
         if len(close) < 2 and abs(timed[0].speedup - 1.0) > RETIME_BAND:
             return
-        sessions = [make_session(self.built[t.name].model, threads=self.run.threads) for t in close]
+        sessions = [make_session(self.built[t.name].path, threads=self.run.threads) for t in close]
         speedups, spread = self.scorer.retime(sessions)
         del sessions
+        return_freed_memory()
         for trial, speedup in zip(close, speedups):
             retimed = f"re-timed together: {trial.speedup:.2f}x -> {speedup:.2f}x"
             trial.note = "; ".join(filter(None, [trial.note, retimed]))
