@@ -183,7 +183,7 @@ def test_close_calls_are_timed_again_together_and_their_noise_widens_ties(monkey
     search.max_drop, search.scorer, search.noise = 0.01, Scorer(), 0.03
     search.run = type("R", (), {"threads": 2})()
     search.trials = [_trial("b", 0.005, 2.00), _trial("c", 0.002, 1.90), _trial("a", 0.001, 1.20)]
-    search.built = {n: type("B", (), {"path": n})() for n in "bca"}
+    search.kept = {n: type("K", (), {"path": n})() for n in "bca"}
     search.retime_close_calls()
     assert retimed == [["b", "c"]]  # a is 40% slower than the fastest: not a close call
     speeds = {t.name: t.speedup for t in search.trials}
@@ -207,7 +207,7 @@ def test_only_candidates_that_can_win_are_kept_and_on_disk_not_in_memory(tmp_pat
     models = {name: _tiny_model(name) for name in "abcde"}
     drops = {"a": 0.3, "b": 0.05, "c": 0.005, "d": 0.2, "e": 0.001}
     search = _Search.__new__(_Search)
-    search.trials, search.built, search.folder, search.deadline = [], {}, tmp_path, float("inf")
+    search.trials, search.kept, search.folder, search.deadline = [], {}, tmp_path, float("inf")
     search.max_drop, search.timed_out = 0.01, False
     search.config = search.run = type("C", (), {"measure_speed": False, "threads": 1})()
 
@@ -225,12 +225,12 @@ def test_only_candidates_that_can_win_are_kept_and_on_disk_not_in_memory(tmp_pat
     monkeypatch.setattr(auto, "drop_shape_annotations", lambda model: None)
     for name in "ab":  # neither within 0.01: the most accurate so far stays
         search.add(name, lambda name=name: auto._Built(models[name], QuantPlan(mode=name)))
-    assert list(search.built) == ["b"] and len(list(tmp_path.iterdir())) == 1
+    assert list(search.kept) == ["b"] and len(list(tmp_path.iterdir())) == 1
     for name in "cde":
         search.add(name, lambda name=name: auto._Built(models[name], QuantPlan(mode=name)))
-    assert sorted(search.built) == ["c", "e"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(k.path.name for k in search.built.values())
-    kept = search.kept("e")
+    assert sorted(search.kept) == ["c", "e"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(k.path.name for k in search.kept.values())
+    kept = search.load("e")
     assert kept.model.SerializeToString() == models["e"].SerializeToString() and kept.plan.mode == "e"
 
 

@@ -251,7 +251,7 @@ def _search(model: onnx.ModelProto, config: AutoConfig, run: RunInputs, folder: 
     built = ("bias_correction",) if _has_biased_conv(model) else ()
     pipeline = StaticPipeline(model, static_config, run.calib, batch_size=run.batch_size, threads=run.threads,
                               source=run.model_path.name).calibrate(built=built)
-    # After calibration, whose peak memory is the run's peak: the float outputs are not held through it.
+    # After calibration: the float outputs are not held through it.
     scorer = _Scorer(model, run, config.metric)
     max_drop = config.max_drop if config.max_drop is not None else DEFAULT_MAX_DROP[scorer.metric]
     search = _Search(scorer, max_drop, run, config, deadline, folder)
@@ -336,7 +336,7 @@ def _search(model: onnx.ModelProto, config: AutoConfig, run: RunInputs, folder: 
     search.retime_close_calls()
     winner, reason = search.choose()
     trial = next(t for t in search.trials if t.name == winner)
-    candidate = search.kept(winner)
+    candidate = search.load(winner)
     report = AutoReport(scorer.metric, max_drop, search.trials, winner, reason, time.perf_counter() - started,
                         search.calibrations, skipped, scorer.scored_calls, scorer.total_calls)
     plan = candidate.plan
@@ -377,7 +377,7 @@ class _Search:
         self.scorer, self.max_drop, self.run, self.config, self.deadline = scorer, max_drop, run, config, deadline
         self.folder = folder  # the kept candidates' files (a temporary folder of `search_strategy`)
         self.trials: list[Trial] = []
-        self.built: dict[str, _Kept] = {}
+        self.kept: dict[str, _Kept] = {}
         self.calibrations = 1
         self.timed_out = False
         self.noise = SPEED_NOISE  # ties within this relative speed; raised by a noisy re-timing
@@ -407,7 +407,7 @@ class _Search:
         if name in self._needed():
             path = self.folder / f"candidate{len(self.trials)}.onnx"
             path.write_bytes(payload)
-            self.built[name] = _Kept(path, plan)
+            self.kept[name] = _Kept(path, plan)
         del payload
         self._keep_needed()
         return_freed_memory()  # the session's buffers and the model's bytes
@@ -423,12 +423,12 @@ class _Search:
     def _keep_needed(self) -> None:
         """Delete the kept files of candidates that can no longer win."""
         needed = self._needed()
-        for name in [n for n in self.built if n not in needed]:
-            self.built.pop(name).path.unlink(missing_ok=True)
+        for name in [n for n in self.kept if n not in needed]:
+            self.kept.pop(name).path.unlink(missing_ok=True)
 
-    def kept(self, name: str) -> _Built:
+    def load(self, name: str) -> _Built:
         """A kept candidate, read back as it was scored and timed."""
-        return _Built(onnx.load_model(self.built[name].path), self.built[name].plan)
+        return _Built(onnx.load_model(self.kept[name].path), self.kept[name].plan)
 
     def retime_close_calls(self) -> None:
         """Time the close calls again, together in one interleaved run with float, and take the
@@ -440,7 +440,7 @@ class _Search:
         close = [t for t in timed if t.speedup >= timed[0].speedup * (1 - RETIME_BAND)][:MAX_RETIMED]
         if len(close) < 2 and abs(timed[0].speedup - 1.0) > RETIME_BAND:
             return
-        sessions = [make_session(self.built[t.name].path, threads=self.run.threads) for t in close]
+        sessions = [make_session(self.kept[t.name].path, threads=self.run.threads) for t in close]
         speedups, spread = self.scorer.retime(sessions)
         del sessions
         return_freed_memory()
