@@ -15,10 +15,10 @@
            then the kinds that measured faster in float all together (int8 where it pays)
     -> each candidate: built from the one calibration (no model run), scored on a bounded, evenly
        spaced subset of the evaluation batches (SCORE_SECONDS of float compute, at least
-       MIN_SCORED_BATCHES; all of them with labels) against float outputs computed once; the
-       written model is verified on all of them; the candidates within the budget are timed
-       against the float model as the user gave it, the candidate as it will be written (no shape
-       annotations), interleaved, same session options, median (`lowbit.onnx.timing.time_models`),
+       MIN_SCORED_BATCHES; all of them with labels) against float outputs computed once by the
+       model as the user gave it; the written model is verified on all of them; the candidates
+       within the budget are timed against that float model, the candidate as it will be written
+       (no shape annotations), interleaved, same session options, median (`lowbit.onnx.timing.time_models`),
        with enough repeats to cover MIN_TIMED_SECONDS per model (sub-millisecond models too)
     -> close calls are timed again, together in one interleaved run with the float model: the
        candidates within RETIME_BAND of the fastest, and a fastest one within RETIME_BAND of float
@@ -26,9 +26,10 @@
        accurate beats it: the noise is SPEED_NOISE, or the float model's measured spread in that
        run when larger); none within budget: the most accurate, said plainly.
 
-Memory: the float outputs are computed after calibration (whose peak is the run's peak) with a
-session closed right after; only the candidates within the budget (or, while none is, the most
-accurate one) are kept; the float model is opened again, as the user gave it, at the first timing.
+Memory: the float outputs are computed after calibration (whose peak is the run's peak), by the
+model as the user gave it, in the session the timings and the final verification use too (which
+reuses those outputs instead of running the float model on those batches again); only the
+candidates within the budget (or, while none is, the most accurate one) are kept.
 
 Only equalization needs a second calibration (it rescales activations per channel, so ranges of
 the unequalized graph do not carry over); it runs only when the statistics say it can matter, and
@@ -54,9 +55,10 @@ from lowbit.onnx.io import drop_shape_annotations
 from lowbit.onnx.pipeline import StaticPipeline, activation_channel_spread, weight_channel_spread
 from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
 from lowbit.onnx.registry import rule_for
-from lowbit.onnx.session import make_session
+from lowbit.onnx.session import default_threads, make_session
 from lowbit.onnx.timing import evenly_spaced, representative_feeds, time_models
-from lowbit.onnx.verify import OutputErrors, batches_with_calls, label_accuracy, looks_like_class_scores
+from lowbit.onnx.verify import (FloatReference, OutputErrors, batches_with_calls, label_accuracy,
+                               looks_like_class_scores)
 from lowbit.plan import QuantPlan
 
 # A MatMul input whose min/max range is this many times its 99.99th-percentile range is
@@ -142,15 +144,19 @@ class AutoReport:
 
 
 class _Scorer:
-    """Float outputs computed once; each candidate scored on them with the quantize table's
-    metrics (`verify.OutputErrors`: every output shape, counted in calls) and timed against float.
-    With a `labels` array in the evaluation data, "top1" is accuracy against the labels."""
+    """Float outputs computed once, by the model as the user gave it; each candidate scored on them
+    with the quantize table's metrics (`verify.OutputErrors`: every output shape, counted in calls)
+    and timed against float. With a `labels` array in the evaluation data, "top1" is accuracy
+    against the labels. The final verification reuses the float session and its outputs
+    (`reference`): the float model runs once per evaluation batch in the whole quantize."""
 
-    def __init__(self, reference: onnx.ModelProto, run: RunInputs, metric: str) -> None:
-        self.threads = run.threads
+    def __init__(self, run: RunInputs, metric: str) -> None:
+        # The thread count the final verification times with, so that both timings and the float
+        # outputs it reuses come from sessions with the same, stated options.
+        self.threads = run.threads or default_threads()
         self.float_path = run.model_path
         self._float_session = None
-        session = make_session(reference, threads=run.threads)  # closed below: only its outputs are kept
+        session = self.float_session()
         self.names = [o.name for o in session.get_outputs()]
         batches = list(batches_with_calls(run.eval_set, run.batch_size))
         feeds = [b for b, _ in batches]
@@ -164,6 +170,7 @@ class _Scorer:
         scored = list(range(len(feeds)))
         if run.eval_set.labels is None and len(feeds) > MIN_SCORED_BATCHES:
             scored = evenly_spaced(len(feeds), max(MIN_SCORED_BATCHES, int(SCORE_SECONDS / max(per_batch, 1e-6))))
+        self.scored = scored
         self.batches, self.calls = [feeds[i] for i in scored], [batches[i][1] for i in scored]
         self.expected = [first if i == 0 else session.run(self.names, feeds[i]) for i in scored]
         self.scored_calls = sum(c or 1 for c in self.calls)
@@ -176,7 +183,6 @@ class _Scorer:
             for feed in self.timing_feeds:
                 session.run(self.names, feed)
             latency = time.perf_counter() - started
-        del session
         runs = math.ceil(MIN_TIMED_SECONDS / max(latency, 1e-6))
         self.repeats = int(min(MAX_TIMING_REPEATS, max(TIMING_REPEATS, runs)))
         self.classifier = any(looks_like_class_scores(np.asarray(o)) for o in self.expected[0])
@@ -184,6 +190,10 @@ class _Scorer:
         labels = run.eval_set.labels if self.metric == "top1" else None
         self.labels = labels
         self.float_accuracy = label_accuracy(self.expected, self.calls, labels) if labels is not None else None
+
+    def reference(self) -> FloatReference:
+        """The float session and its outputs on the scored batches, for the final verification."""
+        return FloatReference(self.float_session(), dict(zip(self.scored, self.expected)))
 
     def fidelity(self, session) -> tuple[float, float | None, float | None]:
         """(worst output's mean cosine, top-1 agreement with float, accuracy against the labels)."""
@@ -205,7 +215,8 @@ class _Scorer:
         return 1.0 - (top1 if self.metric == "top1" and top1 is not None else cosine)
 
     def float_session(self):
-        """The model as the user gave it (what the final verification times), opened at the first timing."""
+        """The model as the user gave it: what the candidates are scored against and the final
+        verification compares with and times."""
         if self._float_session is None:
             self._float_session = make_session(self.float_path, threads=self.threads)
         return self._float_session
@@ -236,7 +247,7 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     pipeline = StaticPipeline(model, static_config, run.calib, batch_size=run.batch_size, threads=run.threads,
                               source=run.model_path.name).calibrate(built=built)
     # After calibration, whose peak memory is the run's peak: the float outputs are not held through it.
-    scorer = _Scorer(model, run, config.metric)
+    scorer = _Scorer(run, config.metric)
     max_drop = config.max_drop if config.max_drop is not None else DEFAULT_MAX_DROP[scorer.metric]
     search = _Search(scorer, max_drop, run, config, deadline)
     skipped: list[str] = []
@@ -338,7 +349,8 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
             f"no faster than (within the {100 * search.noise:.0f}% timing noise of)"
         warnings.append(f"every candidate within the budget is {slower} float on this CPU (best {winner} at "
                         f"{trial.speedup:.2f}x); keep the float model where speed matters")
-    return Handled(candidate.model, plan, pipeline.seconds, warnings, auto=report, float_model=pipeline.model)
+    return Handled(candidate.model, plan, pipeline.seconds, warnings, auto=report, float_model=pipeline.model,
+                   reference=scorer.reference())
 
 
 @dataclass
@@ -365,7 +377,7 @@ class _Search:
         # Timed as it will be written: with lowbit's shape annotations left in, ONNX Runtime fuses
         # differently (`io.drop_shape_annotations`) and the search would time another model.
         drop_shape_annotations(candidate.model)
-        session = make_session(candidate.model, threads=self.run.threads)
+        session = make_session(candidate.model, threads=self.scorer.threads)
         cosine, top1, accuracy = self.scorer.fidelity(session)
         drop = self.scorer.drop(cosine, top1, accuracy)
         trial = Trial(name, cosine, top1, drop, drop <= self.max_drop + 1e-12,
@@ -399,7 +411,7 @@ class _Search:
         close = [t for t in timed if t.speedup >= timed[0].speedup * (1 - RETIME_BAND)][:MAX_RETIMED]
         if len(close) < 2 and abs(timed[0].speedup - 1.0) > RETIME_BAND:
             return
-        sessions = [make_session(self.built[t.name].model, threads=self.run.threads) for t in close]
+        sessions = [make_session(self.built[t.name].model, threads=self.scorer.threads) for t in close]
         speedups, spread = self.scorer.retime(sessions)
         del sessions
         for trial, speedup in zip(close, speedups):
