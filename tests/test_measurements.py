@@ -319,7 +319,7 @@ def test_a_timed_run_passes_over_the_data_shapes_in_proportion(tmp_path):
     assert report.timed_calls == 16 and report.timed_shapes == "16x16"  # batches of 16, 16 and a partial 8
 
 
-def test_verification_reuses_the_float_outputs_it_is_given_and_its_runs_are_the_timing_warm_up(tmp_path):
+def test_verification_reuses_the_float_outputs_it_is_given_and_its_runs_are_the_timing_warm_up(tmp_path, monkeypatch):
     """--mode auto hands the verification its float session and the outputs it computed on the
     scored batches: the float model runs only on the other batches, the fidelity is the same, and
     the verification's runs of the timed shape stand for the timing's warm-up runs."""
@@ -350,6 +350,25 @@ def test_verification_reuses_the_float_outputs_it_is_given_and_its_runs_are_the_
     # Batches 1, 3 and 4 in the verification, then one turn of 1 untimed + 3 timed runs: no warm-up runs.
     assert session.runs == 3 + 1 + 3 and "after 3 warm-up" in reused.timing_method
     assert reused.speedup is not None and len(reused.outputs) == 1
+
+    # With the quantized model's errors on those batches too (auto scored the candidate it wrote),
+    # the written model runs only on the others, and the report still covers all 40 calls.
+    import lowbit.onnx.verify as verify
+
+    quant = make_session(quant_path, threads=1)
+    scored = {"y": OutputErrors("y")}
+    for i in (0, 2):
+        scored["y"].add(known[i][0], quant.run(None, {"x": x[8 * i:8 * i + 8]})[0], 8)
+    opened = []
+    monkeypatch.setattr(verify, "make_session",
+                        lambda model, **kw: opened.append(Counting(make_session(model, **kw))) or opened[-1])
+    partial = compare_models(float_path, quant_path, data, batch_size=8, threads=1, speed=False,
+                             reference=FloatReference(session, known, scored))
+    assert [s.runs for s in opened] == [3] and partial.calls == 40
+    for mine, theirs in zip(partial.outputs, plain.outputs):
+        assert mine.cosine_mean == pytest.approx(theirs.cosine_mean, rel=1e-12)
+        assert mine.cosine_min == theirs.cosine_min and mine.max_abs_error == theirs.max_abs_error
+        assert mine.relative_error == pytest.approx(theirs.relative_error, rel=1e-12)
 
 
 def test_latencies_given_as_warm_up_decide_the_repeats_and_no_warm_up_runs_are_made():

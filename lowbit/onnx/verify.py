@@ -241,10 +241,15 @@ def label_accuracy(runs: list[list[np.ndarray]], calls: list[int | None], labels
 class FloatReference:
     """An open session of the float model (made with the thread count the comparison uses) and
     its outputs, already computed, on some of the evaluation batches (batch index -> outputs in
-    the session's output order): `compare_models` runs the float model only on the others."""
+    the session's output order): `compare_models` runs the float model only on the others.
+    `quant_errors`: the errors (per output name) the quantized model already measured on exactly
+    those batches, computed from the same graph as the written model (--mode auto scores the
+    candidate it then writes, with its plan added as metadata): without labels, and when there are
+    other batches, the written model then runs only on those, and the report covers every call."""
 
     session: object
     outputs: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    quant_errors: dict[str, OutputErrors] | None = None
 
 
 def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike, data: CalibrationData, *,
@@ -260,18 +265,28 @@ def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike,
     quant_session = make_session(load_model(quant_path), threads=threads)
     names = [o.name for o in float_session.get_outputs()]
     errors = {n: OutputErrors(n) for n in names}
+    shapes = [shape_key(b) for b in data.batches(batch_size)]
+    # Errors measured on the known batches already (their per-call order only matters with labels);
+    # the written model still runs on at least one batch.
+    measured = (reference is not None and reference.quant_errors is not None and data.labels is None
+                and any(index not in known for index in range(len(shapes))))
+    if measured:
+        errors.update(reference.quant_errors)
     calls = 0
     # The batches the timed run passes over (`timing.timed_indices`), kept as the data streams by.
-    wanted = set(timed_indices([shape_key(b) for b in data.batches(batch_size)])) if speed else set()
+    wanted = set(timed_indices(shapes)) if speed else set()
     timed: list[tuple[Batch, int]] = []
     # Latency of the runs below on batches shaped like the timed one (a single timed batch): they
     # warm both sessions up as the timing's own warm-up runs would (`time_models(warm_ms=)`).
-    timed_shape = shape_key(next(iter(data.batches(batch_size)))) if len(wanted) == 1 else None
+    timed_shape = shapes[min(wanted)] if len(wanted) == 1 else None
     warm_ms: list[list[float]] = [[], []]
     for index, (batch, run_calls) in enumerate(batches_with_calls(data, batch_size)):
         if index in wanted:
             timed.append((batch, run_calls or 1))
         same_shape = timed_shape is not None and shape_key(batch) == timed_shape
+        if measured and index in known:
+            calls += run_calls or 1
+            continue
         if index in known:
             reference_outputs = known[index]
         else:

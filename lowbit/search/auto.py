@@ -191,23 +191,25 @@ class _Scorer:
         self.labels = labels
         self.float_accuracy = label_accuracy(self.expected, self.calls, labels) if labels is not None else None
 
-    def reference(self) -> FloatReference:
-        """The float session and its outputs on the scored batches, for the final verification."""
-        return FloatReference(self.float_session(), dict(zip(self.scored, self.expected)))
+    def reference(self, kept: _Built) -> FloatReference:
+        """The float session, its outputs on the scored batches and the kept candidate's errors on
+        them, for the final verification (the written model is that candidate, its plan added)."""
+        return FloatReference(self.float_session(), dict(zip(self.scored, self.expected)), kept.errors)
 
-    def fidelity(self, session) -> tuple[float, float | None, float | None]:
-        """(worst output's mean cosine, top-1 agreement with float, accuracy against the labels)."""
+    def fidelity(self, session) -> tuple[float, float | None, float | None, dict[str, OutputErrors]]:
+        """(worst output's mean cosine, top-1 agreement with float, accuracy against the labels,
+        the errors of each output on the scored batches)."""
         runs = [session.run(self.names, b) for b in self.batches]
-        errors: dict[int, OutputErrors] = {}
+        errors: dict[str, OutputErrors] = {}
         for outputs, expected, calls in zip(runs, self.expected, self.calls):
-            for i, (ref, got) in enumerate(zip(expected, outputs)):
+            for name, ref, got in zip(self.names, expected, outputs):
                 if np.asarray(ref).dtype.kind == "f" and np.asarray(ref).size:
-                    errors.setdefault(i, OutputErrors(self.names[i])).add(ref, got, calls)
+                    errors.setdefault(name, OutputErrors(name)).add(ref, got, calls)
         results = [e.result() for e in errors.values()]
         cosine = min((r.cosine_mean for r in results), default=1.0)
         top1 = next((r.top1_agreement for r in results if r.top1_agreement is not None), None)
         accuracy = label_accuracy(runs, self.calls, self.labels) if self.labels is not None else None
-        return cosine, top1, accuracy
+        return cosine, top1, accuracy, errors
 
     def drop(self, cosine: float, top1: float | None, accuracy: float | None) -> float:
         if accuracy is not None:
@@ -350,13 +352,14 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
         warnings.append(f"every candidate within the budget is {slower} float on this CPU (best {winner} at "
                         f"{trial.speedup:.2f}x); keep the float model where speed matters")
     return Handled(candidate.model, plan, pipeline.seconds, warnings, auto=report, float_model=pipeline.model,
-                   reference=scorer.reference())
+                   reference=scorer.reference(candidate))
 
 
 @dataclass
 class _Built:
     model: onnx.ModelProto
     plan: QuantPlan
+    errors: dict[str, OutputErrors] | None = None  # per output, on the scored batches (`_Scorer.fidelity`)
 
 
 class _Search:
@@ -378,7 +381,7 @@ class _Search:
         # differently (`io.drop_shape_annotations`) and the search would time another model.
         drop_shape_annotations(candidate.model)
         session = make_session(candidate.model, threads=self.scorer.threads)
-        cosine, top1, accuracy = self.scorer.fidelity(session)
+        cosine, top1, accuracy, errors = self.scorer.fidelity(session)
         drop = self.scorer.drop(cosine, top1, accuracy)
         trial = Trial(name, cosine, top1, drop, drop <= self.max_drop + 1e-12,
                       size_bytes=candidate.model.ByteSize(), note=note, accuracy=accuracy)
@@ -386,7 +389,7 @@ class _Search:
             trial.speedup = self.scorer.speedup(session)
         trial.seconds = time.perf_counter() - t0
         self.trials.append(trial)
-        self.built[name] = _Built(candidate.model, candidate.plan)
+        self.built[name] = _Built(candidate.model, candidate.plan, errors)
         del session, candidate
         self._keep_needed()
         return trial
