@@ -52,7 +52,8 @@ from lowbit.onnx.cpu import cpu_flags
 from lowbit.onnx.dynamic import plan_dynamic, write_dynamic
 from lowbit.onnx.equalize import find_chains
 from lowbit.onnx.io import drop_shape_annotations
-from lowbit.onnx.pipeline import StaticPipeline, activation_channel_spread, weight_channel_spread
+from lowbit.onnx.pipeline import (FirstRows, StaticPipeline, activation_channel_spread, channel_spreads,
+                                  input_channel_peaks, weight_channel_spread)
 from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
 from lowbit.onnx.registry import rule_for
 from lowbit.onnx.session import default_threads, make_session
@@ -246,8 +247,11 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
                                  exclude=config.exclude, calib_memory_mb=config.calib_memory_mb)
     # Bias correction's channel means come from the calibration pass itself when it may be tried.
     built = ("bias_correction",) if _has_biased_conv(model) else ()
+    # The Conv inputs' channel peaks equalization's trial depends on, measured along the calibration.
+    stacked = run.calib.feed_batch_size(run.batch_size) > 1  # else each run is one call, whole
+    peaks = FirstRows(input_channel_peaks(model), min(4, run.batch_size) if stacked else None)
     pipeline = StaticPipeline(model, static_config, run.calib, batch_size=run.batch_size, threads=run.threads,
-                              source=run.model_path.name).calibrate(built=built)
+                              source=run.model_path.name).calibrate(built=built, also=(peaks,))
     # After calibration, whose peak memory is the run's peak: the float outputs are not held through it.
     scorer = _Scorer(run, config.metric)
     max_drop = config.max_drop if config.max_drop is not None else DEFAULT_MAX_DROP[scorer.metric]
@@ -277,7 +281,7 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
         skipped.append("int8/float per layer kind by speed: " + (
             "the static candidate is over budget" if base is not None and not base.met else "speed not measured"))
 
-    worth, why = _equalization_worth(pipeline, profile, run)
+    worth, why = _equalization_worth(pipeline, profile, run, peaks.reducer)
     if worth:
         eq_config = StaticConfig(calib_method=config.calib_method, per_channel=True, exclude=config.exclude,
                                  equalize=True, calib_memory_mb=config.calib_memory_mb)
@@ -563,17 +567,22 @@ def _with_float(pipeline: StaticPipeline, per_channel: bool, nodes: list[str]) -
     return _Built(candidate.model, candidate.plan)
 
 
-def _equalization_worth(pipeline: StaticPipeline, profile: dict, run: RunInputs) -> tuple[bool, str]:
+def _equalization_worth(pipeline: StaticPipeline, profile: dict, run: RunInputs, peaks) -> tuple[bool, str]:
     """Equalization is tried when some Conv chain can be equalized and either a weight's channel
-    ranges or a Conv input's channel peaks are far apart (measured)."""
+    ranges or a Conv input's channel peaks are far apart (measured; `peaks`: the Conv inputs'
+    channel peaks on the first calibration batch, measured by the calibration pass)."""
     if not profile["convs"]:
         return False, "no Conv"
     if not find_chains(pipeline.model, set(pipeline.exclude)):
         return False, "no Conv -> Conv chain it could rebalance"
     plan = pipeline.build(per_channel=False).plan
     spread = max(weight_channel_spread(pipeline.model, plan).values(), default=1.0)
-    act = max(activation_channel_spread(pipeline.model, run.calib, batch_size=min(4, run.batch_size),
-                                        threads=run.threads).values(), default=1.0)
+    if set(input_channel_peaks(pipeline.model).tensors) <= set(peaks.shapes):
+        spreads = channel_spreads(peaks)
+    else:  # a graph pass renamed some Conv input: one batch of its own
+        spreads = activation_channel_spread(pipeline.model, run.calib, batch_size=min(4, run.batch_size),
+                                            threads=run.threads)
+    act = max(spreads.values(), default=1.0)
     if spread > WEIGHT_SPREAD or act > ACTIVATION_SPREAD:
         return True, f"measured: weight channel spread {spread:,.0f}x, activation channel spread {act:,.0f}x"
     return False, (f"channels already balanced (weight spread {spread:,.0f}x <= {WEIGHT_SPREAD:g}, activation "
