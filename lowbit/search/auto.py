@@ -470,6 +470,9 @@ class _Search:
     def closest(self) -> Trial:
         """The candidate closest to the budget: the smallest of its drops as a share of their budgets
         (the decision gate's too, where there is one), then `_fidelity_key`."""
+        if all(t.position_drop is None for t in self.trials):
+            return max(self.trials, key=_fidelity_key)
+
         def overshoot(t: Trial) -> float:
             decisions = 0.0 if t.position_drop is None else t.position_drop / max(self.config.max_position_drop, 1e-12)
             return max(t.drop / max(self.max_drop, 1e-12), decisions)
