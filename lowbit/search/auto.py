@@ -146,14 +146,16 @@ class AutoReport:
         lines = [f"auto: {len(self.trials)} candidates from {self.calibrations} calibration(s) in "
                  f"{self.seconds:.1f} s; budget {budget}{scored}",
                  f"  {'candidate':<52} {'top-1':>7} {'cosine':>8} {'speed':>7} {'size':>9}"
-                 + (f" {'accuracy':>9}" if labeled else "") + (f" {'pos. top-1 (expected flips)':>27}" if positions else "")]
+                 + (f" {'accuracy':>9}" if labeled else "")
+                 + (f" {'pos. top-1 (expected flips)':>27}" if positions else "")]
         for t in self.trials:
             mark = "*" if t.name == self.winner else (" " if t.met else "x")
             top1 = "-" if t.top1 is None else f"{100 * t.top1:.1f}%"
             speed = "-" if t.speedup is None else f"{t.speedup:.2f}x"
             accuracy = "" if not labeled else f" {'-' if t.accuracy is None else f'{100 * t.accuracy:.2f}%':>9}"
-            decisions = "" if not positions else " " + ("-" if t.position_top1 is None else
-                                                        f"{100 * t.position_top1:.2f}% ({100 * t.position_drop:.3f}%)").rjust(27)
+            decisions = "" if not positions else " " + (
+                "-" if t.position_top1 is None else f"{100 * t.position_top1:.2f}% ({100 * t.position_drop:.3f}%)"
+            ).rjust(27)
             lines.append(f"{mark} {t.name:<52} {top1:>7} {t.cosine:>8.5f} {speed:>7} {_mb(t.size_bytes):>9}"
                          + accuracy + decisions + (f"  {t.note}" if t.note else ""))
         lines.append("  (* kept, x over budget: not timed; speed = float latency / candidate latency, same run)")
