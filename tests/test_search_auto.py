@@ -74,7 +74,7 @@ def test_auto_measures_equalization_and_keeps_a_model_within_budget(rescaled):
 
 
 def test_verification_reuses_the_float_outputs_of_the_search(rescaled, monkeypatch):
-    """The float model runs once per evaluation batch in the whole quantize: the verification gets
+    """The float model runs on each evaluation batch once in the whole quantize: the verification gets
     the search's float session and outputs (here every batch was scored) and opens only the written
     model; its fidelity is still the one measured independently."""
     import lowbit.onnx.verify as verify

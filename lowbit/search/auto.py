@@ -171,7 +171,8 @@ class _Scorer:
     with the quantize table's metrics (`verify.OutputErrors`: every output shape, counted in calls)
     and timed against float. With a `labels` array in the evaluation data, "top1" is accuracy
     against the labels. The final verification reuses the float session and its outputs
-    (`reference`): the float model runs once per evaluation batch in the whole quantize."""
+    (`reference`): the float model runs on each evaluation batch once in the whole quantize
+    (and once more on the first, to time it)."""
 
     def __init__(self, run: RunInputs, metric: str) -> None:
         # The thread count the final verification times with, so that both timings and the float
