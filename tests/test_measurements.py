@@ -19,7 +19,7 @@ from lowbit.errors import CalibrationError, LowbitError
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.session import make_session
 from lowbit.onnx.timing import time_models
-from lowbit.onnx.verify import (OutputErrors, compare_models, cosine_per_row, expected_disagreement,
+from lowbit.onnx.verify import (FloatReference, OutputErrors, compare_models, cosine_per_row, expected_disagreement,
                                 looks_like_position_scores)
 
 # ----------------------------------------------------------------------------- metrics, by hand
@@ -379,6 +379,76 @@ def test_a_timed_run_passes_over_the_data_shapes_in_proportion(tmp_path):
     rows = {"x": np.ones((40, 16), np.float32)}
     report = compare_models(float_path, quant_path, CalibrationData(rows, onnx.load(float_path)), batch_size=16)
     assert report.timed_calls == 16 and report.timed_shapes == "16x16"  # batches of 16, 16 and a partial 8
+
+
+def test_verification_reuses_the_float_outputs_it_is_given_and_its_runs_are_the_timing_warm_up(tmp_path, monkeypatch):
+    """--mode auto hands the verification its float session and the outputs it computed on the
+    scored batches: the float model runs only on the other batches, the fidelity is the same, and
+    the verification's runs of the timed shape stand for the timing's warm-up runs."""
+    rng = np.random.default_rng(3)
+    weights = rng.standard_normal((16, 4))
+    float_path = _linear_model(tmp_path / "f.onnx", weights, np.zeros(4))
+    quant_path = _linear_model(tmp_path / "q.onnx", weights * 1.1, np.full(4, 0.1))
+    x = rng.standard_normal((40, 16)).astype(np.float32)  # 5 batches of 8, one shape
+    data = CalibrationData({"x": x}, onnx.load(float_path))
+
+    class Counting:  # the float session, its runs counted
+        def __init__(self, session):
+            self.session, self.runs = session, 0
+
+        def run(self, names, feed, *args):
+            self.runs += 1
+            return self.session.run(names, feed, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    session = Counting(make_session(float_path, threads=1))
+    known = {i: session.session.run(None, {"x": x[8 * i:8 * i + 8]}) for i in (0, 2)}
+    plain = compare_models(float_path, quant_path, data, batch_size=8, threads=1, speed=False)
+    reused = compare_models(float_path, quant_path, data, batch_size=8, threads=1, warmup=2, repeats=3,
+                            min_seconds=0, reference=FloatReference(session, known))
+    assert [o.__dict__ for o in reused.outputs] == [o.__dict__ for o in plain.outputs] and reused.calls == 40
+    # Batches 1, 3 and 4 in the verification, then one turn of 1 untimed + 3 timed runs: no warm-up runs.
+    assert session.runs == 3 + 1 + 3 and "after 3 warm-up" in reused.timing_method
+    assert reused.speedup is not None and len(reused.outputs) == 1
+
+    # With the quantized model's errors on those batches too (auto scored the candidate it wrote),
+    # the written model runs only on the others, and the report still covers all 40 calls.
+    import lowbit.onnx.verify as verify
+
+    quant = make_session(quant_path, threads=1)
+    scored = {"y": OutputErrors("y")}
+    for i in (0, 2):
+        scored["y"].add(known[i][0], quant.run(None, {"x": x[8 * i:8 * i + 8]})[0], 8)
+    opened = []
+    monkeypatch.setattr(verify, "make_session",
+                        lambda model, **kw: opened.append(Counting(make_session(model, **kw))) or opened[-1])
+    partial = compare_models(float_path, quant_path, data, batch_size=8, threads=1, speed=False,
+                             reference=FloatReference(session, known, scored))
+    assert [s.runs for s in opened] == [3] and partial.calls == 40
+    for mine, theirs in zip(partial.outputs, plain.outputs):
+        assert mine.cosine_mean == pytest.approx(theirs.cosine_mean, rel=1e-12)
+        assert mine.cosine_min == theirs.cosine_min and mine.max_abs_error == theirs.max_abs_error
+        assert mine.relative_error == pytest.approx(theirs.relative_error, rel=1e-12)
+
+
+def test_latencies_given_as_warm_up_decide_the_repeats_and_no_warm_up_runs_are_made():
+    class Runner:
+        def __init__(self):
+            self.calls = 0
+
+        def run(self, names, feed):
+            self.calls += 1
+
+    runners = [Runner(), Runner()]
+    # 2 ms a run (as measured by the caller), 0.1 s asked per model: 50 timed runs each, in 17 turns
+    # of one untimed run (fast models) plus up to 3 timed ones.
+    timing = time_models(runners, {}, threads=1, warmup=5, repeats=3, min_seconds=0.1, warm_ms=[[2.0, 2.0], [2.0]])
+    assert [len(t) for t in timing.latencies_ms] == [50, 50] and [r.calls for r in runners] == [17 + 50] * 2
+    assert "after 1 warm-up" in timing.method()
+    with pytest.raises(ValueError):
+        time_models(runners, {}, threads=1, warm_ms=[[2.0], []])
 
 
 def test_runs_of_many_milliseconds_go_without_the_untimed_run_per_turn():

@@ -127,3 +127,34 @@ def test_models_already_holding_runtime_fused_ops_are_accepted():
     x = np.random.default_rng(1).normal(size=(2, 8)).astype(np.float32)
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(run(processed), run(model), rtol=1e-5, atol=1e-5)
+
+
+def test_symbolic_dims_through_resizes_are_the_same_with_each_expression_printed_once(monkeypatch):
+    """An FPN-like graph with dynamic height and width (strided Convs, then Resizes back up and Adds):
+    the inference names its computed dims by their printed expressions; printed once each (memoized)
+    or every time, the annotated model is the same, and sympy's printing is restored after."""
+    import contextlib
+
+    import sympy
+    from onnx import TensorProto, helper, numpy_helper
+
+    import lowbit.onnx.preprocess as module
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w")
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c1"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["c1", "w"], ["c2"], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["c2", "", "scales"], ["up1"], mode="nearest"),
+             helper.make_node("Add", ["up1", "c1"], ["s1"]),
+             helper.make_node("Resize", ["s1", "", "scales"], ["up2"], mode="nearest"),
+             helper.make_node("Conv", ["up2", "w"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "fpn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, "h", "w"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight, scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    memoized = module.infer_shapes(model)
+    assert "__str__" not in sympy.Basic.__dict__
+    assert any(d.dim_param and "floor" in d.dim_param for v in memoized.graph.value_info
+               for d in v.type.tensor_type.shape.dim)  # computed dims named by their expressions
+    monkeypatch.setattr(module, "_memoized_sympy_str", contextlib.nullcontext)
+    assert memoized.SerializeToString() == module.infer_shapes(model).SerializeToString()

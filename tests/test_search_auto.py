@@ -73,6 +73,22 @@ def test_auto_measures_equalization_and_keeps_a_model_within_budget(rescaled):
     assert trials["static int8, per-channel weights + equalization"].cosine == pytest.approx(fixed_cos, abs=1e-6)
 
 
+def test_verification_reuses_the_float_outputs_of_the_search(rescaled, monkeypatch):
+    """The float model runs on each evaluation batch once in the whole quantize: the verification gets
+    the search's float session and outputs (here every batch was scored) and opens only the written
+    model; its fidelity is still the one measured independently."""
+    import lowbit.onnx.verify as verify
+
+    opened = []
+    monkeypatch.setattr(verify, "make_session", lambda model, **kw: opened.append(model) or make_session(model, **kw))
+    out = rescaled["root"] / "reused.onnx"
+    result = quantize_onnx(rescaled["float"], out, AutoConfig(metric="cosine"), calib=rescaled["calib"],
+                           eval_data=rescaled["eval"], batch_size=16, measure_speed=False)
+    assert len(opened) == 1 and result.report.calls == 64
+    measured = _cosine_vs_float(rescaled["float"], out, rescaled["eval"])
+    assert result.report.outputs[0].cosine_mean == pytest.approx(measured, abs=1e-6)
+
+
 def test_explicit_run_far_from_float_names_the_cause(tmp_path):
     net = _rescaled_net(tmp_path, head=True)  # the Conv -> Linear link too: per-tensor int8 collapses
     result = quantize_onnx(net["float"], tmp_path / "pt.onnx", StaticConfig(per_channel=False), calib=net["calib"],
@@ -179,6 +195,7 @@ def test_close_calls_are_timed_again_together_and_their_noise_widens_ties(monkey
 
     class Scorer:
         metric = "cosine"
+        threads = 2
 
         def retime(self, sessions):
             retimed.append(list(sessions))
@@ -279,7 +296,7 @@ def test_auto_rejects_a_candidate_that_flips_near_tied_positions_within_the_cosi
     reference = make_session(_position_softmax_model(weights), threads=1)
     scorer.names, scorer.batches, scorer.calls = ["probs"], batches, [2, 2, 2]
     scorer.expected = [reference.run(["probs"], b) for b in batches]
-    scorer.metric, scorer.labels, scorer.position_scores = "cosine", None, True
+    scorer.metric, scorer.labels, scorer.position_scores, scorer.threads = "cosine", None, True, 1
     search = _Search(scorer, 0.003, type("R", (), {"threads": 1, "measure_speed": False})(),
                      AutoConfig(measure_speed=False), deadline=float("inf"))
     float_like = search.add("float", lambda: _Built(_position_softmax_model(weights), None))

@@ -16,10 +16,13 @@ yet (they would need ORT's external-initializer options).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import onnx
 import onnxruntime as ort
@@ -76,9 +79,11 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     height/width (six Resizes in an FPN) simplifying the nested floor() expressions took 200 s per
     pass; without it 2.6 s, the dims the same values in unsimplified form. None when it gives up."""
     import sympy
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_opset
 
-    class UnsimplifiedResize(SymbolicShapeInference):
+    ort_inference = ort_symbolic_shape_infer()
+    get_opset = ort_inference.get_opset
+
+    class UnsimplifiedResize(ort_inference.SymbolicShapeInference):
         def _infer_Resize(self, node):  # noqa: N802 (ORT's dispatch name)
             simplify = sympy.simplify
             sympy.simplify = _unsimplified
@@ -91,12 +96,53 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     if not opset or opset < 7:
         return None
     inference = UnsimplifiedResize(2**31 - 1, True, False, 0)
-    inference._preprocess(model)
-    done = False
-    while inference.run_:
-        done = inference._infer_impl()
-    inference._update_output_from_vi()
+    with _memoized_sympy_str():
+        inference._preprocess(model)
+        done = False
+        while inference.run_:
+            done = inference._infer_impl()
+        inference._update_output_from_vi()
     return inference.out_mp_ if done else None
+
+
+@contextlib.contextmanager
+def _memoized_sympy_str() -> Iterator[None]:
+    """Print each sympy expression once: the inference names every computed dim by its printed
+    expression, node after node, and printing the same few dims (h/4 of a 736x992 detector, nested
+    through its Resizes) again and again was 70% of its time (0.6 s a pass)."""
+    import sympy
+
+    printed: dict = {}
+    plain = sympy.Basic.__str__
+
+    def memoized(expression) -> str:
+        text = printed.get(expression)
+        if text is None:
+            text = printed[expression] = plain(expression)
+        return text
+
+    sympy.Basic.__str__ = memoized
+    try:
+        yield
+    finally:
+        del sympy.Basic.__str__  # Basic inherits __str__ (sympy's Printable): back to that
+
+
+def ort_symbolic_shape_infer() -> ModuleType:
+    """ONNX Runtime's `onnxruntime.tools.symbolic_shape_infer`, a self-contained module, loaded from
+    its file: importing it by name first runs `onnxruntime/tools/__init__.py`, which imports torch
+    whenever torch is installed (1.5-2.5 s of every `lowbit quantize`, for helpers lowbit never uses)."""
+    name = "onnxruntime.tools.symbolic_shape_infer"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(ort.__file__).parent / "tools" / "symbolic_shape_infer.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # an ONNX Runtime laid out otherwise: the ordinary import
+        return importlib.import_module(name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
 
 
 def _unsimplified(expression, *args, **kwargs):

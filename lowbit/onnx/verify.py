@@ -25,6 +25,7 @@ states the calls and shapes timed; the data is read once more, for its shapes on
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -282,26 +283,62 @@ def label_accuracy(runs: list[list[np.ndarray]], calls: list[int | None], labels
                       "call (with more classes than the largest label); use --metric cosine, or drop the labels")
 
 
+@dataclass
+class FloatReference:
+    """An open session of the float model (made with the thread count the comparison uses) and
+    its outputs, already computed, on some of the evaluation batches (batch index -> outputs in
+    the session's output order): `compare_models` runs the float model only on the others.
+    `quant_errors`: the errors (per output name) the quantized model already measured on exactly
+    those batches, computed from the same graph as the written model (--mode auto scores the
+    candidate it then writes, with its plan added as metadata): without labels, and when there are
+    other batches, the written model then runs only on those, and the report covers every call."""
+
+    session: object
+    outputs: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    quant_errors: dict[str, OutputErrors] | None = None
+
+
 def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike, data: CalibrationData, *,
                    batch_size: int = 16, threads: int | None = None, speed: bool = True,
                    warmup: int = TIMING_WARMUP, repeats: int = TIMING_REPEATS,
-                   min_seconds: float = MIN_TIMED_SECONDS) -> VerifyReport:
-    """Run `data` through both models and measure fidelity, size and (optionally) speed."""
+                   min_seconds: float = MIN_TIMED_SECONDS, reference: FloatReference | None = None) -> VerifyReport:
+    """Run `data` through both models and measure fidelity, size and (optionally) speed.
+    `reference`: the float model's session and outputs a caller has already (see `FloatReference`)."""
     threads = threads or default_threads()
-    float_session = make_session(load_model(float_path), threads=threads)
+    float_session = reference.session if reference is not None else make_session(load_model(float_path),
+                                                                                   threads=threads)
+    known = reference.outputs if reference is not None else {}
     quant_session = make_session(load_model(quant_path), threads=threads)
     names = [o.name for o in float_session.get_outputs()]
     errors = {n: OutputErrors(n) for n in names}
+    shapes = [shape_key(b) for b in data.batches(batch_size)]
+    # Errors measured on the known batches already (their per-call order only matters with labels);
+    # the written model still runs on at least one batch.
+    measured = (reference is not None and reference.quant_errors is not None and data.labels is None
+                and any(index not in known for index in range(len(shapes))))
+    if measured:
+        errors.update(reference.quant_errors)
     calls = 0
     # The batches the timed run passes over (`timing.timed_indices`), kept as the data streams by.
-    wanted = set(timed_indices([shape_key(b) for b in data.batches(batch_size)])) if speed else set()
+    wanted = set(timed_indices(shapes)) if speed else set()
     timed: list[tuple[Batch, int]] = []
+    # Latency of the runs below on batches shaped like the timed one (a single timed batch): they
+    # warm both sessions up as the timing's own warm-up runs would (`time_models(warm_ms=)`).
+    timed_shape = shapes[min(wanted)] if len(wanted) == 1 else None
+    warm_ms: list[list[float]] = [[], []]
     for index, (batch, run_calls) in enumerate(batches_with_calls(data, batch_size)):
         if index in wanted:
             timed.append((batch, run_calls or 1))
-        reference = float_session.run(names, batch)
-        candidate = quant_session.run(names, batch)
-        for name, ref, got in zip(names, reference, candidate):
+        same_shape = timed_shape is not None and shape_key(batch) == timed_shape
+        if measured and index in known:
+            calls += run_calls or 1
+            continue
+        if index in known:
+            reference_outputs = known[index]
+        else:
+            reference_outputs = _timed_run(float_session, names, batch, warm_ms[0] if same_shape else None)
+        candidate = _timed_run(quant_session, names, batch, warm_ms[1] if same_shape else None)
+        for name, ref, got in zip(names, reference_outputs, candidate):
             ref, got = np.asarray(ref), np.asarray(got)
             if ref.dtype.kind != "f" or ref.size == 0:
                 continue
@@ -314,13 +351,27 @@ def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike,
         _add_label_accuracy(report, errors, labels[:calls])
     if speed:
         feeds = [batch for batch, _ in timed]
+        # A session's first run allocates: it is no warm-up sample. Too few samples: the timing warms up itself.
+        if known:
+            warm = [warm_ms[0], warm_ms[1][1:]]
+        else:
+            warm = [warm_ms[0][1:], warm_ms[1][1:]]
         timing = time_models([float_session, quant_session], feeds, warmup=warmup, repeats=repeats,
-                             min_seconds=min_seconds)
+                             min_seconds=min_seconds, warm_ms=warm if min(map(len, warm)) >= warmup else None)
         report.latency_float_ms, report.latency_quant_ms = timing.medians_ms
         report.timing_method = timing.method()
         report.timed_calls = sum(count for _, count in timed)
         report.timed_shapes = describe_shapes(feeds)
     return report
+
+
+def _timed_run(session, names: list[str], batch: Batch, latencies_ms: list[float] | None) -> list:
+    """`session.run(names, batch)`, its latency appended to `latencies_ms` when given."""
+    started = time.perf_counter()
+    outputs = session.run(names, batch)
+    if latencies_ms is not None:
+        latencies_ms.append(1000 * (time.perf_counter() - started))
+    return outputs
 
 
 def _add_label_accuracy(report: VerifyReport, errors: dict[str, OutputErrors], labels: np.ndarray) -> None:

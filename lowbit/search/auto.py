@@ -16,10 +16,10 @@
     -> each candidate: built from the one calibration (no model run), scored on a bounded, evenly
        spaced subset of the evaluation batches (SCORE_SECONDS of float compute, at least
        MIN_SCORED_BATCHES, and MIN_SCORED_POSITIONS positions of per-position class scores; all
-       of them with labels) against float outputs computed once; the
-       written model is verified on all of them; the candidates within the budget are timed
-       against the float model as the user gave it, the candidate as it will be written (no shape
-       annotations), interleaved, same session options, median (`lowbit.onnx.timing.time_models`),
+       of them with labels) against float outputs computed once by the model as the user gave it;
+       the written model is verified on all of them; the candidates within the budget are timed
+       against that float model, the candidate as it will be written (no shape annotations),
+       interleaved, same session options, median (`lowbit.onnx.timing.time_models`),
        with enough repeats to cover MIN_TIMED_SECONDS per model (sub-millisecond models too)
     -> close calls are timed again, together in one interleaved run with the float model: the
        candidates within RETIME_BAND of the fastest, and a fastest one within RETIME_BAND of float
@@ -32,9 +32,10 @@
        accurate beats it: the noise is SPEED_NOISE, or the float model's measured spread in that
        run when larger); none within budget: the most accurate, said plainly.
 
-Memory: the float outputs are computed after calibration (whose peak is the run's peak) with a
-session closed right after; only the candidates within the budget (or, while none is, the most
-accurate one) are kept; the float model is opened again, as the user gave it, at the first timing.
+Memory: the float outputs are computed after calibration (whose peak is the run's peak), by the
+model as the user gave it, in the session the timings and the final verification use too (which
+reuses those outputs instead of running the float model on those batches again); only the
+candidates within the budget (or, while none is, the most accurate one) are kept.
 
 Only equalization needs a second calibration (it rescales activations per channel, so ranges of
 the unequalized graph do not carry over); it runs only when the statistics say it can matter, and
@@ -57,13 +58,14 @@ from lowbit.onnx.cpu import cpu_flags
 from lowbit.onnx.dynamic import plan_dynamic, write_dynamic
 from lowbit.onnx.equalize import find_chains
 from lowbit.onnx.io import drop_shape_annotations
-from lowbit.onnx.pipeline import StaticPipeline, activation_channel_spread, weight_channel_spread
+from lowbit.onnx.pipeline import (FirstRows, StaticPipeline, activation_channel_spread, channel_spreads,
+                                  input_channel_peaks, weight_channel_spread)
 from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
 from lowbit.onnx.registry import rule_for
-from lowbit.onnx.session import make_session
+from lowbit.onnx.session import default_threads, make_session
 from lowbit.onnx.timing import evenly_spaced, representative_feeds, time_models
-from lowbit.onnx.verify import (OutputErrors, OutputFidelity, batches_with_calls, label_accuracy,
-                                looks_like_class_scores, looks_like_position_scores)
+from lowbit.onnx.verify import (FloatReference, OutputErrors, OutputFidelity, batches_with_calls, label_accuracy,
+                               looks_like_class_scores, looks_like_position_scores)
 from lowbit.plan import QuantPlan
 
 # A MatMul input whose min/max range is this many times its 99.99th-percentile range is
@@ -165,15 +167,20 @@ class AutoReport:
 
 
 class _Scorer:
-    """Float outputs computed once; each candidate scored on them with the quantize table's
-    metrics (`verify.OutputErrors`: every output shape, counted in calls) and timed against float.
-    With a `labels` array in the evaluation data, "top1" is accuracy against the labels."""
+    """Float outputs computed once, by the model as the user gave it; each candidate scored on them
+    with the quantize table's metrics (`verify.OutputErrors`: every output shape, counted in calls)
+    and timed against float. With a `labels` array in the evaluation data, "top1" is accuracy
+    against the labels. The final verification reuses the float session and its outputs
+    (`reference`): the float model runs on each evaluation batch once in the whole quantize
+    (and once more on the first, to time it)."""
 
-    def __init__(self, reference: onnx.ModelProto, run: RunInputs, metric: str) -> None:
-        self.threads = run.threads
+    def __init__(self, run: RunInputs, metric: str) -> None:
+        # The thread count the final verification times with, so that both timings and the float
+        # outputs it reuses come from sessions with the same, stated options.
+        self.threads = run.threads or default_threads()
         self.float_path = run.model_path
         self._float_session = None
-        session = make_session(reference, threads=run.threads)  # closed below: only its outputs are kept
+        session = self.float_session()
         self.names = [o.name for o in session.get_outputs()]
         batches = list(batches_with_calls(run.eval_set, run.batch_size))
         feeds = [b for b, _ in batches]
@@ -193,6 +200,7 @@ class _Scorer:
         scored = list(range(len(feeds)))
         if run.eval_set.labels is None and len(feeds) > wanted:
             scored = evenly_spaced(len(feeds), wanted)
+        self.scored = scored
         self.batches, self.calls = [feeds[i] for i in scored], [batches[i][1] for i in scored]
         self.expected = [first if i == 0 else session.run(self.names, feeds[i]) for i in scored]
         self.scored_calls = sum(c or 1 for c in self.calls)
@@ -205,7 +213,6 @@ class _Scorer:
             for feed in self.timing_feeds:
                 session.run(self.names, feed)
             latency = time.perf_counter() - started
-        del session
         runs = math.ceil(MIN_TIMED_SECONDS / max(latency, 1e-6))
         self.repeats = int(min(MAX_TIMING_REPEATS, max(TIMING_REPEATS, runs)))
         self.classifier = any(looks_like_class_scores(np.asarray(o)) for o in self.expected[0])
@@ -214,22 +221,29 @@ class _Scorer:
         self.labels = labels
         self.float_accuracy = label_accuracy(self.expected, self.calls, labels) if labels is not None else None
 
-    def fidelity(self, session) -> tuple[float, float | None, float | None, OutputFidelity | None]:
+    def reference(self, kept: _Built) -> FloatReference:
+        """The float session, its outputs on the scored batches and the kept candidate's errors on
+        them, for the final verification (the written model is that candidate, its plan added)."""
+        return FloatReference(self.float_session(), dict(zip(self.scored, self.expected)), kept.errors)
+
+    def fidelity(self, session) -> tuple[float, float | None, float | None, OutputFidelity | None,
+                                         dict[str, OutputErrors]]:
         """(worst output's mean cosine, top-1 agreement with float, accuracy against the labels, the
-        per-position class-score output with the most expected flips, if any)."""
+        per-position class-score output with the most expected flips if any, the errors of each
+        output on the scored batches)."""
         runs = [session.run(self.names, b) for b in self.batches]
-        errors: dict[int, OutputErrors] = {}
+        errors: dict[str, OutputErrors] = {}
         for outputs, expected, calls in zip(runs, self.expected, self.calls):
-            for i, (ref, got) in enumerate(zip(expected, outputs)):
+            for name, ref, got in zip(self.names, expected, outputs):
                 if np.asarray(ref).dtype.kind == "f" and np.asarray(ref).size:
-                    errors.setdefault(i, OutputErrors(self.names[i])).add(ref, got, calls)
+                    errors.setdefault(name, OutputErrors(name)).add(ref, got, calls)
         results = [e.result() for e in errors.values()]
         cosine = min((r.cosine_mean for r in results), default=1.0)
         top1 = next((r.top1_agreement for r in results if r.top1_agreement is not None), None)
         accuracy = label_accuracy(runs, self.calls, self.labels) if self.labels is not None else None
         positions = max((r for r in results if r.position_disagreement is not None),
                         key=lambda r: r.position_disagreement, default=None)
-        return cosine, top1, accuracy, positions
+        return cosine, top1, accuracy, positions, errors
 
     def drop(self, cosine: float, top1: float | None, accuracy: float | None) -> float:
         if accuracy is not None:
@@ -237,7 +251,8 @@ class _Scorer:
         return 1.0 - (top1 if self.metric == "top1" and top1 is not None else cosine)
 
     def float_session(self):
-        """The model as the user gave it (what the final verification times), opened at the first timing."""
+        """The model as the user gave it: what the candidates are scored against and the final
+        verification compares with and times."""
         if self._float_session is None:
             self._float_session = make_session(self.float_path, threads=self.threads)
         return self._float_session
@@ -265,10 +280,13 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
                                  exclude=config.exclude, calib_memory_mb=config.calib_memory_mb)
     # Bias correction's channel means come from the calibration pass itself when it may be tried.
     built = ("bias_correction",) if _has_biased_conv(model) else ()
+    # The Conv inputs' channel peaks equalization's trial depends on, measured along the calibration.
+    stacked = run.calib.feed_batch_size(run.batch_size) > 1  # else each run is one call, whole
+    peaks = FirstRows(input_channel_peaks(model), min(4, run.batch_size) if stacked else None)
     pipeline = StaticPipeline(model, static_config, run.calib, batch_size=run.batch_size, threads=run.threads,
-                              source=run.model_path.name).calibrate(built=built)
+                              source=run.model_path.name).calibrate(built=built, also=(peaks,))
     # After calibration, whose peak memory is the run's peak: the float outputs are not held through it.
-    scorer = _Scorer(model, run, config.metric)
+    scorer = _Scorer(run, config.metric)
     max_drop = config.max_drop if config.max_drop is not None else DEFAULT_MAX_DROP[scorer.metric]
     search = _Search(scorer, max_drop, run, config, deadline)
     skipped: list[str] = []
@@ -296,7 +314,7 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
         skipped.append("int8/float per layer kind by speed: " + (
             "the static candidate is over budget" if base is not None and not base.met else "speed not measured"))
 
-    worth, why = _equalization_worth(pipeline, profile, run)
+    worth, why = _equalization_worth(pipeline, profile, run, peaks.reducer)
     if worth:
         eq_config = StaticConfig(calib_method=config.calib_method, per_channel=True, exclude=config.exclude,
                                  equalize=True, calib_memory_mb=config.calib_memory_mb)
@@ -375,13 +393,15 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
             f"no faster than (within the {100 * search.noise:.0f}% timing noise of)"
         warnings.append(f"every candidate within the budget is {slower} float on this CPU (best {winner} at "
                         f"{trial.speedup:.2f}x); keep the float model where speed matters")
-    return Handled(candidate.model, plan, pipeline.seconds, warnings, auto=report, float_model=pipeline.model)
+    return Handled(candidate.model, plan, pipeline.seconds, warnings, auto=report, float_model=pipeline.model,
+                   reference=scorer.reference(candidate))
 
 
 @dataclass
 class _Built:
     model: onnx.ModelProto
     plan: QuantPlan
+    errors: dict[str, OutputErrors] | None = None  # per output, on the scored batches (`_Scorer.fidelity`)
 
 
 class _Search:
@@ -402,8 +422,8 @@ class _Search:
         # Timed as it will be written: with lowbit's shape annotations left in, ONNX Runtime fuses
         # differently (`io.drop_shape_annotations`) and the search would time another model.
         drop_shape_annotations(candidate.model)
-        session = make_session(candidate.model, threads=self.run.threads)
-        cosine, top1, accuracy, positions = self.scorer.fidelity(session)
+        session = make_session(candidate.model, threads=self.scorer.threads)
+        cosine, top1, accuracy, positions, errors = self.scorer.fidelity(session)
         drop = self.scorer.drop(cosine, top1, accuracy)
         trial = Trial(name, cosine, top1, drop, drop <= self.max_drop + 1e-12,
                       size_bytes=candidate.model.ByteSize(), note=note, accuracy=accuracy)
@@ -414,7 +434,7 @@ class _Search:
             trial.speedup = self.scorer.speedup(session)
         trial.seconds = time.perf_counter() - t0
         self.trials.append(trial)
-        self.built[name] = _Built(candidate.model, candidate.plan)
+        self.built[name] = _Built(candidate.model, candidate.plan, errors)
         del session, candidate
         self._keep_needed()
         return trial
@@ -439,7 +459,7 @@ class _Search:
         close = [t for t in timed if t.speedup >= timed[0].speedup * (1 - RETIME_BAND)][:MAX_RETIMED]
         if len(close) < 2 and abs(timed[0].speedup - 1.0) > RETIME_BAND:
             return
-        sessions = [make_session(self.built[t.name].model, threads=self.run.threads) for t in close]
+        sessions = [make_session(self.built[t.name].model, threads=self.scorer.threads) for t in close]
         speedups, spread = self.scorer.retime(sessions)
         del sessions
         for trial, speedup in zip(close, speedups):
@@ -605,17 +625,22 @@ def _with_float(pipeline: StaticPipeline, per_channel: bool, nodes: list[str]) -
     return _Built(candidate.model, candidate.plan)
 
 
-def _equalization_worth(pipeline: StaticPipeline, profile: dict, run: RunInputs) -> tuple[bool, str]:
+def _equalization_worth(pipeline: StaticPipeline, profile: dict, run: RunInputs, peaks) -> tuple[bool, str]:
     """Equalization is tried when some Conv chain can be equalized and either a weight's channel
-    ranges or a Conv input's channel peaks are far apart (measured)."""
+    ranges or a Conv input's channel peaks are far apart (measured; `peaks`: the Conv inputs'
+    channel peaks on the first calibration batch, measured by the calibration pass)."""
     if not profile["convs"]:
         return False, "no Conv"
     if not find_chains(pipeline.model, set(pipeline.exclude)):
         return False, "no Conv -> Conv chain it could rebalance"
     plan = pipeline.build(per_channel=False).plan
     spread = max(weight_channel_spread(pipeline.model, plan).values(), default=1.0)
-    act = max(activation_channel_spread(pipeline.model, run.calib, batch_size=min(4, run.batch_size),
-                                        threads=run.threads).values(), default=1.0)
+    if set(input_channel_peaks(pipeline.model).tensors) <= set(peaks.shapes):
+        spreads = channel_spreads(peaks)
+    else:  # a graph pass renamed some Conv input: one batch of its own
+        spreads = activation_channel_spread(pipeline.model, run.calib, batch_size=min(4, run.batch_size),
+                                            threads=run.threads)
+    act = max(spreads.values(), default=1.0)
     if spread > WEIGHT_SPREAD or act > ACTIVATION_SPREAD:
         return True, f"measured: weight channel spread {spread:,.0f}x, activation channel spread {act:,.0f}x"
     return False, (f"channels already balanced (weight spread {spread:,.0f}x <= {WEIGHT_SPREAD:g}, activation "
