@@ -19,7 +19,8 @@ from lowbit.errors import CalibrationError, LowbitError
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.session import make_session
 from lowbit.onnx.timing import time_models
-from lowbit.onnx.verify import OutputErrors, compare_models, cosine_per_row
+from lowbit.onnx.verify import (FloatReference, OutputErrors, compare_models, cosine_per_row, expected_disagreement,
+                                looks_like_position_scores)
 
 # ----------------------------------------------------------------------------- metrics, by hand
 
@@ -61,6 +62,67 @@ def test_sequence_output_gets_per_frame_cosine_and_one_call_per_unbatched_run():
     assert errors.calls == 4 and result.frames == 12
     assert result.frame_cosine_mean == pytest.approx(1 / 3) and result.frame_cosine_min == pytest.approx(-1.0)
     assert result.cosine_mean == pytest.approx(1 / 3)  # per call: 16 of 24 agree, 8 opposite -> 8/24
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_expected_disagreement_pools_margin_errors_within_margin_deciles_by_hand():
+    margins, errors = [0.1, 0.2, 0.3, 0.4], [0.15, 0.0, 0.05, 0.0]
+    # Two bins: {0.1, 0.2} with errors {0.15, 0}: 0.1 is exceeded by 1 of 2, 0.2 by none;
+    # {0.3, 0.4} with errors {0.05, 0}: none. (0.5 + 0 + 0 + 0) / 4.
+    assert expected_disagreement(margins, errors, bins=2) == pytest.approx(0.125)
+    # One pool {0, 0, 0.05, 0.15}: 0.1 is exceeded by 1 of 4, the others by none.
+    assert expected_disagreement(margins, errors, bins=1) == pytest.approx(0.0625)
+    # Against a brute-force double loop on random data (deciles of the margin, ties included).
+    rng = np.random.default_rng(0)
+    m, e = rng.exponential(0.2, 503).round(2), rng.exponential(0.05, 503)
+    order = np.argsort(m, kind="stable")
+    reference = sum(sum(np.mean(e[chunk] > m[i]) for i in chunk) for chunk in np.array_split(order, 10)) / len(m)
+    assert expected_disagreement(m, e) == pytest.approx(reference)
+    assert expected_disagreement([], []) == 0.0
+
+
+def test_per_position_class_scores_are_told_by_their_values():
+    rng = np.random.default_rng(1)
+    probs = _softmax(rng.standard_normal((2, 30, 11)))
+    assert looks_like_position_scores(probs)  # (calls, frames, classes) softmax: a CTC recognizer
+    assert looks_like_position_scores(np.log(probs))  # log-softmax
+    assert looks_like_position_scores(_softmax(rng.standard_normal((1, 4, 6, 3))))  # per pixel
+    assert not looks_like_position_scores(probs[:, 0])  # (calls, classes): one decision a call (top-1)
+    assert not looks_like_position_scores(rng.standard_normal((2, 30, 11)))  # logits, embeddings
+    head = np.concatenate([rng.uniform(0, 320, (1, 4, 2100)), rng.uniform(0, 1, (1, 18, 2100))], 1)
+    assert not looks_like_position_scores(head)  # a detector head: boxes in pixels and class scores
+    assert not looks_like_position_scores(rng.uniform(0, 1, (1, 1, 64, 64)))  # a probability map
+    assert not looks_like_position_scores(probs * 0.9)  # does not sum to 1
+
+
+def test_per_position_agreement_against_numpy_and_calls_on_another_axis():
+    rng = np.random.default_rng(2)
+    ref = _softmax(rng.standard_normal((3, 40, 7)) * 3)
+    got = _softmax(np.log(ref) + rng.standard_normal(ref.shape) * 0.3)
+    errors = OutputErrors("probs")
+    errors.add(ref[:2], got[:2], calls=2)
+    errors.add(ref[2:].transpose(1, 0, 2), got[2:].transpose(1, 0, 2), calls=1)  # calls on axis 1
+    result = errors.result()
+    flat_ref, flat_got = ref.reshape(-1, 7), got.reshape(-1, 7)
+    assert result.positions == 120
+    assert result.position_agreement == pytest.approx(np.mean(flat_ref.argmax(1) == flat_got.argmax(1)))
+    top2 = np.argsort(flat_ref, axis=1)[:, -2:]  # runner-up, top-1
+    rows = np.arange(120)
+    margins = flat_ref[rows, top2[:, 1]] - flat_ref[rows, top2[:, 0]]
+    margin_errors = np.abs(flat_got[rows, top2[:, 1]] - flat_got[rows, top2[:, 0]] - margins)
+    assert result.position_disagreement == pytest.approx(expected_disagreement(margins, margin_errors), rel=1e-5)
+    assert 0 < result.position_disagreement < 1 and result.top1_agreement is None
+    assert "per position (120 positions" in _report_table(result)
+
+
+def _report_table(fidelity) -> str:
+    from lowbit.onnx.verify import VerifyReport
+
+    return VerifyReport([fidelity], 3, 100, 50).table()
 
 
 # ----------------------------------------------------------------------------- compare_models on ORT
@@ -317,6 +379,76 @@ def test_a_timed_run_passes_over_the_data_shapes_in_proportion(tmp_path):
     rows = {"x": np.ones((40, 16), np.float32)}
     report = compare_models(float_path, quant_path, CalibrationData(rows, onnx.load(float_path)), batch_size=16)
     assert report.timed_calls == 16 and report.timed_shapes == "16x16"  # batches of 16, 16 and a partial 8
+
+
+def test_verification_reuses_the_float_outputs_it_is_given_and_its_runs_are_the_timing_warm_up(tmp_path, monkeypatch):
+    """--mode auto hands the verification its float session and the outputs it computed on the
+    scored batches: the float model runs only on the other batches, the fidelity is the same, and
+    the verification's runs of the timed shape stand for the timing's warm-up runs."""
+    rng = np.random.default_rng(3)
+    weights = rng.standard_normal((16, 4))
+    float_path = _linear_model(tmp_path / "f.onnx", weights, np.zeros(4))
+    quant_path = _linear_model(tmp_path / "q.onnx", weights * 1.1, np.full(4, 0.1))
+    x = rng.standard_normal((40, 16)).astype(np.float32)  # 5 batches of 8, one shape
+    data = CalibrationData({"x": x}, onnx.load(float_path))
+
+    class Counting:  # the float session, its runs counted
+        def __init__(self, session):
+            self.session, self.runs = session, 0
+
+        def run(self, names, feed, *args):
+            self.runs += 1
+            return self.session.run(names, feed, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
+    session = Counting(make_session(float_path, threads=1))
+    known = {i: session.session.run(None, {"x": x[8 * i:8 * i + 8]}) for i in (0, 2)}
+    plain = compare_models(float_path, quant_path, data, batch_size=8, threads=1, speed=False)
+    reused = compare_models(float_path, quant_path, data, batch_size=8, threads=1, warmup=2, repeats=3,
+                            min_seconds=0, reference=FloatReference(session, known))
+    assert [o.__dict__ for o in reused.outputs] == [o.__dict__ for o in plain.outputs] and reused.calls == 40
+    # Batches 1, 3 and 4 in the verification, then one turn of 1 untimed + 3 timed runs: no warm-up runs.
+    assert session.runs == 3 + 1 + 3 and "after 3 warm-up" in reused.timing_method
+    assert reused.speedup is not None and len(reused.outputs) == 1
+
+    # With the quantized model's errors on those batches too (auto scored the candidate it wrote),
+    # the written model runs only on the others, and the report still covers all 40 calls.
+    import lowbit.onnx.verify as verify
+
+    quant = make_session(quant_path, threads=1)
+    scored = {"y": OutputErrors("y")}
+    for i in (0, 2):
+        scored["y"].add(known[i][0], quant.run(None, {"x": x[8 * i:8 * i + 8]})[0], 8)
+    opened = []
+    monkeypatch.setattr(verify, "make_session",
+                        lambda model, **kw: opened.append(Counting(make_session(model, **kw))) or opened[-1])
+    partial = compare_models(float_path, quant_path, data, batch_size=8, threads=1, speed=False,
+                             reference=FloatReference(session, known, scored))
+    assert [s.runs for s in opened] == [3] and partial.calls == 40
+    for mine, theirs in zip(partial.outputs, plain.outputs):
+        assert mine.cosine_mean == pytest.approx(theirs.cosine_mean, rel=1e-12)
+        assert mine.cosine_min == theirs.cosine_min and mine.max_abs_error == theirs.max_abs_error
+        assert mine.relative_error == pytest.approx(theirs.relative_error, rel=1e-12)
+
+
+def test_latencies_given_as_warm_up_decide_the_repeats_and_no_warm_up_runs_are_made():
+    class Runner:
+        def __init__(self):
+            self.calls = 0
+
+        def run(self, names, feed):
+            self.calls += 1
+
+    runners = [Runner(), Runner()]
+    # 2 ms a run (as measured by the caller), 0.1 s asked per model: 50 timed runs each, in 17 turns
+    # of one untimed run (fast models) plus up to 3 timed ones.
+    timing = time_models(runners, {}, threads=1, warmup=5, repeats=3, min_seconds=0.1, warm_ms=[[2.0, 2.0], [2.0]])
+    assert [len(t) for t in timing.latencies_ms] == [50, 50] and [r.calls for r in runners] == [17 + 50] * 2
+    assert "after 1 warm-up" in timing.method()
+    with pytest.raises(ValueError):
+        time_models(runners, {}, threads=1, warm_ms=[[2.0], []])
 
 
 def test_runs_of_many_milliseconds_go_without_the_untimed_run_per_turn():

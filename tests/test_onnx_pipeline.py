@@ -171,3 +171,23 @@ def test_equalized_calibration_measures_only_what_equalization_rescales(tmp_path
     # A pipeline that calibrated differently (another range method) is not reused.
     other = StaticPipeline(model, StaticConfig(), data, batch_size=8).calibrate()
     assert StaticPipeline(model, config, data, batch_size=8).changed_tensors(other) is None
+
+
+def test_conv_input_channel_peaks_measured_along_the_calibration_equal_a_pass_of_their_own(tmp_path):
+    """--mode auto reads the Conv inputs' channel spreads (whether equalization is worth a trial)
+    from the calibration pass: the first 4 samples of its first batch, as the separate pass over
+    one batch of 4 measured them."""
+    from lowbit.onnx.pipeline import FirstRows, activation_channel_spread, channel_spreads, input_channel_peaks
+
+    model = prepare_model(onnx.load(str(small_cnn(tmp_path / "cnn.onnx"))))
+    data = CalibrationData(str(image_calib(tmp_path / "calib.npz", n=32)), model_inputs(model))
+    peaks = FirstRows(input_channel_peaks(model), 4)
+    StaticPipeline(model, StaticConfig(), data, batch_size=16).calibrate(also=(peaks,))
+    along, alone = channel_spreads(peaks.reducer), activation_channel_spread(model, data, batch_size=4)
+    assert len(along) >= 2 and along.keys() == alone.keys() and max(alone.values()) > 1.0
+    for name, spread in alone.items():
+        assert along[name] == pytest.approx(spread, rel=1e-5)
+    everything = FirstRows(input_channel_peaks(model), None)  # rows None: the whole first batch (16)
+    StaticPipeline(model, StaticConfig(), data, batch_size=16).calibrate(also=(everything,))
+    assert channel_spreads(everything.reducer) == pytest.approx(activation_channel_spread(model, data, batch_size=16),
+                                                                rel=1e-5)

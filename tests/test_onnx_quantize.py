@@ -328,3 +328,18 @@ def test_dynamic_gemm_with_alpha_keeps_the_plans_weight_scales(tmp_path):
     assert not [n for n in inspect_model(out).notes if "changed after quantization" in n or "no longer" in n]
     stored = read_plan(out).quantized("weight")[0].qparams.scale
     np.testing.assert_array_equal(initializers(onnx.load(str(out)))["fc_W_scale"], stored)
+
+
+def test_quantizing_an_onnx_model_never_imports_torch(files, tmp_path):
+    """Importing torch costs 1.5-2.5 s of every `lowbit quantize`; the ONNX paths need none of it
+    (ONNX Runtime's symbolic shape inference is loaded without onnxruntime/tools/__init__.py, which
+    imports torch when installed)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from lowbit.cli import main; "
+              f"rc = main(['quantize', {str(files['cnn'])!r}, '-o', {str(tmp_path / 'q.onnx')!r}, "
+              f"'--calib', {str(files['cnn_calib'])!r}, '--no-speed']); "
+              "print('exit', rc, 'torch imported:', 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "exit 0 torch imported: False" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]

@@ -112,12 +112,13 @@ class StaticPipeline:
         self.records += records
         self.seconds += seconds
 
-    def calibrate(self, *, built: tuple[str, ...] = (), reuse: StaticPipeline | None = None) -> StaticPipeline:
+    def calibrate(self, *, built: tuple[str, ...] = (), reuse: StaticPipeline | None = None,
+                  also: tuple = ()) -> StaticPipeline:
         """Rewrite passes, planning, one calibration pass (see the module docstring for `built`
-        and `reuse`)."""
+        and `reuse`; `also`: more `statistics.Reducer`s fed along that pass)."""
         self._prefetch([p for p in PASSES if p.stage in ("graph", "planned") and p.enabled(self.config, self.ctx)])
         self.run_passes("graph")
-        self._plan_and_calibrate(run_planned=True, built=built, reuse=reuse)
+        self._plan_and_calibrate(run_planned=True, built=built, reuse=reuse, also=also)
         return self
 
     @classmethod
@@ -147,7 +148,7 @@ class StaticPipeline:
         self.seconds += time.perf_counter() - started
 
     def _plan_and_calibrate(self, *, run_planned: bool, built: tuple[str, ...] = (),
-                            reuse: StaticPipeline | None = None) -> None:
+                            reuse: StaticPipeline | None = None, also: tuple = ()) -> None:
         self.planner = self._planner(self.exclude, self.config.per_channel)
         if run_planned:
             self.ctx.planner = self.planner
@@ -168,7 +169,7 @@ class StaticPipeline:
             self.model, measured, self.data, method=self.config.calib_method, spec=ACTIVATION_SPEC,
             batch_size=self.ctx.batch_size, threads=self.ctx.threads,
             memory_budget_mb=self.config.calib_memory_mb or DEFAULT_MEMORY_BUDGET_MB,
-            also=[reducer for reducer, _ in reducers.values()])
+            also=[*(reducer for reducer, _ in reducers.values()), *also])
         if changed is not None:
             stats = _merged(stats, reuse.stats, tensors)
         self.stats = stats
@@ -330,15 +331,44 @@ def activation_channel_spread(model: onnx.ModelProto, data: CalibrationData, *, 
     `ops` node, on one batch of `data`: how much of one int8 scale the typical channel gets. A
     per-channel rescaling between layers (folded BatchNorm, dead units) shows up here, and
     cross-layer equalization is what evens it out."""
-    from lowbit.onnx.statistics import ChannelAbsMax, collect
+    from lowbit.onnx.statistics import collect
+
+    peaks = input_channel_peaks(model, ops=ops)
+    if not peaks.tensors:
+        return {}
+    collect(model, [data.first_batch(batch_size)], [peaks], threads=threads)
+    return channel_spreads(peaks)
+
+
+class FirstRows:
+    """A `statistics.Reducer` fed only the first `rows` samples (axis 0; None: all) of the first
+    batch it sees: one batch's statistics measured along a calibration pass, not in a pass of their own."""
+
+    def __init__(self, reducer, rows: int | None) -> None:
+        self.reducer, self.rows = reducer, rows
+        self.tensors = reducer.tensors
+        self._first = None
+
+    def update(self, name: str, value: np.ndarray, batch) -> None:
+        if self._first is None:
+            self._first = batch
+        if batch is self._first:
+            self.reducer.update(name, value[:self.rows] if self.rows and value.ndim else value, batch)
+
+
+def input_channel_peaks(model: onnx.ModelProto, *, ops: tuple[str, ...] = ("Conv",)):
+    """A `statistics.ChannelAbsMax` (axis 1) of every activation an `ops` node reads."""
+    from lowbit.onnx.statistics import ChannelAbsMax
 
     initializers = {t.name for t in model.graph.initializer}
     tensors = list(dict.fromkeys(n.input[0] for n in model.graph.node
                                  if n.op_type in ops and n.input and n.input[0] not in initializers))
-    if not tensors:
-        return {}
-    absmax = ChannelAbsMax(tensors, axis=1)
-    collect(model, [data.first_batch(batch_size)], [absmax], threads=threads)
+    return ChannelAbsMax(tensors, axis=1)
+
+
+def channel_spreads(absmax) -> dict[str, float]:
+    """Tensor -> max / median of its channel peaks (`activation_channel_spread`), from a
+    `ChannelAbsMax` that has seen the data."""
     spreads = {}
     for name, peaks in absmax.result().items():
         if name in absmax.non_float or len(absmax.shapes[name]) < 3 or peaks.size < 2:

@@ -16,10 +16,13 @@ yet (they would need ORT's external-initializer options).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import onnx
 import onnxruntime as ort
@@ -77,10 +80,10 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     pass; without it 2.6 s, the dims the same values in unsimplified form. None when it gives up."""
     import sympy
 
-    shape_infer = _ort_symbolic_shape_infer()
-    SymbolicShapeInference, get_opset = shape_infer.SymbolicShapeInference, shape_infer.get_opset  # noqa: N806
+    ort_inference = ort_symbolic_shape_infer()
+    get_opset = ort_inference.get_opset
 
-    class UnsimplifiedResize(SymbolicShapeInference):
+    class UnsimplifiedResize(ort_inference.SymbolicShapeInference):
         def _infer_Resize(self, node):  # noqa: N802 (ORT's dispatch name)
             simplify = sympy.simplify
             sympy.simplify = _unsimplified
@@ -93,33 +96,53 @@ def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
     if not opset or opset < 7:
         return None
     inference = UnsimplifiedResize(2**31 - 1, True, False, 0)
-    inference._preprocess(model)
-    done = False
-    while inference.run_:
-        done = inference._infer_impl()
-    inference._update_output_from_vi()
+    with _memoized_sympy_str():
+        inference._preprocess(model)
+        done = False
+        while inference.run_:
+            done = inference._infer_impl()
+        inference._update_output_from_vi()
     return inference.out_mp_ if done else None
 
 
-def _ort_symbolic_shape_infer():
-    """`onnxruntime.tools.symbolic_shape_infer`, without running `onnxruntime/tools/__init__.py`
-    when nothing has yet: that imports torch whenever it is installed (for an export helper shape
-    inference does not use), which cost a torch-free ONNX quantize run 2-4 s and ~160 MB
-    resident. The module itself needs only onnx, numpy, sympy and packaging. Loaded once, under a
-    name of lowbit's (the real name would be a submodule whose package was never imported)."""
-    import importlib.util
-    import sys
+@contextlib.contextmanager
+def _memoized_sympy_str() -> Iterator[None]:
+    """Print each sympy expression once: the inference names every computed dim by its printed
+    expression, node after node, and printing the same few dims (h/4 of a 736x992 detector, nested
+    through its Resizes) again and again was 70% of its time (0.6 s a pass)."""
+    import sympy
 
-    if "onnxruntime.tools" in sys.modules:
-        return importlib.import_module("onnxruntime.tools.symbolic_shape_infer")
-    name = "lowbit.onnx.ort_symbolic_shape_infer"
-    if name not in sys.modules:
-        path = Path(ort.__file__).parent / "tools" / "symbolic_shape_infer.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
+    printed: dict = {}
+    plain = sympy.Basic.__str__
+
+    def memoized(expression) -> str:
+        text = printed.get(expression)
+        if text is None:
+            text = printed[expression] = plain(expression)
+        return text
+
+    sympy.Basic.__str__ = memoized
+    try:
+        yield
+    finally:
+        del sympy.Basic.__str__  # Basic inherits __str__ (sympy's Printable): back to that
+
+
+def ort_symbolic_shape_infer() -> ModuleType:
+    """ONNX Runtime's `onnxruntime.tools.symbolic_shape_infer`, a self-contained module, loaded from
+    its file: importing it by name first runs `onnxruntime/tools/__init__.py`, which imports torch
+    whenever torch is installed (1.5-2.5 s of every `lowbit quantize`, for helpers lowbit never uses)."""
+    name = "onnxruntime.tools.symbolic_shape_infer"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(ort.__file__).parent / "tools" / "symbolic_shape_infer.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:  # an ONNX Runtime laid out otherwise: the ordinary import
+        return importlib.import_module(name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
 
 
 def _unsimplified(expression, *args, **kwargs):

@@ -35,7 +35,7 @@ from lowbit.onnx.io import drop_shape_annotations, load_model, save_model, size_
 from lowbit.onnx.explain import explain_outcome, nothing_dynamic_warning, per_tensor_range_warning
 from lowbit.onnx.pipeline import StaticPipeline, prepare_model, run_passes
 from lowbit.onnx.stored_plan import attach_plan, read_plan
-from lowbit.onnx.verify import VerifyReport, compare_models
+from lowbit.onnx.verify import FloatReference, VerifyReport, compare_models
 from lowbit.plan import QuantPlan
 
 
@@ -90,6 +90,7 @@ class Handled:
     warnings: list[str] = field(default_factory=list)
     auto: Any = None
     float_model: onnx.ModelProto | None = None  # the float model it quantized (for explaining a bad result)
+    reference: FloatReference | None = None  # the float session and outputs it computed (reused by the verification)
 
 
 def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike, config: QuantConfig | None = None,
@@ -134,7 +135,7 @@ def quantize_onnx(model_path: str | os.PathLike, output_path: str | os.PathLike,
     report = None
     if verify and eval_set is not None:
         report = compare_models(model_path, output_path, eval_set, batch_size=batch_size, threads=threads,
-                                speed=measure_speed)
+                                speed=measure_speed, reference=done.reference)
         warnings += explain_outcome(config, done, report, run)
     return QuantizeResult(output_path, plan, report, done.calibration_seconds, time.perf_counter() - started,
                           warnings, done.auto, config)

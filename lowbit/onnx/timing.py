@@ -120,7 +120,8 @@ def describe_shapes(feeds: Sequence[dict[str, np.ndarray]]) -> str:
 
 
 def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray] | Sequence[dict[str, np.ndarray]], *,
-                threads: int | None = None, warmup: int = 5, repeats: int = 30, min_seconds: float = 0.0) -> Timing:
+                threads: int | None = None, warmup: int = 5, repeats: int = 30, min_seconds: float = 0.0,
+                warm_ms: Sequence[Sequence[float]] | None = None) -> Timing:
     """Time `models` (paths, serialized bytes, ModelProtos, or sessions made by `make_session`) on
     `feed` (one feed, or a sequence of feeds: then a run is one pass over them, in order) with the
     method of the module docstring. Models given as files or protos get sessions with
@@ -130,7 +131,10 @@ def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray] | Seque
     LiteRT runners) are timed the same way; their threads are the caller's `threads`, which must be
     stated. `Timing.speedup` is models[0] / models[1]. `min_seconds`: time each model about
     this long per model (more repeats for fast models, up to MAX_REPEATS): a median of ten 3 ms runs
-    moves by tens of percent with one scheduler hiccup."""
+    moves by tens of percent with one scheduler hiccup. `warm_ms`: per model, the latencies (ms)
+    of runs equivalent to passes over `feed` that the caller has just made with these sessions,
+    after each session's first run (the quantize table's verification pass over the data): they
+    are the warm-up, and no other warm-up runs are made."""
     if not models:
         raise ValueError("time_models needs at least one model")
     if repeats < 1 or warmup < 0:
@@ -148,14 +152,19 @@ def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray] | Seque
         for each in feeds:
             session.run(None, each)
 
-    for session in sessions:
-        one_run(session)
-    warm_ms: list[list[float]] = [[] for _ in sessions]
-    for _ in range(warmup):
-        for i, session in enumerate(sessions):
-            start = time.perf_counter()
+    if warm_ms is not None:
+        if len(warm_ms) != len(sessions) or not all(warm_ms):
+            raise ValueError("warm_ms needs at least one latency per model")
+        warmup = min(len(runs) for runs in warm_ms)
+    else:
+        for session in sessions:
             one_run(session)
-            warm_ms[i].append(1000 * (time.perf_counter() - start))
+        warm_ms = [[] for _ in sessions]
+        for _ in range(warmup):
+            for i, session in enumerate(sessions):
+                start = time.perf_counter()
+                one_run(session)
+                warm_ms[i].append(1000 * (time.perf_counter() - start))
     untimed = 1
     if warmup:
         typical_ms = float(np.mean([np.median(runs) for runs in warm_ms]))

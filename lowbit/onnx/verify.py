@@ -9,7 +9,12 @@ evaluation arrays), whether the model runs it alone or stacked with others in a 
 - relative error (||quantized - float|| / ||float|| over every call) and max abs error, always;
 - per-frame cosine for sequence outputs (a call yields frames x features);
 - top-1 agreement for class scores (a call yields one vector of >= 2 scores), and, when the
-  evaluation data holds `labels`, the accuracy of both models against them and the drop.
+  evaluation data holds `labels`, the accuracy of both models against them and the drop;
+- per-position top-1 agreement for per-position class scores (`looks_like_position_scores`: a
+  probability or log-probability distribution over the last axis at every position of the float
+  output, e.g. a CTC recognizer's (calls, frames, classes) softmax): measured, and the expected
+  disagreement (`expected_disagreement`), a lower-variance estimate from every position's margin
+  error that `--mode auto` gates on (a cosine budget cannot see argmax flips between near-tied classes).
 
 Size before/after, and speed: both models timed by `lowbit.onnx.timing.time_models` (the method
 every lowbit speed figure uses) on the evaluation data: the first batch when every batch has the
@@ -20,6 +25,7 @@ states the calls and shapes timed; the data is read once more, for its shapes on
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +41,13 @@ from lowbit.onnx.timing import MIN_TIMED_SECONDS, describe_shapes, shape_key, ti
 # A call yielding fewer numbers than this gets its cosine across calls: the cosine of a 1-, 2- or
 # 3-vector barely moves with the error (1.0 exactly for one number of the same sign).
 MIN_VALUES_PER_CALL = 8
+# Per-position class scores: a float output whose last axis sums to 1 (probabilities) or whose
+# exponentials do (log-probabilities) within this, at every position.
+DISTRIBUTION_TOLERANCE = 1e-3
+# Positions per run kept for the expected disagreement (evenly spaced beyond that): bounded memory
+# for outputs with a class axis at every pixel.
+MAX_MARGINS_PER_RUN = 4096
+MARGIN_BINS = 10  # the expected disagreement pools margin errors within deciles of the float margin
 TIMING_WARMUP, TIMING_REPEATS = 2, 10  # the quantize table's timing (`lowbit bench` defaults to more repeats)
 
 
@@ -54,6 +67,9 @@ class OutputFidelity:
     frames: int = 0
     accuracy_float: float | None = None  # against the evaluation labels
     accuracy_quant: float | None = None
+    positions: int = 0  # per-position class scores: positions (calls x positions per call) compared
+    position_agreement: float | None = None  # share of positions whose arg-max class is float's
+    position_disagreement: float | None = None  # expected share of flipped positions (`expected_disagreement`)
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -114,6 +130,10 @@ class VerifyReport:
             top1 = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.2f}%"
             lines.append(f"{o.name[:24]:<24} {o.values_per_call:>11} {o.cosine_mean:>11.5f} {o.cosine_min:>10.5f} "
                          f"{o.cosine_basis:<12} {o.relative_error:>8.2e} {o.max_abs_error:>11.4g} {top1:>11}")
+            if o.position_agreement is not None:
+                lines.append(f"  {o.name[:22]} per position ({o.positions} positions, class = last axis): top-1 "
+                             f"agreement {100 * o.position_agreement:.2f}%, expected disagreement "
+                             f"{100 * o.position_disagreement:.3f}%")
             if o.frame_cosine_mean is not None:
                 lines.append(f"  {o.name[:22]} per frame ({o.frames} frames): cosine mean {o.frame_cosine_mean:.5f}, "
                              f"min {o.frame_cosine_min:.5f}")
@@ -150,6 +170,9 @@ class OutputErrors:
         self.agree = 0
         self.class_calls = 0
         self.predictions: list[tuple[np.ndarray, np.ndarray]] = []  # (float, quantized) arg-max per call
+        self.positions = self.position_agree = 0
+        self.margins: list[np.ndarray] = []  # per-position class scores: float's top-1 - runner-up margin
+        self.margin_errors: list[np.ndarray] = []  # |the candidate's margin between those classes - float's|
 
     def add(self, ref: np.ndarray, got: np.ndarray, calls: int | None) -> None:
         """One run's output. `calls`: how many calls the run stacked on axis 0; None when the run
@@ -171,6 +194,8 @@ class OutputErrors:
         self.got_sq += float((got * got).sum())
         self.diff_sq += float((diff * diff).sum())
         self.max_abs = max(self.max_abs, float(np.abs(diff).max()))
+        if looks_like_position_scores(ref):  # positions are positions whichever axis holds the calls
+            self._add_positions(ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1]))
         if not per_call_view:
             return
         self.call_cosines.append(cosine_per_row(ref, got))
@@ -181,6 +206,23 @@ class OutputErrors:
             self.agree += int((ref_class == got_class).sum())
             self.class_calls += ref.shape[0]
             self.predictions.append((ref_class, got_class))
+
+    def _add_positions(self, ref: np.ndarray, got: np.ndarray) -> None:
+        """(positions, classes) scores: arg-max agreement, and each position's float margin between
+        its top-1 and runner-up class with the candidate's error on that margin."""
+        self.positions += ref.shape[0]
+        self.position_agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        if ref.shape[0] > MAX_MARGINS_PER_RUN:
+            keep = np.linspace(0, ref.shape[0] - 1, MAX_MARGINS_PER_RUN).round().astype(int)
+            ref, got = ref[keep], got[keep]
+        rows = np.arange(ref.shape[0])
+        pair = np.argpartition(ref, -2, axis=-1)[:, -2:]  # the two highest float scores, unordered
+        first_higher = ref[rows, pair[:, 0]] >= ref[rows, pair[:, 1]]
+        top = np.where(first_higher, pair[:, 0], pair[:, 1])
+        runner_up = np.where(first_higher, pair[:, 1], pair[:, 0])
+        margin = ref[rows, top] - ref[rows, runner_up]
+        self.margins.append(margin.astype(np.float32))
+        self.margin_errors.append(np.abs(got[rows, top] - got[rows, runner_up] - margin).astype(np.float32))
 
     def result(self) -> OutputFidelity:
         across = _cosine(self.dot, self.ref_sq, self.got_sq)
@@ -194,6 +236,11 @@ class OutputErrors:
         fidelity = OutputFidelity(self.name, mean, low, self.max_abs,
                                   self.agree / self.class_calls if self.class_calls else None, basis, across,
                                   relative, self.values_per_call)
+        if self.positions:
+            fidelity.positions = self.positions
+            fidelity.position_agreement = self.position_agree / self.positions
+            fidelity.position_disagreement = expected_disagreement(np.concatenate(self.margins),
+                                                                   np.concatenate(self.margin_errors))
         if self.frame_cosines:
             frames = np.concatenate(self.frame_cosines)
             fidelity.frame_cosine_mean, fidelity.frame_cosine_min = float(frames.mean()), float(frames.min())
@@ -236,26 +283,62 @@ def label_accuracy(runs: list[list[np.ndarray]], calls: list[int | None], labels
                       "call (with more classes than the largest label); use --metric cosine, or drop the labels")
 
 
+@dataclass
+class FloatReference:
+    """An open session of the float model (made with the thread count the comparison uses) and
+    its outputs, already computed, on some of the evaluation batches (batch index -> outputs in
+    the session's output order): `compare_models` runs the float model only on the others.
+    `quant_errors`: the errors (per output name) the quantized model already measured on exactly
+    those batches, computed from the same graph as the written model (--mode auto scores the
+    candidate it then writes, with its plan added as metadata): without labels, and when there are
+    other batches, the written model then runs only on those, and the report covers every call."""
+
+    session: object
+    outputs: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    quant_errors: dict[str, OutputErrors] | None = None
+
+
 def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike, data: CalibrationData, *,
                    batch_size: int = 16, threads: int | None = None, speed: bool = True,
                    warmup: int = TIMING_WARMUP, repeats: int = TIMING_REPEATS,
-                   min_seconds: float = MIN_TIMED_SECONDS) -> VerifyReport:
-    """Run `data` through both models and measure fidelity, size and (optionally) speed."""
+                   min_seconds: float = MIN_TIMED_SECONDS, reference: FloatReference | None = None) -> VerifyReport:
+    """Run `data` through both models and measure fidelity, size and (optionally) speed.
+    `reference`: the float model's session and outputs a caller has already (see `FloatReference`)."""
     threads = threads or default_threads()
-    float_session = make_session(load_model(float_path), threads=threads)
+    float_session = reference.session if reference is not None else make_session(load_model(float_path),
+                                                                                   threads=threads)
+    known = reference.outputs if reference is not None else {}
     quant_session = make_session(load_model(quant_path), threads=threads)
     names = [o.name for o in float_session.get_outputs()]
     errors = {n: OutputErrors(n) for n in names}
+    shapes = [shape_key(b) for b in data.batches(batch_size)]
+    # Errors measured on the known batches already (their per-call order only matters with labels);
+    # the written model still runs on at least one batch.
+    measured = (reference is not None and reference.quant_errors is not None and data.labels is None
+                and any(index not in known for index in range(len(shapes))))
+    if measured:
+        errors.update(reference.quant_errors)
     calls = 0
     # The batches the timed run passes over (`timing.timed_indices`), kept as the data streams by.
-    wanted = set(timed_indices([shape_key(b) for b in data.batches(batch_size)])) if speed else set()
+    wanted = set(timed_indices(shapes)) if speed else set()
     timed: list[tuple[Batch, int]] = []
+    # Latency of the runs below on batches shaped like the timed one (a single timed batch): they
+    # warm both sessions up as the timing's own warm-up runs would (`time_models(warm_ms=)`).
+    timed_shape = shapes[min(wanted)] if len(wanted) == 1 else None
+    warm_ms: list[list[float]] = [[], []]
     for index, (batch, run_calls) in enumerate(batches_with_calls(data, batch_size)):
         if index in wanted:
             timed.append((batch, run_calls or 1))
-        reference = float_session.run(names, batch)
-        candidate = quant_session.run(names, batch)
-        for name, ref, got in zip(names, reference, candidate):
+        same_shape = timed_shape is not None and shape_key(batch) == timed_shape
+        if measured and index in known:
+            calls += run_calls or 1
+            continue
+        if index in known:
+            reference_outputs = known[index]
+        else:
+            reference_outputs = _timed_run(float_session, names, batch, warm_ms[0] if same_shape else None)
+        candidate = _timed_run(quant_session, names, batch, warm_ms[1] if same_shape else None)
+        for name, ref, got in zip(names, reference_outputs, candidate):
             ref, got = np.asarray(ref), np.asarray(got)
             if ref.dtype.kind != "f" or ref.size == 0:
                 continue
@@ -268,13 +351,27 @@ def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike,
         _add_label_accuracy(report, errors, labels[:calls])
     if speed:
         feeds = [batch for batch, _ in timed]
+        # A session's first run allocates: it is no warm-up sample. Too few samples: the timing warms up itself.
+        if known:
+            warm = [warm_ms[0], warm_ms[1][1:]]
+        else:
+            warm = [warm_ms[0][1:], warm_ms[1][1:]]
         timing = time_models([float_session, quant_session], feeds, warmup=warmup, repeats=repeats,
-                             min_seconds=min_seconds)
+                             min_seconds=min_seconds, warm_ms=warm if min(map(len, warm)) >= warmup else None)
         report.latency_float_ms, report.latency_quant_ms = timing.medians_ms
         report.timing_method = timing.method()
         report.timed_calls = sum(count for _, count in timed)
         report.timed_shapes = describe_shapes(feeds)
     return report
+
+
+def _timed_run(session, names: list[str], batch: Batch, latencies_ms: list[float] | None) -> list:
+    """`session.run(names, batch)`, its latency appended to `latencies_ms` when given."""
+    started = time.perf_counter()
+    outputs = session.run(names, batch)
+    if latencies_ms is not None:
+        latencies_ms.append(1000 * (time.perf_counter() - started))
+    return outputs
 
 
 def _add_label_accuracy(report: VerifyReport, errors: dict[str, OutputErrors], labels: np.ndarray) -> None:
@@ -312,6 +409,40 @@ def cosine_per_row(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
 def looks_like_class_scores(ref: np.ndarray) -> bool:
     """2-D (calls, classes) with at least two classes."""
     return ref.ndim == 2 and ref.shape[1] >= 2
+
+
+def looks_like_position_scores(ref: np.ndarray) -> bool:
+    """(calls, positions..., classes) with >= 2 classes, holding a probability distribution over the
+    last axis at every position: non-negative and summing to 1 (a softmax), or non-positive with
+    exponentials summing to 1 (a log-softmax), within DISTRIBUTION_TOLERANCE. By values, so no false
+    positives from detector heads (boxes in pixels), embeddings or feature maps; raw logits are not
+    recognized (nothing in their values tells a class axis from features)."""
+    if ref.ndim < 3 or ref.shape[-1] < 2 or ref.dtype.kind != "f" or not ref.size:
+        return False
+    ref = np.asarray(ref, np.float64)
+    if ref.min() >= -DISTRIBUTION_TOLERANCE:
+        return bool(np.abs(ref.sum(-1) - 1).max() <= DISTRIBUTION_TOLERANCE)
+    if ref.max() <= DISTRIBUTION_TOLERANCE:
+        return bool(np.abs(np.exp(ref).sum(-1) - 1).max() <= DISTRIBUTION_TOLERANCE)
+    return False
+
+
+def expected_disagreement(margins: np.ndarray, errors: np.ndarray, bins: int = MARGIN_BINS) -> float:
+    """Expected share of positions whose arg-max flips, from every position's float margin (top-1
+    minus runner-up score) and the candidate's error on it (a flip: error > margin). Counting the
+    flips themselves rests on the few near-tied positions a small evaluation set holds (2 or 3 of
+    ~900 on a CTC recognizer's scored frames); here each position's flip probability is the share
+    of the errors measured at positions of similar float margin (the same decile) that exceed its
+    margin, so every position's error counts. Errors grow where float is near a tie (transitions),
+    hence the deciles rather than one pool."""
+    margins, errors = np.asarray(margins, np.float64).ravel(), np.asarray(errors, np.float64).ravel()
+    if not margins.size:
+        return 0.0
+    flipped = 0.0
+    for chunk in np.array_split(np.argsort(margins, kind="stable"), min(bins, margins.size)):
+        pooled = np.sort(errors[chunk])
+        flipped += float((pooled.size - np.searchsorted(pooled, margins[chunk], side="right")).sum()) / pooled.size
+    return flipped / margins.size
 
 
 def _cosine(dot: float, a_sq: float, b_sq: float) -> float:

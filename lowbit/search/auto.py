@@ -15,28 +15,35 @@
            then the kinds that measured faster in float all together (int8 where it pays)
     -> each candidate: built from the one calibration (no model run), scored on a bounded, evenly
        spaced subset of the evaluation batches (SCORE_SECONDS of float compute, at least
-       MIN_SCORED_BATCHES; all of them with labels) against float outputs computed once; the
-       written model is verified on all of them; the candidates within the budget are timed
-       against the float model as the user gave it, the candidate as it will be written (no shape
-       annotations), interleaved, same session options, median (`lowbit.onnx.timing.time_models`),
+       MIN_SCORED_BATCHES, and MIN_SCORED_POSITIONS positions of per-position class scores; all
+       of them with labels) against float outputs computed once by the model as the user gave it;
+       the written model is verified on all of them; the candidates within the budget are timed
+       against that float model, the candidate as it will be written (no shape annotations),
+       interleaved, same session options, median (`lowbit.onnx.timing.time_models`),
        with enough repeats to cover MIN_TIMED_SECONDS per model (sub-millisecond models too)
     -> close calls are timed again, together in one interleaved run with the float model: the
        candidates within RETIME_BAND of the fastest, and a fastest one within RETIME_BAND of float
+       A model with per-position class scores (`verify.looks_like_position_scores`, e.g. a CTC
+       recognizer's softmax frames) is also gated on its decisions: a candidate whose expected
+       share of flipped arg-max positions (`verify.expected_disagreement`) is over
+       `AutoConfig.max_position_drop` is over budget whatever its cosine (a cosine budget cannot
+       see flips between near-tied classes: the float model's near-ties are where strings change)
     -> the fastest within budget wins (a candidate within the timing noise of the fastest but more
        accurate beats it: the noise is SPEED_NOISE, or the float model's measured spread in that
        run when larger); none within budget: the most accurate, said plainly.
 
-Memory: the float outputs are computed after calibration with a session closed right after; the
-float model is opened again, as the user gave it, at the first timing and stays open. One candidate
-is in memory at a time: built, serialized, its model freed, scored and timed in one session that
-is closed before the next is built. The candidates that can still win (within the budget, or while
-none is, the most accurate) are kept as files in a temporary folder, read back only for the
-re-timing and the winner. Freed memory is handed back to the OS after each (glibc keeps a closed
-session's buffers resident otherwise). Bound: the static run's footprint after calibration + the
-float session + one candidate session (+ at most MAX_RETIMED - 1 more candidate sessions during the
-re-timing, of candidates within RETIME_BAND of the fastest). ResNet-18-style at 16x3x224x224:
-975 MB against the static run's 675 MB; the difference is the float session and a candidate
-with float Convs (each ~250 MB at that batch).
+Memory: the float outputs are computed after calibration, by the model as the user gave it, in
+the session the timings and the final verification use too (which reuses those outputs instead of
+running the float model on those batches again). One candidate is in memory at a time: built,
+serialized, its model freed, scored and timed in one session that is closed before the next is
+built. The candidates that can still win (within the budget, or while none is, the closest) are
+kept as files in a temporary folder, read back only for the re-timing and the winner. Freed memory
+is handed back to the OS after each (glibc keeps a closed session's buffers resident otherwise).
+Bound: the static run's footprint after calibration + the float session + one candidate session
+(+ at most MAX_RETIMED - 1 more candidate sessions during the re-timing, of candidates within
+RETIME_BAND of the fastest). ResNet-18-style at 16x3x224x224: 983 MB against the static run's
+678 MB; the difference is the float session and a candidate with float Convs (~250-300 MB each
+at that batch).
 
 Only equalization needs a second calibration (it rescales activations per channel, so ranges of
 the unequalized graph do not carry over); it runs only when the statistics say it can matter, and
@@ -61,12 +68,14 @@ from lowbit.onnx.cpu import cpu_flags
 from lowbit.onnx.dynamic import plan_dynamic, write_dynamic
 from lowbit.onnx.equalize import find_chains
 from lowbit.onnx.io import drop_shape_annotations
-from lowbit.onnx.pipeline import StaticPipeline, activation_channel_spread, weight_channel_spread
+from lowbit.onnx.pipeline import (FirstRows, StaticPipeline, activation_channel_spread, channel_spreads,
+                                  input_channel_peaks, weight_channel_spread)
 from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
 from lowbit.onnx.registry import rule_for
-from lowbit.onnx.session import make_session, return_freed_memory
+from lowbit.onnx.session import default_threads, make_session, return_freed_memory
 from lowbit.onnx.timing import evenly_spaced, representative_feeds, time_models
-from lowbit.onnx.verify import OutputErrors, batches_with_calls, label_accuracy, looks_like_class_scores
+from lowbit.onnx.verify import (FloatReference, OutputErrors, OutputFidelity, batches_with_calls, label_accuracy,
+                               looks_like_class_scores, looks_like_position_scores)
 from lowbit.plan import QuantPlan
 
 # A MatMul input whose min/max range is this many times its 99.99th-percentile range is
@@ -84,6 +93,11 @@ MIN_TIMED_SECONDS = 0.3  # per model and timing: a 0.1 ms model gets hundreds of
 # least MIN_SCORED_BATCHES: on a 736x1088 text detector (0.13 s a call) 4 of 8 calls per candidate.
 SCORE_SECONDS = 0.5
 MIN_SCORED_BATCHES = 4
+# Per-position class scores: batches holding this many positions are scored. The expected
+# disagreement rests on the float model's near-ties, which few calls hardly hold: on PP-OCRv4 rec
+# (~70 frames a line), random 8-line subsets of 240 lines put dynamic int8 at 0.09-0.79% (5-95%),
+# 24-line subsets at 0.17-0.54% (0.30% measured on all 240).
+MIN_SCORED_POSITIONS = 4000
 RETIME_BAND = 0.15  # candidates this close to the fastest (or the fastest this close to float) are timed again
 MAX_RETIMED = 3  # candidates timed together in that second run (each holds a session)
 # Weight-only kernels (MatMulNBits) dequantize weights and compute in float: they win when the
@@ -107,6 +121,8 @@ class Trial:
     seconds: float = 0.0
     note: str = ""
     accuracy: float | None = None  # against the evaluation labels, when the data holds them
+    position_top1: float | None = None  # per-position class scores: measured arg-max agreement
+    position_drop: float | None = None  # ... and the expected share of flipped positions (gated)
 
 
 @dataclass
@@ -121,30 +137,39 @@ class AutoReport:
     skipped: list[str] = field(default_factory=list)  # candidates the statistics ruled out, and why
     scored_calls: int = 0  # evaluation calls each candidate was scored on
     total_calls: int = 0  # of the evaluation calls the written model is verified on
+    max_position_drop: float | None = None  # the decision gate, when an output has per-position class scores
 
     def to_dict(self) -> dict:
         return {"metric": self.metric, "max_drop": self.max_drop, "winner": self.winner, "reason": self.reason,
                 "seconds": self.seconds, "calibrations": self.calibrations, "skipped": self.skipped,
                 "scored_calls": self.scored_calls, "total_calls": self.total_calls,
+                "max_position_drop": self.max_position_drop,
                 "candidates": [asdict(t) for t in self.trials]}
 
     def table(self) -> str:
         labeled = any(t.accuracy is not None for t in self.trials)
         budget = (f"{'label accuracy' if labeled else 'top-1 agreement'} drop <= {100 * self.max_drop:g} pt"
                   if self.metric == "top1" else f"cosine drop <= {self.max_drop:g}")
+        if self.max_position_drop is not None:
+            budget += f" and expected per-position top-1 disagreement <= {100 * self.max_position_drop:g}%"
         scored = (f"; scored on {self.scored_calls} of the {self.total_calls} evaluation calls"
                   if self.scored_calls < self.total_calls else "")
+        positions = self.max_position_drop is not None
         lines = [f"auto: {len(self.trials)} candidates from {self.calibrations} calibration(s) in "
                  f"{self.seconds:.1f} s; budget {budget}{scored}",
                  f"  {'candidate':<52} {'top-1':>7} {'cosine':>8} {'speed':>7} {'size':>9}"
-                 + (f" {'accuracy':>9}" if labeled else "")]
+                 + (f" {'accuracy':>9}" if labeled else "")
+                 + (f" {'pos. top-1 (expected flips)':>27}" if positions else "")]
         for t in self.trials:
             mark = "*" if t.name == self.winner else (" " if t.met else "x")
             top1 = "-" if t.top1 is None else f"{100 * t.top1:.1f}%"
             speed = "-" if t.speedup is None else f"{t.speedup:.2f}x"
             accuracy = "" if not labeled else f" {'-' if t.accuracy is None else f'{100 * t.accuracy:.2f}%':>9}"
+            decisions = "" if not positions else " " + (
+                "-" if t.position_top1 is None else f"{100 * t.position_top1:.2f}% ({100 * t.position_drop:.3f}%)"
+            ).rjust(27)
             lines.append(f"{mark} {t.name:<52} {top1:>7} {t.cosine:>8.5f} {speed:>7} {_mb(t.size_bytes):>9}"
-                         + accuracy + (f"  {t.note}" if t.note else ""))
+                         + accuracy + decisions + (f"  {t.note}" if t.note else ""))
         lines.append("  (* kept, x over budget: not timed; speed = float latency / candidate latency, same run)")
         lines.extend(f"  skipped {s}" for s in self.skipped)
         lines.append(f"why: {self.reason}")
@@ -152,15 +177,20 @@ class AutoReport:
 
 
 class _Scorer:
-    """Float outputs computed once; each candidate scored on them with the quantize table's
-    metrics (`verify.OutputErrors`: every output shape, counted in calls) and timed against float.
-    With a `labels` array in the evaluation data, "top1" is accuracy against the labels."""
+    """Float outputs computed once, by the model as the user gave it; each candidate scored on them
+    with the quantize table's metrics (`verify.OutputErrors`: every output shape, counted in calls)
+    and timed against float. With a `labels` array in the evaluation data, "top1" is accuracy
+    against the labels. The final verification reuses the float session and its outputs
+    (`reference`): the float model runs on each evaluation batch once in the whole quantize
+    (and once more on the first, to time it)."""
 
-    def __init__(self, reference: onnx.ModelProto, run: RunInputs, metric: str) -> None:
-        self.threads = run.threads
+    def __init__(self, run: RunInputs, metric: str) -> None:
+        # The thread count the final verification times with, so that both timings and the float
+        # outputs it reuses come from sessions with the same, stated options.
+        self.threads = run.threads or default_threads()
         self.float_path = run.model_path
         self._float_session = None
-        session = make_session(reference, threads=run.threads)  # closed below: only its outputs are kept
+        session = self.float_session()
         self.names = [o.name for o in session.get_outputs()]
         batches = list(batches_with_calls(run.eval_set, run.batch_size))
         feeds = [b for b, _ in batches]
@@ -171,9 +201,16 @@ class _Scorer:
         per_batch = time.perf_counter() - started
         # Candidates are compared on a bounded, evenly spaced subset of the batches (all of them
         # when the data holds labels or is small); the written model is verified on all of them.
+        # Per-position class scores: enough batches for MIN_SCORED_POSITIONS positions.
+        positions = max((np.asarray(o).size // np.asarray(o).shape[-1] for o in first
+                         if looks_like_position_scores(np.asarray(o))), default=0)
+        self.position_scores = positions > 0
+        wanted = max(MIN_SCORED_BATCHES, int(SCORE_SECONDS / max(per_batch, 1e-6)),
+                     math.ceil(MIN_SCORED_POSITIONS / positions) if positions else 0)
         scored = list(range(len(feeds)))
-        if run.eval_set.labels is None and len(feeds) > MIN_SCORED_BATCHES:
-            scored = evenly_spaced(len(feeds), max(MIN_SCORED_BATCHES, int(SCORE_SECONDS / max(per_batch, 1e-6))))
+        if run.eval_set.labels is None and len(feeds) > wanted:
+            scored = evenly_spaced(len(feeds), wanted)
+        self.scored = scored
         self.batches, self.calls = [feeds[i] for i in scored], [batches[i][1] for i in scored]
         self.expected = [first if i == 0 else session.run(self.names, feeds[i]) for i in scored]
         self.scored_calls = sum(c or 1 for c in self.calls)
@@ -186,8 +223,6 @@ class _Scorer:
             for feed in self.timing_feeds:
                 session.run(self.names, feed)
             latency = time.perf_counter() - started
-        del session
-        return_freed_memory()
         runs = math.ceil(MIN_TIMED_SECONDS / max(latency, 1e-6))
         self.repeats = int(min(MAX_TIMING_REPEATS, max(TIMING_REPEATS, runs)))
         self.classifier = any(looks_like_class_scores(np.asarray(o)) for o in self.expected[0])
@@ -196,19 +231,29 @@ class _Scorer:
         self.labels = labels
         self.float_accuracy = label_accuracy(self.expected, self.calls, labels) if labels is not None else None
 
-    def fidelity(self, session) -> tuple[float, float | None, float | None]:
-        """(worst output's mean cosine, top-1 agreement with float, accuracy against the labels)."""
+    def reference(self, kept: _Built) -> FloatReference:
+        """The float session, its outputs on the scored batches and the kept candidate's errors on
+        them, for the final verification (the written model is that candidate, its plan added)."""
+        return FloatReference(self.float_session(), dict(zip(self.scored, self.expected)), kept.errors)
+
+    def fidelity(self, session) -> tuple[float, float | None, float | None, OutputFidelity | None,
+                                         dict[str, OutputErrors]]:
+        """(worst output's mean cosine, top-1 agreement with float, accuracy against the labels, the
+        per-position class-score output with the most expected flips if any, the errors of each
+        output on the scored batches)."""
         runs = [session.run(self.names, b) for b in self.batches]
-        errors: dict[int, OutputErrors] = {}
+        errors: dict[str, OutputErrors] = {}
         for outputs, expected, calls in zip(runs, self.expected, self.calls):
-            for i, (ref, got) in enumerate(zip(expected, outputs)):
+            for name, ref, got in zip(self.names, expected, outputs):
                 if np.asarray(ref).dtype.kind == "f" and np.asarray(ref).size:
-                    errors.setdefault(i, OutputErrors(self.names[i])).add(ref, got, calls)
+                    errors.setdefault(name, OutputErrors(name)).add(ref, got, calls)
         results = [e.result() for e in errors.values()]
         cosine = min((r.cosine_mean for r in results), default=1.0)
         top1 = next((r.top1_agreement for r in results if r.top1_agreement is not None), None)
         accuracy = label_accuracy(runs, self.calls, self.labels) if self.labels is not None else None
-        return cosine, top1, accuracy
+        positions = max((r for r in results if r.position_disagreement is not None),
+                        key=lambda r: r.position_disagreement, default=None)
+        return cosine, top1, accuracy, positions, errors
 
     def drop(self, cosine: float, top1: float | None, accuracy: float | None) -> float:
         if accuracy is not None:
@@ -216,7 +261,8 @@ class _Scorer:
         return 1.0 - (top1 if self.metric == "top1" and top1 is not None else cosine)
 
     def float_session(self):
-        """The model as the user gave it (what the final verification times), opened at the first timing."""
+        """The model as the user gave it: what the candidates are scored against and the final
+        verification compares with and times."""
         if self._float_session is None:
             self._float_session = make_session(self.float_path, threads=self.threads)
         return self._float_session
@@ -249,10 +295,13 @@ def _search(model: onnx.ModelProto, config: AutoConfig, run: RunInputs, folder: 
                                  exclude=config.exclude, calib_memory_mb=config.calib_memory_mb)
     # Bias correction's channel means come from the calibration pass itself when it may be tried.
     built = ("bias_correction",) if _has_biased_conv(model) else ()
+    # The Conv inputs' channel peaks equalization's trial depends on, measured along the calibration.
+    stacked = run.calib.feed_batch_size(run.batch_size) > 1  # else each run is one call, whole
+    peaks = FirstRows(input_channel_peaks(model), min(4, run.batch_size) if stacked else None)
     pipeline = StaticPipeline(model, static_config, run.calib, batch_size=run.batch_size, threads=run.threads,
-                              source=run.model_path.name).calibrate(built=built)
+                              source=run.model_path.name).calibrate(built=built, also=(peaks,))
     # After calibration: the float outputs are not held through it.
-    scorer = _Scorer(model, run, config.metric)
+    scorer = _Scorer(run, config.metric)
     max_drop = config.max_drop if config.max_drop is not None else DEFAULT_MAX_DROP[scorer.metric]
     search = _Search(scorer, max_drop, run, config, deadline, folder)
     skipped: list[str] = []
@@ -280,7 +329,7 @@ def _search(model: onnx.ModelProto, config: AutoConfig, run: RunInputs, folder: 
         skipped.append("int8/float per layer kind by speed: " + (
             "the static candidate is over budget" if base is not None and not base.met else "speed not measured"))
 
-    worth, why = _equalization_worth(pipeline, profile, run)
+    worth, why = _equalization_worth(pipeline, profile, run, peaks.reducer)
     if worth:
         eq_config = StaticConfig(calib_method=config.calib_method, per_channel=True, exclude=config.exclude,
                                  equalize=True, calib_memory_mb=config.calib_memory_mb)
@@ -338,15 +387,20 @@ def _search(model: onnx.ModelProto, config: AutoConfig, run: RunInputs, folder: 
     trial = next(t for t in search.trials if t.name == winner)
     candidate = search.load(winner)
     report = AutoReport(scorer.metric, max_drop, search.trials, winner, reason, time.perf_counter() - started,
-                        search.calibrations, skipped, scorer.scored_calls, scorer.total_calls)
+                        search.calibrations, skipped, scorer.scored_calls, scorer.total_calls,
+                        config.max_position_drop if scorer.position_scores else None)
     plan = candidate.plan
     plan.settings = {**plan.settings, "auto": {"winner": winner, "reason": reason, "metric": scorer.metric,
                                                "max_drop": max_drop, "met": trial.met,
+                                               "max_position_drop": report.max_position_drop,
                                                "candidates": [asdict(t) for t in search.trials]}}
     warnings = [] if trial.met else [
-        f"no candidate met the budget ({scorer.metric} drop <= {max_drop:g}); saved the most accurate one "
-        f"({winner}); loosen --max-drop, or let `--mode static --max-drop {max_drop:g}` fall the most sensitive "
-        "layers back to float"]
+        f"no candidate met the budget ({scorer.metric} drop <= {max_drop:g}"
+        + (f", expected per-position top-1 disagreement <= {config.max_position_drop:g}" if scorer.position_scores
+           else "")
+        + f"); saved the most accurate one ({winner}); loosen --max-drop"
+        + (" or --max-position-drop" if scorer.position_scores else "")
+        + f", or let `--mode static --max-drop {max_drop:g}` fall the most sensitive layers back to float"]
     if search.timed_out:
         warnings.append(f"the time limit of {config.time_limit:g} s ran out; the best candidate so far is saved")
     if all(t.speedup is not None and t.speedup < 1.0 for t in search.trials if t.met) and trial.met:
@@ -354,13 +408,15 @@ def _search(model: onnx.ModelProto, config: AutoConfig, run: RunInputs, folder: 
             f"no faster than (within the {100 * search.noise:.0f}% timing noise of)"
         warnings.append(f"every candidate within the budget is {slower} float on this CPU (best {winner} at "
                         f"{trial.speedup:.2f}x); keep the float model where speed matters")
-    return Handled(candidate.model, plan, pipeline.seconds, warnings, auto=report, float_model=pipeline.model)
+    return Handled(candidate.model, plan, pipeline.seconds, warnings, auto=report, float_model=pipeline.model,
+                   reference=scorer.reference(candidate))
 
 
 @dataclass
 class _Built:
     model: onnx.ModelProto
     plan: QuantPlan
+    errors: dict[str, OutputErrors] | None = None  # per output, on the scored batches (`_Scorer.fidelity`)
 
 
 @dataclass
@@ -369,6 +425,7 @@ class _Kept:
 
     path: Path
     plan: QuantPlan
+    errors: dict[str, OutputErrors] | None = None
 
 
 class _Search:
@@ -394,11 +451,14 @@ class _Search:
         payload, plan = candidate.model.SerializeToString(), candidate.plan  # the session's and the file's
         del candidate
         return_freed_memory()  # what building it left (copies of the float model) before a session opens
-        session = make_session(payload, threads=self.run.threads)
-        cosine, top1, accuracy = self.scorer.fidelity(session)
+        session = make_session(payload, threads=self.scorer.threads)
+        cosine, top1, accuracy, positions, errors = self.scorer.fidelity(session)
         drop = self.scorer.drop(cosine, top1, accuracy)
         trial = Trial(name, cosine, top1, drop, drop <= self.max_drop + 1e-12,
                       size_bytes=len(payload), note=note, accuracy=accuracy)
+        if positions is not None:
+            trial.position_top1, trial.position_drop = positions.position_agreement, positions.position_disagreement
+            trial.met = trial.met and trial.position_drop <= self.config.max_position_drop + 1e-12
         if trial.met and self.config.measure_speed and self.run.measure_speed:
             trial.speedup = self.scorer.speedup(session)
         del session
@@ -407,7 +467,7 @@ class _Search:
         if name in self._needed():
             path = self.folder / f"candidate{len(self.trials)}.onnx"
             path.write_bytes(payload)
-            self.kept[name] = _Kept(path, plan)
+            self.kept[name] = _Kept(path, plan, errors)
         del payload
         self._keep_needed()
         return_freed_memory()  # the session's buffers and the model's bytes
@@ -417,8 +477,8 @@ class _Search:
         return next((t for t in self.trials if t.name == name), None)
 
     def _needed(self) -> set[str]:
-        """The candidates that can still win: those within budget, or while none is, the most accurate."""
-        return {t.name for t in self.trials if t.met} or {max(self.trials, key=_fidelity_key).name}
+        """The candidates that can still win: those within budget, or while none is, the closest (`closest`)."""
+        return {t.name for t in self.trials if t.met} or {self.closest().name}
 
     def _keep_needed(self) -> None:
         """Delete the kept files of candidates that can no longer win."""
@@ -428,7 +488,8 @@ class _Search:
 
     def load(self, name: str) -> _Built:
         """A kept candidate, read back as it was scored and timed."""
-        return _Built(onnx.load_model(self.kept[name].path), self.kept[name].plan)
+        kept = self.kept[name]
+        return _Built(onnx.load_model(kept.path), kept.plan, kept.errors)
 
     def retime_close_calls(self) -> None:
         """Time the close calls again, together in one interleaved run with float, and take the
@@ -440,7 +501,7 @@ class _Search:
         close = [t for t in timed if t.speedup >= timed[0].speedup * (1 - RETIME_BAND)][:MAX_RETIMED]
         if len(close) < 2 and abs(timed[0].speedup - 1.0) > RETIME_BAND:
             return
-        sessions = [make_session(self.kept[t.name].path, threads=self.run.threads) for t in close]
+        sessions = [make_session(self.kept[t.name].path, threads=self.scorer.threads) for t in close]
         speedups, spread = self.scorer.retime(sessions)
         del sessions
         return_freed_memory()
@@ -453,7 +514,7 @@ class _Search:
     def choose(self) -> tuple[str, str]:
         met = [t for t in self.trials if t.met]
         if not met:
-            best = max(self.trials, key=_fidelity_key)
+            best = self.closest()
             return best.name, (f"no candidate stayed within the budget; {best.name} came closest "
                                f"({self._score_text(best)})")
         timed = [t for t in met if t.speedup is not None]
@@ -471,7 +532,24 @@ class _Search:
         return best.name, (f"fastest ({best.speedup:.2f}x float){others}{tie}, {self._score_text(best)}"
                            + (f"; {over} candidate(s) were over budget" if over else ""))
 
+    def closest(self) -> Trial:
+        """The candidate closest to the budget: the smallest of its drops as a share of their budgets
+        (the decision gate's too, where there is one), then `_fidelity_key`."""
+        if all(t.position_drop is None for t in self.trials):
+            return max(self.trials, key=_fidelity_key)
+
+        def overshoot(t: Trial) -> float:
+            decisions = 0.0 if t.position_drop is None else t.position_drop / max(self.config.max_position_drop, 1e-12)
+            return max(t.drop / max(self.max_drop, 1e-12), decisions)
+        return max(self.trials, key=lambda t: (-overshoot(t), _fidelity_key(t)))
+
     def _score_text(self, trial: Trial) -> str:
+        decisions = "" if trial.position_drop is None else (
+            f", per-position top-1 agreement {100 * trial.position_top1:.2f}% (expected disagreement "
+            f"{100 * trial.position_drop:.3f}% <= {100 * self.config.max_position_drop:g}%)")
+        return self._main_score_text(trial) + decisions
+
+    def _main_score_text(self, trial: Trial) -> str:
         if trial.accuracy is not None:
             return (f"label accuracy {100 * trial.accuracy:.1f}% (drop {100 * trial.drop:.1f} pt <= "
                     f"{100 * self.max_drop:g})")
@@ -590,17 +668,22 @@ def _with_float(pipeline: StaticPipeline, per_channel: bool, nodes: list[str]) -
     return _Built(candidate.model, candidate.plan)
 
 
-def _equalization_worth(pipeline: StaticPipeline, profile: dict, run: RunInputs) -> tuple[bool, str]:
+def _equalization_worth(pipeline: StaticPipeline, profile: dict, run: RunInputs, peaks) -> tuple[bool, str]:
     """Equalization is tried when some Conv chain can be equalized and either a weight's channel
-    ranges or a Conv input's channel peaks are far apart (measured)."""
+    ranges or a Conv input's channel peaks are far apart (measured; `peaks`: the Conv inputs'
+    channel peaks on the first calibration batch, measured by the calibration pass)."""
     if not profile["convs"]:
         return False, "no Conv"
     if not find_chains(pipeline.model, set(pipeline.exclude)):
         return False, "no Conv -> Conv chain it could rebalance"
     plan = pipeline.build(per_channel=False).plan
     spread = max(weight_channel_spread(pipeline.model, plan).values(), default=1.0)
-    act = max(activation_channel_spread(pipeline.model, run.calib, batch_size=min(4, run.batch_size),
-                                        threads=run.threads).values(), default=1.0)
+    if set(input_channel_peaks(pipeline.model).tensors) <= set(peaks.shapes):
+        spreads = channel_spreads(peaks)
+    else:  # a graph pass renamed some Conv input: one batch of its own
+        spreads = activation_channel_spread(pipeline.model, run.calib, batch_size=min(4, run.batch_size),
+                                            threads=run.threads)
+    act = max(spreads.values(), default=1.0)
     if spread > WEIGHT_SPREAD or act > ACTIVATION_SPREAD:
         return True, f"measured: weight channel spread {spread:,.0f}x, activation channel spread {act:,.0f}x"
     return False, (f"channels already balanced (weight spread {spread:,.0f}x <= {WEIGHT_SPREAD:g}, activation "
