@@ -41,8 +41,8 @@ kept as files in a temporary folder, read back only for the re-timing and the wi
 is handed back to the OS after each (glibc keeps a closed session's buffers resident otherwise).
 Bound: the static run's footprint after calibration + the float session + one candidate session
 (+ at most MAX_RETIMED - 1 more candidate sessions during the re-timing, of candidates within
-RETIME_BAND of the fastest). ResNet-18-style at 16x3x224x224: 983 MB against the static run's
-678 MB; the difference is the float session and a candidate with float Convs (~250-300 MB each
+RETIME_BAND of the fastest). ResNet-18-style at 16x3x224x224: 860 MB against the static run's
+677 MB; the difference is the float session and a candidate with float Convs (~250-300 MB each
 at that batch).
 
 Only equalization needs a second calibration (it rescales activations per channel, so ranges of
