@@ -28,11 +28,12 @@ import onnx
 
 from lowbit.analysis.sensitivity_report import SensitivityReport, Sums, TensorSensitivity
 from lowbit.errors import LowbitError
-from lowbit.onnx.calib_data import CalibrationData
-from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStream
+from lowbit.memory import release_freed_memory
+from lowbit.onnx.calib_data import CalibrationData, model_inputs
+from lowbit.onnx.collect import ActivationStream
 from lowbit.onnx.io import load_model
 from lowbit.onnx.pipeline import reference_model
-from lowbit.onnx.statistics import Partners, with_last
+from lowbit.onnx.statistics import Partners, paired_stream_budget, with_last
 from lowbit.onnx.stored_plan import StoredSettings
 from lowbit.plan import QuantPlan
 from lowbit.progress import progress
@@ -43,24 +44,26 @@ OWN_SUFFIX = "__lowbit_own"  # the float model's copy of a layer's quantized sub
 def dynamic_sensitivity(float_path: str | os.PathLike, quant_path: str | os.PathLike, quant: onnx.ModelProto,
                         plan: QuantPlan, data, *, samples: int | None = None, batch_size: int = 16,
                         threads: int | None = None,
-                        memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB) -> SensitivityReport:
+                        memory_budget_mb: float | None = None) -> SensitivityReport:
     """SQNR/cosine of every quantized layer output of the dynamic model `quant` vs the float model
     (see the module docstring); `plan` is the plan stored in `quant`."""
     original = load_model(float_path)
-    reference = reference_model(original, StoredSettings.of(plan).records)
+    inputs = model_inputs(original)
+    reference = reference_model(original, StoredSettings.of(plan).records, copy=False)
+    del original  # the prepared reference is what runs: the raw float model would only hold memory
     layers = _layers(plan, reference, quant)
     measured = [t for t in layers if not t.skipped]
     if not measured:
         raise LowbitError(f"no quantized layer of {quant_path} matches a node of {float_path}; "
                           "pass the float model it was quantized from")
-    dataset = CalibrationData(data, original, samples=samples, what="analysis data")
-    del original  # the prepared reference is what runs: the raw float model would only hold memory
+    dataset = CalibrationData(data, inputs, samples=samples, what="analysis data")
     notes: list[str] = []
     own = _add_own_copies(reference, quant, [t.nodes[0] for t in measured], notes)
+    release_freed_memory()  # the graph's node list was rebuilt: the old copies go back to the OS
     outputs = [t.tensor for t in measured]
-    half = memory_budget_mb / 2  # the two streams share the one budget
-    ref_stream = ActivationStream(reference, outputs + list(own.values()), memory_budget_mb=half, threads=threads)
-    quant_stream = ActivationStream(quant, outputs, memory_budget_mb=half, threads=threads)
+    budget = paired_stream_budget(memory_budget_mb)
+    ref_stream = ActivationStream(reference, outputs + list(own.values()), memory_budget_mb=budget, threads=threads)
+    quant_stream = ActivationStream(quant, outputs, memory_budget_mb=budget, threads=threads)
     sums = {t.tensor: Sums() for t in measured}
     uses = {t.tensor: 1 + (t.tensor in own) for t in measured}  # the quantized model's value, the own copy's
     own_of = {copy: tensor for tensor, copy in own.items()}

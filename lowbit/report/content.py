@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from lowbit.analysis.sensitivity import SensitivityReport, layer_sensitivity
 from lowbit.numerics import QParams, expand_to, fake_quantize
-from lowbit.onnx.calib_data import CalibrationData
+from lowbit.onnx.calib_data import CalibrationData, model_inputs
 from lowbit.onnx.io import load_model
 from lowbit.onnx.pipeline import prepare_model
 from lowbit.onnx.statistics import Histograms
@@ -74,8 +74,8 @@ def collect(float_path: str | os.PathLike, quant_path: str | os.PathLike, data, 
     """Measure everything the report shows that the caller did not already measure (the sweeps are
     shown when given, never run here: they cost one evaluation per layer)."""
     plan = read_plan(quant_path)
-    original = load_model(float_path)
-    dataset = CalibrationData(data, original, samples=samples, what="report data") if data is not None else None
+    inputs = model_inputs(load_model(float_path))  # the float model is loaded again when needed: not held meanwhile
+    dataset = CalibrationData(data, inputs, samples=samples, what="report data") if data is not None else None
     if verify is None and dataset is not None:
         verify = compare_models(float_path, quant_path, dataset, batch_size=batch_size, threads=threads,
                                 speed=measure_speed)
@@ -84,7 +84,7 @@ def collect(float_path: str | os.PathLike, quant_path: str | os.PathLike, data, 
     if plan.mode in ("static", "dynamic") and dataset is not None and content.sensitivity is None:
         content.sensitivity = layer_sensitivity(float_path, quant_path, data, samples=samples, batch_size=batch_size,
                                                 threads=threads)
-    reference = prepare_model(original)
+    reference = prepare_model(load_model(float_path), copy=False)
     quant = load_model(quant_path)
     _weight_histograms(content, reference, quant)
     if plan.mode == "static" and dataset is not None:
