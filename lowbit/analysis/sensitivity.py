@@ -39,6 +39,7 @@ from lowbit.analysis.sensitivity_report import SensitivityReport, Sums, TensorSe
 from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import CalibrationData, model_inputs
 from lowbit.onnx.collect import ActivationStream
+from lowbit.onnx.graph_index import GraphIndex, values_of
 from lowbit.onnx.io import load_model
 from lowbit.onnx.pipeline import reference_model
 from lowbit.onnx.statistics import Partners, paired_stream_budget, with_last
@@ -131,10 +132,10 @@ def _analyzable_plan(quant: onnx.ModelProto, path) -> QuantPlan:
 def _probes(plan: QuantPlan, reference: onnx.ModelProto, quant: onnx.ModelProto
             ) -> tuple[list[_Probe], list[TensorSensitivity]]:
     """Match every quantized activation of the plan to its float tensor and its Q/DQ pair."""
-    in_float = {i.name for i in reference.graph.input} | {o for n in reference.graph.node for o in n.output}
+    in_float = values_of(reference.graph)
     rescaled = _rescaled_tensors(StoredSettings.of(plan), reference)
-    producer = {o: n for n in quant.graph.node for o in n.output}
-    inits = {t.name: t for t in quant.graph.initializer}
+    index = GraphIndex.of(quant)
+    producer, inits = index.producer, index.initializers
     probes, tensors = [], []
     for entry in plan.quantized("activation"):
         item = TensorSensitivity(entry.tensor, list(entry.nodes))

@@ -31,6 +31,7 @@ from lowbit.errors import LowbitError
 from lowbit.memory import release_freed_memory
 from lowbit.onnx.calib_data import CalibrationData, model_inputs
 from lowbit.onnx.collect import ActivationStream
+from lowbit.onnx.graph_index import GraphIndex, producers_of, values_of
 from lowbit.onnx.io import load_model
 from lowbit.onnx.pipeline import reference_model
 from lowbit.onnx.statistics import Partners, paired_stream_budget, with_last
@@ -95,7 +96,7 @@ def dynamic_sensitivity(float_path: str | os.PathLike, quant_path: str | os.Path
 def _layers(plan: QuantPlan, reference: onnx.ModelProto, quant: onnx.ModelProto) -> list[TensorSensitivity]:
     """One row per quantized layer, named by its output tensor; unmatched layers are skipped."""
     nodes = {n.name: n for n in reference.graph.node}
-    produced = {o for n in quant.graph.node for o in n.output}
+    produced = producers_of(quant.graph)
     rows = []
     for name in dict.fromkeys(node for e in plan.quantized("weight") for node in e.nodes):
         node = nodes.get(name)
@@ -113,10 +114,10 @@ def _add_own_copies(reference: onnx.ModelProto, quant: onnx.ModelProto, layer_na
     """Copy each layer's quantized subgraph into `reference`, right after the float layer and fed
     by the same float inputs; returns {layer output: copy's output}."""
     graph = reference.graph
-    known = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
-    producer = {o: n for n in quant.graph.node for o in n.output}
+    known = values_of(graph)
+    index = GraphIndex.of(quant)
+    producer, quant_inits = index.producer, index.initializers
     order = {id(n): i for i, n in enumerate(quant.graph.node)}
-    quant_inits = {t.name: t for t in quant.graph.initializer}
     position = {n.name: i for i, n in enumerate(graph.node)}
     inserted: dict[int, list[onnx.NodeProto]] = {}
     own: dict[str, str] = {}

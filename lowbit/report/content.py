@@ -22,6 +22,7 @@ from onnx import numpy_helper
 from lowbit.analysis.sensitivity import SensitivityReport, layer_sensitivity
 from lowbit.numerics import QParams, expand_to, fake_quantize
 from lowbit.onnx.calib_data import CalibrationData, model_inputs
+from lowbit.onnx.graph_index import values_of
 from lowbit.onnx.io import load_model
 from lowbit.onnx.pipeline import prepare_model
 from lowbit.onnx.statistics import Histograms
@@ -140,7 +141,7 @@ def _from_values(entry: PlanEntry, values: np.ndarray) -> TensorHistogram:
 
 def _activation_histograms(content: ReportContent, reference: onnx.ModelProto, data: CalibrationData,
                            skipped: dict[str, str], batch_size: int, threads: int | None) -> None:
-    produced = {o for n in reference.graph.node for o in n.output} | {i.name for i in reference.graph.input}
+    produced = values_of(reference.graph)
     entries = []
     for entry in content.plan.quantized("activation"):
         if entry.qparams is None or entry.shares is not None:
