@@ -19,7 +19,8 @@ from lowbit.errors import CalibrationError, LowbitError
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.session import make_session
 from lowbit.onnx.timing import time_models
-from lowbit.onnx.verify import OutputErrors, compare_models, cosine_per_row
+from lowbit.onnx.verify import (OutputErrors, compare_models, cosine_per_row, expected_disagreement,
+                                looks_like_position_scores)
 
 # ----------------------------------------------------------------------------- metrics, by hand
 
@@ -61,6 +62,67 @@ def test_sequence_output_gets_per_frame_cosine_and_one_call_per_unbatched_run():
     assert errors.calls == 4 and result.frames == 12
     assert result.frame_cosine_mean == pytest.approx(1 / 3) and result.frame_cosine_min == pytest.approx(-1.0)
     assert result.cosine_mean == pytest.approx(1 / 3)  # per call: 16 of 24 agree, 8 opposite -> 8/24
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_expected_disagreement_pools_margin_errors_within_margin_deciles_by_hand():
+    margins, errors = [0.1, 0.2, 0.3, 0.4], [0.15, 0.0, 0.05, 0.0]
+    # Two bins: {0.1, 0.2} with errors {0.15, 0}: 0.1 is exceeded by 1 of 2, 0.2 by none;
+    # {0.3, 0.4} with errors {0.05, 0}: none. (0.5 + 0 + 0 + 0) / 4.
+    assert expected_disagreement(margins, errors, bins=2) == pytest.approx(0.125)
+    # One pool {0, 0, 0.05, 0.15}: 0.1 is exceeded by 1 of 4, the others by none.
+    assert expected_disagreement(margins, errors, bins=1) == pytest.approx(0.0625)
+    # Against a brute-force double loop on random data (deciles of the margin, ties included).
+    rng = np.random.default_rng(0)
+    m, e = rng.exponential(0.2, 503).round(2), rng.exponential(0.05, 503)
+    order = np.argsort(m, kind="stable")
+    reference = sum(sum(np.mean(e[chunk] > m[i]) for i in chunk) for chunk in np.array_split(order, 10)) / len(m)
+    assert expected_disagreement(m, e) == pytest.approx(reference)
+    assert expected_disagreement([], []) == 0.0
+
+
+def test_per_position_class_scores_are_told_by_their_values():
+    rng = np.random.default_rng(1)
+    probs = _softmax(rng.standard_normal((2, 30, 11)))
+    assert looks_like_position_scores(probs)  # (calls, frames, classes) softmax: a CTC recognizer
+    assert looks_like_position_scores(np.log(probs))  # log-softmax
+    assert looks_like_position_scores(_softmax(rng.standard_normal((1, 4, 6, 3))))  # per pixel
+    assert not looks_like_position_scores(probs[:, 0])  # (calls, classes): one decision a call (top-1)
+    assert not looks_like_position_scores(rng.standard_normal((2, 30, 11)))  # logits, embeddings
+    head = np.concatenate([rng.uniform(0, 320, (1, 4, 2100)), rng.uniform(0, 1, (1, 18, 2100))], 1)
+    assert not looks_like_position_scores(head)  # a detector head: boxes in pixels and class scores
+    assert not looks_like_position_scores(rng.uniform(0, 1, (1, 1, 64, 64)))  # a probability map
+    assert not looks_like_position_scores(probs * 0.9)  # does not sum to 1
+
+
+def test_per_position_agreement_against_numpy_and_calls_on_another_axis():
+    rng = np.random.default_rng(2)
+    ref = _softmax(rng.standard_normal((3, 40, 7)) * 3)
+    got = _softmax(np.log(ref) + rng.standard_normal(ref.shape) * 0.3)
+    errors = OutputErrors("probs")
+    errors.add(ref[:2], got[:2], calls=2)
+    errors.add(ref[2:].transpose(1, 0, 2), got[2:].transpose(1, 0, 2), calls=1)  # calls on axis 1
+    result = errors.result()
+    flat_ref, flat_got = ref.reshape(-1, 7), got.reshape(-1, 7)
+    assert result.positions == 120
+    assert result.position_agreement == pytest.approx(np.mean(flat_ref.argmax(1) == flat_got.argmax(1)))
+    top2 = np.argsort(flat_ref, axis=1)[:, -2:]  # runner-up, top-1
+    rows = np.arange(120)
+    margins = flat_ref[rows, top2[:, 1]] - flat_ref[rows, top2[:, 0]]
+    margin_errors = np.abs(flat_got[rows, top2[:, 1]] - flat_got[rows, top2[:, 0]] - margins)
+    assert result.position_disagreement == pytest.approx(expected_disagreement(margins, margin_errors), rel=1e-5)
+    assert 0 < result.position_disagreement < 1 and result.top1_agreement is None
+    assert "per position (120 positions" in _report_table(result)
+
+
+def _report_table(fidelity) -> str:
+    from lowbit.onnx.verify import VerifyReport
+
+    return VerifyReport([fidelity], 3, 100, 50).table()
 
 
 # ----------------------------------------------------------------------------- compare_models on ORT

@@ -92,6 +92,11 @@ def test_cli_default_with_calib_is_auto_and_per_tensor_restricts_it(rescaled, ca
     assert data["auto"]["winner"] in [c["name"] for c in data["auto"]["candidates"]]
     assert main(["quantize", str(rescaled["float"]), "-o", str(rescaled["root"] / "x.onnx")]) == 2
     assert "needs calibration data" in capsys.readouterr().err
+    assert data["auto"]["max_position_drop"] is None  # no per-position class scores: no decision gate
+    assert main(["quantize", str(rescaled["float"]), "-o", str(rescaled["root"] / "y.onnx"), "--calib",
+                 str(rescaled["calib"]), "--mode", "static", "--max-position-drop", "0.01"]) == 2
+    assert "--max-position-drop gates --mode auto" in capsys.readouterr().err
+    assert not (rescaled["root"] / "y.onnx").exists()
 
 
 def test_dynamic_mode_on_a_conv_only_model_says_so(tmp_path):
@@ -240,3 +245,47 @@ def test_output_layers_are_the_compute_nodes_that_make_the_logits():
     model = prepare_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     heads = output_layers(model)  # ONNX Runtime's optimizer fuses the MatMul and its bias Add into a Gemm
     assert len(heads) == 1 and heads[0].startswith("head")
+
+
+def _position_softmax_model(weights: np.ndarray) -> onnx.ModelProto:
+    """x (calls, positions, 8) @ W (8, classes) -> Softmax over the classes: per-position class scores."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"], name="head"),
+             helper.make_node("Softmax", ["logits"], ["probs"], name="softmax", axis=-1)]
+    graph = helper.make_graph(nodes, "ctc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 8])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weights.astype(np.float32), "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_auto_rejects_a_candidate_that_flips_near_tied_positions_within_the_cosine_budget():
+    """Classes 0 and 1 nearly tie at every position (a CTC frame between blank and a space): a
+    candidate that moves them by a hair keeps the output cosine at 0.9997 yet swaps their arg-maxes.
+    The cosine budget passes it; the per-position decision gate does not. The float model itself passes."""
+    from lowbit.onnx.config import DEFAULT_MAX_POSITION_DROP
+    from lowbit.search.auto import _Built, _Scorer
+
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((8, 6)) * 0.3
+    weights[:, 1] = weights[:, 0] + rng.standard_normal(8) * 0.01  # classes 0 and 1 nearly tied
+    weights[:, 0] += 2.0  # both far above the rest (x is positive)
+    weights[:, 1] += 2.0
+    flipped = weights.copy()
+    flipped[:, 1] = 2 * weights[:, 0] - weights[:, 1]  # mirror class 1 around class 0: the near-ties swap
+    batches = [{"x": rng.uniform(0.5, 1.5, (2, 50, 8)).astype(np.float32)} for _ in range(3)]
+
+    scorer = _Scorer.__new__(_Scorer)
+    reference = make_session(_position_softmax_model(weights), threads=1)
+    scorer.names, scorer.batches, scorer.calls = ["probs"], batches, [2, 2, 2]
+    scorer.expected = [reference.run(["probs"], b) for b in batches]
+    scorer.metric, scorer.labels, scorer.position_scores = "cosine", None, True
+    search = _Search(scorer, 0.003, type("R", (), {"threads": 1, "measure_speed": False})(),
+                     AutoConfig(measure_speed=False), deadline=float("inf"))
+    float_like = search.add("float", lambda: _Built(_position_softmax_model(weights), None))
+    swapped = search.add("swapped", lambda: _Built(_position_softmax_model(flipped), None))
+    assert float_like.met and float_like.position_top1 == 1.0 and float_like.position_drop == 0.0
+    assert swapped.cosine > 0.999 and swapped.drop <= 0.003  # within the cosine budget ...
+    assert swapped.position_top1 < 0.9 and swapped.position_drop > DEFAULT_MAX_POSITION_DROP
+    assert not swapped.met  # ... yet over budget: its decisions changed
+    assert search.choose()[0] == "float"

@@ -22,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "weight-only: search per-layer precision so the model stays within this drop of the "
                             "float model (0.005 = 0.5%% cosine, or 0.5 points of top-1 agreement), falling the most "
                             "sensitive layers back along --fallback")
+    group.add_argument("--max-position-drop", type=float, default=None,
+                       help="--mode auto, models whose output holds class probabilities at every position (a CTC "
+                            "recognizer's frames, a tagger's tokens): the most expected share of positions whose "
+                            "arg-max class may differ from the float model's (default: 0.002 = 0.2%%)")
     group.add_argument("--fallback", metavar="STEPS",
                        help="comma-separated precisions a layer may fall back to, cheapest first; each fallen-back "
                             "layer gets the cheapest one that meets --max-drop. --mode static: float (default) or "

@@ -107,6 +107,11 @@ def run(args: argparse.Namespace) -> int:
         flag = "--algo smoothquant" if args.algo == "smoothquant" else "--smooth-groups"
         raise LowbitError(f"{flag} is for Hugging Face model directories; for an ONNX model use --mode static, "
                           "where SmoothQuant is on by default for LayerNorm-fed MatMuls (tune it with --smooth-alpha)")
+    if args.max_position_drop is not None and args.mode != "auto":
+        from lowbit.errors import LowbitError
+
+        raise LowbitError(f"--max-position-drop gates --mode auto's candidates; drop it, or use --mode auto "
+                          f"(not {args.mode})")
     if args.max_drop is not None and args.mode != "auto":
         from lowbit.commands._budget_report import run_budget
 
@@ -159,6 +164,8 @@ def config_from_args(args: argparse.Namespace):
     if args.mode == "auto":
         options.update(max_drop=args.max_drop, metric=args.metric or "auto", time_limit=args.time_limit,
                        measure_speed=not args.no_speed, per_channel=False if args.per_tensor else None)
+        if args.max_position_drop is not None:
+            options["max_position_drop"] = args.max_position_drop
     return config_for_mode(args.mode, **options)
 
 

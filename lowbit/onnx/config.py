@@ -29,6 +29,13 @@ AUTO_METRICS = ("auto", "cosine", "top1")
 # The accuracy budget of --mode auto when none is given: top-1 agreement with the float model may
 # drop by 1 point on classifiers; elsewhere output cosine by 0.003 (MiniLM's target is >= 0.997).
 DEFAULT_MAX_DROP = {"top1": 0.01, "cosine": 0.003}
+# Outputs of per-position class scores (`verify.looks_like_position_scores`: a CTC recognizer's
+# frames, a tagger's tokens) are also gated on their decisions: the expected share of positions
+# whose arg-max class changes may be at most this. A call holds tens of such decisions and its
+# result (a decoded string) changes when one of them does: at 0.2% per position, a few percent of
+# 50-position calls. PP-OCRv4 rec: dynamic int8 0.25% (5.4% of 240 strings changed), its output
+# MatMul float 0.12% (1.7%); a cosine budget of 0.003 passes both (0.99994 / 0.99998).
+DEFAULT_MAX_POSITION_DROP = 0.002
 
 
 def _exclude_tuple(value) -> tuple[str, ...]:
@@ -128,7 +135,9 @@ class AutoConfig(_Config):
     "cosine" (worst output's mean per-sample cosine) or "auto" (top1 when the model has a class-score
     output). `max_drop` None: `DEFAULT_MAX_DROP[metric]`. `per_channel` False restricts the static
     candidates to per-tensor weights (True/None: both are tried). `candidates`: names to try (None:
-    all that the model's statistics make worth a trial, see `lowbit.search.auto`)."""
+    all that the model's statistics make worth a trial, see `lowbit.search.auto`).
+    `max_position_drop`: the most expected arg-max disagreement per position allowed on outputs of
+    per-position class scores (`DEFAULT_MAX_POSITION_DROP`), on top of `max_drop`."""
 
     mode: ClassVar[str] = "auto"
     needs_calibration: ClassVar[bool] = True
@@ -140,6 +149,7 @@ class AutoConfig(_Config):
     measure_speed: bool = True
     candidates: tuple[str, ...] | None = None
     calib_memory_mb: float | None = None
+    max_position_drop: float = DEFAULT_MAX_POSITION_DROP
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -157,6 +167,9 @@ class AutoConfig(_Config):
             raise LowbitError(f"--max-drop must be a non-negative number (0.01 = 1 point), got {self.max_drop}")
         if not self.time_limit > 0:
             raise LowbitError(f"--time-limit must be positive seconds, got {self.time_limit}")
+        if not (self.max_position_drop >= 0 and math.isfinite(self.max_position_drop)):
+            raise LowbitError("--max-position-drop must be a non-negative fraction of positions (0.002 = 0.2%), "
+                              f"got {self.max_position_drop}")
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

@@ -9,7 +9,12 @@ evaluation arrays), whether the model runs it alone or stacked with others in a 
 - relative error (||quantized - float|| / ||float|| over every call) and max abs error, always;
 - per-frame cosine for sequence outputs (a call yields frames x features);
 - top-1 agreement for class scores (a call yields one vector of >= 2 scores), and, when the
-  evaluation data holds `labels`, the accuracy of both models against them and the drop.
+  evaluation data holds `labels`, the accuracy of both models against them and the drop;
+- per-position top-1 agreement for per-position class scores (`looks_like_position_scores`: a
+  probability or log-probability distribution over the last axis at every position of the float
+  output, e.g. a CTC recognizer's (calls, frames, classes) softmax): measured, and the expected
+  disagreement (`expected_disagreement`), a lower-variance estimate from every position's margin
+  error that `--mode auto` gates on (a cosine budget cannot see argmax flips between near-tied classes).
 
 Size before/after, and speed: both models timed by `lowbit.onnx.timing.time_models` (the method
 every lowbit speed figure uses) on the evaluation data: the first batch when every batch has the
@@ -35,6 +40,13 @@ from lowbit.onnx.timing import MIN_TIMED_SECONDS, describe_shapes, shape_key, ti
 # A call yielding fewer numbers than this gets its cosine across calls: the cosine of a 1-, 2- or
 # 3-vector barely moves with the error (1.0 exactly for one number of the same sign).
 MIN_VALUES_PER_CALL = 8
+# Per-position class scores: a float output whose last axis sums to 1 (probabilities) or whose
+# exponentials do (log-probabilities) within this, at every position.
+DISTRIBUTION_TOLERANCE = 1e-3
+# Positions per run kept for the expected disagreement (evenly spaced beyond that): bounded memory
+# for outputs with a class axis at every pixel.
+MAX_MARGINS_PER_RUN = 4096
+MARGIN_BINS = 10  # the expected disagreement pools margin errors within deciles of the float margin
 TIMING_WARMUP, TIMING_REPEATS = 2, 10  # the quantize table's timing (`lowbit bench` defaults to more repeats)
 
 
@@ -54,6 +66,9 @@ class OutputFidelity:
     frames: int = 0
     accuracy_float: float | None = None  # against the evaluation labels
     accuracy_quant: float | None = None
+    positions: int = 0  # per-position class scores: positions (calls x positions per call) compared
+    position_agreement: float | None = None  # share of positions whose arg-max class is float's
+    position_disagreement: float | None = None  # expected share of flipped positions (`expected_disagreement`)
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -114,6 +129,10 @@ class VerifyReport:
             top1 = "-" if o.top1_agreement is None else f"{100 * o.top1_agreement:.2f}%"
             lines.append(f"{o.name[:24]:<24} {o.values_per_call:>11} {o.cosine_mean:>11.5f} {o.cosine_min:>10.5f} "
                          f"{o.cosine_basis:<12} {o.relative_error:>8.2e} {o.max_abs_error:>11.4g} {top1:>11}")
+            if o.position_agreement is not None:
+                lines.append(f"  {o.name[:22]} per position ({o.positions} positions, class = last axis): top-1 "
+                             f"agreement {100 * o.position_agreement:.2f}%, expected disagreement "
+                             f"{100 * o.position_disagreement:.3f}%")
             if o.frame_cosine_mean is not None:
                 lines.append(f"  {o.name[:22]} per frame ({o.frames} frames): cosine mean {o.frame_cosine_mean:.5f}, "
                              f"min {o.frame_cosine_min:.5f}")
@@ -150,6 +169,9 @@ class OutputErrors:
         self.agree = 0
         self.class_calls = 0
         self.predictions: list[tuple[np.ndarray, np.ndarray]] = []  # (float, quantized) arg-max per call
+        self.positions = self.position_agree = 0
+        self.margins: list[np.ndarray] = []  # per-position class scores: float's top-1 - runner-up margin
+        self.margin_errors: list[np.ndarray] = []  # |the candidate's margin between those classes - float's|
 
     def add(self, ref: np.ndarray, got: np.ndarray, calls: int | None) -> None:
         """One run's output. `calls`: how many calls the run stacked on axis 0; None when the run
@@ -171,6 +193,8 @@ class OutputErrors:
         self.got_sq += float((got * got).sum())
         self.diff_sq += float((diff * diff).sum())
         self.max_abs = max(self.max_abs, float(np.abs(diff).max()))
+        if looks_like_position_scores(ref):  # positions are positions whichever axis holds the calls
+            self._add_positions(ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1]))
         if not per_call_view:
             return
         self.call_cosines.append(cosine_per_row(ref, got))
@@ -181,6 +205,23 @@ class OutputErrors:
             self.agree += int((ref_class == got_class).sum())
             self.class_calls += ref.shape[0]
             self.predictions.append((ref_class, got_class))
+
+    def _add_positions(self, ref: np.ndarray, got: np.ndarray) -> None:
+        """(positions, classes) scores: arg-max agreement, and each position's float margin between
+        its top-1 and runner-up class with the candidate's error on that margin."""
+        self.positions += ref.shape[0]
+        self.position_agree += int((ref.argmax(-1) == got.argmax(-1)).sum())
+        if ref.shape[0] > MAX_MARGINS_PER_RUN:
+            keep = np.linspace(0, ref.shape[0] - 1, MAX_MARGINS_PER_RUN).round().astype(int)
+            ref, got = ref[keep], got[keep]
+        rows = np.arange(ref.shape[0])
+        pair = np.argpartition(ref, -2, axis=-1)[:, -2:]  # the two highest float scores, unordered
+        first_higher = ref[rows, pair[:, 0]] >= ref[rows, pair[:, 1]]
+        top = np.where(first_higher, pair[:, 0], pair[:, 1])
+        runner_up = np.where(first_higher, pair[:, 1], pair[:, 0])
+        margin = ref[rows, top] - ref[rows, runner_up]
+        self.margins.append(margin.astype(np.float32))
+        self.margin_errors.append(np.abs(got[rows, top] - got[rows, runner_up] - margin).astype(np.float32))
 
     def result(self) -> OutputFidelity:
         across = _cosine(self.dot, self.ref_sq, self.got_sq)
@@ -194,6 +235,11 @@ class OutputErrors:
         fidelity = OutputFidelity(self.name, mean, low, self.max_abs,
                                   self.agree / self.class_calls if self.class_calls else None, basis, across,
                                   relative, self.values_per_call)
+        if self.positions:
+            fidelity.positions = self.positions
+            fidelity.position_agreement = self.position_agree / self.positions
+            fidelity.position_disagreement = expected_disagreement(np.concatenate(self.margins),
+                                                                   np.concatenate(self.margin_errors))
         if self.frame_cosines:
             frames = np.concatenate(self.frame_cosines)
             fidelity.frame_cosine_mean, fidelity.frame_cosine_min = float(frames.mean()), float(frames.min())
@@ -312,6 +358,40 @@ def cosine_per_row(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
 def looks_like_class_scores(ref: np.ndarray) -> bool:
     """2-D (calls, classes) with at least two classes."""
     return ref.ndim == 2 and ref.shape[1] >= 2
+
+
+def looks_like_position_scores(ref: np.ndarray) -> bool:
+    """(calls, positions..., classes) with >= 2 classes, holding a probability distribution over the
+    last axis at every position: non-negative and summing to 1 (a softmax), or non-positive with
+    exponentials summing to 1 (a log-softmax), within DISTRIBUTION_TOLERANCE. By values, so no false
+    positives from detector heads (boxes in pixels), embeddings or feature maps; raw logits are not
+    recognized (nothing in their values tells a class axis from features)."""
+    if ref.ndim < 3 or ref.shape[-1] < 2 or ref.dtype.kind != "f" or not ref.size:
+        return False
+    ref = np.asarray(ref, np.float64)
+    if ref.min() >= -DISTRIBUTION_TOLERANCE:
+        return bool(np.abs(ref.sum(-1) - 1).max() <= DISTRIBUTION_TOLERANCE)
+    if ref.max() <= DISTRIBUTION_TOLERANCE:
+        return bool(np.abs(np.exp(ref).sum(-1) - 1).max() <= DISTRIBUTION_TOLERANCE)
+    return False
+
+
+def expected_disagreement(margins: np.ndarray, errors: np.ndarray, bins: int = MARGIN_BINS) -> float:
+    """Expected share of positions whose arg-max flips, from every position's float margin (top-1
+    minus runner-up score) and the candidate's error on it (a flip: error > margin). Counting the
+    flips themselves rests on the few near-tied positions a small evaluation set holds (2 or 3 of
+    ~900 on a CTC recognizer's scored frames); here each position's flip probability is the share
+    of the errors measured at positions of similar float margin (the same decile) that exceed its
+    margin, so every position's error counts. Errors grow where float is near a tie (transitions),
+    hence the deciles rather than one pool."""
+    margins, errors = np.asarray(margins, np.float64).ravel(), np.asarray(errors, np.float64).ravel()
+    if not margins.size:
+        return 0.0
+    flipped = 0.0
+    for chunk in np.array_split(np.argsort(margins, kind="stable"), min(bins, margins.size)):
+        pooled = np.sort(errors[chunk])
+        flipped += float((pooled.size - np.searchsorted(pooled, margins[chunk], side="right")).sum()) / pooled.size
+    return flipped / margins.size
 
 
 def _cosine(dot: float, a_sq: float, b_sq: float) -> float:

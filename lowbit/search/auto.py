@@ -15,13 +15,19 @@
            then the kinds that measured faster in float all together (int8 where it pays)
     -> each candidate: built from the one calibration (no model run), scored on a bounded, evenly
        spaced subset of the evaluation batches (SCORE_SECONDS of float compute, at least
-       MIN_SCORED_BATCHES; all of them with labels) against float outputs computed once; the
+       MIN_SCORED_BATCHES, and MIN_SCORED_POSITIONS positions of per-position class scores; all
+       of them with labels) against float outputs computed once; the
        written model is verified on all of them; the candidates within the budget are timed
        against the float model as the user gave it, the candidate as it will be written (no shape
        annotations), interleaved, same session options, median (`lowbit.onnx.timing.time_models`),
        with enough repeats to cover MIN_TIMED_SECONDS per model (sub-millisecond models too)
     -> close calls are timed again, together in one interleaved run with the float model: the
        candidates within RETIME_BAND of the fastest, and a fastest one within RETIME_BAND of float
+       A model with per-position class scores (`verify.looks_like_position_scores`, e.g. a CTC
+       recognizer's softmax frames) is also gated on its decisions: a candidate whose expected
+       share of flipped arg-max positions (`verify.expected_disagreement`) is over
+       `AutoConfig.max_position_drop` is over budget whatever its cosine (a cosine budget cannot
+       see flips between near-tied classes: the float model's near-ties are where strings change)
     -> the fastest within budget wins (a candidate within the timing noise of the fastest but more
        accurate beats it: the noise is SPEED_NOISE, or the float model's measured spread in that
        run when larger); none within budget: the most accurate, said plainly.
@@ -56,7 +62,8 @@ from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
 from lowbit.onnx.registry import rule_for
 from lowbit.onnx.session import make_session
 from lowbit.onnx.timing import evenly_spaced, representative_feeds, time_models
-from lowbit.onnx.verify import OutputErrors, batches_with_calls, label_accuracy, looks_like_class_scores
+from lowbit.onnx.verify import (OutputErrors, OutputFidelity, batches_with_calls, label_accuracy,
+                                looks_like_class_scores, looks_like_position_scores)
 from lowbit.plan import QuantPlan
 
 # A MatMul input whose min/max range is this many times its 99.99th-percentile range is
@@ -74,6 +81,11 @@ MIN_TIMED_SECONDS = 0.3  # per model and timing: a 0.1 ms model gets hundreds of
 # least MIN_SCORED_BATCHES: on a 736x1088 text detector (0.13 s a call) 4 of 8 calls per candidate.
 SCORE_SECONDS = 0.5
 MIN_SCORED_BATCHES = 4
+# Per-position class scores: batches holding this many positions are scored. The expected
+# disagreement rests on the float model's near-ties, which few calls hardly hold: on PP-OCRv4 rec
+# (~70 frames a line), random 8-line subsets of 240 lines put dynamic int8 at 0.09-0.79% (5-95%),
+# 24-line subsets at 0.17-0.54% (0.30% measured on all 240).
+MIN_SCORED_POSITIONS = 4000
 RETIME_BAND = 0.15  # candidates this close to the fastest (or the fastest this close to float) are timed again
 MAX_RETIMED = 3  # candidates timed together in that second run (each holds a session)
 # Weight-only kernels (MatMulNBits) dequantize weights and compute in float: they win when the
@@ -97,6 +109,8 @@ class Trial:
     seconds: float = 0.0
     note: str = ""
     accuracy: float | None = None  # against the evaluation labels, when the data holds them
+    position_top1: float | None = None  # per-position class scores: measured arg-max agreement
+    position_drop: float | None = None  # ... and the expected share of flipped positions (gated)
 
 
 @dataclass
@@ -111,30 +125,39 @@ class AutoReport:
     skipped: list[str] = field(default_factory=list)  # candidates the statistics ruled out, and why
     scored_calls: int = 0  # evaluation calls each candidate was scored on
     total_calls: int = 0  # of the evaluation calls the written model is verified on
+    max_position_drop: float | None = None  # the decision gate, when an output has per-position class scores
 
     def to_dict(self) -> dict:
         return {"metric": self.metric, "max_drop": self.max_drop, "winner": self.winner, "reason": self.reason,
                 "seconds": self.seconds, "calibrations": self.calibrations, "skipped": self.skipped,
                 "scored_calls": self.scored_calls, "total_calls": self.total_calls,
+                "max_position_drop": self.max_position_drop,
                 "candidates": [asdict(t) for t in self.trials]}
 
     def table(self) -> str:
         labeled = any(t.accuracy is not None for t in self.trials)
         budget = (f"{'label accuracy' if labeled else 'top-1 agreement'} drop <= {100 * self.max_drop:g} pt"
                   if self.metric == "top1" else f"cosine drop <= {self.max_drop:g}")
+        if self.max_position_drop is not None:
+            budget += f" and expected per-position top-1 disagreement <= {100 * self.max_position_drop:g}%"
         scored = (f"; scored on {self.scored_calls} of the {self.total_calls} evaluation calls"
                   if self.scored_calls < self.total_calls else "")
+        positions = self.max_position_drop is not None
         lines = [f"auto: {len(self.trials)} candidates from {self.calibrations} calibration(s) in "
                  f"{self.seconds:.1f} s; budget {budget}{scored}",
                  f"  {'candidate':<52} {'top-1':>7} {'cosine':>8} {'speed':>7} {'size':>9}"
-                 + (f" {'accuracy':>9}" if labeled else "")]
+                 + (f" {'accuracy':>9}" if labeled else "")
+                 + (f" {'pos. top-1 (expected flips)':>27}" if positions else "")]
         for t in self.trials:
             mark = "*" if t.name == self.winner else (" " if t.met else "x")
             top1 = "-" if t.top1 is None else f"{100 * t.top1:.1f}%"
             speed = "-" if t.speedup is None else f"{t.speedup:.2f}x"
             accuracy = "" if not labeled else f" {'-' if t.accuracy is None else f'{100 * t.accuracy:.2f}%':>9}"
+            decisions = "" if not positions else " " + (
+                "-" if t.position_top1 is None else f"{100 * t.position_top1:.2f}% ({100 * t.position_drop:.3f}%)"
+            ).rjust(27)
             lines.append(f"{mark} {t.name:<52} {top1:>7} {t.cosine:>8.5f} {speed:>7} {_mb(t.size_bytes):>9}"
-                         + accuracy + (f"  {t.note}" if t.note else ""))
+                         + accuracy + decisions + (f"  {t.note}" if t.note else ""))
         lines.append("  (* kept, x over budget: not timed; speed = float latency / candidate latency, same run)")
         lines.extend(f"  skipped {s}" for s in self.skipped)
         lines.append(f"why: {self.reason}")
@@ -161,9 +184,15 @@ class _Scorer:
         per_batch = time.perf_counter() - started
         # Candidates are compared on a bounded, evenly spaced subset of the batches (all of them
         # when the data holds labels or is small); the written model is verified on all of them.
+        # Per-position class scores: enough batches for MIN_SCORED_POSITIONS positions.
+        positions = max((np.asarray(o).size // np.asarray(o).shape[-1] for o in first
+                         if looks_like_position_scores(np.asarray(o))), default=0)
+        self.position_scores = positions > 0
+        wanted = max(MIN_SCORED_BATCHES, int(SCORE_SECONDS / max(per_batch, 1e-6)),
+                     math.ceil(MIN_SCORED_POSITIONS / positions) if positions else 0)
         scored = list(range(len(feeds)))
-        if run.eval_set.labels is None and len(feeds) > MIN_SCORED_BATCHES:
-            scored = evenly_spaced(len(feeds), max(MIN_SCORED_BATCHES, int(SCORE_SECONDS / max(per_batch, 1e-6))))
+        if run.eval_set.labels is None and len(feeds) > wanted:
+            scored = evenly_spaced(len(feeds), wanted)
         self.batches, self.calls = [feeds[i] for i in scored], [batches[i][1] for i in scored]
         self.expected = [first if i == 0 else session.run(self.names, feeds[i]) for i in scored]
         self.scored_calls = sum(c or 1 for c in self.calls)
@@ -185,8 +214,9 @@ class _Scorer:
         self.labels = labels
         self.float_accuracy = label_accuracy(self.expected, self.calls, labels) if labels is not None else None
 
-    def fidelity(self, session) -> tuple[float, float | None, float | None]:
-        """(worst output's mean cosine, top-1 agreement with float, accuracy against the labels)."""
+    def fidelity(self, session) -> tuple[float, float | None, float | None, OutputFidelity | None]:
+        """(worst output's mean cosine, top-1 agreement with float, accuracy against the labels, the
+        per-position class-score output with the most expected flips, if any)."""
         runs = [session.run(self.names, b) for b in self.batches]
         errors: dict[int, OutputErrors] = {}
         for outputs, expected, calls in zip(runs, self.expected, self.calls):
@@ -197,7 +227,9 @@ class _Scorer:
         cosine = min((r.cosine_mean for r in results), default=1.0)
         top1 = next((r.top1_agreement for r in results if r.top1_agreement is not None), None)
         accuracy = label_accuracy(runs, self.calls, self.labels) if self.labels is not None else None
-        return cosine, top1, accuracy
+        positions = max((r for r in results if r.position_disagreement is not None),
+                        key=lambda r: r.position_disagreement, default=None)
+        return cosine, top1, accuracy, positions
 
     def drop(self, cosine: float, top1: float | None, accuracy: float | None) -> float:
         if accuracy is not None:
@@ -322,15 +354,20 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     trial = next(t for t in search.trials if t.name == winner)
     candidate = search.built[winner]
     report = AutoReport(scorer.metric, max_drop, search.trials, winner, reason, time.perf_counter() - started,
-                        search.calibrations, skipped, scorer.scored_calls, scorer.total_calls)
+                        search.calibrations, skipped, scorer.scored_calls, scorer.total_calls,
+                        config.max_position_drop if scorer.position_scores else None)
     plan = candidate.plan
     plan.settings = {**plan.settings, "auto": {"winner": winner, "reason": reason, "metric": scorer.metric,
                                                "max_drop": max_drop, "met": trial.met,
+                                               "max_position_drop": report.max_position_drop,
                                                "candidates": [asdict(t) for t in search.trials]}}
     warnings = [] if trial.met else [
-        f"no candidate met the budget ({scorer.metric} drop <= {max_drop:g}); saved the most accurate one "
-        f"({winner}); loosen --max-drop, or let `--mode static --max-drop {max_drop:g}` fall the most sensitive "
-        "layers back to float"]
+        f"no candidate met the budget ({scorer.metric} drop <= {max_drop:g}"
+        + (f", expected per-position top-1 disagreement <= {config.max_position_drop:g}" if scorer.position_scores
+           else "")
+        + f"); saved the most accurate one ({winner}); loosen --max-drop"
+        + (" or --max-position-drop" if scorer.position_scores else "")
+        + f", or let `--mode static --max-drop {max_drop:g}` fall the most sensitive layers back to float"]
     if search.timed_out:
         warnings.append(f"the time limit of {config.time_limit:g} s ran out; the best candidate so far is saved")
     if all(t.speedup is not None and t.speedup < 1.0 for t in search.trials if t.met) and trial.met:
@@ -366,10 +403,13 @@ class _Search:
         # differently (`io.drop_shape_annotations`) and the search would time another model.
         drop_shape_annotations(candidate.model)
         session = make_session(candidate.model, threads=self.run.threads)
-        cosine, top1, accuracy = self.scorer.fidelity(session)
+        cosine, top1, accuracy, positions = self.scorer.fidelity(session)
         drop = self.scorer.drop(cosine, top1, accuracy)
         trial = Trial(name, cosine, top1, drop, drop <= self.max_drop + 1e-12,
                       size_bytes=candidate.model.ByteSize(), note=note, accuracy=accuracy)
+        if positions is not None:
+            trial.position_top1, trial.position_drop = positions.position_agreement, positions.position_disagreement
+            trial.met = trial.met and trial.position_drop <= self.config.max_position_drop + 1e-12
         if trial.met and self.config.measure_speed and self.run.measure_speed:
             trial.speedup = self.scorer.speedup(session)
         trial.seconds = time.perf_counter() - t0
@@ -385,7 +425,7 @@ class _Search:
     def _keep_needed(self) -> None:
         """Drop the built models that cannot win: over budget, unless none is within and it is the most accurate."""
         met = {t.name for t in self.trials if t.met}
-        keep = met or {max(self.trials, key=_fidelity_key).name}
+        keep = met or {self.closest().name}
         for name in [n for n in self.built if n not in keep]:
             del self.built[name]
 
@@ -411,7 +451,7 @@ class _Search:
     def choose(self) -> tuple[str, str]:
         met = [t for t in self.trials if t.met]
         if not met:
-            best = max(self.trials, key=_fidelity_key)
+            best = self.closest()
             return best.name, (f"no candidate stayed within the budget; {best.name} came closest "
                                f"({self._score_text(best)})")
         timed = [t for t in met if t.speedup is not None]
@@ -429,7 +469,24 @@ class _Search:
         return best.name, (f"fastest ({best.speedup:.2f}x float){others}{tie}, {self._score_text(best)}"
                            + (f"; {over} candidate(s) were over budget" if over else ""))
 
+    def closest(self) -> Trial:
+        """The candidate closest to the budget: the smallest of its drops as a share of their budgets
+        (the decision gate's too, where there is one), then `_fidelity_key`."""
+        if all(t.position_drop is None for t in self.trials):
+            return max(self.trials, key=_fidelity_key)
+
+        def overshoot(t: Trial) -> float:
+            decisions = 0.0 if t.position_drop is None else t.position_drop / max(self.config.max_position_drop, 1e-12)
+            return max(t.drop / max(self.max_drop, 1e-12), decisions)
+        return max(self.trials, key=lambda t: (-overshoot(t), _fidelity_key(t)))
+
     def _score_text(self, trial: Trial) -> str:
+        decisions = "" if trial.position_drop is None else (
+            f", per-position top-1 agreement {100 * trial.position_top1:.2f}% (expected disagreement "
+            f"{100 * trial.position_drop:.3f}% <= {100 * self.config.max_position_drop:g}%)")
+        return self._main_score_text(trial) + decisions
+
+    def _main_score_text(self, trial: Trial) -> str:
         if trial.accuracy is not None:
             return (f"label accuracy {100 * trial.accuracy:.1f}% (drop {100 * trial.drop:.1f} pt <= "
                     f"{100 * self.max_drop:g})")

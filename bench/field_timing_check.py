@@ -1,0 +1,71 @@
+"""Does lowbit's claimed speedup and the field bench's timing differ because of the method or the
+feeds? For one corpus model and a written model, in ONE process, rounds interleaved: the quantize
+table's timing (`lowbit.onnx.timing.time_models`, 3 s per model, on the calls it times: the first
+calibration call when all calls have one shape, else up to 8 evenly spaced) on the calibration calls
+and on as many evaluation calls, and the bench's timing (`field.time_models`, 3 warm-up passes, 7
+passes, median) on its evaluation pass and on the calibration calls. Same options everywhere
+(1 intra-op thread, spin-waiting off).
+
+    PYTHONPATH=. /work/venvs/field-bench/bin/python bench/field_timing_check.py nudenet-320n \\
+        --workdir /tmp/lowbit-field --rounds 6
+
+Needs a finished `bench/field.py` run in --workdir (calibration calls and the tool's written model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import field  # noqa: E402
+import field_corpus as corpus  # noqa: E402
+
+from lowbit.onnx.timing import MIN_TIMED_SECONDS, evenly_spaced, representative_feeds, time_models  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", choices=list(corpus.BY_NAME))
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--tool", default="lowbit", help="whose written model to time against fp32")
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    model, workdir = corpus.BY_NAME[args.model], Path(args.workdir)
+    fp32, written = model.path(workdir), workdir / model.name / f"{args.tool}.onnx"
+    calib = [dict(np.load(f)) for f in sorted((workdir / model.name / "calib").glob("*.npz"))]
+    _, evals = corpus.run_pipeline(model, fp32, workdir, model.make_items("eval", model.eval_count))
+    table_calib = representative_feeds(calib)
+    table_eval = [evals[i] for i in evenly_spaced(len(evals), len(table_calib))] if len(table_calib) > 1 \
+        else [evals[0]]
+    bench_eval = field.speed_feeds(fp32, evals)
+    sessions = [corpus.open_session(fp32), corpus.open_session(written)]
+
+    def table(feeds):
+        return time_models(sessions, feeds, warmup=2, repeats=10, min_seconds=MIN_TIMED_SECONDS).speedup
+
+    def bench(feeds):
+        seconds = field.time_models({"fp32": fp32, "written": written}, feeds, 7)
+        return seconds["fp32"] / seconds["written"]
+
+    cases = {f"quantize table, {len(table_calib)} calibration call(s)": (table, table_calib),
+             f"quantize table, {len(table_eval)} evaluation call(s)": (table, table_eval),
+             f"bench, {len(bench_eval)} evaluation calls": (bench, bench_eval),
+             f"bench, {len(calib)} calibration calls": (bench, calib)}
+    results: dict[str, list[float]] = {name: [] for name in cases}
+    for round_ in range(args.rounds):
+        for name, (method, feeds) in cases.items():
+            results[name].append(method(feeds))
+        print(f"round {round_ + 1}: " + ", ".join(f"{v[-1]:.2f}x" for v in results.values()), flush=True)
+    print(f"{model.name}, {args.tool} vs fp32, {args.rounds} rounds (median, range):")
+    for name, values in results.items():
+        print(f"  {name:<44} {statistics.median(values):.3f}x ({min(values):.2f}-{max(values):.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
