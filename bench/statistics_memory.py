@@ -17,7 +17,8 @@ ru_maxrss over from a parent across fork+exec) and what it held after imports an
 Each worker also reports the peak while its statistics are measured (VmHWM reset just before
 each `statistics.collect` and `layer_sensitivity` call, and read right after). The
 bound checked: that statistics peak is within the whole static quantization's peak (every stream
-keeps the same activation budget, DEFAULT_MEMORY_BUDGET_MB; a two-model analysis splits it). `--lowbit PATH` runs the users from another
+keeps the same activation budget, DEFAULT_MEMORY_BUDGET_MB; each stream of a two-model analysis gets a
+quarter of it). `--lowbit PATH` runs the users from another
 checkout (e.g. the code before the one-statistics-pass change) for a before/after table.
 
     python bench/statistics_memory.py

@@ -15,6 +15,7 @@ import onnx
 
 from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import InputSignature, model_inputs
+from lowbit.onnx.graph_index import GraphIndex
 from lowbit.onnx.registry import RULES
 
 _SHAPE = re.compile(r"^([^=]+)=(\d+(?:[x,]\d+)*)$")
@@ -89,8 +90,8 @@ def _values(sig: InputSignature, shape: tuple[int, ...], vocab: int | None, rng)
 
 def _vocab_sizes(model: onnx.ModelProto) -> dict[str, int]:
     """Graph input -> rows of the constant table a Gather looks it up in (directly or via Cast)."""
-    initializers = {t.name: t for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
+    index = GraphIndex.of(model)
+    initializers, producer = index.initializers, index.producer
     # Dequantized tables (int8 embeddings) count too: their row count is the DequantizeLinear input's.
     table_rows = {t.name: t.dims[0] for t in model.graph.initializer if len(t.dims) >= 2}
     for node in model.graph.node:

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from lowbit.onnx.graph_index import GraphIndex
 from lowbit.onnx.registry import KERNELS, RULES, weight_input_of
 
 # Ops a constant may flow through on its way to a compute node without changing what it is.
@@ -63,21 +64,17 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     return count * np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
 
 
-class GraphReader:
-    """Producers, initializers and element types of one graph, for precision questions."""
+class GraphReader(GraphIndex):
+    """The graph's index, plus the types Cast outputs have even without shape inference, for
+    precision questions."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        graph = model.graph
-        self.model = model
-        self.initializers = {t.name: t for t in graph.initializer}
-        self.producer = {o: n for n in graph.node for o in n.output}
-        self.elem_type = {t.name: t.data_type for t in graph.initializer}
-        for value in list(graph.input) + list(graph.output) + list(graph.value_info):
-            if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
-                self.elem_type.setdefault(value.name, value.type.tensor_type.elem_type)
-        for node in graph.node:  # Cast and DequantizeLinear outputs have known types even without inference
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> GraphReader:
+        reader = super().of(model)
+        for node in model.graph.node:
             if node.op_type == "Cast":
-                self.elem_type.setdefault(node.output[0], _attr(node, "to", 0))
+                reader.elem_type.setdefault(node.output[0], _attr(node, "to", 0))
+        return reader
 
     def source(self, name: str) -> tuple[str, onnx.NodeProto | None]:
         """Follow `name` back through pass-through ops: (tensor reached, DequantizeLinear or None)."""
@@ -144,7 +141,7 @@ class GraphReader:
 
 def node_precisions(model: onnx.ModelProto) -> list[NodePrecision]:
     """Precision of every compute node, read from the graph (types inferred where missing)."""
-    reader = GraphReader(_with_types(model))
+    reader = GraphReader.of(_with_types(model))
     result = []
     for node in model.graph.node:
         if weight_input_of(node) is None:

@@ -37,11 +37,12 @@ from onnx import numpy_helper
 
 from lowbit.analysis.sensitivity_report import SensitivityReport, Sums, TensorSensitivity
 from lowbit.errors import LowbitError
-from lowbit.onnx.calib_data import CalibrationData
-from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStream
+from lowbit.onnx.calib_data import CalibrationData, model_inputs
+from lowbit.onnx.collect import ActivationStream
+from lowbit.onnx.graph_index import GraphIndex, values_of
 from lowbit.onnx.io import load_model
 from lowbit.onnx.pipeline import reference_model
-from lowbit.onnx.statistics import Partners, with_last
+from lowbit.onnx.statistics import Partners, paired_stream_budget, with_last
 from lowbit.onnx.stored_plan import StoredSettings, read_plan
 from lowbit.plan import QuantPlan
 from lowbit.progress import progress
@@ -66,8 +67,9 @@ def layer_sensitivity(float_path: str | os.PathLike, quant_path: str | os.PathLi
     """SQNR and cosine of every quantized activation of the QDQ model at `quant_path` vs the float
     model at `float_path`, over `data` (see the module docstring); for a dynamic int8 model, of
     every quantized layer's output (`lowbit.analysis.sensitivity_dynamic`). Both models stream
-    through `collect.ActivationStream`, each within half of `memory_budget_mb` (None: the
-    calibration default), so their exposed activations together stay within the one budget."""
+    through `collect.ActivationStream`, each within a quarter of `memory_budget_mb` (None: the
+    calibration default; `statistics.paired_stream_budget`), so the analysis, which holds two
+    models, peaks within what calibration with the same budget does."""
     if batch_size < 1:
         raise LowbitError(f"batch size must be at least 1, got {batch_size}")
     quant = load_model(quant_path)
@@ -76,16 +78,17 @@ def layer_sensitivity(float_path: str | os.PathLike, quant_path: str | os.PathLi
         from lowbit.analysis.sensitivity_dynamic import dynamic_sensitivity
 
         return dynamic_sensitivity(float_path, quant_path, quant, plan, data, samples=samples, batch_size=batch_size,
-                                   threads=threads, memory_budget_mb=memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB)
+                                   threads=threads, memory_budget_mb=memory_budget_mb)
     original = load_model(float_path)
-    reference = reference_model(original, StoredSettings.of(plan).records)
-    dataset = CalibrationData(data, original, samples=samples, what="analysis data")
+    inputs = model_inputs(original)
+    reference = reference_model(original, StoredSettings.of(plan).records, copy=False)
     del original  # the prepared reference is what runs: the raw float model would only hold memory
+    dataset = CalibrationData(data, inputs, samples=samples, what="analysis data")
     probes, tensors = _probes(plan, reference, quant)
     if not probes:
         raise LowbitError(f"{quant_path} has no quantized activation that matches a tensor of {float_path}; "
                           "pass the float model it was quantized from")
-    budget = (memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB) / 2  # two streams share the one budget
+    budget = paired_stream_budget(memory_budget_mb)
     ref_stream = ActivationStream(reference, list(dict.fromkeys(p.reference for p in probes)),
                                   memory_budget_mb=budget, threads=threads)
     quant_stream = ActivationStream(quant, list(dict.fromkeys(n for p in probes for n in (p.before, p.quantized))),
@@ -129,10 +132,10 @@ def _analyzable_plan(quant: onnx.ModelProto, path) -> QuantPlan:
 def _probes(plan: QuantPlan, reference: onnx.ModelProto, quant: onnx.ModelProto
             ) -> tuple[list[_Probe], list[TensorSensitivity]]:
     """Match every quantized activation of the plan to its float tensor and its Q/DQ pair."""
-    in_float = {i.name for i in reference.graph.input} | {o for n in reference.graph.node for o in n.output}
+    in_float = values_of(reference.graph)
     rescaled = _rescaled_tensors(StoredSettings.of(plan), reference)
-    producer = {o: n for n in quant.graph.node for o in n.output}
-    inits = {t.name: t for t in quant.graph.initializer}
+    index = GraphIndex.of(quant)
+    producer, inits = index.producer, index.initializers
     probes, tensors = [], []
     for entry in plan.quantized("activation"):
         item = TensorSensitivity(entry.tensor, list(entry.nodes))

@@ -28,11 +28,13 @@ import onnx
 
 from lowbit.analysis.sensitivity_report import SensitivityReport, Sums, TensorSensitivity
 from lowbit.errors import LowbitError
-from lowbit.onnx.calib_data import CalibrationData
-from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStream
+from lowbit.memory import release_freed_memory
+from lowbit.onnx.calib_data import CalibrationData, model_inputs
+from lowbit.onnx.collect import ActivationStream
+from lowbit.onnx.graph_index import GraphIndex, producers_of, values_of
 from lowbit.onnx.io import load_model
 from lowbit.onnx.pipeline import reference_model
-from lowbit.onnx.statistics import Partners, with_last
+from lowbit.onnx.statistics import Partners, paired_stream_budget, with_last
 from lowbit.onnx.stored_plan import StoredSettings
 from lowbit.plan import QuantPlan
 from lowbit.progress import progress
@@ -43,24 +45,26 @@ OWN_SUFFIX = "__lowbit_own"  # the float model's copy of a layer's quantized sub
 def dynamic_sensitivity(float_path: str | os.PathLike, quant_path: str | os.PathLike, quant: onnx.ModelProto,
                         plan: QuantPlan, data, *, samples: int | None = None, batch_size: int = 16,
                         threads: int | None = None,
-                        memory_budget_mb: float | None = DEFAULT_MEMORY_BUDGET_MB) -> SensitivityReport:
+                        memory_budget_mb: float | None = None) -> SensitivityReport:
     """SQNR/cosine of every quantized layer output of the dynamic model `quant` vs the float model
     (see the module docstring); `plan` is the plan stored in `quant`."""
     original = load_model(float_path)
-    reference = reference_model(original, StoredSettings.of(plan).records)
+    inputs = model_inputs(original)
+    reference = reference_model(original, StoredSettings.of(plan).records, copy=False)
+    del original  # the prepared reference is what runs: the raw float model would only hold memory
     layers = _layers(plan, reference, quant)
     measured = [t for t in layers if not t.skipped]
     if not measured:
         raise LowbitError(f"no quantized layer of {quant_path} matches a node of {float_path}; "
                           "pass the float model it was quantized from")
-    dataset = CalibrationData(data, original, samples=samples, what="analysis data")
-    del original  # the prepared reference is what runs: the raw float model would only hold memory
+    dataset = CalibrationData(data, inputs, samples=samples, what="analysis data")
     notes: list[str] = []
     own = _add_own_copies(reference, quant, [t.nodes[0] for t in measured], notes)
+    release_freed_memory()  # the graph's node list was rebuilt: the old copies go back to the OS
     outputs = [t.tensor for t in measured]
-    half = memory_budget_mb / 2  # the two streams share the one budget
-    ref_stream = ActivationStream(reference, outputs + list(own.values()), memory_budget_mb=half, threads=threads)
-    quant_stream = ActivationStream(quant, outputs, memory_budget_mb=half, threads=threads)
+    budget = paired_stream_budget(memory_budget_mb)
+    ref_stream = ActivationStream(reference, outputs + list(own.values()), memory_budget_mb=budget, threads=threads)
+    quant_stream = ActivationStream(quant, outputs, memory_budget_mb=budget, threads=threads)
     sums = {t.tensor: Sums() for t in measured}
     uses = {t.tensor: 1 + (t.tensor in own) for t in measured}  # the quantized model's value, the own copy's
     own_of = {copy: tensor for tensor, copy in own.items()}
@@ -92,7 +96,7 @@ def dynamic_sensitivity(float_path: str | os.PathLike, quant_path: str | os.Path
 def _layers(plan: QuantPlan, reference: onnx.ModelProto, quant: onnx.ModelProto) -> list[TensorSensitivity]:
     """One row per quantized layer, named by its output tensor; unmatched layers are skipped."""
     nodes = {n.name: n for n in reference.graph.node}
-    produced = {o for n in quant.graph.node for o in n.output}
+    produced = producers_of(quant.graph)
     rows = []
     for name in dict.fromkeys(node for e in plan.quantized("weight") for node in e.nodes):
         node = nodes.get(name)
@@ -110,10 +114,10 @@ def _add_own_copies(reference: onnx.ModelProto, quant: onnx.ModelProto, layer_na
     """Copy each layer's quantized subgraph into `reference`, right after the float layer and fed
     by the same float inputs; returns {layer output: copy's output}."""
     graph = reference.graph
-    known = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
-    producer = {o: n for n in quant.graph.node for o in n.output}
+    known = values_of(graph)
+    index = GraphIndex.of(quant)
+    producer, quant_inits = index.producer, index.initializers
     order = {id(n): i for i, n in enumerate(quant.graph.node)}
-    quant_inits = {t.name: t for t in quant.graph.initializer}
     position = {n.name: i for i, n in enumerate(graph.node)}
     inserted: dict[int, list[onnx.NodeProto]] = {}
     own: dict[str, str] = {}

@@ -31,6 +31,11 @@ def producers_of(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {name: node for node in graph.node for name in node.output}
 
 
+def values_of(graph: onnx.GraphProto) -> set[str]:
+    """Names a run of the graph is fed or computes: graph inputs and node outputs (initializers aside)."""
+    return {i.name for i in graph.input} | {name for node in graph.node for name in node.output}
+
+
 def insert_after(graph: onnx.GraphProto, after: dict[str, list[onnx.NodeProto]],
                  first: list[onnx.NodeProto] = ()) -> None:
     """Put each tensor's new nodes right after the node that makes it (at the start, for a graph
@@ -63,7 +68,7 @@ class GraphIndex:
         graph = model.graph
         index = cls(model, producers_of(graph), readers_of(graph), {t.name: t for t in graph.initializer})
         for value in list(graph.input) + list(graph.output) + list(graph.value_info):
-            if value.type.HasField("tensor_type"):
+            if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:  # 0: unknown
                 index.elem_type[value.name] = value.type.tensor_type.elem_type
         for t in graph.initializer:
             index.elem_type[t.name] = t.data_type
@@ -82,4 +87,4 @@ class GraphIndex:
         return numpy_helper.to_array(self.initializers[name])
 
 
-__all__ = ["GraphIndex", "insert_after", "producers_of", "readers_of"]
+__all__ = ["GraphIndex", "insert_after", "producers_of", "readers_of", "values_of"]

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from lowbit.memory import release_freed_memory
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStats, collect_activation_stats
 from lowbit.onnx.config import StaticConfig
@@ -52,6 +53,9 @@ def prepare_model(model: onnx.ModelProto, *, copy: bool = True, opset: int | Non
     if opset is not None:
         prepared = ensure_opset(prepared, opset)
     node_names(prepared)
+    # Symbolic shape inference leaves reference cycles holding model copies (~300 MB resident on
+    # MiniLM until the next collection, then kept by the heap): gone before any activation runs.
+    release_freed_memory()
     return prepared
 
 
@@ -283,14 +287,15 @@ def _merged(measured: ActivationStats, reused: ActivationStats, tensors: list[st
     return replace(measured, ranges=ranges, mask_like=mask_like, non_float=non_float, observers=observers)
 
 
-def reference_model(original: onnx.ModelProto, records: list) -> onnx.ModelProto:
+def reference_model(original: onnx.ModelProto, records: list, *, copy: bool = True) -> onnx.ModelProto:
     """The float model as the quantizer saw it just before writing, for analysis: prepared, and the
     stored outlier split replayed (exact in float, and it renames nothing). Rescaling passes
     (equalization, SmoothQuant) are not replayed: analysis compares against the float tensors and
-    skips the rescaled ones (`record.rescaled`)."""
+    skips the rescaled ones (`record.rescaled`). copy=False: `original` is handed over (as in
+    `prepare_model`)."""
     from lowbit.onnx.passes.outlier_split import OutlierSplitRecord
 
-    model = prepare_model(original)
+    model = prepare_model(original, copy=copy)
     for record in records:
         if isinstance(record, OutlierSplitRecord):
             model, _ = record.replay(model)

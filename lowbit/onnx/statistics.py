@@ -14,8 +14,10 @@ has the same memory bound:
              one [in, in] float64 Gram matrix per distinct GPTQ/AWQ input)
 
 whatever the number of batches or tensors. Two-model analyses (sensitivity) stream both models
-the same way and pair the values with `Partners` (a reference value waits only until its partner
-in the other model arrives).
+the same way, each within a quarter of the budget (`PAIRED_STREAM_SHARE`: the rest pays for the
+second model and the values waiting for their partner), and pair the values with `Partners` (a
+reference value waits only until its partner in the other model arrives); their peak stays
+within the calibration's (measured on MiniLM in bench/statistics_memory.py).
 """
 
 from __future__ import annotations
@@ -245,6 +247,19 @@ class Shapes(Reducer):
         self.shapes[name] = tuple(value.shape)
 
 
+# Share of the memory budget each stream of a two-model analysis (`Partners`) exposes. A quarter,
+# not a half: besides its own chunk and ONNX Runtime's working set for it, the analysis holds the
+# partner's waiting values and a second model's weights and sessions. Measured on MiniLM dynamic
+# sensitivity (bench/statistics_memory.py): peak RSS 1371 MB at half each, 1310 MB at a quarter,
+# static calibration 1346 MB in the same conditions.
+PAIRED_STREAM_SHARE = 0.25
+
+
+def paired_stream_budget(memory_budget_mb: float | None) -> float:
+    """The budget of each stream of a two-model analysis (None: the calibration default)."""
+    return (memory_budget_mb or DEFAULT_MEMORY_BUDGET_MB) * PAIRED_STREAM_SHARE
+
+
 class Partners:
     """One side (the reference model) of a two-model comparison, for one batch: its values are
     held until the other side has read them `uses[name]` times, then dropped. The reference
@@ -285,5 +300,5 @@ class Partners:
                 self.on_extra(name, chunk[name], self._use)
 
 
-__all__ = ["ChannelAbsMax", "ChannelMeans", "Histograms", "InputGram", "MASK_INPUTS", "Partners", "Ranges", "Reducer", "Shapes",
-           "collect", "with_last"]
+__all__ = ["ChannelAbsMax", "ChannelMeans", "Histograms", "InputGram", "MASK_INPUTS", "PAIRED_STREAM_SHARE", "Partners",
+           "Ranges", "Reducer", "Shapes", "collect", "paired_stream_budget", "with_last"]

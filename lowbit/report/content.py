@@ -21,7 +21,8 @@ from onnx import numpy_helper
 
 from lowbit.analysis.sensitivity import SensitivityReport, layer_sensitivity
 from lowbit.numerics import QParams, expand_to, fake_quantize
-from lowbit.onnx.calib_data import CalibrationData
+from lowbit.onnx.calib_data import CalibrationData, model_inputs
+from lowbit.onnx.graph_index import values_of
 from lowbit.onnx.io import load_model
 from lowbit.onnx.pipeline import prepare_model
 from lowbit.onnx.statistics import Histograms
@@ -74,8 +75,8 @@ def collect(float_path: str | os.PathLike, quant_path: str | os.PathLike, data, 
     """Measure everything the report shows that the caller did not already measure (the sweeps are
     shown when given, never run here: they cost one evaluation per layer)."""
     plan = read_plan(quant_path)
-    original = load_model(float_path)
-    dataset = CalibrationData(data, original, samples=samples, what="report data") if data is not None else None
+    inputs = model_inputs(load_model(float_path))  # the float model is loaded again when needed: not held meanwhile
+    dataset = CalibrationData(data, inputs, samples=samples, what="report data") if data is not None else None
     if verify is None and dataset is not None:
         verify = compare_models(float_path, quant_path, dataset, batch_size=batch_size, threads=threads,
                                 speed=measure_speed)
@@ -84,7 +85,7 @@ def collect(float_path: str | os.PathLike, quant_path: str | os.PathLike, data, 
     if plan.mode in ("static", "dynamic") and dataset is not None and content.sensitivity is None:
         content.sensitivity = layer_sensitivity(float_path, quant_path, data, samples=samples, batch_size=batch_size,
                                                 threads=threads)
-    reference = prepare_model(original)
+    reference = prepare_model(load_model(float_path), copy=False)
     quant = load_model(quant_path)
     _weight_histograms(content, reference, quant)
     if plan.mode == "static" and dataset is not None:
@@ -140,7 +141,7 @@ def _from_values(entry: PlanEntry, values: np.ndarray) -> TensorHistogram:
 
 def _activation_histograms(content: ReportContent, reference: onnx.ModelProto, data: CalibrationData,
                            skipped: dict[str, str], batch_size: int, threads: int | None) -> None:
-    produced = {o for n in reference.graph.node for o in n.output} | {i.name for i in reference.graph.input}
+    produced = values_of(reference.graph)
     entries = []
     for entry in content.plan.quantized("activation"):
         if entry.qparams is None or entry.shares is not None:

@@ -17,9 +17,6 @@ is not measured on this path.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import json
 from collections import defaultdict
 from collections.abc import Iterator
@@ -31,6 +28,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.memory import LIBC, release_freed_memory
 from lowbit.torch.llm.compressed_checkpoint import compressed_tensors
 from lowbit.torch.llm.hf_io import available_memory
 from lowbit.torch.llm.sequential import LLMQuantization
@@ -273,10 +271,8 @@ def map_large_allocations() -> None:
     on the heap, and measured on the same blocks, setting it after tokenization left ~110 MB more
     resident within each block (process peak 1306 -> 1009 MB). A no-op where the C library is
     not glibc."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-    except (OSError, AttributeError):
-        pass
+    if LIBC is not None:
+        LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def stream_blocks(input_bytes: int, low_memory: bool | None) -> bool:
@@ -289,17 +285,6 @@ def stream_blocks(input_bytes: int, low_memory: bool | None) -> bool:
     if low_memory:
         map_large_allocations()
     return low_memory
-
-
-def release_freed_memory() -> None:
-    """Collect garbage and hand freed heap memory back to the OS. glibc raises its mmap threshold
-    after large frees, so a block's many mid-sized temporaries land on the heap, and without
-    `malloc_trim` resident memory would keep the high-water mark of every block's work."""
-    gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def materialize_outside_blocks(model: nn.Module, blocks_name: str, reader: ShardReader) -> list[nn.Module]:
