@@ -9,7 +9,6 @@ made here, with the same options, so both sides of a ratio run under identical, 
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 import onnx
@@ -59,24 +58,3 @@ def make_session(model: onnx.ModelProto | bytes | str | os.PathLike, *, threads:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise LowbitError(f"ONNX Runtime cannot run this model ({first}); check that every op is a "
                           "standard ONNX op or one ONNX Runtime implements") from None
-
-
-def return_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc's `malloc_trim`; elsewhere nothing to do).
-    A closed session's buffers otherwise stay resident: glibc raises its mmap threshold after the
-    first big free, so later multi-MB blocks land on the heap and stay there when freed (a float
-    ResNet-18 session at 16x3x224x224: 258 MB while open, 137 MB still resident after it closed,
-    none after the trim). Costs ~25 ms; call it after freeing tens of MB, not per batch."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, Windows, musl)
-        return None
-
-
-_LIBC = _load_libc()

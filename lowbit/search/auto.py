@@ -67,12 +67,13 @@ from lowbit.onnx.config import DEFAULT_MAX_DROP, AutoConfig, DynamicConfig, Fp16
 from lowbit.onnx.cpu import cpu_flags
 from lowbit.onnx.dynamic import plan_dynamic, write_dynamic
 from lowbit.onnx.equalize import find_chains
+from lowbit.memory import trim_heap
 from lowbit.onnx.io import drop_shape_annotations
 from lowbit.onnx.pipeline import (FirstRows, StaticPipeline, activation_channel_spread, channel_spreads,
                                   input_channel_peaks, weight_channel_spread)
 from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
 from lowbit.onnx.registry import rule_for
-from lowbit.onnx.session import default_threads, make_session, return_freed_memory
+from lowbit.onnx.session import default_threads, make_session
 from lowbit.onnx.timing import evenly_spaced, representative_feeds, time_models
 from lowbit.onnx.verify import (FloatReference, OutputErrors, OutputFidelity, batches_with_calls, label_accuracy,
                                looks_like_class_scores, looks_like_position_scores)
@@ -450,7 +451,7 @@ class _Search:
         drop_shape_annotations(candidate.model)
         payload, plan = candidate.model.SerializeToString(), candidate.plan  # the session's and the file's
         del candidate
-        return_freed_memory()  # what building it left (copies of the float model) before a session opens
+        trim_heap()  # what building it left (copies of the float model) before a session opens
         session = make_session(payload, threads=self.scorer.threads)
         cosine, top1, accuracy, positions, errors = self.scorer.fidelity(session)
         drop = self.scorer.drop(cosine, top1, accuracy)
@@ -470,7 +471,7 @@ class _Search:
             self.kept[name] = _Kept(path, plan, errors)
         del payload
         self._keep_needed()
-        return_freed_memory()  # the session's buffers and the model's bytes
+        trim_heap()  # the session's buffers and the model's bytes
         return trial
 
     def trial(self, name: str) -> Trial | None:
@@ -504,7 +505,7 @@ class _Search:
         sessions = [make_session(self.kept[t.name].path, threads=self.scorer.threads) for t in close]
         speedups, spread = self.scorer.retime(sessions)
         del sessions
-        return_freed_memory()
+        trim_heap()
         for trial, speedup in zip(close, speedups):
             retimed = f"re-timed together: {trial.speedup:.2f}x -> {speedup:.2f}x"
             trial.note = "; ".join(filter(None, [trial.note, retimed]))
