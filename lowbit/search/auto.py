@@ -63,11 +63,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from lowbit.memory import trim_heap
 from lowbit.onnx.config import DEFAULT_MAX_DROP, AutoConfig, DynamicConfig, Fp16Config, StaticConfig, WeightOnlyConfig
 from lowbit.onnx.cpu import cpu_flags
 from lowbit.onnx.dynamic import plan_dynamic, write_dynamic
 from lowbit.onnx.equalize import find_chains
-from lowbit.memory import trim_heap
 from lowbit.onnx.io import drop_shape_annotations
 from lowbit.onnx.pipeline import (FirstRows, StaticPipeline, activation_channel_spread, channel_spreads,
                                   input_channel_peaks, weight_channel_spread)
