@@ -178,6 +178,21 @@ def test_random_tensors_match_ort(dtype, symmetric, granularity):
         check_against_ort(x, _random_qparams(spec, x.shape, rng, magnitude * 6))
 
 
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int4"])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_large_tensors_quantized_block_by_block_match_ort(dtype, granularity, monkeypatch):
+    """Tensors past `numerics._BLOCK_ELEMENTS` are quantized in blocks of rows; the block size is
+    made small here so a 5x5x8 tensor takes that path (blocks of 2, 2 and 1 rows)."""
+    import lowbit.numerics as numerics
+
+    monkeypatch.setattr(numerics, "_BLOCK_ELEMENTS", 90)
+    rng = np.random.default_rng(zlib.crc32(f"blocks-{dtype}-{granularity.describe()}".encode()))
+    for symmetric in (True, False):
+        spec = QuantSpec(dtype, symmetric=symmetric, granularity=granularity)
+        x = _random_input((5, 5, 8), rng, 1.0)
+        check_against_ort(x, _random_qparams(spec, x.shape, rng, 6.0))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_lowbit_chosen_qparams_are_valid_onnx_layouts(dtype, granularity):

@@ -205,7 +205,7 @@ def test_close_calls_are_timed_again_together_and_their_noise_widens_ties(monkey
     search.max_drop, search.scorer, search.noise = 0.01, Scorer(), 0.03
     search.run = type("R", (), {"threads": 2})()
     search.trials = [_trial("b", 0.005, 2.00), _trial("c", 0.002, 1.90), _trial("a", 0.001, 1.20)]
-    search.built = {n: type("B", (), {"model": n})() for n in "bca"}
+    search.kept = {n: type("K", (), {"path": n})() for n in "bca"}
     search.retime_close_calls()
     assert retimed == [["b", "c"]]  # a is 40% slower than the fastest: not a close call
     speeds = {t.name: t.speedup for t in search.trials}
@@ -220,19 +220,52 @@ def test_close_calls_are_timed_again_together_and_their_noise_widens_ties(monkey
     assert retimed == []
 
 
-def test_only_candidates_that_can_win_stay_in_memory():
+def test_only_candidates_that_can_win_are_kept_and_on_disk_not_in_memory(tmp_path, monkeypatch):
+    """Each candidate that can still win is kept as its serialized file (read back unchanged for
+    the winner); the others' files are deleted as soon as they cannot win."""
+    import lowbit.search.auto as auto
+    from lowbit.plan import QuantPlan
+
+    models = {name: _tiny_model(name) for name in "abcde"}
+    drops = {"a": 0.3, "b": 0.05, "c": 0.005, "d": 0.2, "e": 0.001}
     search = _Search.__new__(_Search)
-    search.trials, search.built = [], {}
-    for trial in (_trial("a", 0.3, None), _trial("b", 0.05, None)):  # neither within 0.01: the best stays
-        search.trials.append(trial)
-        search.built[trial.name] = object()
-        search._keep_needed()
-    assert list(search.built) == ["b"]
-    for trial in (_trial("c", 0.005, 1.5), _trial("d", 0.2, None), _trial("e", 0.001, 1.2)):
-        search.trials.append(trial)
-        search.built[trial.name] = object()
-        search._keep_needed()
-    assert sorted(search.built) == ["c", "e"]
+    search.trials, search.kept, search.folder, search.deadline = [], {}, tmp_path, float("inf")
+    search.max_drop, search.timed_out = 0.01, False
+    search.config = search.run = type("C", (), {"measure_speed": False, "threads": 1})()
+
+    class Scorer:
+        metric = "cosine"
+        threads = 1
+
+        def fidelity(self, session):
+            name = session.get_modelmeta().graph_name
+            return 1.0 - drops[name], None, None, None, {}
+
+        def drop(self, cosine, top1, accuracy):
+            return 1.0 - cosine
+
+    search.scorer = Scorer()
+    monkeypatch.setattr(auto, "drop_shape_annotations", lambda model: None)
+    for name in "ab":  # neither within 0.01: the most accurate so far stays
+        search.add(name, lambda name=name: auto._Built(models[name], QuantPlan(mode=name)))
+    assert list(search.kept) == ["b"] and len(list(tmp_path.iterdir())) == 1
+    for name in "cde":
+        search.add(name, lambda name=name: auto._Built(models[name], QuantPlan(mode=name)))
+    assert sorted(search.kept) == ["c", "e"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(k.path.name for k in search.kept.values())
+    kept = search.load("e")
+    assert kept.model.SerializeToString() == models["e"].SerializeToString() and kept.plan.mode == "e"
+
+
+def _tiny_model(name: str):
+    """A one-MatMul model whose graph is called `name` (what a session of it reports)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.full((2, 2), ord(name), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], name,
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_output_layers_are_the_compute_nodes_that_make_the_logits():
@@ -276,7 +309,7 @@ def _position_softmax_model(weights: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_auto_rejects_a_candidate_that_flips_near_tied_positions_within_the_cosine_budget():
+def test_auto_rejects_a_candidate_that_flips_near_tied_positions_within_the_cosine_budget(tmp_path):
     """Classes 0 and 1 nearly tie at every position (a CTC frame between blank and a space): a
     candidate that moves them by a hair keeps the output cosine at 0.9997 yet swaps their arg-maxes.
     The cosine budget passes it; the per-position decision gate does not. The float model itself passes."""
@@ -298,7 +331,7 @@ def test_auto_rejects_a_candidate_that_flips_near_tied_positions_within_the_cosi
     scorer.expected = [reference.run(["probs"], b) for b in batches]
     scorer.metric, scorer.labels, scorer.position_scores, scorer.threads = "cosine", None, True, 1
     search = _Search(scorer, 0.003, type("R", (), {"threads": 1, "measure_speed": False})(),
-                     AutoConfig(measure_speed=False), deadline=float("inf"))
+                     AutoConfig(measure_speed=False), deadline=float("inf"), folder=tmp_path)
     float_like = search.add("float", lambda: _Built(_position_softmax_model(weights), None))
     swapped = search.add("swapped", lambda: _Built(_position_softmax_model(flipped), None))
     assert float_like.met and float_like.position_top1 == 1.0 and float_like.position_drop == 0.0

@@ -61,7 +61,7 @@ def write_qdq(model: onnx.ModelProto, plan: QuantPlan, *, conv_weights_for_qgemm
     for entry in plan.quantized("weight"):
         if entry.tensor in lstm_weights:
             continue
-        values = numpy_helper.to_array(initializers[entry.tensor]).astype(np.float32)
+        values = numpy_helper.to_array(initializers[entry.tensor]).astype(np.float32, copy=False)  # a copy already
         scales[entry.tensor] = np.asarray(entry.qparams.scale, np.float32)
         q, qparams = quantize(values, entry.qparams), entry.qparams
         if conv_weights_for_qgemm and _large_ungrouped_convs(nodes_by_name, entry, values.shape):

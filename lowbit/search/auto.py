@@ -32,10 +32,18 @@
        accurate beats it: the noise is SPEED_NOISE, or the float model's measured spread in that
        run when larger); none within budget: the most accurate, said plainly.
 
-Memory: the float outputs are computed after calibration (whose peak is the run's peak), by the
-model as the user gave it, in the session the timings and the final verification use too (which
-reuses those outputs instead of running the float model on those batches again); only the
-candidates within the budget (or, while none is, the most accurate one) are kept.
+Memory: the float outputs are computed after calibration, by the model as the user gave it, in
+the session the timings and the final verification use too (which reuses those outputs instead of
+running the float model on those batches again). One candidate is in memory at a time: built,
+serialized, its model freed, scored and timed in one session that is closed before the next is
+built. The candidates that can still win (within the budget, or while none is, the closest) are
+kept as files in a temporary folder, read back only for the re-timing and the winner. Freed memory
+is handed back to the OS after each (glibc keeps a closed session's buffers resident otherwise).
+Bound: the static run's footprint after calibration + the float session + one candidate session
+(+ at most MAX_RETIMED - 1 more candidate sessions during the re-timing, of candidates within
+RETIME_BAND of the fastest). ResNet-18-style at 16x3x224x224: 860 MB against the static run's
+677 MB; the difference is the float session and a candidate with float Convs (~250-300 MB each
+at that batch).
 
 Only equalization needs a second calibration (it rescales activations per channel, so ranges of
 the unequalized graph do not carry over); it runs only when the statistics say it can matter, and
@@ -47,12 +55,15 @@ Bias correction's channel means are measured in the calibration pass itself.
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
+from lowbit.memory import trim_heap
 from lowbit.onnx.config import DEFAULT_MAX_DROP, AutoConfig, DynamicConfig, Fp16Config, StaticConfig, WeightOnlyConfig
 from lowbit.onnx.cpu import cpu_flags
 from lowbit.onnx.dynamic import plan_dynamic, write_dynamic
@@ -273,6 +284,11 @@ class _Scorer:
 
 def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) -> Handled:
     """The `AutoConfig` handler of `quantize_onnx` (see the module docstring)."""
+    with tempfile.TemporaryDirectory(prefix="lowbit-auto-") as folder:  # the kept candidates, removed after
+        return _search(model, config, run, Path(folder))
+
+
+def _search(model: onnx.ModelProto, config: AutoConfig, run: RunInputs, folder: Path) -> Handled:
     started = time.perf_counter()
     deadline = started + config.time_limit
     per_channel_options = [False] if config.per_channel is False else [True, False]
@@ -285,10 +301,10 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     peaks = FirstRows(input_channel_peaks(model), min(4, run.batch_size) if stacked else None)
     pipeline = StaticPipeline(model, static_config, run.calib, batch_size=run.batch_size, threads=run.threads,
                               source=run.model_path.name).calibrate(built=built, also=(peaks,))
-    # After calibration, whose peak memory is the run's peak: the float outputs are not held through it.
+    # After calibration: the float outputs are not held through it.
     scorer = _Scorer(run, config.metric)
     max_drop = config.max_drop if config.max_drop is not None else DEFAULT_MAX_DROP[scorer.metric]
-    search = _Search(scorer, max_drop, run, config, deadline)
+    search = _Search(scorer, max_drop, run, config, deadline, folder)
     skipped: list[str] = []
     profile = _profile(pipeline)
 
@@ -370,7 +386,7 @@ def search_strategy(model: onnx.ModelProto, config: AutoConfig, run: RunInputs) 
     search.retime_close_calls()
     winner, reason = search.choose()
     trial = next(t for t in search.trials if t.name == winner)
-    candidate = search.built[winner]
+    candidate = search.load(winner)
     report = AutoReport(scorer.metric, max_drop, search.trials, winner, reason, time.perf_counter() - started,
                         search.calibrations, skipped, scorer.scored_calls, scorer.total_calls,
                         config.max_position_drop if scorer.position_scores else None)
@@ -404,11 +420,22 @@ class _Built:
     errors: dict[str, OutputErrors] | None = None  # per output, on the scored batches (`_Scorer.fidelity`)
 
 
+@dataclass
+class _Kept:
+    """A candidate that may still win, kept serialized in the search's folder, not in memory."""
+
+    path: Path
+    plan: QuantPlan
+    errors: dict[str, OutputErrors] | None = None
+
+
 class _Search:
-    def __init__(self, scorer: _Scorer, max_drop: float, run: RunInputs, config: AutoConfig, deadline: float):
+    def __init__(self, scorer: _Scorer, max_drop: float, run: RunInputs, config: AutoConfig, deadline: float,
+                 folder: Path):
         self.scorer, self.max_drop, self.run, self.config, self.deadline = scorer, max_drop, run, config, deadline
+        self.folder = folder  # the kept candidates' files (a temporary folder of `search_strategy`)
         self.trials: list[Trial] = []
-        self.built: dict[str, _Built] = {}
+        self.kept: dict[str, _Kept] = {}
         self.calibrations = 1
         self.timed_out = False
         self.noise = SPEED_NOISE  # ties within this relative speed; raised by a noisy re-timing
@@ -422,32 +449,48 @@ class _Search:
         # Timed as it will be written: with lowbit's shape annotations left in, ONNX Runtime fuses
         # differently (`io.drop_shape_annotations`) and the search would time another model.
         drop_shape_annotations(candidate.model)
-        session = make_session(candidate.model, threads=self.scorer.threads)
+        payload, plan = candidate.model.SerializeToString(), candidate.plan  # the session's and the file's
+        del candidate
+        trim_heap()  # what building it left (copies of the float model) before a session opens
+        session = make_session(payload, threads=self.scorer.threads)
         cosine, top1, accuracy, positions, errors = self.scorer.fidelity(session)
         drop = self.scorer.drop(cosine, top1, accuracy)
         trial = Trial(name, cosine, top1, drop, drop <= self.max_drop + 1e-12,
-                      size_bytes=candidate.model.ByteSize(), note=note, accuracy=accuracy)
+                      size_bytes=len(payload), note=note, accuracy=accuracy)
         if positions is not None:
             trial.position_top1, trial.position_drop = positions.position_agreement, positions.position_disagreement
             trial.met = trial.met and trial.position_drop <= self.config.max_position_drop + 1e-12
         if trial.met and self.config.measure_speed and self.run.measure_speed:
             trial.speedup = self.scorer.speedup(session)
+        del session
         trial.seconds = time.perf_counter() - t0
         self.trials.append(trial)
-        self.built[name] = _Built(candidate.model, candidate.plan, errors)
-        del session, candidate
+        if name in self._needed():
+            path = self.folder / f"candidate{len(self.trials)}.onnx"
+            path.write_bytes(payload)
+            self.kept[name] = _Kept(path, plan, errors)
+        del payload
         self._keep_needed()
+        trim_heap()  # the session's buffers and the model's bytes
         return trial
 
     def trial(self, name: str) -> Trial | None:
         return next((t for t in self.trials if t.name == name), None)
 
+    def _needed(self) -> set[str]:
+        """The candidates that can still win: those within budget, or while none is, the closest (`closest`)."""
+        return {t.name for t in self.trials if t.met} or {self.closest().name}
+
     def _keep_needed(self) -> None:
-        """Drop the built models that cannot win: over budget, unless none is within and it is the most accurate."""
-        met = {t.name for t in self.trials if t.met}
-        keep = met or {self.closest().name}
-        for name in [n for n in self.built if n not in keep]:
-            del self.built[name]
+        """Delete the kept files of candidates that can no longer win."""
+        needed = self._needed()
+        for name in [n for n in self.kept if n not in needed]:
+            self.kept.pop(name).path.unlink(missing_ok=True)
+
+    def load(self, name: str) -> _Built:
+        """A kept candidate, read back as it was scored and timed."""
+        kept = self.kept[name]
+        return _Built(onnx.load_model(kept.path), kept.plan, kept.errors)
 
     def retime_close_calls(self) -> None:
         """Time the close calls again, together in one interleaved run with float, and take the
@@ -459,9 +502,10 @@ class _Search:
         close = [t for t in timed if t.speedup >= timed[0].speedup * (1 - RETIME_BAND)][:MAX_RETIMED]
         if len(close) < 2 and abs(timed[0].speedup - 1.0) > RETIME_BAND:
             return
-        sessions = [make_session(self.built[t.name].model, threads=self.scorer.threads) for t in close]
+        sessions = [make_session(self.kept[t.name].path, threads=self.scorer.threads) for t in close]
         speedups, spread = self.scorer.retime(sessions)
         del sessions
+        trim_heap()
         for trial, speedup in zip(close, speedups):
             retimed = f"re-timed together: {trial.speedup:.2f}x -> {speedup:.2f}x"
             trial.note = "; ".join(filter(None, [trial.note, retimed]))
