@@ -57,7 +57,7 @@ def smoothing_groups(model: onnx.ModelProto, quantized_nodes: set[str], *,
     name or any of its node names to its own alpha (per-layer migration strength). `producers`:
     only activations made by these op types (None: any activation)."""
     initializers = {t.name: t for t in model.graph.initializer}
-    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    made_by = producers_of(model.graph)
     groups: dict[str, SmoothGroup] = {}
     for node in model.graph.node:
         if node.op_type != "MatMul" or node.name not in quantized_nodes:
@@ -65,7 +65,7 @@ def smoothing_groups(model: onnx.ModelProto, quantized_nodes: set[str], *,
         x, w = node.input[0], node.input[1]
         if x in initializers or w not in initializers or len(initializers[w].dims) != 2:
             continue
-        if producers is not None and made_by.get(x) not in producers:
+        if producers is not None and (x not in made_by or made_by[x].op_type not in producers):
             continue
         group = groups.setdefault(x, SmoothGroup(x, [], []))
         group.nodes.append(node.name)
