@@ -114,6 +114,7 @@ def _memoized_sympy_str() -> Iterator[None]:
 
     printed: dict = {}
     plain = sympy.Basic.__str__
+    own = sympy.Basic.__dict__.get("__str__")  # None where Basic inherits it (sympy's Printable)
 
     def memoized(expression) -> str:
         text = printed.get(expression)
@@ -125,7 +126,10 @@ def _memoized_sympy_str() -> Iterator[None]:
     try:
         yield
     finally:
-        del sympy.Basic.__str__  # Basic inherits __str__ (sympy's Printable): back to that
+        if own is None:
+            del sympy.Basic.__str__
+        else:
+            sympy.Basic.__str__ = own
 
 
 def ort_symbolic_shape_infer() -> ModuleType:
