@@ -1,6 +1,6 @@
 """Does lowbit's claimed speedup and the field bench's timing differ because of the method or the
 feeds? For one corpus model and a written model, in ONE process, rounds interleaved: the quantize
-table's timing (`lowbit.onnx.timing.time_models`, 3 s per model, on the calls it times: the first
+table's timing (`lowbit.onnx.timing.time_models`, adaptive, 1-5 s per model, on the calls it times: the first
 calibration call when all calls have one shape, else up to 8 evenly spaced) on the calibration calls
 and on as many evaluation calls, and the bench's timing (`field.time_models`, 3 warm-up passes, 7
 passes, median) on its evaluation pass and on the calibration calls. Same options everywhere
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import field  # noqa: E402
 import field_corpus as corpus  # noqa: E402
 
-from lowbit.onnx.timing import MIN_TIMED_SECONDS, evenly_spaced, representative_feeds, time_models  # noqa: E402
+from lowbit.onnx.timing import (TABLE_MAX_SECONDS, TABLE_MIN_SECONDS, TABLE_PRECISION, evenly_spaced,  # noqa: E402
+                                representative_feeds, time_models)
 
 
 def main() -> int:
@@ -46,7 +47,8 @@ def main() -> int:
     sessions = [corpus.open_session(fp32), corpus.open_session(written)]
 
     def table(feeds):
-        return time_models(sessions, feeds, warmup=2, repeats=10, min_seconds=MIN_TIMED_SECONDS).speedup
+        return time_models(sessions, feeds, warmup=2, repeats=10, min_seconds=TABLE_MIN_SECONDS,
+                           precision=TABLE_PRECISION, max_seconds=TABLE_MAX_SECONDS).speedup
 
     def bench(feeds):
         seconds = field.time_models({"fp32": fp32, "written": written}, feeds, 7)

@@ -4,6 +4,7 @@ examples), counts in calls, evaluation labels, and the one timing method with st
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -298,7 +299,11 @@ def test_bench_and_quantize_table_state_the_same_method(tmp_path):
     bench = bench_models([path, path], threads=1, warmup=1, repeats=3)
     report = compare_models(path, path, CalibrationData({"x": np.ones((4, 16), np.float32)}, onnx.load(path)),
                             threads=1, warmup=1, repeats=3, min_seconds=0)
-    assert bench.method == report.timing_method and "spin-waiting off" in bench.text()
+    def method(text):  # the method, without this run's counts and seconds
+        return re.sub(r"[\d.]+", "N", text)
+
+    assert method(bench.method) == method(report.timing_method) and "spin-waiting off" in bench.text()
+    assert "95% interval" in bench.method
     assert f"timing: {report.timing_method}" in report.table() and bench.to_dict()["threads"] == 1
     with pytest.raises(LowbitError):
         bench_models([path, path, path])
@@ -407,7 +412,7 @@ def test_verification_reuses_the_float_outputs_it_is_given_and_its_runs_are_the_
     known = {i: session.session.run(None, {"x": x[8 * i:8 * i + 8]}) for i in (0, 2)}
     plain = compare_models(float_path, quant_path, data, batch_size=8, threads=1, speed=False)
     reused = compare_models(float_path, quant_path, data, batch_size=8, threads=1, warmup=2, repeats=3,
-                            min_seconds=0, reference=FloatReference(session, known))
+                            min_seconds=0, precision=None, reference=FloatReference(session, known))
     assert [o.__dict__ for o in reused.outputs] == [o.__dict__ for o in plain.outputs] and reused.calls == 40
     # Batches 1, 3 and 4 in the verification, then one turn of 1 untimed + 3 timed runs: no warm-up runs.
     assert session.runs == 3 + 1 + 3 and "after 3 warm-up" in reused.timing_method
@@ -467,7 +472,56 @@ def test_runs_of_many_milliseconds_go_without_the_untimed_run_per_turn():
     slow = [SleepingRunner(COLD_CACHE_MS / 1000 * 1.2), SleepingRunner(COLD_CACHE_MS / 1000 * 1.5)]
     timing = time_models(slow, {}, threads=1, warmup=1, repeats=3)
     assert [r.calls for r in slow] == [1 + 1 + 3] * 2 and timing.untimed_per_turn == 0
-    assert "turns of 0 untimed + 3 timed" in timing.method()
+    assert "turns of 0 untimed + 1 timed" in timing.method()
     fast = [SleepingRunner(0.001), SleepingRunner(0.001)]
     assert time_models(fast, {}, threads=1, warmup=1, repeats=3).untimed_per_turn == 1
     assert [r.calls for r in fast] == [1 + 1 + 1 + 3] * 2
+
+
+def test_speedup_interval_is_students_t_over_block_speedups():
+    from lowbit.onnx.timing import MIN_CI_BLOCKS, T_95, speedup_interval
+
+    steady = [[[4.0, 4.0, 4.0], [2.0, 2.0, 2.0]]] * 8
+    assert speedup_interval(steady) == 0.0
+    assert speedup_interval(steady[:MIN_CI_BLOCKS - 1]) is None  # too few rounds to say
+    # 8 rounds, 8 blocks of one round: speedups 2 and 2.5 alternating (logs 0.6931 and 0.9163).
+    rounds = [[[4.0], [2.0]] if r % 2 == 0 else [[5.0], [2.0]] for r in range(8)]
+    logs = np.log([2.0, 2.5] * 4)
+    half = T_95[7] * np.std(logs, ddof=1) / np.sqrt(8)
+    assert speedup_interval(rounds) == pytest.approx(np.expm1(half))
+    # 16 rounds go into 8 blocks of two rounds: each block's speedup is the ratio of its medians.
+    paired = [r for r in rounds for _ in range(2)]
+    assert speedup_interval(paired) == pytest.approx(np.expm1(half))
+
+
+class _DriftingRunner:
+    """Sleeps `base` seconds a run, `drift` times longer in every other `period` seconds of wall time."""
+
+    def __init__(self, base: float, drift: float = 1.0, period: float = 0.05):
+        import time
+
+        self.base, self.drift, self.period, self.start, self.calls = base, drift, period, time.perf_counter(), 0
+
+    def run(self, names, feed):
+        import time
+
+        self.calls += 1
+        slow = int((time.perf_counter() - self.start) / self.period) % 2
+        time.sleep(self.base * (self.drift if slow else 1.0))
+
+
+def test_adaptive_timing_stops_when_the_speedup_is_known_and_goes_on_while_it_drifts():
+    steady = time_models([_DriftingRunner(0.004), _DriftingRunner(0.002)], {}, threads=1, warmup=1, repeats=3,
+                         min_seconds=0.02, precision=0.05, max_seconds=2.0)
+    assert steady.interval is not None and steady.interval <= 0.05 and steady.seconds < 1.0
+    assert steady.speedup == pytest.approx(2.0, rel=0.25) and "interval" in steady.method()
+    assert "met" in steady.method() and steady.to_dict()["speedup_interval"] == steady.interval
+    # The second model runs 3x slower in every other 50 ms: no block agrees with the next; the
+    # timing goes on to its limit (0.4 s per model) and says the aim was not reached.
+    drifting = time_models([_DriftingRunner(0.004), _DriftingRunner(0.002, drift=3.0)], {}, threads=1, warmup=1,
+                           repeats=3, min_seconds=0.02, precision=0.05, max_seconds=0.4)
+    assert drifting.interval > 0.05 and 0.8 <= drifting.seconds < 1.5 and "not reached" in drifting.method()
+    assert len(drifting.latencies_ms[0]) == len(drifting.latencies_ms[1]) > len(steady.latencies_ms[0])
+    # A single model has no speedup to pin down: the fixed count stands.
+    alone = time_models([_DriftingRunner(0.001)], {}, threads=1, warmup=1, repeats=3, precision=0.05)
+    assert len(alone.latencies_ms[0]) == 3 and alone.interval is None
