@@ -2,8 +2,8 @@
 feeds? For one corpus model and a written model, in ONE process, rounds interleaved: the quantize
 table's timing (`lowbit.onnx.timing.time_models`, adaptive, 1-5 s per model, on the calls it times: the first
 calibration call when all calls have one shape, else up to 8 evenly spaced) on the calibration calls
-and on as many evaluation calls, and the bench's timing (`field.time_models`, 3 warm-up passes, 7
-passes, median) on its evaluation pass and on the calibration calls. Same options everywhere
+and on as many evaluation calls, and the bench's timing (`field.time_models`, 3 warm-up passes,
+SPEED_PASSES passes, median) on its evaluation pass and on the calibration calls. Same options everywhere
 (1 intra-op thread, spin-waiting off).
 
     PYTHONPATH=. /work/venvs/field-bench/bin/python bench/field_timing_check.py nudenet-320n \\
@@ -51,7 +51,7 @@ def main() -> int:
                            precision=TABLE_PRECISION, max_seconds=TABLE_MAX_SECONDS).speedup
 
     def bench(feeds):
-        seconds = field.time_models({"fp32": fp32, "written": written}, feeds, 7)
+        seconds = field.time_models({"fp32": fp32, "written": written}, feeds, field.SPEED_PASSES)
         return seconds["fp32"] / seconds["written"]
 
     cases = {f"quantize table, {len(table_calib)} calibration call(s)": (table, table_calib),

@@ -19,7 +19,7 @@ from lowbit.cli import main
 from lowbit.errors import CalibrationError, LowbitError
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.session import make_session
-from lowbit.onnx.timing import time_models
+from lowbit.onnx.timing import UNTIMED_PER_TURN, time_models
 from lowbit.onnx.verify import (FloatReference, OutputErrors, compare_models, cosine_per_row, expected_disagreement,
                                 looks_like_position_scores)
 
@@ -376,7 +376,8 @@ def test_a_timed_run_passes_over_the_data_shapes_in_proportion(tmp_path):
 
     runner = Counting()
     timing = time_models([runner], picked, threads=1, warmup=0, repeats=3)
-    assert len(timing.latencies_ms[0]) == 3 and len(runner.widths) == (1 + 3 + 1) * MAX_TIMED_FEEDS
+    # first run, no warm-up, one turn of UNTIMED_PER_TURN untimed + 3 timed runs, each a pass over the 8 feeds
+    assert len(timing.latencies_ms[0]) == 3 and len(runner.widths) == (1 + UNTIMED_PER_TURN + 3) * MAX_TIMED_FEEDS
     assert runner.widths.count(64) * 4 == len(runner.widths)
 
     float_path = _linear_model(tmp_path / "f.onnx", np.ones((16, 4)), np.zeros(4))
@@ -414,8 +415,8 @@ def test_verification_reuses_the_float_outputs_it_is_given_and_its_runs_are_the_
     reused = compare_models(float_path, quant_path, data, batch_size=8, threads=1, warmup=2, repeats=3,
                             min_seconds=0, precision=None, reference=FloatReference(session, known))
     assert [o.__dict__ for o in reused.outputs] == [o.__dict__ for o in plain.outputs] and reused.calls == 40
-    # Batches 1, 3 and 4 in the verification, then one turn of 1 untimed + 3 timed runs: no warm-up runs.
-    assert session.runs == 3 + 1 + 3 and "after 3 warm-up" in reused.timing_method
+    # Batches 1, 3 and 4 in the verification, then one turn of 3 untimed + 3 timed runs: no warm-up runs.
+    assert session.runs == 3 + 3 + 3 and "after 3 warm-up" in reused.timing_method
     assert reused.speedup is not None and len(reused.outputs) == 1
 
     # With the quantized model's errors on those batches too (auto scored the candidate it wrote),
@@ -447,10 +448,10 @@ def test_latencies_given_as_warm_up_decide_the_repeats_and_no_warm_up_runs_are_m
             self.calls += 1
 
     runners = [Runner(), Runner()]
-    # 2 ms a run (as measured by the caller), 0.1 s asked per model: 50 timed runs each, in 17 turns
-    # of one untimed run (fast models) plus up to 3 timed ones.
+    # 2 ms a run (as measured by the caller), 0.1 s asked per model: 50 timed runs each, in 9 turns
+    # of UNTIMED_PER_TURN (3) untimed runs (fast models) plus up to 6 timed ones.
     timing = time_models(runners, {}, threads=1, warmup=5, repeats=3, min_seconds=0.1, warm_ms=[[2.0, 2.0], [2.0]])
-    assert [len(t) for t in timing.latencies_ms] == [50, 50] and [r.calls for r in runners] == [17 + 50] * 2
+    assert [len(t) for t in timing.latencies_ms] == [50, 50] and [r.calls for r in runners] == [9 * 3 + 50] * 2
     assert "after 1 warm-up" in timing.method()
     with pytest.raises(ValueError):
         time_models(runners, {}, threads=1, warm_ms=[[2.0], []])
@@ -474,8 +475,8 @@ def test_runs_of_many_milliseconds_go_without_the_untimed_run_per_turn():
     assert [r.calls for r in slow] == [1 + 1 + 3] * 2 and timing.untimed_per_turn == 0
     assert "turns of 0 untimed + 1 timed" in timing.method()
     fast = [SleepingRunner(0.001), SleepingRunner(0.001)]
-    assert time_models(fast, {}, threads=1, warmup=1, repeats=3).untimed_per_turn == 1
-    assert [r.calls for r in fast] == [1 + 1 + 1 + 3] * 2
+    assert time_models(fast, {}, threads=1, warmup=1, repeats=3).untimed_per_turn == UNTIMED_PER_TURN
+    assert [r.calls for r in fast] == [1 + 1 + UNTIMED_PER_TURN + 3] * 2
 
 
 def test_speedup_interval_is_students_t_over_block_speedups():

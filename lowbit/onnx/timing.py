@@ -5,14 +5,16 @@ Method: every model runs in a session with the same options (`lowbit.onnx.sessio
 off, the stated number of intra-op threads, one inter-op thread), in this one process, on the same
 feed. Each is run once untimed (first-run allocations) and `warmup` more times; then the models
 take turns, the order alternating turn by turn (A B, B A, ...) so clock boost, thermal drift and
-background load hit all alike. A turn is one untimed run, then RUNS_PER_TURN timed runs of the same
-model back to back: the untimed run brings the model's weights, kernels and buffers back into the
-caches the other model just used, so the timed runs measure the warm, back-to-back latency of a
-model serving requests, the latency a process timing that model alone measures. (Timed right after
-the other model, the fp32 session of a GRU of many tiny ops measured 0.59-0.89 ms, 0.16-0.21 ms
-alone, 0.19-0.38 ms in these turns, 1 thread; see BENCHMARKS.md "Timing agreement".) Models whose
-runs take COLD_CACHE_MS or more go without the untimed run (the caches refill within the first
-fraction of such a run; the untimed run would only double the cost) and take turns of one timed run.
+background load hit all alike. A turn is UNTIMED_PER_TURN untimed runs, then RUNS_PER_TURN timed
+runs of the same model back to back: the untimed runs bring the model's weights, kernels and
+buffers back into the caches the other model just used, so the timed runs measure the warm,
+back-to-back latency of a model serving requests, the latency a process timing that model alone
+measures. One untimed run is not enough: after the fp32 model, a captcha CRNN's int8 model (3 ms,
+dynamic-int8 LSTM steps) took 3.19, 3.01, 2.95, 2.90 ms in its first four runs, 2.84-2.88 ms from the
+fifth on, and its speedup read 5% low; the GRU of BENCHMARKS.md "Timing agreement" likewise
+measured 0.59-0.89 ms right after the other model, 0.16-0.21 ms alone. Models whose runs take
+COLD_CACHE_MS or more go without untimed runs (the caches refill within the first fraction of such
+a run; untimed runs would only multiply the cost) and take turns of one timed run.
 A model's latency is the median of its timed runs; a speedup is the ratio of medians. Spin-waiting
 stays off: with ONNX Runtime's default the threads of the session that just ran keep spinning and
 slow the next session's run.
@@ -48,7 +50,8 @@ import onnxruntime as ort
 
 from lowbit.onnx.session import SPIN_WAIT_OFF, default_threads, make_session
 
-RUNS_PER_TURN = 3  # timed runs per turn, after one untimed run (runs of COLD_CACHE_MS or more: 1, no untimed)
+UNTIMED_PER_TURN = 3  # untimed runs opening a turn (runs of COLD_CACHE_MS or more: none)
+RUNS_PER_TURN = 6  # timed runs per turn after them (runs of COLD_CACHE_MS or more: 1)
 COLD_CACHE_MS = 10.0  # runs at least this long (every model of the timing): no untimed run per turn
 MAX_REPEATS = 300  # the most timed runs `min_seconds` may ask for per model
 MAX_ADAPTIVE_REPEATS = 2000  # the most timed runs per model of an adaptive timing (sub-millisecond models)
@@ -76,7 +79,7 @@ class Timing:
     threads: int | None  # intra-op threads of every session (None: ONNX Runtime's default)
     warmup: int
     repeats: int
-    untimed_per_turn: int = 1
+    untimed_per_turn: int = UNTIMED_PER_TURN
     runs_per_turn: int = RUNS_PER_TURN
     interval: float | None = None  # relative half-width of the speedup's 95% interval (adaptive timing)
     precision: float | None = None  # the half-width the adaptive timing aimed for
@@ -216,11 +219,11 @@ def time_models(models: Sequence[ModelLike], feed: dict[str, np.ndarray] | Seque
                 start = time.perf_counter()
                 one_run(session)
                 warm_ms[i].append(1000 * (time.perf_counter() - start))
-    untimed = 1
+    untimed = UNTIMED_PER_TURN
     adaptive = precision is not None and len(sessions) > 1
     if warmup:
         typical_ms = float(np.mean([np.median(runs) for runs in warm_ms]))
-        untimed = 0 if min(min(runs) for runs in warm_ms) >= COLD_CACHE_MS else 1
+        untimed = 0 if min(min(runs) for runs in warm_ms) >= COLD_CACHE_MS else UNTIMED_PER_TURN
         if min_seconds > 0:
             repeats = max(repeats, min(MAX_REPEATS, int(np.ceil(1000 * min_seconds / max(typical_ms, 1e-3)))))
     per_turn = RUNS_PER_TURN if untimed else 1
