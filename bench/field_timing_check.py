@@ -1,10 +1,10 @@
 """Does lowbit's claimed speedup and the field bench's timing differ because of the method or the
 feeds? For one corpus model and a written model, in ONE process, rounds interleaved: the quantize
-table's timing (`lowbit.onnx.timing.time_models`, adaptive, 1-5 s per model, on the calls it times: the first
-calibration call when all calls have one shape, else up to 8 evenly spaced) on the calibration calls
-and on as many evaluation calls, and the bench's timing (`field.time_models`, 3 warm-up passes,
-SPEED_PASSES passes, median) on its evaluation pass and on the calibration calls. Same options everywhere
-(1 intra-op thread, spin-waiting off).
+table's timing (`lowbit.onnx.timing.time_models`, adaptive, 0.75-5 s per model, on the calls it
+times: the first calibration call when all calls have one shape, else up to 8 evenly spaced) on
+the calibration calls and on as many evaluation calls, and the bench's timing (`field.time_models`,
+3 warm-up passes, SPEED_PASSES passes, median) on its evaluation pass and on the calibration calls.
+Same options everywhere (1 intra-op thread, spin-waiting off).
 
     PYTHONPATH=. /work/venvs/field-bench/bin/python bench/field_timing_check.py nudenet-320n \\
         --workdir /tmp/lowbit-field --rounds 6
