@@ -100,7 +100,8 @@ def lowbit_report(output: str) -> dict:
     except json.JSONDecodeError:
         return {}
     report = data.get("report") or {}
-    return {"claimed_speedup": report.get("speedup"), "plan": data.get("plan"), "warnings": data.get("warnings"),
+    return {"claimed_speedup": report.get("speedup"), "claimed_interval": report.get("speedup_interval"),
+            "plan": data.get("plan"), "warnings": data.get("warnings"),
             "unsupported_ops": data.get("unsupported_ops"), "samples": report.get("samples")}
 
 
@@ -216,7 +217,7 @@ def markdown(rows: list[dict], tools: list[str]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     head = ["model", "fp32 MB", "fp32 ms/call"] + [f"{t} MB / speed / quantize s / peak MB" for t in tools] + \
-        ["lowbit's claimed speedup"]
+        ["lowbit's claimed speedup (its 95% interval), vs the bench's"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["model"], _fmt(row["size_mb"], 2), _fmt(row.get("fp32_ms_per_call"), 2)]
@@ -225,8 +226,14 @@ def markdown(rows: list[dict], tools: list[str]) -> str:
             speed = _fmt(e.get("speedup"), 2) + "x" if e.get("speedup") else "-"
             cells.append(f"{_fmt(e.get('size_mb'), 2)} / {speed} / {_fmt(e.get('quantize_s'), 0)} / "
                          f"{_fmt(e.get('peak_rss_mb'), 0)}")
-        claimed = row["tools"].get("lowbit", {}).get("claimed_speedup")
-        cells.append(_fmt(claimed, 2) + "x" if claimed else "-")
+        lowbit = row["tools"].get("lowbit", {})
+        claimed, interval, measured = lowbit.get("claimed_speedup"), lowbit.get("claimed_interval"), lowbit.get("speedup")
+        text = _fmt(claimed, 2) + "x" if claimed else "-"
+        if claimed and interval is not None:
+            text += f" (+-{100 * interval:.0f}%)"
+        if claimed and measured:
+            text += f", {100 * (claimed / measured - 1):+.1f}% vs bench"
+        cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for row in rows:

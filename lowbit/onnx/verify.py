@@ -93,6 +93,7 @@ class VerifyReport:
     timing_method: str | None = None
     timed_calls: int | None = None  # calls per timed run
     timed_shapes: str | None = None  # the input shapes of the timed run (`timing.describe_shapes`)
+    speedup_interval: float | None = None  # relative half-width of the speedup's 95% interval (`Timing.interval`)
     labeled_calls: int = 0
 
     @property
@@ -363,6 +364,7 @@ def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike,
                              warm_ms=warm if min(map(len, warm)) >= warmup else None)
         report.latency_float_ms, report.latency_quant_ms = timing.medians_ms
         report.timing_method = timing.method()
+        report.speedup_interval = timing.interval
         report.timed_calls = sum(count for _, count in timed)
         report.timed_shapes = describe_shapes(feeds)
     return report
