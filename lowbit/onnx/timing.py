@@ -61,9 +61,9 @@ MAX_TIMED_FEEDS = 8  # batches per timed run when the data's shapes vary
 # fixed count is not enough either way: at 3-10 ms a call, ten runs moved a captcha CRNN's speedup
 # from 2.6x to 2.2x between two measurements of the same pair; at 130-150 ms under load (PP-OCRv4
 # det) medians of 10 runs spread 1.13-1.37x, while on a quiet machine 10 runs of det agree.
-TABLE_PRECISION = 0.03
+TABLE_PRECISION = 0.04
 TABLE_MIN_SECONDS = 0.75
-TABLE_MAX_SECONDS = 5.0
+TABLE_MAX_SECONDS = 3.0
 CI_BLOCKS = 8  # batch-means blocks the rounds are cut into (fewer while there are fewer rounds)
 MIN_CI_BLOCKS = 6  # rounds needed before an interval is computed
 # Two-sided 95% Student t quantiles by degrees of freedom (blocks - 1).
