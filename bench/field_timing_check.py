@@ -1,6 +1,6 @@
 """Does lowbit's claimed speedup and the field bench's timing differ because of the method or the
 feeds? For one corpus model and a written model, in ONE process, rounds interleaved: the quantize
-table's timing (`lowbit.onnx.timing.time_models`, adaptive, 0.75-3 s per model, on the calls it
+table's timing (`lowbit.onnx.timing.time_models`, adaptive, up to 3 s per model, on the calls it
 times: the first calibration call when all calls have one shape, else up to 8 evenly spaced) on
 the calibration calls and on as many evaluation calls, and the bench's timing (`field.time_models`,
 3 warm-up passes, SPEED_PASSES passes, median) on its evaluation pass and on the calibration calls.

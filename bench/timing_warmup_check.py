@@ -2,7 +2,7 @@
 In ONE process, rounds alternating: `compare_models` as the quantize table runs it (the
 verification's runs of the timed shape are the warm-up, `time_models(warm_ms=)`) and
 `time_models` with its own warm-up runs on fresh sessions, same float and written model, same
-first calibration call, same options (1 intra-op thread, spin-waiting off, the adaptive 0.75-3 s per model).
+first calibration call, same options (1 intra-op thread, spin-waiting off, adaptive, up to 3 s per model).
 
     PYTHONPATH=. python bench/timing_warmup_check.py FLOAT.onnx WRITTEN.onnx CALIB_DIR --rounds 4
 """

@@ -496,7 +496,8 @@ def test_speedup_interval_is_students_t_over_block_speedups():
 
 
 class _DriftingRunner:
-    """Sleeps `base` seconds a run, `drift` times longer in every other `period` seconds of wall time."""
+    """Sleeps `base` seconds a run, `drift` times longer in about half the `period`-long windows of wall
+    time (which ones: seeded by the window's index, so no turn length can fall in step with them)."""
 
     def __init__(self, base: float, drift: float = 1.0, period: float = 0.05):
         import time
@@ -507,22 +508,30 @@ class _DriftingRunner:
         import time
 
         self.calls += 1
-        slow = int((time.perf_counter() - self.start) / self.period) % 2
+        window = int((time.perf_counter() - self.start) / self.period)
+        slow = np.random.default_rng(window).random() < 0.5
         time.sleep(self.base * (self.drift if slow else 1.0))
 
 
-def test_adaptive_timing_stops_when_the_speedup_is_known_and_goes_on_while_it_drifts():
+def test_adaptive_timing_stops_when_the_speedup_is_known_and_goes_on_while_it_drifts(monkeypatch):
+    from lowbit.onnx import timing
+
     steady = time_models([_DriftingRunner(0.004), _DriftingRunner(0.002)], {}, threads=1, warmup=1, repeats=3,
                          min_seconds=0.02, precision=0.05, max_seconds=2.0)
     assert steady.interval is not None and steady.interval <= 0.05 and steady.seconds < 1.0
     assert steady.speedup == pytest.approx(2.0, rel=0.25) and "interval" in steady.method()
     assert "met" in steady.method() and steady.to_dict()["speedup_interval"] == steady.interval
-    # The second model runs 3x slower in every other 50 ms: no block agrees with the next; the
+    # The second model runs 3x slower in about half of the 50 ms windows: the blocks disagree; the
     # timing goes on to its limit (0.4 s per model) and says the aim was not reached.
     drifting = time_models([_DriftingRunner(0.004), _DriftingRunner(0.002, drift=3.0)], {}, threads=1, warmup=1,
                            repeats=3, min_seconds=0.02, precision=0.05, max_seconds=0.4)
     assert drifting.interval > 0.05 and 0.8 <= drifting.seconds < 1.5 and "not reached" in drifting.method()
     assert len(drifting.latencies_ms[0]) == len(drifting.latencies_ms[1]) > len(steady.latencies_ms[0])
+    # Runs of COLD_CACHE_MS or more: the minimum is SLOW_MIN_SECONDS, not the min_seconds asked.
+    monkeypatch.setattr(timing, "SLOW_MIN_SECONDS", 0.1)
+    slow = time_models([_DriftingRunner(0.012), _DriftingRunner(0.011)], {}, threads=1, warmup=1, repeats=3,
+                       min_seconds=10.0, precision=0.5, max_seconds=2.0)
+    assert slow.untimed_per_turn == 0 and 9 <= len(slow.latencies_ms[0]) <= 12 and slow.interval <= 0.5
     # A single model has no speedup to pin down: the fixed count stands.
     alone = time_models([_DriftingRunner(0.001)], {}, threads=1, warmup=1, repeats=3, precision=0.05)
     assert len(alone.latencies_ms[0]) == 3 and alone.interval is None
