@@ -367,7 +367,7 @@ def _search(model: onnx.ModelProto, config: AutoConfig, run: RunInputs, folder: 
         if heads and len(heads) < len(profile["matmuls"]):
             search.add(f"dynamic int8, output layer{'s' if len(heads) > 1 else ''} float",
                        lambda: _dynamic(pipeline, keep_float=heads), note=", ".join(heads))
-    elif has_int8_lstms(pipeline.model):  # LSTMs alone (in If/Loop/Scan bodies too): int8 weights, float Convs
+    elif has_int8_lstms(pipeline.model):  # no MatMul in the main graph, LSTMs (If/Loop/Scan bodies too): int8 weights
         search.add("dynamic int8", lambda: _dynamic(pipeline), note="LSTM weights int8 (DynamicQuantizeLSTM)")
     else:
         skipped.append("dynamic and hybrid: no MatMul/Gemm with a constant weight")
