@@ -27,6 +27,7 @@ within the calibration's (measured on MiniLM in bench/statistics_memory.py).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -65,17 +66,46 @@ def collect(model: onnx.ModelProto, batches: Iterable[Batch], reducers: list[Red
     for reducer in reducers:
         for name in reducer.tensors:
             wanted.setdefault(name, []).append(reducer)
-    stream = ActivationStream(model, list(wanted), memory_budget_mb=memory_budget_mb, threads=threads)
     workers = min(threads or default_threads(), default_threads())
-    with progress(total=total, desc=desc or "measuring", unit="batch", disable=True if desc is None else None) as bar, \
-            ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        seen: set[str] = set()
+    ahead = READ_AHEAD and workers > 1
+    if ahead and memory_budget_mb is not None and not math.isinf(memory_budget_mb):
+        memory_budget_mb /= 2  # two chunks are held at once: the one folded in and the next
+    stream = ActivationStream(model, list(wanted), memory_budget_mb=memory_budget_mb, threads=threads)
+
+    def chunks() -> Iterator[tuple[Batch, dict[str, np.ndarray] | None]]:
         for batch, last in with_last(batches):
             for found in stream.chunks(batch, last=last):
-                _fold_in(found, batch, wanted, pool, seen)
-                del found  # one chunk of one batch's activations at a time
-            bar.update(1)
+                yield batch, found
+                del found
+            yield batch, None  # the batch is done
+
+    with progress(total=total, desc=desc or "measuring", unit="batch", disable=True if desc is None else None) as bar, \
+            ThreadPoolExecutor(workers) if workers > 1 and PARALLEL_MIN_BYTES < math.inf else contextlib.nullcontext() as pool:
+        seen: set[str] = set()
+        for batch, found in (read_ahead(chunks()) if ahead else chunks()):
+            if found is None:
+                bar.update(1)
+                continue
+            _fold_in(found, batch, wanted, pool, seen)
+            del found  # one chunk of one batch's activations at a time (two when reading ahead)
     return stream
+
+
+READ_AHEAD = True
+
+
+def read_ahead(items: Iterator) -> Iterator:
+    """`items`, each next one computed on a background thread while the caller handles the
+    current one (ONNX Runtime releases the GIL while it runs)."""
+    with ThreadPoolExecutor(1) as worker:
+        pending = worker.submit(next, items, _END)
+        while True:
+            item = pending.result()
+            if item is _END:
+                return
+            pending = worker.submit(next, items, _END)
+            yield item
+            del item
 
 
 # Tensors smaller than this are folded in on the calling thread: a task costs more than their update.
