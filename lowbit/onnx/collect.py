@@ -130,7 +130,7 @@ def collect_activation_stats(model: onnx.ModelProto, tensors: list[str], data: C
     observers = ranges.observers
     observers.warn_nonfinite()
     wanted = [t for t in tensors if t not in ranges.non_float and t not in ranges.mask_like]
-    return ActivationStats(_ranges(observers, wanted, method, spec), ranges.mask_like, ranges.non_float,
+    return ActivationStats(_ranges(observers, wanted, method, spec, threads), ranges.mask_like, ranges.non_float,
                            len(batches), sum(batches), time.perf_counter() - started, stream.runs_per_batch,
                            stream.peak_bytes, observers)
 
@@ -479,8 +479,9 @@ def observed_sample(value: np.ndarray, lo: float | None = None, hi: float | None
     return np.concatenate([flat[::stride], np.asarray(extremes, np.float32)]).astype(np.float32, copy=False)
 
 
-def _ranges(observers: ObserverSet, names: list[str], method: str, spec: QuantSpec) -> dict:
+def _ranges(observers: ObserverSet, names: list[str], method: str, spec: QuantSpec,
+            threads: int | None = None) -> dict:
     if not len(observers):
         return {}  # nothing quantizable was observed: the planner keeps those nodes float
-    all_ranges = observers.ranges(method, spec, threads=default_threads())
+    all_ranges = observers.ranges(method, spec, threads=min(threads or default_threads(), default_threads()))
     return {n: all_ranges[n] for n in names if n in all_ranges}

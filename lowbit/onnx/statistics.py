@@ -13,10 +13,14 @@ has the same memory bound:
            + what the reducers hold (fixed: O(channels) per tensor, 2048-bin histograms,
              one [in, in] float64 Gram matrix per distinct GPTQ/AWQ input)
 
-whatever the number of batches or tensors. The tensors of one chunk are folded in on `threads`
-threads (NumPy's loops release the GIL), one task per tensor, so each tensor's statistics see its
-batches in order and come out exactly as on one thread; a tensor's first batch is folded in on the
-calling thread, in order (reducers create their per-tensor state then, in a repeatable order).
+whatever the number of batches or tensors. With more than one thread (`threads`, default: the
+cores this process may use), the work is spread without changing a single statistic:
+  - the next chunk's forward pass runs on a background thread while this chunk is folded in
+    (ONNX Runtime releases the GIL), each within half the budget, so the bound above holds;
+  - the large tensors of a chunk are folded in on worker threads, one task per tensor (NumPy's
+    loops release the GIL), so each tensor's statistics still see its batches in order; a tensor's
+    first batch is folded in on the calling thread, in order (reducers create their per-tensor
+    state then, in a repeatable order).
 Two-model analyses (sensitivity) stream both models
 the same way, each within a quarter of the budget (`PAIRED_STREAM_SHARE`: the rest pays for the
 second model and the values waiting for their partner), and pair the values with `Partners` (a
@@ -80,7 +84,7 @@ def collect(model: onnx.ModelProto, batches: Iterable[Batch], reducers: list[Red
             yield batch, None  # the batch is done
 
     with progress(total=total, desc=desc or "measuring", unit="batch", disable=True if desc is None else None) as bar, \
-            ThreadPoolExecutor(workers) if workers > 1 and PARALLEL_MIN_BYTES < math.inf else contextlib.nullcontext() as pool:
+            ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
         seen: set[str] = set()
         for batch, found in (read_ahead(chunks()) if ahead else chunks()):
             if found is None:

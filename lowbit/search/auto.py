@@ -478,8 +478,8 @@ class _Search:
         if scored < len(self.scorer.batches):
             note = "; ".join(filter(None, [note, f"scored on {scored} of {len(self.scorer.batches)} batches: its "
                                                  f"cosine cannot reach {floor:.5f} (the budget or a better candidate)"]))
-        trial = Trial(name, cosine, top1, drop, drop <= self.max_drop + 1e-12 and scored == len(self.scorer.batches),
-                      size_bytes=len(payload), note=note, accuracy=accuracy)
+        met = drop <= self.max_drop + 1e-12 and scored == len(self.scorer.batches)
+        trial = Trial(name, cosine, top1, drop, met, size_bytes=len(payload), note=note, accuracy=accuracy)
         if positions is not None:
             trial.position_top1, trial.position_drop = positions.position_agreement, positions.position_disagreement
             trial.met = trial.met and trial.position_drop <= self.config.max_position_drop + 1e-12
