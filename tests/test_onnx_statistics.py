@@ -118,6 +118,25 @@ def test_threads_fold_in_exactly_what_one_thread_does(cnn, monkeypatch):
             np.testing.assert_array_equal(value, many.result()[name])
 
 
+def test_read_ahead_keeps_order_and_raises_where_the_items_fail():
+    from lowbit.onnx.statistics import read_ahead
+
+    made = []
+
+    def items():
+        for i in range(4):
+            made.append(i)
+            yield i
+        raise ValueError("bad batch")
+
+    got = []
+    with pytest.raises(ValueError, match="bad batch"):
+        for item in read_ahead(items()):
+            got.append(item)
+            assert len(made) <= item + 2  # at most one item computed ahead
+    assert got == [0, 1, 2, 3]
+
+
 def test_channel_absmax_leaves_non_finite_values_out():
     value = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) - 7.5
     value[0, 1, 2], value[1, 2, 0] = np.inf, np.nan
