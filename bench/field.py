@@ -209,7 +209,10 @@ def markdown(rows: list[dict], tools: list[str]) -> str:
         cells = [row["model"], row["family"], row["package"], row["metric"], _fmt(row.get("fp32_truth"), 2)]
         for tool in tools:
             entry = row["tools"].get(tool, {})
-            cells.append("FAIL" if "error" in entry else _fmt(entry.get("score", {}).get("fidelity")))
+            score = entry.get("score", {})
+            segments = score.get("segment_sample_agreement")  # silero's own segment rule, next to the frames
+            cells.append("FAIL" if "error" in entry else _fmt(score.get("fidelity"))
+                         + (f" (segments {_fmt(segments)})" if segments is not None else ""))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     head = ["model", "fp32 MB", "fp32 ms/call"] + [f"{t} MB / speed / quantize s / peak MB" for t in tools] + \

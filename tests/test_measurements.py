@@ -19,8 +19,8 @@ from lowbit.errors import CalibrationError, LowbitError
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.session import make_session
 from lowbit.onnx.timing import time_models
-from lowbit.onnx.verify import (FloatReference, OutputErrors, compare_models, cosine_per_row, expected_disagreement,
-                                looks_like_position_scores)
+from lowbit.onnx.verify import (FloatReference, OutputErrors, compare_models, cosine_per_row, expected_binary_flips,
+                                expected_disagreement, looks_like_binary_probabilities, looks_like_position_scores)
 
 # ----------------------------------------------------------------------------- metrics, by hand
 
@@ -117,6 +117,49 @@ def test_per_position_agreement_against_numpy_and_calls_on_another_axis():
     assert result.position_disagreement == pytest.approx(expected_disagreement(margins, margin_errors), rel=1e-5)
     assert 0 < result.position_disagreement < 1 and result.top1_agreement is None
     assert "per position (120 positions" in _report_table(result)
+
+
+def test_binary_probabilities_are_told_by_their_shape_and_values():
+    rng = np.random.default_rng(3)
+    assert looks_like_binary_probabilities(rng.uniform(0, 1, (1, 1)).astype(np.float32))  # one per call (a VAD)
+    assert looks_like_binary_probabilities(rng.uniform(0, 1, (4, 30, 1)))  # one per frame
+    assert looks_like_binary_probabilities(rng.uniform(0, 1, 16))  # (calls,)
+    assert not looks_like_binary_probabilities(_softmax(rng.standard_normal((4, 2))))  # two classes: top-1
+    assert not looks_like_binary_probabilities(rng.uniform(0, 1, (1, 1, 64, 64)))  # a probability map
+    assert not looks_like_binary_probabilities(rng.standard_normal((8, 1)))  # logits, a regression
+    assert not looks_like_binary_probabilities(rng.uniform(-1, 1, (2, 1, 128)))  # an LSTM state
+    assert not looks_like_binary_probabilities((rng.uniform(0, 1, (8, 1)) > 0.5))  # not float
+
+
+def test_expected_binary_flips_pools_the_less_confident_half_by_hand():
+    margins, errors = [0.1, 0.2, 2.0, 3.0], [0.15, 0.05, 5.0, 0.0]
+    # Pool: the errors at margins <= the median 1.1, {0.15, 0.05}. Margin 0.1 is exceeded by 1 of 2,
+    # the others by none: 0.5 / 4. The 5.0 error of a confident position is left out.
+    assert expected_binary_flips(margins, errors) == pytest.approx(0.125)
+    rng = np.random.default_rng(4)
+    m, e = rng.exponential(2.0, 301), rng.exponential(0.2, 301)
+    pool = e[m <= np.median(m)]
+    assert expected_binary_flips(m, e) == pytest.approx(np.mean([np.mean(pool > x) for x in m]))
+    assert expected_binary_flips([], []) == 0.0
+
+
+def test_binary_decision_agreement_against_numpy_one_probability_per_call():
+    """A VAD-like output, (1, 1) per call: decisions at 0.5 counted per call, the estimate taken in
+    log-odds; the cosine across calls barely sees the error that flips the near-threshold calls."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 3, 400)
+    ref = 1 / (1 + np.exp(-logits))
+    got = 1 / (1 + np.exp(-(logits + 0.2)))  # a small shift before the sigmoid
+    errors = OutputErrors("output")
+    for r, g in zip(ref, got):
+        errors.add(np.array([[r]], np.float32), np.array([[g]], np.float32), calls=None)
+    result = errors.result()
+    assert result.positions == 400 and result.binary_decisions
+    assert result.position_agreement == pytest.approx(np.mean((ref >= 0.5) == (got >= 0.5)))
+    # Every log-odds error is 0.2 (up to float32 rounding): a call flips when its margin |logit| is below it.
+    assert result.position_disagreement == pytest.approx(np.mean(np.abs(logits) < 0.2), abs=2 / 400)
+    assert result.position_disagreement > 0.01 and result.cosine_mean > 0.997
+    assert "per position (400 positions, probability >= 0.5): decision agreement" in _report_table(result)
 
 
 def _report_table(fidelity) -> str:

@@ -127,3 +127,24 @@ def test_a_bigger_output_always_comes_with_its_reason(tmp_path):
     result = quantize_onnx(model, out, calib={"h0": np.ones((4, 16), np.float32)}, measure_speed=False)
     bigger = out.stat().st_size > model.stat().st_size
     assert bigger and any("bigger than its input" in w for w in result.warnings)
+
+
+def test_lstms_in_branches_make_a_dynamic_candidate_and_yes_no_outputs_are_gated(vad_if, tmp_path):
+    """--mode auto on the VAD-like model (network inside an If): its dynamic candidate quantizes the
+    LSTMs in both branches (smaller than float, as `--mode dynamic`), and every candidate is judged
+    on the speech decisions of its (batch, 1) probability output too."""
+    from lowbit.onnx.recurrent import has_int8_lstms
+
+    assert has_int8_lstms(onnx.load(str(vad_if)))
+    assert not has_int8_lstms(onnx.load(str(loop_mlp(tmp_path / "loop.onnx"))))
+    from lowbit.onnx.config import AutoConfig
+
+    auto = quantize_onnx(vad_if, tmp_path / "auto.onnx", AutoConfig(measure_speed=False),
+                         calib=vad_calls(32, sr=16000), measure_speed=False).auto
+    assert auto.max_position_drop is not None  # the decision gate applies
+    assert all(t.position_drop is not None for t in auto.trials)
+    dynamic = next(t for t in auto.trials if t.name == "dynamic int8")
+    dynamic_mode = tmp_path / "d.onnx"
+    quantize_onnx(vad_if, dynamic_mode, mode="dynamic", verify=False)
+    assert dynamic.size_bytes < 0.6 * vad_if.stat().st_size  # both branches' LSTM weights int8
+    assert abs(dynamic.size_bytes - dynamic_mode.stat().st_size) < 0.1 * dynamic.size_bytes  # (its plan aside)

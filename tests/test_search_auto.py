@@ -379,3 +379,42 @@ def test_auto_rejects_a_candidate_that_flips_near_tied_positions_within_the_cosi
     assert swapped.position_top1 < 0.9 and swapped.position_drop > DEFAULT_MAX_POSITION_DROP
     assert not swapped.met  # ... yet over budget: its decisions changed
     assert search.choose()[0] == "float"
+
+
+def _sigmoid_model(weights: np.ndarray, shift: float = 0.0) -> onnx.ModelProto:
+    """x (calls, 8) @ W (8, 1) + shift -> Sigmoid: one yes/no probability per call (a VAD's speech)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="head"),
+             helper.make_node("Add", ["mm", "shift"], ["logit"], name="shift"),
+             helper.make_node("Sigmoid", ["logit"], ["prob"], name="sigmoid")]
+    graph = helper.make_graph(nodes, "vad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
+                              [helper.make_tensor_value_info("prob", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weights.astype(np.float32), "w"),
+                               numpy_helper.from_array(np.array([shift], np.float32), "shift")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_auto_rejects_a_candidate_that_flips_yes_no_decisions_within_the_cosine_budget(tmp_path):
+    """One probability per call, many calls near 0.5: a candidate whose logits move by 0.1 keeps the
+    cosine across calls above 0.999 yet flips the calls within 0.1 of the threshold in log-odds.
+    The decision gate rejects it; the float model passes."""
+    from lowbit.onnx.config import DEFAULT_MAX_POSITION_DROP
+    from lowbit.search.auto import _Built, _Scorer
+
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((8, 1))
+    batches = [{"x": rng.standard_normal((16, 8)).astype(np.float32)} for _ in range(4)]
+    scorer = _Scorer.__new__(_Scorer)
+    reference = make_session(_sigmoid_model(weights), threads=1)
+    scorer.names, scorer.batches, scorer.calls = ["prob"], batches, [16] * 4
+    scorer.expected = [reference.run(["prob"], b) for b in batches]
+    scorer.metric, scorer.labels, scorer.position_scores, scorer.threads = "cosine", None, True, 1
+    search = _Search(scorer, 0.003, type("R", (), {"threads": 1, "measure_speed": False})(),
+                     AutoConfig(measure_speed=False), deadline=float("inf"), folder=tmp_path)
+    float_like = search.add("float", lambda: _Built(_sigmoid_model(weights), None))
+    shifted = search.add("shifted", lambda: _Built(_sigmoid_model(weights, 0.1), None))
+    assert float_like.met and float_like.position_top1 == 1.0 and float_like.position_drop == 0.0
+    assert shifted.cosine > 0.999 and shifted.drop <= 0.003  # within the cosine budget ...
+    assert shifted.position_drop > DEFAULT_MAX_POSITION_DROP and not shifted.met  # ... not the decision gate
+    assert search.choose()[0] == "float"

@@ -24,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "sensitive layers back along --fallback")
     group.add_argument("--max-position-drop", type=float, default=None,
                        help="--mode auto, models whose output holds class probabilities at every position (a CTC "
-                            "recognizer's frames, a tagger's tokens): the most expected share of positions whose "
-                            "arg-max class may differ from the float model's (default: 0.002 = 0.2%%)")
+                            "recognizer's frames, a tagger's tokens) or one yes/no probability per call or frame (a "
+                            "voice-activity detector): the most expected share of positions whose arg-max class, or "
+                            "decision at 0.5, may differ from the float model's (default: 0.002 = 0.2%%)")
     group.add_argument("--fallback", metavar="STEPS",
                        help="comma-separated precisions a layer may fall back to, cheapest first; each fallen-back "
                             "layer gets the cheapest one that meets --max-drop. --mode static: float (default) or "

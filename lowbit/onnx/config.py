@@ -35,6 +35,9 @@ DEFAULT_MAX_DROP = {"top1": 0.01, "cosine": 0.003}
 # result (a decoded string) changes when one of them does: at 0.2% per position, a few percent of
 # 50-position calls. PP-OCRv4 rec: dynamic int8 0.25% (5.4% of 240 strings changed), its output
 # MatMul float 0.12% (1.7%); a cosine budget of 0.003 passes both (0.99994 / 0.99998).
+# Yes/no probabilities (`verify.looks_like_binary_probabilities`, one per call or frame) share the
+# budget: silero-vad's static int8 1.6% expected (1.8% of 1663 frames flipped, state carried), its
+# int8 LSTMs with float convolutions 0% (none flipped).
 DEFAULT_MAX_POSITION_DROP = 0.002
 
 
@@ -137,7 +140,7 @@ class AutoConfig(_Config):
     candidates to per-tensor weights (True/None: both are tried). `candidates`: names to try (None:
     all that the model's statistics make worth a trial, see `lowbit.search.auto`).
     `max_position_drop`: the most expected arg-max disagreement per position allowed on outputs of
-    per-position class scores (`DEFAULT_MAX_POSITION_DROP`), on top of `max_drop`."""
+    per-position class scores and of yes/no probabilities (`DEFAULT_MAX_POSITION_DROP`), on top of `max_drop`."""
 
     mode: ClassVar[str] = "auto"
     needs_calibration: ClassVar[bool] = True

@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lowbit.numerics import quantize
+from lowbit.onnx.subgraphs import bodies, scope_values
 from lowbit.plan import PlanEntry
 
 MS_DOMAIN = "com.microsoft"
@@ -23,6 +24,15 @@ MS_DOMAIN = "com.microsoft"
 def int8_lstm_ok(node: onnx.NodeProto) -> bool:
     """The LSTM forms DynamicQuantizeLSTM takes: default layout (sequence first)."""
     return node.op_type == "LSTM" and not any(a.name == "layout" and a.i != 0 for a in node.attribute)
+
+
+def has_int8_lstms(model: onnx.ModelProto) -> bool:
+    """An LSTM with constant W and R that DynamicQuantizeLSTM takes, in the main graph or in an
+    If/Loop/Scan body (a dynamic int8 candidate then has something to quantize even without MatMuls)."""
+    graphs = [model.graph, *(b.graph for b in bodies(model.graph))]
+    constants, _ = scope_values(model)
+    return any(int8_lstm_ok(node) and len(node.input) >= 3 and node.input[1] in constants
+               and node.input[2] in constants for graph in graphs for node in graph.node)
 
 
 def write_int8_lstms(model: onnx.ModelProto, weights: list[PlanEntry],

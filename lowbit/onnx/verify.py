@@ -14,7 +14,11 @@ evaluation arrays), whether the model runs it alone or stacked with others in a 
   probability or log-probability distribution over the last axis at every position of the float
   output, e.g. a CTC recognizer's (calls, frames, classes) softmax): measured, and the expected
   disagreement (`expected_disagreement`), a lower-variance estimate from every position's margin
-  error that `--mode auto` gates on (a cosine budget cannot see argmax flips between near-tied classes).
+  error that `--mode auto` gates on (a cosine budget cannot see argmax flips between near-tied classes);
+- the same for yes/no decisions (`looks_like_binary_probabilities`: one probability per call or per
+  frame, e.g. a voice-activity detector's speech probability, decided at DECISION_THRESHOLD): the
+  implicit two classes (1 - p, p) at each position, the expected disagreement estimated in log-odds
+  (`expected_binary_flips`).
 
 Size before/after, and speed: both models timed by `lowbit.onnx.timing.time_models` (the method
 every lowbit speed figure uses) on the evaluation data: the first batch when every batch has the
@@ -48,6 +52,11 @@ DISTRIBUTION_TOLERANCE = 1e-3
 # for outputs with a class axis at every pixel.
 MAX_MARGINS_PER_RUN = 4096
 MARGIN_BINS = 10  # the expected disagreement pools margin errors within deciles of the float margin
+# Binary decisions: a probability p is "yes" at p >= DECISION_THRESHOLD (a sigmoid's natural cut, the
+# default of e.g. silero-vad's get_speech_timestamps). Log-odds are taken of p clipped to
+# [LOGIT_CLIP, 1 - LOGIT_CLIP]: beyond that float32 no longer resolves 1 - p (p = 1 - 1e-7 is 1 - 2^-23 or 1).
+DECISION_THRESHOLD = 0.5
+LOGIT_CLIP = 1e-6
 TIMING_WARMUP, TIMING_REPEATS = 2, 10  # the quantize table's timing (`lowbit bench` defaults to more repeats)
 
 
@@ -70,6 +79,7 @@ class OutputFidelity:
     positions: int = 0  # per-position class scores: positions (calls x positions per call) compared
     position_agreement: float | None = None  # share of positions whose arg-max class is float's
     position_disagreement: float | None = None  # expected share of flipped positions (`expected_disagreement`)
+    binary_decisions: bool = False  # the positions are yes/no probabilities (`looks_like_binary_probabilities`)
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -131,7 +141,9 @@ class VerifyReport:
             lines.append(f"{o.name[:24]:<24} {o.values_per_call:>11} {o.cosine_mean:>11.5f} {o.cosine_min:>10.5f} "
                          f"{o.cosine_basis:<12} {o.relative_error:>8.2e} {o.max_abs_error:>11.4g} {top1:>11}")
             if o.position_agreement is not None:
-                lines.append(f"  {o.name[:22]} per position ({o.positions} positions, class = last axis): top-1 "
+                kind = (f"probability >= {DECISION_THRESHOLD:g}): decision" if o.binary_decisions
+                        else "class = last axis): top-1")
+                lines.append(f"  {o.name[:22]} per position ({o.positions} positions, {kind} "
                              f"agreement {100 * o.position_agreement:.2f}%, expected disagreement "
                              f"{100 * o.position_disagreement:.3f}%")
             if o.frame_cosine_mean is not None:
@@ -173,6 +185,7 @@ class OutputErrors:
         self.positions = self.position_agree = 0
         self.margins: list[np.ndarray] = []  # per-position class scores: float's top-1 - runner-up margin
         self.margin_errors: list[np.ndarray] = []  # |the candidate's margin between those classes - float's|
+        self.binary = False  # the positions are yes/no probabilities: margins and errors in log-odds
 
     def add(self, ref: np.ndarray, got: np.ndarray, calls: int | None) -> None:
         """One run's output. `calls`: how many calls the run stacked on axis 0; None when the run
@@ -196,6 +209,8 @@ class OutputErrors:
         self.max_abs = max(self.max_abs, float(np.abs(diff).max()))
         if looks_like_position_scores(ref):  # positions are positions whichever axis holds the calls
             self._add_positions(ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1]))
+        elif looks_like_binary_probabilities(ref):
+            self._add_binary_positions(ref.ravel(), got.ravel())
         if not per_call_view:
             return
         self.call_cosines.append(cosine_per_row(ref, got))
@@ -224,6 +239,20 @@ class OutputErrors:
         self.margins.append(margin.astype(np.float32))
         self.margin_errors.append(np.abs(got[rows, top] - got[rows, runner_up] - margin).astype(np.float32))
 
+    def _add_binary_positions(self, ref: np.ndarray, got: np.ndarray) -> None:
+        """One probability per position: decision agreement at DECISION_THRESHOLD, and each
+        position's float log-odds margin (|logit p|, the distance to the threshold) with the
+        candidate's log-odds error."""
+        self.binary = True
+        self.positions += ref.size
+        self.position_agree += int(((ref >= DECISION_THRESHOLD) == (got >= DECISION_THRESHOLD)).sum())
+        if ref.size > MAX_MARGINS_PER_RUN:
+            keep = np.linspace(0, ref.size - 1, MAX_MARGINS_PER_RUN).round().astype(int)
+            ref, got = ref[keep], got[keep]
+        ref_logit, got_logit = log_odds(ref), log_odds(got)
+        self.margins.append(np.abs(ref_logit).astype(np.float32))
+        self.margin_errors.append(np.abs(got_logit - ref_logit).astype(np.float32))
+
     def result(self) -> OutputFidelity:
         across = _cosine(self.dot, self.ref_sq, self.got_sq)
         relative = (self.diff_sq ** 0.5 / self.ref_sq ** 0.5) if self.ref_sq > 0 else (0.0 if self.diff_sq == 0
@@ -239,8 +268,9 @@ class OutputErrors:
         if self.positions:
             fidelity.positions = self.positions
             fidelity.position_agreement = self.position_agree / self.positions
-            fidelity.position_disagreement = expected_disagreement(np.concatenate(self.margins),
-                                                                   np.concatenate(self.margin_errors))
+            estimate = expected_binary_flips if self.binary else expected_disagreement
+            fidelity.position_disagreement = estimate(np.concatenate(self.margins), np.concatenate(self.margin_errors))
+            fidelity.binary_decisions = self.binary
         if self.frame_cosines:
             frames = np.concatenate(self.frame_cosines)
             fidelity.frame_cosine_mean, fidelity.frame_cosine_min = float(frames.mean()), float(frames.min())
@@ -425,6 +455,42 @@ def looks_like_position_scores(ref: np.ndarray) -> bool:
     if ref.max() <= DISTRIBUTION_TOLERANCE:
         return bool(np.abs(np.exp(ref).sum(-1) - 1).max() <= DISTRIBUTION_TOLERANCE)
     return False
+
+
+def looks_like_binary_probabilities(ref: np.ndarray) -> bool:
+    """(calls, ..., 1) or (calls,) holding values in [0, 1] only: one probability per call or per
+    frame, each a yes/no decision at DECISION_THRESHOLD (a sigmoid head: speech per frame, a binary
+    classifier), i.e. the implicit class distribution (1 - p, p) at every position. By shape and
+    values: class-score vectors (>= 2 classes on the last axis), probability maps (a last axis of
+    pixels), logits, embeddings and states are not recognized. An output that is no probability but
+    happens to lie in [0, 1] with one value per position is gated as one, which only makes auto stricter."""
+    if ref.dtype.kind != "f" or not ref.size or (ref.ndim >= 2 and ref.shape[-1] != 1):
+        return False
+    return bool(ref.min() >= 0.0 and ref.max() <= 1.0)
+
+
+def log_odds(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) of probabilities clipped to [LOGIT_CLIP, 1 - LOGIT_CLIP], in float64."""
+    p = np.clip(np.asarray(p, np.float64), LOGIT_CLIP, 1 - LOGIT_CLIP)
+    return np.log(p / (1 - p))
+
+
+def expected_binary_flips(margins: np.ndarray, errors: np.ndarray) -> float:
+    """Expected share of flipped yes/no decisions from every position's float log-odds margin
+    (|logit p|) and the candidate's log-odds error there: for each position, the share of the errors
+    measured at the less confident half of the positions (margin <= the median) that exceed its
+    margin. Log-odds, because an error made before the sigmoid is about the same size in log-odds
+    at every margin while the sigmoid squeezes it at confident positions (0.005 in probability at
+    p = 0.99 is 0.5 in log-odds, 0.125 at p = 0.5). Pooled over the less confident half instead of
+    margin deciles: one decision per call gives few positions near the threshold (1 of 59 calls
+    within 0.1 of it on silero-vad's calibration calls), too few to pool within a decile. The
+    positions past the median margin do not add their errors: saturated ones (p ~ 1) carry errors
+    that say little about the threshold."""
+    margins, errors = np.asarray(margins, np.float64).ravel(), np.asarray(errors, np.float64).ravel()
+    if not margins.size:
+        return 0.0
+    pooled = np.sort(errors[margins <= np.median(margins)])
+    return float((pooled.size - np.searchsorted(pooled, margins, side="right")).sum()) / pooled.size / margins.size
 
 
 def expected_disagreement(margins: np.ndarray, errors: np.ndarray, bins: int = MARGIN_BINS) -> float:

@@ -67,6 +67,7 @@ import onnx
 
 from lowbit.memory import trim_heap
 from lowbit.onnx.config import DEFAULT_MAX_DROP, AutoConfig, DynamicConfig, Fp16Config, StaticConfig, WeightOnlyConfig
+from lowbit.onnx.control_flow import BodyPlanners
 from lowbit.onnx.cpu import cpu_flags
 from lowbit.onnx.dynamic import plan_dynamic, write_dynamic
 from lowbit.onnx.equalize import find_chains
@@ -74,11 +75,13 @@ from lowbit.onnx.io import drop_shape_annotations
 from lowbit.onnx.pipeline import (FirstRows, StaticPipeline, activation_channel_spread, channel_spreads,
                                   input_channel_peaks, weight_channel_spread)
 from lowbit.onnx.quantize import Handled, RunInputs, run_fp16, run_weight_only
+from lowbit.onnx.recurrent import has_int8_lstms
 from lowbit.onnx.registry import rule_for
 from lowbit.onnx.session import default_threads, make_session
 from lowbit.onnx.timing import evenly_spaced, representative_feeds, time_models
 from lowbit.onnx.verify import (MIN_VALUES_PER_CALL, FloatReference, OutputErrors, OutputFidelity, batches_with_calls,
-                               label_accuracy, looks_like_class_scores, looks_like_position_scores)
+                               label_accuracy, looks_like_binary_probabilities, looks_like_class_scores,
+                               looks_like_position_scores)
 from lowbit.plan import QuantPlan
 
 # A MatMul input whose min/max range is this many times its 99.99th-percentile range is
@@ -207,7 +210,8 @@ class _Scorer:
         # Per-position class scores: enough batches for MIN_SCORED_POSITIONS positions.
         positions = max((np.asarray(o).size // np.asarray(o).shape[-1] for o in first
                          if looks_like_position_scores(np.asarray(o))), default=0)
-        self.position_scores = positions > 0
+        # Yes/no probabilities (one per call or frame) are decisions too, gated alike (`verify.expected_binary_flips`).
+        self.position_scores = positions > 0 or any(looks_like_binary_probabilities(np.asarray(o)) for o in first)
         wanted = max(MIN_SCORED_BATCHES, int(SCORE_SECONDS / max(per_batch, 1e-6)),
                      math.ceil(MIN_SCORED_POSITIONS / positions) if positions else 0)
         scored = list(range(len(feeds)))
@@ -383,6 +387,8 @@ def _search(model: onnx.ModelProto, config: AutoConfig, run: RunInputs, folder: 
         if heads and len(heads) < len(profile["matmuls"]):
             search.add(f"dynamic int8, output layer{'s' if len(heads) > 1 else ''} float",
                        lambda: _dynamic(pipeline, keep_float=heads), note=", ".join(heads))
+    elif has_int8_lstms(pipeline.model):  # no MatMul in the main graph, LSTMs (If/Loop/Scan bodies too): int8 weights
+        search.add("dynamic int8", lambda: _dynamic(pipeline), note="LSTM weights int8 (DynamicQuantizeLSTM)")
     else:
         skipped.append("dynamic and hybrid: no MatMul/Gemm with a constant weight")
     rows = _rows_per_call(scorer.batches[0])
@@ -823,6 +829,7 @@ def _dynamic(pipeline: StaticPipeline, keep_float: list[str] = ()) -> _Built:
     for name in keep_float:
         plan.float_nodes[name] = "kept float by --mode auto: an output layer"
     model = write_dynamic(pipeline.model, plan)
+    model = BodyPlanners(pipeline.model, exclude=[*pipeline.exclude, *keep_float], mode="dynamic").write(model, plan)
     algorithms: dict = {}
     for record in pipeline.records:
         algorithms.update(record.to_settings())
