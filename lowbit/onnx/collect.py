@@ -475,8 +475,11 @@ def observed_sample(value: np.ndarray, lo: float | None = None, hi: float | None
         return value
     flat = value.reshape(-1)
     stride = (flat.size // OBSERVED_VALUES_MAX) | 1  # odd: no aliasing with power-of-two dims
-    extremes = [flat.min() if lo is None else lo, flat.max() if hi is None else hi]
-    return np.concatenate([flat[::stride], np.asarray(extremes, np.float32)]).astype(np.float32, copy=False)
+    strided = flat[::stride]
+    sample = np.empty(strided.size + 2, np.float32)  # one copy, straight into the result
+    sample[:-2] = strided
+    sample[-2:] = [flat.min() if lo is None else lo, flat.max() if hi is None else hi]
+    return sample
 
 
 def _ranges(observers: ObserverSet, names: list[str], method: str, spec: QuantSpec,
