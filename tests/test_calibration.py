@@ -134,6 +134,20 @@ def test_histogram_first_batch_equals_numpy_histogram():
     assert np.abs(h.counts - reference).sum() <= 2
 
 
+def test_histogram_bins_values_by_the_documented_rule_across_chunks():
+    """Bin of x = floor((x - lo) * bins / (hi - lo)) in float64, the maximum in the last bin;
+    exact over an input several internal chunks long."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(3 * 2**18 + 5).astype(np.float32)
+    x[[7, 2**18 + 3]] = x.max()  # the maximum more than once, in two chunks
+    h = StreamingHistogram(128)
+    h.update(x, float(x.min()), float(x.max()))
+    lo, hi = float(x.min()), float(x.max())
+    index = np.minimum(np.floor((x.astype(np.float64) - lo) * (128 / (hi - lo))), 127).astype(int)
+    np.testing.assert_array_equal(h.counts, np.bincount(index, minlength=128))
+    assert h.counts[-1] >= 3
+
+
 def test_histogram_constant_then_spread_and_huge_jump():
     h = StreamingHistogram(64)
     h.update(np.full(10, 3.0), 3.0, 3.0)  # constant: no range yet

@@ -81,6 +81,75 @@ def test_channel_means_and_absmax_match_numpy_on_all_tensors_at_once(cnn):
         np.testing.assert_allclose(mean, means.result()[name], rtol=1e-12, atol=1e-15)
 
 
+def test_threads_fold_in_exactly_what_one_thread_does(cnn, monkeypatch):
+    """Tensors updated in worker threads (every one after its first batch, whatever its size) give
+    statistics identical to the one-thread pass, in the same order."""
+    import lowbit.onnx.statistics as statistics
+
+    model, data = cnn
+    names = [o for n in model.graph.node for o in n.output]
+    convs = [n.input[0] for n in model.graph.node if n.op_type == "Conv"]
+
+    def measured(threads):
+        reducers = [statistics.Ranges(names), ChannelMeans(convs), ChannelAbsMax(convs, axis=1)]
+        collect(model, data.batches(4), reducers, threads=threads, memory_budget_mb=TINY_BUDGET_MB)
+        return reducers
+
+    threaded_updates = []
+    folded = statistics._fold_in
+
+    def counted(found, batch, wanted, pool, seen):
+        threaded_updates.append(pool is not None and bool(set(found) & seen))
+        folded(found, batch, wanted, pool, seen)
+
+    monkeypatch.setattr(statistics, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(statistics, "default_threads", lambda: 4)  # also on a one-core machine
+    monkeypatch.setattr(statistics, "_fold_in", counted)
+    single, threaded = measured(1), measured(None)
+    assert any(threaded_updates)
+    assert list(threaded[0].observers) == list(single[0].observers)
+    for name in single[0].observers:
+        a, b = single[0].observers[name].histogram_snapshot(), threaded[0].observers[name].histogram_snapshot()
+        np.testing.assert_array_equal(a.counts, b.counts)
+        assert (a.lo, a.hi, a.data_min, a.data_max) == (b.lo, b.hi, b.data_min, b.data_max)
+    for one, many in zip(single[1:], threaded[1:]):
+        assert list(one.result()) == list(many.result())
+        for name, value in one.result().items():
+            np.testing.assert_array_equal(value, many.result()[name])
+
+
+def test_read_ahead_keeps_order_and_raises_where_the_items_fail():
+    from lowbit.onnx.statistics import read_ahead
+
+    made = []
+
+    def items():
+        for i in range(4):
+            made.append(i)
+            yield i
+        raise ValueError("bad batch")
+
+    got = []
+    with pytest.raises(ValueError, match="bad batch"):
+        for item in read_ahead(items()):
+            got.append(item)
+            assert len(made) <= item + 2  # at most one item computed ahead
+    assert got == [0, 1, 2, 3]
+
+
+def test_channel_absmax_leaves_non_finite_values_out():
+    value = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4) - 7.5
+    value[0, 1, 2], value[1, 2, 0] = np.inf, np.nan
+    peaks = ChannelAbsMax(["x"], axis=1)
+    peaks.update("x", value, {})
+    finite = np.where(np.isfinite(value), np.abs(value), 0)
+    np.testing.assert_array_equal(peaks.result()["x"], finite.max(axis=(0, 2)))
+    np.testing.assert_array_equal(peaks.result()["x"], [7.5, 11.5, 15.5])  # by hand: |0 - 7.5|, 19 - 7.5, 23 - 7.5
+    last = ChannelAbsMax(["y"])
+    last.update("y", -value[0], {})  # channels on the last axis; -inf and NaN now
+    np.testing.assert_array_equal(last.result()["y"], np.where(np.isfinite(value[0]), np.abs(value[0]), 0).max(0))
+
+
 def test_input_gram_matches_numpy_and_leaves_padding_out(encoder):
     model, data, _, _ = encoder
     sites, _ = find_sites(model, set())

@@ -236,10 +236,11 @@ def test_only_candidates_that_can_win_are_kept_and_on_disk_not_in_memory(tmp_pat
     class Scorer:
         metric = "cosine"
         threads = 1
+        labels, position_scores, batches = None, False, [{}]
 
-        def fidelity(self, session):
+        def fidelity(self, session, floor=None):
             name = session.get_modelmeta().graph_name
-            return 1.0 - drops[name], None, None, None, {}
+            return 1.0 - drops[name], None, None, None, {}, 1
 
         def drop(self, cosine, top1, accuracy):
             return 1.0 - cosine
@@ -255,6 +256,45 @@ def test_only_candidates_that_can_win_are_kept_and_on_disk_not_in_memory(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(k.path.name for k in search.kept.values())
     kept = search.load("e")
     assert kept.model.SerializeToString() == models["e"].SerializeToString() and kept.plan.mode == "e"
+
+
+def test_scoring_stops_once_a_candidate_cannot_reach_the_floor():
+    """Per-call cosines are at most 1, so after k of n calls the mean can reach at most
+    (sum so far + n - k) / n; scoring stops when that is below the floor, and the figures are
+    those of the calls scored (NumPy reference)."""
+    from lowbit.search.auto import _Scorer
+
+    rng = np.random.default_rng(0)
+    expected = [[rng.standard_normal((1, 16))] for _ in range(4)]
+    noisy = [[e[0] + rng.standard_normal((1, 16)) * 0.5] for e in expected]  # cosine ~0.9 a call
+
+    class Session:
+        runs = 0
+
+        def run(self, names, batch):
+            Session.runs += 1
+            return noisy[batch["i"]]
+
+    scorer = _Scorer.__new__(_Scorer)
+    scorer.names, scorer.batches, scorer.expected = ["y"], [{"i": i} for i in range(4)], expected
+    scorer.calls, scorer.scored_calls, scorer.labels = [None] * 4, 4, None
+
+    def cosine(a, b):
+        a, b = a.ravel(), b.ravel()
+        return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+    per_call = [cosine(e[0], q[0]) for e, q in zip(expected, noisy)]
+    full = scorer.fidelity(Session())
+    assert full[-1] == 4 and full[0] == pytest.approx(np.mean(per_call), abs=1e-12)
+    # After 2 calls the mean can reach at most (c1 + c2 + 2) / 4: a floor just above stops there.
+    reach = (per_call[0] + per_call[1] + 2) / 4
+    assert reach < (per_call[0] + 3) / 4  # ... and not after 1
+    Session.runs = 0
+    stopped = scorer.fidelity(Session(), floor=reach + 1e-6)
+    assert stopped[-1] == 2 and Session.runs == 2
+    assert stopped[0] == pytest.approx(np.mean(per_call[:2]), abs=1e-12)
+    # A floor the candidate does reach in the end is never given up on early.
+    assert scorer.fidelity(Session(), floor=np.mean(per_call) - 1e-9)[-1] == 4
 
 
 def _tiny_model(name: str):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -244,11 +245,12 @@ class ObserverSet:
         return len(self._observers)
 
     def ranges(self, method: str = "auto", spec: QuantSpec | Mapping[str, QuantSpec] | None = None,
-               *, names: Iterable[str] | None = None,
+               *, names: Iterable[str] | None = None, threads: int = 1,
                **options: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Range of every observed tensor, or of `names` only (skipping others avoids errors
         for tensors that will not be quantized, e.g. all-inf masks). `spec` may map tensor
-        names to specs (missing names get the default symmetric int8)."""
+        names to specs (missing names get the default symmetric int8). `threads`: tensors
+        estimated at once (each range is computed as on one thread; NumPy releases the GIL)."""
         _check_request(method, options)
         if not self._observers:
             raise CalibrationError(
@@ -260,11 +262,14 @@ class ObserverSet:
             raise CalibrationError(
                 f"no calibration data was observed for {missing[:5]}; check the tensor names or "
                 "that the calibration run produces these tensors")
-        result = {}
-        for name in wanted:
+        def estimate(name: str) -> tuple[np.ndarray, np.ndarray]:
             tensor_spec = spec.get(name) if isinstance(spec, Mapping) else spec
-            result[name] = self._observers[name].range(method, tensor_spec, **options)
-        return result
+            return self._observers[name].range(method, tensor_spec, **options)
+
+        if threads > 1 and len(wanted) > 1 and method != "minmax":
+            with ThreadPoolExecutor(min(threads, len(wanted))) as pool:
+                return dict(zip(wanted, pool.map(estimate, wanted)))
+        return {name: estimate(name) for name in wanted}
 
     def warn_nonfinite(self) -> list[str]:
         """One CalibrationWarning per tensor that had values excluded; returns the messages."""

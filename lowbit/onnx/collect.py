@@ -43,7 +43,7 @@ from lowbit.calibration import ObserverSet
 from lowbit.errors import LowbitError
 from lowbit.memory import trim_heap
 from lowbit.onnx.calib_data import Batch, CalibrationData
-from lowbit.onnx.session import make_session, session_options
+from lowbit.onnx.session import default_threads, make_session, session_options
 from lowbit.onnx.subgraphs import defined_in, expose, has_subgraphs, node_reads
 from lowbit.spec import QuantSpec
 
@@ -130,7 +130,7 @@ def collect_activation_stats(model: onnx.ModelProto, tensors: list[str], data: C
     observers = ranges.observers
     observers.warn_nonfinite()
     wanted = [t for t in tensors if t not in ranges.non_float and t not in ranges.mask_like]
-    return ActivationStats(_ranges(observers, wanted, method, spec), ranges.mask_like, ranges.non_float,
+    return ActivationStats(_ranges(observers, wanted, method, spec, threads), ranges.mask_like, ranges.non_float,
                            len(batches), sum(batches), time.perf_counter() - started, stream.runs_per_batch,
                            stream.peak_bytes, observers)
 
@@ -475,12 +475,16 @@ def observed_sample(value: np.ndarray, lo: float | None = None, hi: float | None
         return value
     flat = value.reshape(-1)
     stride = (flat.size // OBSERVED_VALUES_MAX) | 1  # odd: no aliasing with power-of-two dims
-    extremes = [flat.min() if lo is None else lo, flat.max() if hi is None else hi]
-    return np.concatenate([flat[::stride], np.asarray(extremes, np.float32)]).astype(np.float32, copy=False)
+    strided = flat[::stride]
+    sample = np.empty(strided.size + 2, np.float32)  # one copy, straight into the result
+    sample[:-2] = strided
+    sample[-2:] = [flat.min() if lo is None else lo, flat.max() if hi is None else hi]
+    return sample
 
 
-def _ranges(observers: ObserverSet, names: list[str], method: str, spec: QuantSpec) -> dict:
+def _ranges(observers: ObserverSet, names: list[str], method: str, spec: QuantSpec,
+            threads: int | None = None) -> dict:
     if not len(observers):
         return {}  # nothing quantizable was observed: the planner keeps those nodes float
-    all_ranges = observers.ranges(method, spec)
+    all_ranges = observers.ranges(method, spec, threads=min(threads or default_threads(), default_threads()))
     return {n: all_ranges[n] for n in names if n in all_ranges}

@@ -352,6 +352,7 @@ class FirstRows:
     def __init__(self, reducer, rows: int | None) -> None:
         self.reducer, self.rows = reducer, rows
         self.tensors = reducer.tensors
+        self.per_tensor = reducer.per_tensor  # its first batch is folded in on the calling thread
         self._first = None
 
     def update(self, name: str, value: np.ndarray, batch) -> None:

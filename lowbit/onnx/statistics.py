@@ -13,7 +13,15 @@ has the same memory bound:
            + what the reducers hold (fixed: O(channels) per tensor, 2048-bin histograms,
              one [in, in] float64 Gram matrix per distinct GPTQ/AWQ input)
 
-whatever the number of batches or tensors. Two-model analyses (sensitivity) stream both models
+whatever the number of batches or tensors. With more than one thread (`threads`, default: the
+cores this process may use), the work is spread without changing a single statistic:
+  - the next chunk's forward pass runs on a background thread while this chunk is folded in
+    (ONNX Runtime releases the GIL), each within half the budget, so the bound above holds;
+  - the large tensors of a chunk are folded in on worker threads, one task per tensor (NumPy's
+    loops release the GIL), so each tensor's statistics still see its batches in order; a tensor's
+    first batch is folded in on the calling thread, in order (reducers create their per-tensor
+    state then, in a repeatable order).
+Two-model analyses (sensitivity) stream both models
 the same way, each within a quarter of the budget (`PAIRED_STREAM_SHARE`: the rest pays for the
 second model and the values waiting for their partner), and pair the values with `Partners` (a
 reference value waits only until its partner in the other model arrives); their peak stays
@@ -22,7 +30,10 @@ within the calibration's (measured on MiniLM in bench/statistics_memory.py).
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 import onnx
@@ -31,14 +42,18 @@ from lowbit.calibration import ObserverSet
 from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import Batch
 from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStream, looks_like_mask_range, observed_sample
+from lowbit.onnx.session import default_threads
 from lowbit.progress import progress
 
 
 class Reducer:
     """Running statistics of some tensors. `tensors`: the names it reads; `update` folds one
-    tensor of one batch in (`batch`: that batch's graph inputs, e.g. an attention mask)."""
+    tensor of one batch in (`batch`: that batch's graph inputs, e.g. an attention mask).
+    `per_tensor`: True when an update touches only that tensor's statistics once they exist, so
+    updates of different tensors may run on different threads."""
 
     tensors: list[str] = []
+    per_tensor = False
 
     def update(self, name: str, value: np.ndarray, batch: Batch) -> None:
         raise NotImplementedError
@@ -55,16 +70,72 @@ def collect(model: onnx.ModelProto, batches: Iterable[Batch], reducers: list[Red
     for reducer in reducers:
         for name in reducer.tensors:
             wanted.setdefault(name, []).append(reducer)
+    workers = min(threads or default_threads(), default_threads())
+    ahead = READ_AHEAD and workers > 1
+    if ahead and memory_budget_mb is not None and not math.isinf(memory_budget_mb):
+        memory_budget_mb /= 2  # two chunks are held at once: the one folded in and the next
     stream = ActivationStream(model, list(wanted), memory_budget_mb=memory_budget_mb, threads=threads)
-    with progress(total=total, desc=desc or "measuring", unit="batch", disable=True if desc is None else None) as bar:
+
+    def chunks() -> Iterator[tuple[Batch, dict[str, np.ndarray] | None]]:
         for batch, last in with_last(batches):
             for found in stream.chunks(batch, last=last):
-                for name, value in found.items():
-                    for reducer in wanted.get(name, ()):
-                        reducer.update(name, value, batch)
-                del found  # one chunk of one batch's activations at a time
-            bar.update(1)
+                yield batch, found
+                del found
+            yield batch, None  # the batch is done
+
+    with progress(total=total, desc=desc or "measuring", unit="batch", disable=True if desc is None else None) as bar, \
+            ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        seen: set[str] = set()
+        for batch, found in (read_ahead(chunks()) if ahead else chunks()):
+            if found is None:
+                bar.update(1)
+                continue
+            _fold_in(found, batch, wanted, pool, seen)
+            del found  # one chunk of one batch's activations at a time (two when reading ahead)
     return stream
+
+
+READ_AHEAD = True
+
+
+def read_ahead(items: Iterator) -> Iterator:
+    """`items`, each next one computed on a background thread while the caller handles the
+    current one (ONNX Runtime releases the GIL while it runs)."""
+    with ThreadPoolExecutor(1) as worker:
+        pending = worker.submit(next, items, _END)
+        while True:
+            item = pending.result()
+            if item is _END:
+                return
+            pending = worker.submit(next, items, _END)
+            yield item
+            del item
+
+
+# Tensors smaller than this are folded in on the calling thread: a task costs more than their update.
+PARALLEL_MIN_BYTES = 2**18
+
+
+def _fold_in(found: dict[str, np.ndarray], batch: Batch, wanted: dict[str, list[Reducer]],
+             pool: ThreadPoolExecutor | None, seen: set[str]) -> None:
+    """Every reducer's update with each tensor of one chunk: large tensors already seen by
+    `per_tensor` reducers in `pool`'s threads, the others here, in order."""
+    def update(name: str) -> None:
+        for reducer in wanted.get(name, ()):
+            reducer.update(name, found[name], batch)
+
+    parallel = {name for name, value in found.items() if pool is not None and name in seen
+                and value.nbytes >= PARALLEL_MIN_BYTES and all(r.per_tensor for r in wanted.get(name, ()))}
+    tasks = [pool.submit(update, name) for name in found if name in parallel]
+    try:
+        for name in found:
+            if name not in parallel:
+                update(name)
+    finally:
+        wait(tasks)  # the chunk is dropped only when every update is done
+    for task in tasks:
+        task.result()  # the first failure, if any
+    seen.update(found)
 
 
 def with_last(items: Iterable) -> Iterator[tuple[object, bool]]:
@@ -86,6 +157,8 @@ def _channel_rows(value: np.ndarray, axis: int) -> np.ndarray:
 
 class ChannelMeans(Reducer):
     """Mean of each channel along `axis` (NCHW / (N, C): axis 1), summed in float64."""
+
+    per_tensor = True
 
     def __init__(self, tensors: list[str], axis: int = 1) -> None:
         self.tensors = list(dict.fromkeys(tensors))
@@ -110,6 +183,8 @@ class ChannelAbsMax(Reducer):
     """max |x| of each channel along `axis` (default: the last, a transformer's features), non-finite
     values ignored."""
 
+    per_tensor = True
+
     def __init__(self, tensors: list[str], axis: int = -1) -> None:
         self.tensors = list(dict.fromkeys(tensors))
         self.axis = axis
@@ -123,10 +198,17 @@ class ChannelAbsMax(Reducer):
             self.non_float.add(name)
         if not -value.ndim <= self.axis < value.ndim:
             return  # no such channel axis (a scalar, or a vector read as NCHW)
-        value = np.abs(np.asarray(value, np.float32))
-        value = np.where(np.isfinite(value), value, 0.0)
-        peak = (value.reshape(-1, value.shape[-1]) if self.axis in (-1, value.ndim - 1)
-                else _channel_rows(value, self.axis).T).max(axis=0)
+        value = np.asarray(value, np.float32)
+        last = self.axis in (-1, value.ndim - 1)
+        rows = value.reshape(-1, value.shape[-1]) if last else _channel_rows(value, self.axis)
+        reduce = 0 if last else 1
+        # max |x| = max(max x, -min x), exactly, from two reductions without temporaries (the
+        # abs/isfinite copies were 0.5 s of a 736x1088 text detector's calibration); non-finite
+        # values take the slow path, which leaves them out.
+        peak = np.maximum(rows.max(axis=reduce), -rows.min(axis=reduce))
+        if not np.isfinite(peak).all():
+            finite = np.abs(rows)
+            peak = np.where(np.isfinite(finite), finite, 0.0).max(axis=reduce)
         self.peaks[name] = peak if name not in self.peaks else np.maximum(self.peaks[name], peak)
 
     def result(self) -> dict[str, np.ndarray]:
@@ -198,6 +280,8 @@ class Histograms(Reducer):
     """Streaming min/max and re-binning histograms (an `ObserverSet`, one observer per tensor
     even if it is never float) of the float tensors."""
 
+    per_tensor = True
+
     def __init__(self, tensors: list[str], **observer_options) -> None:
         self.tensors = list(dict.fromkeys(tensors))
         self.observers = ObserverSet(**observer_options)
@@ -213,6 +297,8 @@ class Ranges(Reducer):
     """Calibration: the `Histograms` of float tensors, plus which tensors are not float or ever
     held mask-sized values (|x| >= MASK_MAGNITUDE or +-inf; kept whole, the planner keeps them
     float). Large tensors are observed through `observed_sample` (exact min/max)."""
+
+    per_tensor = True
 
     def __init__(self, tensors: list[str], **observer_options) -> None:
         self.tensors = list(dict.fromkeys(tensors))
@@ -238,6 +324,8 @@ class Ranges(Reducer):
 
 class Shapes(Reducer):
     """The shape each tensor had (for one feed: what MAC counts need)."""
+
+    per_tensor = True
 
     def __init__(self, tensors: list[str]) -> None:
         self.tensors = list(dict.fromkeys(tensors))

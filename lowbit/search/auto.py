@@ -17,7 +17,9 @@
        spaced subset of the evaluation batches (SCORE_SECONDS of float compute, at least
        MIN_SCORED_BATCHES, and MIN_SCORED_POSITIONS positions of per-position class scores; all
        of them with labels) against float outputs computed once by the model as the user gave it;
-       the written model is verified on all of them; the candidates within the budget are timed
+       the written model is verified on all of them (a candidate whose mean cosine, each call's
+       being at most 1, can no longer reach the budget nor the closest candidate's is scored no
+       further: it can neither win nor be the closest); the candidates within the budget are timed
        against that float model, the candidate as it will be written (no shape annotations),
        interleaved, same session options, median (`lowbit.onnx.timing.time_models`),
        with enough repeats to cover MIN_TIMED_SECONDS per model (sub-millisecond models too)
@@ -77,8 +79,9 @@ from lowbit.onnx.recurrent import has_int8_lstms
 from lowbit.onnx.registry import rule_for
 from lowbit.onnx.session import default_threads, make_session
 from lowbit.onnx.timing import evenly_spaced, representative_feeds, time_models
-from lowbit.onnx.verify import (FloatReference, OutputErrors, OutputFidelity, batches_with_calls, label_accuracy,
-                               looks_like_binary_probabilities, looks_like_class_scores, looks_like_position_scores)
+from lowbit.onnx.verify import (MIN_VALUES_PER_CALL, FloatReference, OutputErrors, OutputFidelity, batches_with_calls,
+                               label_accuracy, looks_like_binary_probabilities, looks_like_class_scores,
+                               looks_like_position_scores)
 from lowbit.plan import QuantPlan
 
 # A MatMul input whose min/max range is this many times its 99.99th-percentile range is
@@ -240,24 +243,41 @@ class _Scorer:
         them, for the final verification (the written model is that candidate, its plan added)."""
         return FloatReference(self.float_session(), dict(zip(self.scored, self.expected)), kept.errors)
 
-    def fidelity(self, session) -> tuple[float, float | None, float | None, OutputFidelity | None,
-                                         dict[str, OutputErrors]]:
+    def fidelity(self, session, floor: float | None = None) -> tuple[float, float | None, float | None,
+                                                                     OutputFidelity | None,
+                                                                     dict[str, OutputErrors], int]:
         """(worst output's mean cosine, top-1 agreement with float, accuracy against the labels, the
         per-position class-score output with the most expected flips if any, the errors of each
-        output on the scored batches)."""
-        runs = [session.run(self.names, b) for b in self.batches]
+        output on the scored batches, how many batches were scored). `floor`: stop scoring once
+        the worst output's mean cosine can no longer reach it (`cosine_ceiling`), so the figures
+        are those of the batches scored."""
+        runs = []
         errors: dict[str, OutputErrors] = {}
-        for outputs, expected, calls in zip(runs, self.expected, self.calls):
+        for batch, expected, calls in zip(self.batches, self.expected, self.calls):
+            outputs = session.run(self.names, batch)
+            runs.append(outputs)
             for name, ref, got in zip(self.names, expected, outputs):
                 if np.asarray(ref).dtype.kind == "f" and np.asarray(ref).size:
                     errors.setdefault(name, OutputErrors(name)).add(ref, got, calls)
+            if floor is not None and len(runs) < len(self.batches) and self.cosine_ceiling(errors) < floor:
+                break
         results = [e.result() for e in errors.values()]
         cosine = min((r.cosine_mean for r in results), default=1.0)
         top1 = next((r.top1_agreement for r in results if r.top1_agreement is not None), None)
         accuracy = label_accuracy(runs, self.calls, self.labels) if self.labels is not None else None
         positions = max((r for r in results if r.position_disagreement is not None),
                         key=lambda r: r.position_disagreement, default=None)
-        return cosine, top1, accuracy, positions, errors
+        return cosine, top1, accuracy, positions, errors, len(runs)
+
+    def cosine_ceiling(self, errors: dict[str, OutputErrors]) -> float:
+        """The highest worst-output mean cosine the scored batches can still end with, from the
+        outputs scored per call so far: their cosine sums plus 1 for each call not scored yet."""
+        ceiling = 1.0
+        for e in errors.values():
+            if e.call_cosines and e.values_per_call >= MIN_VALUES_PER_CALL:
+                ceiling = min(ceiling, (sum(float(c.sum()) for c in e.call_cosines) + self.scored_calls - e.calls)
+                              / self.scored_calls)
+        return ceiling
 
     def drop(self, cosine: float, top1: float | None, accuracy: float | None) -> float:
         if accuracy is not None:
@@ -458,10 +478,14 @@ class _Search:
         del candidate
         trim_heap()  # what building it left (copies of the float model) before a session opens
         session = make_session(payload, threads=self.scorer.threads)
-        cosine, top1, accuracy, positions, errors = self.scorer.fidelity(session)
+        floor = self._floor()
+        cosine, top1, accuracy, positions, errors, scored = self.scorer.fidelity(session, floor)
         drop = self.scorer.drop(cosine, top1, accuracy)
-        trial = Trial(name, cosine, top1, drop, drop <= self.max_drop + 1e-12,
-                      size_bytes=len(payload), note=note, accuracy=accuracy)
+        if scored < len(self.scorer.batches):
+            note = "; ".join(filter(None, [note, f"scored on {scored} of {len(self.scorer.batches)} batches: its "
+                                                 f"cosine cannot reach {floor:.5f} (the budget or a better candidate)"]))
+        met = drop <= self.max_drop + 1e-12 and scored == len(self.scorer.batches)
+        trial = Trial(name, cosine, top1, drop, met, size_bytes=len(payload), note=note, accuracy=accuracy)
         if positions is not None:
             trial.position_top1, trial.position_drop = positions.position_agreement, positions.position_disagreement
             trial.met = trial.met and trial.position_drop <= self.config.max_position_drop + 1e-12
@@ -481,6 +505,17 @@ class _Search:
 
     def trial(self, name: str) -> Trial | None:
         return next((t for t in self.trials if t.name == name), None)
+
+    def _floor(self) -> float | None:
+        """The mean cosine a candidate must be able to reach to matter: the budget's, or while no
+        candidate is within it, the closest one's (below both it can neither be within the budget
+        nor the closest). None where the choice rests on more than the cosine (labels, top-1
+        agreement, per-position decisions), or before any candidate is scored."""
+        scorer = self.scorer
+        if scorer.metric != "cosine" or scorer.labels is not None or scorer.position_scores or not self.trials:
+            return None
+        best = max(t.cosine for t in self.trials)
+        return min(1.0 - self.max_drop, best) - 1e-9
 
     def _needed(self) -> set[str]:
         """The candidates that can still win: those within budget, or while none is, the closest (`closest`)."""
