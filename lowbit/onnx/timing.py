@@ -10,21 +10,22 @@ runs of the same model back to back: the untimed runs bring the model's weights,
 buffers back into the caches the other model just used, so the timed runs measure the warm,
 back-to-back latency of a model serving requests, the latency a process timing that model alone
 measures. One untimed run is not enough: after the fp32 model, a captcha CRNN's int8 model (3 ms,
-dynamic-int8 LSTM steps) took 3.19, 3.01, 2.95, 2.90 ms in its first four runs, 2.84-2.88 ms from the
-fifth on, and its speedup read 5% low; the GRU of BENCHMARKS.md "Timing agreement" likewise
-measured 0.59-0.89 ms right after the other model, 0.16-0.21 ms alone. Models whose runs take
-COLD_CACHE_MS or more go without untimed runs (the caches refill within the first fraction of such
-a run; untimed runs would only multiply the cost) and take turns of one timed run.
-A model's latency is the median of its timed runs; a speedup is the ratio of medians. Spin-waiting
-stays off: with ONNX Runtime's default the threads of the session that just ran keep spinning and
-slow the next session's run.
+dynamic-int8 LSTM steps) took 3.19, 3.01, 2.95, 2.90 ms in its first four runs, 2.84-2.88 ms from
+the fifth on, and its speedup read 3.5-6% low (bench/timing_styles_check.py); the GRU of
+BENCHMARKS.md "Timing agreement" likewise measured 0.59-0.89 ms right after the other model,
+0.16-0.21 ms alone. Models whose runs take COLD_CACHE_MS or more go without untimed runs (the
+caches refill within the first fraction of such a run; untimed runs would only multiply the cost)
+and take turns of one timed run. A model's latency is the median of its timed runs; a speedup is
+the ratio of medians. Spin-waiting stays off: with ONNX Runtime's default the threads of the
+session that just ran keep spinning and slow the next session's run.
 
 How long: a fixed number of timed runs (`repeats`, raised to cover `min_seconds`), or, with
-`precision` (the quantize table), until the speedup is known that precisely. A round is one turn of
-each model; the rounds so far are cut into CI_BLOCKS consecutive blocks, each block's speedup
-(ratio of its medians) is one sample, and the 95% interval of the speedup is Student's t over those
-samples (batch means: slow drifts within a block show up as spread between blocks, so a model
-whose latency wanders keeps being timed while a steady one stops). The timing stops once every
+`precision` (the quantize table, `lowbit bench`, `verify.time_pair`), until the speedup is known
+that precisely. A round is one turn of each model; the rounds so far are cut into CI_BLOCKS
+consecutive blocks, each block's speedup (ratio of its medians) is one sample, and the 95%
+interval of the speedup is Student's t over those samples (batch means: slow drifts within a block
+show up as spread between blocks, so a model whose latency wanders keeps being timed while a
+steady one stops). The timing stops once every
 model has had its `min_seconds` of runs (at most MAX_REPEATS; SLOW_MIN_SECONDS at most for runs
 of COLD_CACHE_MS or more) and the interval is within +-`precision`, or at `max_seconds` of wall
 time per model (at most MAX_ADAPTIVE_REPEATS runs). (PP-OCRv4 det, 80 ms a run, steady: about
