@@ -70,7 +70,7 @@ def test_generated_inputs_respect_vocabulary_masks_and_symbolic_dims(models):
 def test_two_models_timed_in_one_run_ratio_is_ratio_of_medians(models):
     report = bench_models([models["cnn"], models["quant"]], warmup=1, repeats=5, threads=1)
     first, second = report.models
-    assert len(first.latencies_ms) == len(second.latencies_ms) == 5
+    assert len(first.latencies_ms) == len(second.latencies_ms) >= 5  # at least the repeats asked (adaptive)
     assert first.median_ms == pytest.approx(statistics.median(first.latencies_ms))
     assert report.speedup == pytest.approx(statistics.median(first.latencies_ms) / statistics.median(second.latencies_ms))
     assert second.p90_ms >= second.median_ms > 0

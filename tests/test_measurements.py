@@ -4,6 +4,7 @@ examples), counts in calls, evaluation labels, and the one timing method with st
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from lowbit.cli import main
 from lowbit.errors import CalibrationError, LowbitError
 from lowbit.onnx.calib_data import CalibrationData
 from lowbit.onnx.session import make_session
-from lowbit.onnx.timing import time_models
+from lowbit.onnx.timing import UNTIMED_PER_TURN, time_models
 from lowbit.onnx.verify import (FloatReference, OutputErrors, compare_models, cosine_per_row, expected_binary_flips,
                                 expected_disagreement, looks_like_binary_probabilities, looks_like_position_scores)
 
@@ -341,7 +342,11 @@ def test_bench_and_quantize_table_state_the_same_method(tmp_path):
     bench = bench_models([path, path], threads=1, warmup=1, repeats=3)
     report = compare_models(path, path, CalibrationData({"x": np.ones((4, 16), np.float32)}, onnx.load(path)),
                             threads=1, warmup=1, repeats=3, min_seconds=0)
-    assert bench.method == report.timing_method and "spin-waiting off" in bench.text()
+    def method(text):  # the method, without this run's counts and seconds
+        return re.sub(r"[\d.]+", "N", text)
+
+    assert method(bench.method) == method(report.timing_method) and "spin-waiting off" in bench.text()
+    assert "95% interval" in bench.method
     assert f"timing: {report.timing_method}" in report.table() and bench.to_dict()["threads"] == 1
     with pytest.raises(LowbitError):
         bench_models([path, path, path])
@@ -414,7 +419,8 @@ def test_a_timed_run_passes_over_the_data_shapes_in_proportion(tmp_path):
 
     runner = Counting()
     timing = time_models([runner], picked, threads=1, warmup=0, repeats=3)
-    assert len(timing.latencies_ms[0]) == 3 and len(runner.widths) == (1 + 3 + 1) * MAX_TIMED_FEEDS
+    # first run, no warm-up, one turn of UNTIMED_PER_TURN untimed + 3 timed runs, each a pass over the 8 feeds
+    assert len(timing.latencies_ms[0]) == 3 and len(runner.widths) == (1 + UNTIMED_PER_TURN + 3) * MAX_TIMED_FEEDS
     assert runner.widths.count(64) * 4 == len(runner.widths)
 
     float_path = _linear_model(tmp_path / "f.onnx", np.ones((16, 4)), np.zeros(4))
@@ -450,10 +456,10 @@ def test_verification_reuses_the_float_outputs_it_is_given_and_its_runs_are_the_
     known = {i: session.session.run(None, {"x": x[8 * i:8 * i + 8]}) for i in (0, 2)}
     plain = compare_models(float_path, quant_path, data, batch_size=8, threads=1, speed=False)
     reused = compare_models(float_path, quant_path, data, batch_size=8, threads=1, warmup=2, repeats=3,
-                            min_seconds=0, reference=FloatReference(session, known))
+                            min_seconds=0, precision=None, reference=FloatReference(session, known))
     assert [o.__dict__ for o in reused.outputs] == [o.__dict__ for o in plain.outputs] and reused.calls == 40
-    # Batches 1, 3 and 4 in the verification, then one turn of 1 untimed + 3 timed runs: no warm-up runs.
-    assert session.runs == 3 + 1 + 3 and "after 3 warm-up" in reused.timing_method
+    # Batches 1, 3 and 4 in the verification, then one turn of 3 untimed + 3 timed runs: no warm-up runs.
+    assert session.runs == 3 + 3 + 3 and "after 3 warm-up" in reused.timing_method
     assert reused.speedup is not None and len(reused.outputs) == 1
 
     # With the quantized model's errors on those batches too (auto scored the candidate it wrote),
@@ -485,10 +491,10 @@ def test_latencies_given_as_warm_up_decide_the_repeats_and_no_warm_up_runs_are_m
             self.calls += 1
 
     runners = [Runner(), Runner()]
-    # 2 ms a run (as measured by the caller), 0.1 s asked per model: 50 timed runs each, in 17 turns
-    # of one untimed run (fast models) plus up to 3 timed ones.
+    # 2 ms a run (as measured by the caller), 0.1 s asked per model: 50 timed runs each, in 9 turns
+    # of UNTIMED_PER_TURN (3) untimed runs (fast models) plus up to 6 timed ones.
     timing = time_models(runners, {}, threads=1, warmup=5, repeats=3, min_seconds=0.1, warm_ms=[[2.0, 2.0], [2.0]])
-    assert [len(t) for t in timing.latencies_ms] == [50, 50] and [r.calls for r in runners] == [17 + 50] * 2
+    assert [len(t) for t in timing.latencies_ms] == [50, 50] and [r.calls for r in runners] == [9 * 3 + 50] * 2
     assert "after 1 warm-up" in timing.method()
     with pytest.raises(ValueError):
         time_models(runners, {}, threads=1, warm_ms=[[2.0], []])
@@ -510,7 +516,65 @@ def test_runs_of_many_milliseconds_go_without_the_untimed_run_per_turn():
     slow = [SleepingRunner(COLD_CACHE_MS / 1000 * 1.2), SleepingRunner(COLD_CACHE_MS / 1000 * 1.5)]
     timing = time_models(slow, {}, threads=1, warmup=1, repeats=3)
     assert [r.calls for r in slow] == [1 + 1 + 3] * 2 and timing.untimed_per_turn == 0
-    assert "turns of 0 untimed + 3 timed" in timing.method()
+    assert "turns of 0 untimed + 1 timed" in timing.method()
     fast = [SleepingRunner(0.001), SleepingRunner(0.001)]
-    assert time_models(fast, {}, threads=1, warmup=1, repeats=3).untimed_per_turn == 1
-    assert [r.calls for r in fast] == [1 + 1 + 1 + 3] * 2
+    assert time_models(fast, {}, threads=1, warmup=1, repeats=3).untimed_per_turn == UNTIMED_PER_TURN
+    assert [r.calls for r in fast] == [1 + 1 + UNTIMED_PER_TURN + 3] * 2
+
+
+def test_speedup_interval_is_students_t_over_block_speedups():
+    from lowbit.onnx.timing import MIN_CI_BLOCKS, T_95, speedup_interval
+
+    steady = [[[4.0, 4.0, 4.0], [2.0, 2.0, 2.0]]] * 8
+    assert speedup_interval(steady) == 0.0
+    assert speedup_interval(steady[:MIN_CI_BLOCKS - 1]) is None  # too few rounds to say
+    # 8 rounds, 8 blocks of one round: speedups 2 and 2.5 alternating (logs 0.6931 and 0.9163).
+    rounds = [[[4.0], [2.0]] if r % 2 == 0 else [[5.0], [2.0]] for r in range(8)]
+    logs = np.log([2.0, 2.5] * 4)
+    half = T_95[7] * np.std(logs, ddof=1) / np.sqrt(8)
+    assert speedup_interval(rounds) == pytest.approx(np.expm1(half))
+    # 16 rounds go into 8 blocks of two rounds: each block's speedup is the ratio of its medians.
+    paired = [r for r in rounds for _ in range(2)]
+    assert speedup_interval(paired) == pytest.approx(np.expm1(half))
+
+
+class _DriftingRunner:
+    """Sleeps `base` seconds a run, 1 to `drift` times longer by `period`-long window of wall time (the
+    factor drawn from a generator seeded by the window's index, so no turn length falls in step with it)."""
+
+    def __init__(self, base: float, drift: float = 1.0, period: float = 0.05):
+        import time
+
+        self.base, self.drift, self.period, self.start, self.calls = base, drift, period, time.perf_counter(), 0
+
+    def run(self, names, feed):
+        import time
+
+        self.calls += 1
+        window = int((time.perf_counter() - self.start) / self.period)
+        factor = 1.0 + (self.drift - 1.0) * np.random.default_rng(window).random()
+        time.sleep(self.base * factor)
+
+
+def test_adaptive_timing_stops_when_the_speedup_is_known_and_goes_on_while_it_drifts(monkeypatch):
+    from lowbit.onnx import timing
+
+    steady = time_models([_DriftingRunner(0.004), _DriftingRunner(0.002)], {}, threads=1, warmup=1, repeats=3,
+                         min_seconds=0.02, precision=0.05, max_seconds=2.0)
+    assert steady.interval is not None and steady.interval <= 0.05 and steady.seconds < 1.0
+    assert steady.speedup == pytest.approx(2.0, rel=0.25) and "interval" in steady.method()
+    assert "met" in steady.method() and steady.to_dict()["speedup_interval"] == steady.interval
+    # The second model runs 1-3x slower from one 50 ms window to the next: the blocks disagree; the
+    # timing goes on to its limit (0.4 s per model) and says the aim was not reached.
+    drifting = time_models([_DriftingRunner(0.004), _DriftingRunner(0.002, drift=3.0)], {}, threads=1, warmup=1,
+                           repeats=3, min_seconds=0.02, precision=0.05, max_seconds=0.4)
+    assert drifting.interval > 0.05 and 0.8 <= drifting.seconds < 1.5 and "not reached" in drifting.method()
+    assert len(drifting.latencies_ms[0]) == len(drifting.latencies_ms[1]) > len(steady.latencies_ms[0])
+    # Runs of COLD_CACHE_MS or more: the minimum is SLOW_MIN_SECONDS, not the min_seconds asked.
+    monkeypatch.setattr(timing, "SLOW_MIN_SECONDS", 0.1)
+    slow = time_models([_DriftingRunner(0.012), _DriftingRunner(0.011)], {}, threads=1, warmup=1, repeats=3,
+                       min_seconds=10.0, precision=0.5, max_seconds=2.0)
+    assert slow.untimed_per_turn == 0 and 9 <= len(slow.latencies_ms[0]) <= 12 and slow.interval <= 0.5
+    # A single model has no speedup to pin down: the fixed count stands.
+    alone = time_models([_DriftingRunner(0.001)], {}, threads=1, warmup=1, repeats=3, precision=0.05)
+    assert len(alone.latencies_ms[0]) == 3 and alone.interval is None

@@ -115,11 +115,11 @@ class _CountingSession:
 def test_time_pair_times_each_session_in_turns_after_its_own_untimed_run():
     log: list[str] = []
     first, second = _CountingSession(log, "a"), _CountingSession(log, "b")
-    fast, slow = time_pair(first, second, {}, warmup=1, repeats=4, min_seconds=0)
+    fast, slow = time_pair(first, second, {}, warmup=1, repeats=8, min_seconds=0, precision=None)
     assert fast >= 0 and slow >= 0
-    # first run a b, warm-up a b, then turns (order alternating): 1 untimed + RUNS_PER_TURN (3) timed runs,
-    # the last turn only the timed runs still missing (4 = 3 + 1).
-    assert log == ["a", "b"] * 2 + ["a"] * 4 + ["b"] * 4 + ["b"] * 2 + ["a"] * 2
+    # first run a b, warm-up a b, then turns (order alternating): 3 untimed + up to RUNS_PER_TURN (6) timed
+    # runs, the last turn only the timed runs still missing (8 = 6 + 2).
+    assert log == ["a", "b"] * 2 + ["a"] * 9 + ["b"] * 9 + ["b"] * 5 + ["a"] * 5
 
 
 def test_plan_summary_uses_real_plurals(planned):

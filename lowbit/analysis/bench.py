@@ -3,8 +3,11 @@
 Both models get the same inputs (generated from the declared input shapes, or the first batch of
 `--data`) and are timed by `lowbit.onnx.timing.time_models`, the method behind every lowbit speed
 figure (the quantize table too): same session options (spin-waiting off, the stated thread count),
-warmed up, then interleaved run by run in one process, alternating which goes first, so clock
-boost, thermal drift and background load hit both alike; the ratio of medians is the speedup.
+warmed up, then interleaved in turns in one process, alternating which goes first, so clock
+boost, thermal drift and background load hit both alike; the ratio of medians is the speedup. Two
+models are timed as the quantize table times them: at least `repeats` runs and
+`timing.TABLE_MIN_SECONDS` each, then until the speedup's 95% interval is within
++-`timing.TABLE_PRECISION` (at most `timing.TABLE_MAX_SECONDS` per model).
 The CPU's int8 features are reported next to the numbers, so a slower int8 model is
 explained rather than mysterious.
 """
@@ -23,7 +26,7 @@ from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import CalibrationData, model_inputs
 from lowbit.onnx.io import load_model, model_size_bytes
 from lowbit.onnx.session import default_threads, make_session
-from lowbit.onnx.timing import time_models
+from lowbit.onnx.timing import TABLE_MAX_SECONDS, TABLE_MIN_SECONDS, TABLE_PRECISION, time_models
 from lowbit.onnx.verify import batches_with_calls
 
 
@@ -120,7 +123,8 @@ def bench_models(paths: list[str | os.PathLike], *, shapes: dict[str, tuple[int,
     sessions = [make_session(m, threads=threads) for m in models]
     for path, session in zip(paths, sessions):
         _first_run(path, session, feed)
-    timing = time_models(sessions, feed, warmup=warmup, repeats=repeats)
+    timing = time_models(sessions, feed, warmup=warmup, repeats=repeats, min_seconds=TABLE_MIN_SECONDS,
+                         precision=TABLE_PRECISION, max_seconds=TABLE_MAX_SECONDS)
     latencies = timing.latencies_ms
     timings = [ModelTiming(str(p), model_size_bytes(p), lat, calls or 1) for p, lat in zip(paths, latencies)]
     inputs = {k: f"{'x'.join(map(str, v.shape)) or 'scalar'} {v.dtype}" for k, v in feed.items()}

@@ -40,7 +40,8 @@ from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import Batch, CalibrationData
 from lowbit.onnx.io import load_model, model_size_bytes
 from lowbit.onnx.session import default_threads, make_session
-from lowbit.onnx.timing import MIN_TIMED_SECONDS, describe_shapes, shape_key, time_models, timed_indices
+from lowbit.onnx.timing import (TABLE_MAX_SECONDS, TABLE_MIN_SECONDS, TABLE_PRECISION, describe_shapes, shape_key,
+                                time_models, timed_indices)
 
 # A call yielding fewer numbers than this gets its cosine across calls: the cosine of a 1-, 2- or
 # 3-vector barely moves with the error (1.0 exactly for one number of the same sign).
@@ -102,6 +103,7 @@ class VerifyReport:
     timing_method: str | None = None
     timed_calls: int | None = None  # calls per timed run
     timed_shapes: str | None = None  # the input shapes of the timed run (`timing.describe_shapes`)
+    speedup_interval: float | None = None  # relative half-width of the speedup's 95% interval (`Timing.interval`)
     labeled_calls: int = 0
 
     @property
@@ -331,7 +333,8 @@ class FloatReference:
 def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike, data: CalibrationData, *,
                    batch_size: int = 16, threads: int | None = None, speed: bool = True,
                    warmup: int = TIMING_WARMUP, repeats: int = TIMING_REPEATS,
-                   min_seconds: float = MIN_TIMED_SECONDS, reference: FloatReference | None = None) -> VerifyReport:
+                   min_seconds: float = TABLE_MIN_SECONDS, precision: float | None = TABLE_PRECISION,
+                   reference: FloatReference | None = None) -> VerifyReport:
     """Run `data` through both models and measure fidelity, size and (optionally) speed.
     `reference`: the float model's session and outputs a caller has already (see `FloatReference`)."""
     threads = threads or default_threads()
@@ -387,9 +390,11 @@ def compare_models(float_path: str | os.PathLike, quant_path: str | os.PathLike,
         else:
             warm = [warm_ms[0][1:], warm_ms[1][1:]]
         timing = time_models([float_session, quant_session], feeds, warmup=warmup, repeats=repeats,
-                             min_seconds=min_seconds, warm_ms=warm if min(map(len, warm)) >= warmup else None)
+                             min_seconds=min_seconds, precision=precision, max_seconds=TABLE_MAX_SECONDS,
+                             warm_ms=warm if min(map(len, warm)) >= warmup else None)
         report.latency_float_ms, report.latency_quant_ms = timing.medians_ms
         report.timing_method = timing.method()
+        report.speedup_interval = timing.interval
         report.timed_calls = sum(count for _, count in timed)
         report.timed_shapes = describe_shapes(feeds)
     return report
@@ -416,10 +421,10 @@ def _add_label_accuracy(report: VerifyReport, errors: dict[str, OutputErrors], l
 
 
 def time_pair(first, second, feed: dict, *, warmup: int = 2, repeats: int = 10,
-              min_seconds: float = MIN_TIMED_SECONDS) -> tuple[float, float]:
-    """Median latency in ms of two sessions on one feed: `time_models` for a pair (same method)."""
-    return tuple(time_models([first, second], feed, warmup=warmup, repeats=repeats,
-                             min_seconds=min_seconds).medians_ms)
+              min_seconds: float = TABLE_MIN_SECONDS, precision: float | None = TABLE_PRECISION) -> tuple[float, float]:
+    """Median latency in ms of two sessions on one feed: `time_models` for a pair (same method as the table)."""
+    return tuple(time_models([first, second], feed, warmup=warmup, repeats=repeats, min_seconds=min_seconds,
+                             precision=precision, max_seconds=TABLE_MAX_SECONDS).medians_ms)
 
 
 def cosine_per_row(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
