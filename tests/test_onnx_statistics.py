@@ -103,7 +103,7 @@ def test_threads_fold_in_exactly_what_one_thread_does(cnn, monkeypatch):
         folded(found, batch, wanted, pool, seen)
 
     monkeypatch.setattr(statistics, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(statistics, "default_threads", lambda: 4)  # also on a one-core machine
+    monkeypatch.setattr(statistics, "worker_threads", lambda threads=None: threads or 4)  # also on a one-core machine
     monkeypatch.setattr(statistics, "_fold_in", counted)
     single, threaded = measured(1), measured(None)
     assert any(threaded_updates)

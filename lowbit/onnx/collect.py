@@ -43,7 +43,7 @@ from lowbit.calibration import ObserverSet
 from lowbit.errors import LowbitError
 from lowbit.memory import trim_heap
 from lowbit.onnx.calib_data import Batch, CalibrationData
-from lowbit.onnx.session import default_threads, make_session, session_options
+from lowbit.onnx.session import make_session, session_options, worker_threads
 from lowbit.onnx.subgraphs import defined_in, expose, has_subgraphs, node_reads
 from lowbit.spec import QuantSpec
 
@@ -486,5 +486,5 @@ def _ranges(observers: ObserverSet, names: list[str], method: str, spec: QuantSp
             threads: int | None = None) -> dict:
     if not len(observers):
         return {}  # nothing quantizable was observed: the planner keeps those nodes float
-    all_ranges = observers.ranges(method, spec, threads=min(threads or default_threads(), default_threads()))
+    all_ranges = observers.ranges(method, spec, threads=worker_threads(threads))
     return {n: all_ranges[n] for n in names if n in all_ranges}

@@ -27,6 +27,12 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def worker_threads(threads: int | None = None) -> int:
+    """The threads to spread work over: `threads` (None: every core), never more than the cores
+    this process may run on."""
+    return min(threads or default_threads(), default_threads())
+
+
 def session_options(threads: int | None = None, *, optimize: bool = True) -> ort.SessionOptions:
     """The options of every lowbit session: spin-waiting off, `threads` intra-op threads (ONNX
     Runtime's default when None), one inter-op thread, full graph optimization unless `optimize` is False."""

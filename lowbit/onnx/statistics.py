@@ -42,7 +42,7 @@ from lowbit.calibration import ObserverSet
 from lowbit.errors import LowbitError
 from lowbit.onnx.calib_data import Batch
 from lowbit.onnx.collect import DEFAULT_MEMORY_BUDGET_MB, ActivationStream, looks_like_mask_range, observed_sample
-from lowbit.onnx.session import default_threads
+from lowbit.onnx.session import worker_threads
 from lowbit.progress import progress
 
 
@@ -70,7 +70,7 @@ def collect(model: onnx.ModelProto, batches: Iterable[Batch], reducers: list[Red
     for reducer in reducers:
         for name in reducer.tensors:
             wanted.setdefault(name, []).append(reducer)
-    workers = min(threads or default_threads(), default_threads())
+    workers = worker_threads(threads)
     ahead = READ_AHEAD and workers > 1
     if ahead and memory_budget_mb is not None and not math.isinf(memory_budget_mb):
         memory_budget_mb /= 2  # two chunks are held at once: the one folded in and the next
